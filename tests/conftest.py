@@ -1,0 +1,523 @@
+"""Shared fixtures for the s3fuse test suite.
+
+Every test here mounts the real filesystem (``python -m s3fuse mount ...``) on a
+real FUSE mount and drives it with real syscalls and tools.  Nothing is mocked.
+
+Fixtures:
+
+* ``s3fuse_cmd``  - argv prefix that runs the s3fuse CLI.
+* ``workdir``     - factory for fresh 0o755 directories (traversable by the
+                    unprivileged uids that ``run_as`` uses).
+* ``new_store``   - a freshly initialised store directory.
+* ``mount_factory`` / ``mounted`` / ``module_mount`` - :class:`Mount` objects.
+
+Helpers: :func:`run_as`, :func:`count_objects`, :func:`list_objects`,
+:func:`wait_until`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+S3FUSE = [sys.executable, "-m", "s3fuse"]
+TRACEBACK = "Traceback (most recent call last)"
+MOUNT_TIMEOUT = 20.0
+UMOUNT_TIMEOUT = 120.0
+# A test that runs longer than this is considered hung: the watchdog kills
+# every daemon it knows of so blocked syscalls return ENOTCONN and the test
+# fails instead of hanging the whole run.
+TEST_WATCHDOG = float(os.environ.get("S3FUSE_TEST_WATCHDOG", "420"))
+
+# Python for unprivileged subprocesses: the venv's interpreter may live under
+# /root (not traversable by other uids); the system one is world-readable.
+UNPRIV_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+# --------------------------------------------------------------------------
+# environment check: without /dev/fuse the suite fails, it never skips
+# --------------------------------------------------------------------------
+
+def _fuse_problem() -> str | None:
+    try:
+        st = os.stat("/dev/fuse")
+    except FileNotFoundError:
+        return "/dev/fuse does not exist"
+    if not stat.S_ISCHR(st.st_mode):
+        return "/dev/fuse is not a character device"
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as e:
+        return f"/dev/fuse cannot be opened: {e}"
+    os.close(fd)
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_fuse():
+    problem = _fuse_problem()
+    if problem:
+        pytest.exit(
+            f"s3fuse tests need a working FUSE device and mount a real filesystem: {problem}",
+            returncode=1,
+        )
+
+
+# --------------------------------------------------------------------------
+# directories
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def _session_base():
+    base = Path(tempfile.mkdtemp(prefix="s3fuse-tests-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    yield base
+    _lazy_unmount_under(base)
+    if os.environ.get("S3FUSE_TEST_KEEP"):
+        print(f"\nkept test directory {base}")
+        return
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _mounts_under(base: Path) -> list[str]:
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            mp = line.split()[1].replace("\\040", " ")
+            if mp == str(base) or mp.startswith(str(base) + "/"):
+                out.append(mp)
+    return out
+
+
+def _lazy_unmount_under(base: Path) -> None:
+    for mp in reversed(_mounts_under(base)):
+        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+
+
+class _DirFactory:
+    def __init__(self, base: Path):
+        self.base = base
+        self.n = 0
+
+    def __call__(self, name: str = "d") -> Path:
+        self.n += 1
+        p = self.base / f"{name}-{self.n}"
+        p.mkdir(mode=0o755)
+        os.chmod(p, 0o755)
+        return p
+
+
+@pytest.fixture(scope="session")
+def _dirs(_session_base):
+    return _DirFactory(_session_base)
+
+
+@pytest.fixture
+def workdir(_dirs):
+    """Factory: ``workdir("name")`` returns a new empty 0o755 directory."""
+    return _dirs
+
+
+# --------------------------------------------------------------------------
+# CLI helpers
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3fuse_cmd():
+    return list(S3FUSE)
+
+
+def run_cli(*args, timeout: float = 120.0, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*S3FUSE, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        **kw,
+    )
+
+
+def init_store(path: Path) -> Path:
+    r = run_cli("init", path)
+    assert r.returncode == 0, f"s3fuse init {path} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    assert TRACEBACK not in r.stderr
+    return path
+
+
+@pytest.fixture
+def new_store(workdir) -> Path:
+    return init_store(workdir("store") / "store")
+
+
+def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
+    """Poll ``cond()`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def list_objects(store: Path) -> set[str]:
+    """Object ids (file names) under STORE/objects, recursively."""
+    out = set()
+    for dirpath, _dirs_, files in os.walk(Path(store) / "objects"):
+        for f in files:
+            out.add(f)
+    return out
+
+
+def object_path(store: Path, oid: str) -> Path:
+    for dirpath, _dirs_, files in os.walk(Path(store) / "objects"):
+        if oid in files:
+            return Path(dirpath) / oid
+    raise FileNotFoundError(f"object {oid} not found under {store}/objects")
+
+
+def count_objects(store: Path) -> int:
+    return len(list_objects(store))
+
+
+# --------------------------------------------------------------------------
+# mounts
+# --------------------------------------------------------------------------
+
+_LIVE_MOUNTS: set["Mount"] = set()
+_ALL_MOUNTS: list["Mount"] = []
+
+
+class Mount:
+    """A foreground s3fuse daemon we own (Popen), mounted on ``mnt``."""
+
+    def __init__(self, store: Path, mnt: Path, logdir: Path, extra_args=()):
+        self.store = Path(store)
+        self.mnt = Path(mnt)
+        self.logdir = Path(logdir)
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen | None = None
+        self.generation = 0
+        self.log_path: Path | None = None
+        self.stderr_path: Path | None = None
+        self.logs: list[Path] = []
+        self.expect_traceback = False
+        _ALL_MOUNTS.append(self)
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> "Mount":
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        assert not os.path.ismount(self.mnt), f"{self.mnt} is still mounted"
+        self.generation += 1
+        self.log_path = self.logdir / f"daemon-{self.generation}.log"
+        self.stderr_path = self.logdir / f"daemon-{self.generation}.stderr"
+        self.logs += [self.log_path, self.stderr_path]
+        argv = [*S3FUSE, "mount", str(self.store), str(self.mnt), "--foreground",
+                "--log-file", str(self.log_path), *self.extra_args]
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                start_new_session=True, cwd="/",
+            )
+        _LIVE_MOUNTS.add(self)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(self.mnt):
+            rc = self.proc.poll()
+            if rc is not None:
+                raise AssertionError(
+                    f"s3fuse mount exited with {rc} before mounting {self.mnt}\n"
+                    f"{self.describe_logs()}")
+            if time.monotonic() > deadline:
+                self.kill9()
+                raise AssertionError(
+                    f"{self.mnt} not mounted after {MOUNT_TIMEOUT} s\n{self.describe_logs()}")
+            time.sleep(0.02)
+        os.stat(self.mnt)  # the mount answers requests
+        return self
+
+    def unmount(self) -> None:
+        """Clean unmount with ``s3fuse umount``; asserts it succeeds."""
+        assert self.proc is not None
+        r = run_cli("umount", self.mnt, timeout=UMOUNT_TIMEOUT)
+        assert r.returncode == 0, (
+            f"s3fuse umount {self.mnt} failed ({r.returncode}): {r.stderr}\n{self.describe_logs()}")
+        # s3fuse umount waits until the daemon has exited.
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"daemon pid {self.proc.pid} still alive after s3fuse umount returned")
+        assert not os.path.ismount(self.mnt), f"{self.mnt} still mounted after s3fuse umount"
+        _LIVE_MOUNTS.discard(self)
+        assert rc == 0, f"daemon exited with {rc} after umount\n{self.describe_logs()}"
+        self.check_log()
+
+    def remount(self) -> "Mount":
+        self.unmount()
+        return self.start()
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon and clear the dead mount."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.clear_dead_mount()
+        _LIVE_MOUNTS.discard(self)
+
+    def clear_dead_mount(self) -> None:
+        if os.path.ismount(self.mnt) or _is_dead_mount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        wait_until(lambda: not os.path.ismount(self.mnt) and not _is_dead_mount(self.mnt),
+                   10, f"{self.mnt} to be unmounted")
+
+    def cleanup(self) -> None:
+        """Always leaves the mountpoint unmounted and the daemon dead."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and os.path.ismount(self.mnt):
+            try:
+                run_cli("umount", self.mnt, timeout=60)
+                self.proc.wait(timeout=30)
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+            except Exception:
+                pass
+        if os.path.ismount(self.mnt) or _is_dead_mount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        _LIVE_MOUNTS.discard(self)
+
+    # -- logs --------------------------------------------------------------
+    def log_text(self, all_generations: bool = False) -> str:
+        paths = self.logs if all_generations else [self.log_path, self.stderr_path]
+        out = []
+        for p in paths:
+            if p is not None and p.exists():
+                out.append(p.read_text(errors="replace"))
+        return "\n".join(out)
+
+    def describe_logs(self, limit: int = 8000) -> str:
+        out = []
+        for p in self.logs[-2:]:
+            if p.exists():
+                t = p.read_text(errors="replace")
+                out.append(f"--- {p} ---\n{t[-limit:]}")
+        return "\n".join(out)
+
+    def log_offsets(self) -> dict[Path, int]:
+        return {p: p.stat().st_size for p in self.logs if p.exists()}
+
+    def check_log(self, since: dict[Path, int] | None = None) -> None:
+        if self.expect_traceback:
+            return
+        for p in self.logs:
+            if not p.exists():
+                continue
+            with open(p, "rb") as f:
+                f.seek((since or {}).get(p, 0))
+                t = f.read().decode(errors="replace")
+            if TRACEBACK in t:
+                i = t.index(TRACEBACK)
+                raise AssertionError(f"daemon log {p} contains a Python traceback:\n"
+                                     f"{t[max(0, i - 500):i + 4000]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def _is_dead_mount(p: Path) -> bool:
+    try:
+        os.stat(p)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+class MountFactory:
+    def __init__(self, dirs: _DirFactory):
+        self.dirs = dirs
+        self.mounts: list[Mount] = []
+
+    def __call__(self, store: Path | None = None, extra_args=(), start: bool = True) -> Mount:
+        if store is None:
+            store = init_store(self.dirs("store") / "store")
+        mnt = self.dirs("mnt")
+        logdir = self.dirs("log")
+        m = Mount(store, mnt, logdir, extra_args)
+        self.mounts.append(m)
+        if start:
+            m.start()
+        return m
+
+    def cleanup(self) -> None:
+        for m in reversed(self.mounts):
+            m.cleanup()
+
+
+@pytest.fixture
+def mount_factory(_dirs):
+    f = MountFactory(_dirs)
+    yield f
+    f.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_mount_factory(_dirs):
+    f = MountFactory(_dirs)
+    yield f
+    f.cleanup()
+
+
+@pytest.fixture
+def mounted(mount_factory) -> Mount:
+    """A fresh store, mounted for this test only."""
+    return mount_factory()
+
+
+@pytest.fixture(scope="module")
+def module_mount(module_mount_factory) -> Mount:
+    """One mounted store shared by the tests of a module (each test uses its own subdirectory)."""
+    m = module_mount_factory()
+    yield m
+    if m.proc is not None and m.proc.poll() is None and os.path.ismount(m.mnt):
+        m.unmount()  # a failing clean unmount (or a traceback) errors the module's last test
+
+
+@pytest.fixture
+def subdir(module_mount, request) -> Path:
+    """A fresh directory inside the module mount, named after the test."""
+    name = request.node.name.replace("/", "_").replace("[", "_").replace("]", "")[:200]
+    p = module_mount.mnt / name
+    os.mkdir(p)
+    return p
+
+
+# --------------------------------------------------------------------------
+# per-test log checking and hang watchdog
+# --------------------------------------------------------------------------
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "expect_traceback: the daemon log may contain a Python traceback")
+
+
+@pytest.fixture(autouse=True)
+def _daemon_log_and_watchdog(request):
+    n_before = len(_ALL_MOUNTS)
+    before = {m: m.log_offsets() for m in _ALL_MOUNTS}
+    fired = []
+
+    def fire():
+        fired.append(True)
+        for m in list(_LIVE_MOUNTS):
+            if m.proc is not None and m.proc.poll() is None:
+                try:
+                    os.kill(m.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    timer = threading.Timer(TEST_WATCHDOG, fire)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
+    if fired:
+        pytest.fail(f"watchdog: test ran longer than {TEST_WATCHDOG} s; "
+                    "all s3fuse daemons were killed (hang?)")
+    if request.node.get_closest_marker("expect_traceback"):
+        return
+    for m in _ALL_MOUNTS[:n_before]:
+        m.check_log(before[m])
+    for m in _ALL_MOUNTS[n_before:]:
+        m.check_log()
+
+
+# --------------------------------------------------------------------------
+# unprivileged subprocesses
+# --------------------------------------------------------------------------
+
+def run_as(uid: int, gid: int, argv, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run ``argv`` as uid/gid with no supplementary groups."""
+    r = subprocess.run(
+        list(map(str, argv)), user=uid, group=gid, extra_groups=[],
+        capture_output=True, text=True, timeout=120, cwd="/", stdin=subprocess.DEVNULL, **kw)
+    if check:
+        assert r.returncode == 0, f"{argv} as {uid}:{gid} failed: {r.stderr}"
+    return r
+
+
+_PY_OP = r"""
+import errno, json, os, sys
+op = sys.argv[1]
+args = json.loads(sys.argv[2])
+try:
+    if op == "read":
+        with open(args[0], "rb") as f:
+            res = f.read().hex()
+    elif op == "write":
+        fd = os.open(args[0], os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, bytes.fromhex(args[1])); os.close(fd); res = None
+    elif op == "create":
+        fd = os.open(args[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, args[1]); os.close(fd); res = None
+    elif op == "mkdir":
+        os.mkdir(args[0], args[1]); res = None
+    elif op == "stat":
+        st = os.stat(args[0]); res = [st.st_mode, st.st_uid, st.st_gid]
+    elif op == "listdir":
+        res = sorted(os.listdir(args[0]))
+    elif op == "unlink":
+        os.unlink(args[0]); res = None
+    elif op == "chmod":
+        os.chmod(args[0], args[1]); res = None
+    elif op == "chown":
+        os.chown(args[0], args[1], args[2]); res = None
+    elif op == "rename":
+        os.rename(args[0], args[1]); res = None
+    elif op == "access":
+        res = os.access(args[0], args[1])
+    elif op == "utime_now":
+        os.utime(args[0]); res = None
+    elif op == "utime":
+        os.utime(args[0], ns=(args[1], args[1])); res = None
+    elif op == "setxattr":
+        os.setxattr(args[0], args[1], bytes.fromhex(args[2])); res = None
+    else:
+        raise SystemExit("unknown op " + op)
+    print(json.dumps({"ok": res}))
+except OSError as e:
+    print(json.dumps({"errno": e.errno, "msg": str(e)}))
+"""
+
+
+def py_as(uid: int, gid: int, op: str, *args):
+    """Perform one filesystem operation as uid/gid.
+
+    Returns ``("ok", result)`` or ``("errno", errno)``.
+    """
+    import json
+    r = run_as(uid, gid, [UNPRIV_PYTHON, "-c", _PY_OP, op, json.dumps([str(a) if isinstance(a, Path) else a for a in args])])
+    assert r.returncode == 0, f"helper {op}{args} as {uid}:{gid} crashed: {r.stderr}"
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    if "errno" in d:
+        return ("errno", d["errno"])
+    return ("ok", d["ok"])

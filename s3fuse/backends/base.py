@@ -1,0 +1,51 @@
+"""The object-store interface. Nothing outside a backend may assume local files.
+
+Contract:
+- `put` is atomic: a reader sees the whole object or none of it.
+- `sync` is a durability barrier: every object put before it is on stable storage
+  when it returns. The data path calls it before committing metadata that refers
+  to new objects, so that one barrier can cover a whole batch of puts.
+- `get` takes a byte range; a missing object raises `NoSuchObject`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+
+from ..errors import BackendError
+
+
+class NoSuchObject(BackendError):
+    """The object does not exist in the store."""
+
+
+class Backend(abc.ABC):
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Several ranges of one object; backends may do this in one round trip."""
+        return [await self.get(key, off, n) for off, n in ranges]
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete an object; deleting a missing object is not an error."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> int | None:
+        """The object's size, or None if it does not exist."""
+
+    @abc.abstractmethod
+    def list(self) -> AsyncIterator[str]:
+        """Every object key in the store, in no particular order."""
+
+    @abc.abstractmethod
+    async def sync(self) -> None:
+        """Durability barrier for all completed puts and deletes."""
+
+    async def close(self) -> None:
+        return None

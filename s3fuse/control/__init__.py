@@ -1,0 +1,1 @@
+"""The control socket: a Unix socket per mounted daemon (docs/CONTROL.md)."""

@@ -1,0 +1,413 @@
+"""The filesystem core: POSIX semantics over the metadata database and the data path.
+
+Every method takes plain values and raises `S3fuseError` subclasses carrying an
+errno; `fs.py` adapts it to pyfuse3. Metadata changes of one call are one
+transaction. Inodes live until their last directory entry, kernel lookup
+reference and open handle are all gone (pyfuse3's lookup-count rules).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from .data import DataStore
+from .errors import S3fuseError
+from .meta import ROOT_INODE, Inode, Meta
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    uid: int
+    gid: int
+    pid: int = 0
+
+
+def _err(code: int, message: str = "") -> S3fuseError:
+    return S3fuseError(message or os.strerror(code), code)
+
+
+class Filesystem:
+    def __init__(self, meta: Meta, data: DataStore, block_size: int) -> None:
+        self.meta = meta
+        self.data = data
+        self.block_size = block_size
+        self.lookups: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _inode(self, ino: int) -> Inode:
+        row = self.meta.inode(ino)
+        if row is None:
+            raise _err(errno.ENOENT)
+        return row
+
+    def attr(self, ino: int) -> Inode:
+        """Attributes with unflushed size and times applied."""
+        return self.with_overlay(self._inode(ino))
+
+    def with_overlay(self, row: Inode) -> Inode:
+        fs = self.data.overlay(row.id)
+        if fs is not None:
+            row.size = fs.size
+            row.mtime_ns = max(row.mtime_ns, fs.mtime_ns)
+            row.ctime_ns = max(row.ctime_ns, fs.ctime_ns)
+            row.stored_bytes += sum(len(b.data) for b in fs.blocks.values())
+        return row
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        if not name or b"/" in name or name in (b".", b".."):
+            raise _err(errno.EINVAL)
+
+    def _dir(self, ino: int) -> Inode:
+        row = self._inode(ino)
+        if not stat.S_ISDIR(row.mode):
+            raise _err(errno.ENOTDIR)
+        return row
+
+    def _touch_dir(self, ino: int, now: int) -> None:
+        self.meta.update_inode(ino, mtime_ns=now, ctime_ns=now)
+
+    def remember(self, ino: int) -> None:
+        """The kernel took one more reference (lookup, create, readdirplus...)."""
+        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    def forget(self, ino: int, count: int) -> None:
+        left = self.lookups.get(ino, 0) - count
+        if left > 0:
+            self.lookups[ino] = left
+            return
+        self.lookups.pop(ino, None)
+        self._maybe_reclaim(ino)
+
+    def _maybe_reclaim(self, ino: int) -> None:
+        """Delete an inode that no entry, kernel reference or open handle uses."""
+        if ino == ROOT_INODE or ino in self.lookups:
+            return
+        fs = self.data.overlay(ino)
+        if fs is not None and fs.open_count > 0:
+            return
+        row = self.meta.inode(ino)
+        if row is None or row.nlink > 0:
+            return
+        self.data.discard(ino)
+        with self.meta.transaction():
+            self.meta.delete_inode(ino)
+
+    def forget_all(self) -> None:
+        for ino in list(self.lookups):
+            self.forget(ino, self.lookups[ino])
+
+    def reclaim_orphans(self) -> int:
+        """At mount: inodes unlinked while open when the last daemon stopped."""
+        orphans = self.meta.orphan_inodes()
+        with self.meta.transaction():
+            for ino in orphans:
+                self.meta.delete_inode(ino)
+        return len(orphans)
+
+    # ------------------------------------------------------------------ namespace
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        if name == b".":
+            return self.attr(parent)
+        if name == b"..":
+            return self.attr(self.meta.parent_of(parent) or ROOT_INODE)
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        ino = self.meta.lookup(parent, name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        return self.attr(ino)
+
+    def _new_owner(self, parent: Inode, caller: Caller, mode: int) -> tuple[int, int]:
+        gid = caller.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return gid, mode
+
+    def _make(self, parent_ino: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
+              target: bytes | None = None) -> Inode:
+        self._check_name(name)
+        parent = self._dir(parent_ino)
+        if parent.nlink == 0:
+            raise _err(errno.ENOENT)
+        if self.meta.lookup(parent_ino, name) is not None:
+            raise _err(errno.EEXIST)
+        gid, mode = self._new_owner(parent, caller, mode)
+        is_dir = stat.S_ISDIR(mode)
+        now = time.time_ns()
+        with self.meta.transaction():
+            row = self.meta.create_inode(mode, caller.uid, gid, 2 if is_dir else 1, now, rdev,
+                                         sse=None)
+            self.meta.add_entry(parent_ino, name, row.id)
+            if target is not None:
+                self.meta.set_symlink(row.id, target)
+                row.size = len(target)
+                self.meta.update_inode(row.id, size=len(target))
+            self.meta.update_inode(parent_ino, mtime_ns=now, ctime_ns=now,
+                                   nlink=parent.nlink + (1 if is_dir else 0))
+        return row
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        return self._make(parent, name, mode, caller, rdev=rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+
+    def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        row = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
+        self.data.opened(row.id)
+        return row
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
+        if len(target) > 4096:
+            raise _err(errno.ENAMETOOLONG)
+        return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        target = self.meta.symlink_target(ino)
+        if target is None:
+            raise _err(errno.EINVAL)
+        return target
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        self._check_name(new_name)
+        row = self._inode(ino)
+        if stat.S_ISDIR(row.mode):
+            raise _err(errno.EPERM)
+        parent = self._dir(new_parent)
+        if parent.nlink == 0 or row.nlink == 0:
+            raise _err(errno.ENOENT)
+        if self.meta.lookup(new_parent, new_name) is not None:
+            raise _err(errno.EEXIST)
+        now = time.time_ns()
+        with self.meta.transaction():
+            self.meta.add_entry(new_parent, new_name, ino)
+            self.meta.update_inode(ino, nlink=row.nlink + 1, ctime_ns=now)
+            self._touch_dir(new_parent, now)
+        return self.attr(ino)
+
+    def _unlink_entry(self, parent: int, name: bytes, row: Inode, now: int) -> None:
+        """Remove one entry and drop its link; called inside a transaction."""
+        self.meta.remove_entry(parent, name)
+        if stat.S_ISDIR(row.mode):
+            self.meta.update_inode(row.id, nlink=0, ctime_ns=now)
+            p = self._inode(parent)
+            self.meta.update_inode(parent, nlink=p.nlink - 1)
+        else:
+            self.meta.update_inode(row.id, nlink=row.nlink - 1, ctime_ns=now)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._dir(parent)
+        ino = self.meta.lookup(parent, name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        row = self._inode(ino)
+        if stat.S_ISDIR(row.mode):
+            raise _err(errno.EISDIR)
+        now = time.time_ns()
+        with self.meta.transaction():
+            self._unlink_entry(parent, name, row, now)
+            self._touch_dir(parent, now)
+        self._maybe_reclaim(ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise _err(errno.EINVAL)
+        if name == b"..":
+            raise _err(errno.ENOTEMPTY)
+        self._dir(parent)
+        ino = self.meta.lookup(parent, name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        row = self._inode(ino)
+        if not stat.S_ISDIR(row.mode):
+            raise _err(errno.ENOTDIR)
+        if self.meta.has_entries(ino):
+            raise _err(errno.ENOTEMPTY)
+        now = time.time_ns()
+        with self.meta.transaction():
+            self._unlink_entry(parent, name, row, now)
+            self._touch_dir(parent, now)
+        self._maybe_reclaim(ino)
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        while ino != ROOT_INODE:
+            if ino == ancestor:
+                return True
+            parent = self.meta.parent_of(ino)
+            if parent is None:
+                return False
+            ino = parent
+        return ancestor == ROOT_INODE
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int) -> None:
+        self._check_name(new_name)
+        self._dir(old_parent)
+        self._dir(new_parent)
+        src_ino = self.meta.lookup(old_parent, old_name)
+        if src_ino is None:
+            raise _err(errno.ENOENT)
+        src = self._inode(src_ino)
+        dst_ino = self.meta.lookup(new_parent, new_name)
+        exchange = bool(flags & 2)  # RENAME_EXCHANGE
+        if flags & 1 and dst_ino is not None:  # RENAME_NOREPLACE
+            raise _err(errno.EEXIST)
+        if exchange and dst_ino is None:
+            raise _err(errno.ENOENT)
+        if dst_ino == src_ino:
+            return
+        src_dir = stat.S_ISDIR(src.mode)
+        if src_dir and self._is_ancestor(src_ino, new_parent):
+            raise _err(errno.EINVAL)
+        dst = self._inode(dst_ino) if dst_ino is not None else None
+        dst_dir = dst is not None and stat.S_ISDIR(dst.mode)
+        if exchange and dst_dir and self._is_ancestor(dst_ino, old_parent):
+            raise _err(errno.EINVAL)
+        now = time.time_ns()
+        with self.meta.transaction():
+            if exchange:
+                self.meta.set_entry_inode(old_parent, old_name, dst_ino)
+                self.meta.set_entry_inode(new_parent, new_name, src_ino)
+                if old_parent != new_parent and src_dir != dst_dir:
+                    delta = 1 if src_dir else -1
+                    self._add_nlink(new_parent, delta)
+                    self._add_nlink(old_parent, -delta)
+                self.meta.update_inode(dst_ino, ctime_ns=now)
+            else:
+                if dst is not None:
+                    if src_dir and not dst_dir:
+                        raise _err(errno.ENOTDIR)
+                    if not src_dir and dst_dir:
+                        raise _err(errno.EISDIR)
+                    if dst_dir and self.meta.has_entries(dst_ino):
+                        raise _err(errno.ENOTEMPTY)
+                    self._unlink_entry(new_parent, new_name, dst, now)
+                self.meta.move_entry(old_parent, old_name, new_parent, new_name)
+                if src_dir and old_parent != new_parent:
+                    self._add_nlink(new_parent, 1)
+                    self._add_nlink(old_parent, -1)
+            self.meta.update_inode(src_ino, ctime_ns=now)
+            self._touch_dir(old_parent, now)
+            if new_parent != old_parent:
+                self._touch_dir(new_parent, now)
+        if dst_ino is not None and not exchange:
+            self._maybe_reclaim(dst_ino)
+
+    def _add_nlink(self, ino: int, delta: int) -> None:
+        row = self._inode(ino)
+        self.meta.update_inode(ino, nlink=row.nlink + delta)
+
+    def readdir(self, ino: int, cursor: int, limit: int = 256) -> list[tuple[int, bytes, Inode]]:
+        """Entries after `cursor` as (next cursor, name, attributes)."""
+        rows = self.meta.entries_after(ino, cursor, limit)
+        return [(r[0], r[1], self.with_overlay(Inode(*r[2:]))) for r in rows]
+
+    # ------------------------------------------------------------------ attributes
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                      mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+        row = self._inode(ino)
+        now = time.time_ns()
+        if size is not None:
+            if not stat.S_ISREG(row.mode):
+                raise _err(errno.EINVAL)
+            await self.data.truncate(ino, size)
+        fields: dict[str, int] = {}
+        if mode is not None:
+            fields["mode"] = stat.S_IFMT(row.mode) | (mode & 0o7777)
+        if uid is not None and uid != 0xFFFFFFFF:
+            fields["uid"] = uid
+        if gid is not None and gid != 0xFFFFFFFF:
+            fields["gid"] = gid
+        if ("uid" in fields or "gid" in fields) and mode is None and not stat.S_ISDIR(row.mode):
+            # chown clears set-user-ID and (with group execute) set-group-ID, as Linux does
+            new_mode = row.mode & ~stat.S_ISUID
+            if row.mode & stat.S_IXGRP:
+                new_mode &= ~stat.S_ISGID
+            if new_mode != row.mode:
+                fields["mode"] = new_mode
+        if atime_ns is not None:
+            fields["atime_ns"] = atime_ns
+        if mtime_ns is not None:
+            fields["mtime_ns"] = mtime_ns
+        fields["ctime_ns"] = ctime_ns if ctime_ns is not None else now
+        with self.meta.transaction():
+            self.meta.update_inode(ino, **fields)
+        fs = self.data.overlay(ino)
+        if fs is not None:
+            if mtime_ns is not None:
+                fs.mtime_ns = mtime_ns
+            fs.ctime_ns = fields["ctime_ns"]
+        return self.attr(ino)
+
+    # ------------------------------------------------------------------ files
+    def open(self, ino: int, flags: int) -> Inode:
+        row = self._inode(ino)
+        if stat.S_ISDIR(row.mode):
+            raise _err(errno.EISDIR)
+        self.data.opened(ino)
+        return row
+
+    def release(self, ino: int) -> None:
+        self.data.released(ino)
+        self._maybe_reclaim(ino)
+
+    async def read(self, ino: int, off: int, size: int) -> bytes:
+        return await self.data.read(ino, off, size)
+
+    async def write(self, ino: int, off: int, buf: bytes) -> int:
+        return await self.data.write(ino, off, buf)
+
+    def flush(self, ino: int) -> None:
+        err = self.data.take_error(ino)
+        self.data.request_flush(ino)
+        if err:
+            raise _err(err, "an earlier write-back of this file failed")
+
+    async def fsync(self, ino: int) -> None:
+        await self.data.flush(ino, durable=True)
+
+    # ------------------------------------------------------------------ xattrs
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._inode(ino)
+        value = self.meta.get_xattr(ino, name)
+        if value is None:
+            raise _err(errno.ENODATA)
+        return value
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._inode(ino)
+        if len(name) > 255 or not name:
+            raise _err(errno.ERANGE)
+        if len(value) > 65536:
+            raise _err(errno.E2BIG)
+        with self.meta.transaction():
+            self.meta.set_xattr(ino, name, value)
+            self.meta.update_inode(ino, ctime_ns=time.time_ns())
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self._inode(ino)
+        return self.meta.list_xattrs(ino)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._inode(ino)
+        with self.meta.transaction():
+            if not self.meta.remove_xattr(ino, name):
+                raise _err(errno.ENODATA)
+            self.meta.update_inode(ino, ctime_ns=time.time_ns())

@@ -1,0 +1,594 @@
+"""The data path: write buffers, flushing to objects, and the decrypted-segment cache.
+
+Writes land in per-block buffers in memory (bounded by `dirty_limit`). A flush
+encrypts the dirty blocks of one or more files into new objects, puts them,
+passes one durability barrier (`Backend.sync`) and only then commits the block
+map, sizes and times in one transaction: so committed metadata never points at an
+object that could be lost. Replaced objects go to the `garbage` table in that same
+transaction and a collector deletes them afterwards.
+
+Reads fetch only the segments a request needs and keep decrypted segments in a
+bounded LRU (memory only: plaintext never touches the disk).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from . import format as fmt
+from .backends import Backend, NoSuchObject
+from .crypto import SSE_S3, KeyManager, WrappedKey
+from .errors import BackendError, IntegrityError, S3fuseError
+from .meta import BlockRef, Meta
+
+log = logging.getLogger(__name__)
+
+# Crypto on buffers above this size goes to a worker thread; below it the hand-off
+# costs more than the work (AES-GCM runs at several GB/s here).
+THREAD_THRESHOLD = 256 * 1024
+READAHEAD = 1024 * 1024
+
+
+@dataclass(eq=False)
+class Block:
+    """A block of an open file that differs from (or is not yet in) the store."""
+
+    data: bytearray
+    version: int = 0
+
+
+@dataclass(eq=False)
+class FileState:
+    """In-memory state of a file with open handles or unflushed data."""
+
+    ino: int
+    size: int  # current size, including unflushed writes
+    db_size: int  # size in the committed metadata
+    mtime_ns: int
+    ctime_ns: int
+    sse: str = SSE_S3
+    blocks: dict[int, Block] = field(default_factory=dict)
+    open_count: int = 0
+    flush_requested: bool = False
+    dirty_since: float = 0.0
+    error: int = 0  # errno of a failed background flush, reported at the next fsync/close
+    last_read_end: int = -1
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.blocks) or self.size != self.db_size
+
+
+class SegmentCache:
+    """LRU of decrypted segments, keyed by (object id, segment index), bounded in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._items: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+
+    def get(self, key: tuple[bytes, int]) -> bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[bytes, int], value: bytes) -> None:
+        if key in self._items:
+            return
+        self._items[key] = value
+        self.used += len(value)
+        while self.used > self.limit and self._items:
+            _, old = self._items.popitem(last=False)
+            self.used -= len(old)
+
+
+@dataclass(frozen=True)
+class _OpenObject:
+    keys: fmt.ObjectKeys
+    header: fmt.ObjectHeader
+
+
+class DataStore:
+    def __init__(
+        self,
+        meta: Meta,
+        backend: Backend,
+        keys: KeyManager,
+        store_id: bytes,
+        block_size: int,
+        segment_size: int,
+        dirty_limit: int = 128 << 20,
+        cache_limit: int = 64 << 20,
+        flush_delay: float = 2.0,
+        crypto_threads: int = 2,
+    ) -> None:
+        self.meta = meta
+        self.backend = backend
+        self.keys = keys
+        self.store_id = store_id
+        self.block_size = block_size
+        self.segment_size = segment_size
+        self.dirty_limit = dirty_limit
+        self.flush_delay = flush_delay
+        self.files: dict[int, FileState] = {}
+        self.cache = SegmentCache(cache_limit)
+        self._objects: OrderedDict[bytes, _OpenObject] = OrderedDict()
+        self.dirty_bytes = 0
+        self._flush_lock = trio.Lock()
+        self._crypto_limiter = trio.CapacityLimiter(crypto_threads)
+        self._put_limiter = trio.CapacityLimiter(8)
+        self._kick = trio.Event()
+        self._space = trio.Event()
+        self._gc_kick = trio.Event()
+        self._loading: dict[tuple[int, int], trio.Event] = {}
+        self.stats = {"objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0}
+
+    # ------------------------------------------------------------------ files
+    def state(self, ino: int) -> FileState:
+        fs = self.files.get(ino)
+        if fs is None:
+            row = self.meta.inode(ino)
+            if row is None:
+                raise S3fuseError(f"inode {ino} does not exist", errno.ENOENT)
+            fs = FileState(ino, row.size, row.size, row.mtime_ns, row.ctime_ns, sse=_sse_mode(row.sse))
+            self.files[ino] = fs
+        return fs
+
+    def overlay(self, ino: int) -> FileState | None:
+        """Unflushed size and times of a file, if it has any, for getattr."""
+        return self.files.get(ino)
+
+    def opened(self, ino: int) -> None:
+        self.state(ino).open_count += 1
+
+    def released(self, ino: int) -> None:
+        fs = self.files.get(ino)
+        if fs is None:
+            return
+        fs.open_count -= 1
+        if fs.open_count <= 0 and fs.dirty:
+            fs.flush_requested = True
+            self._kick.set()
+        self._maybe_drop(fs)
+
+    def _maybe_drop(self, fs: FileState) -> None:
+        if fs.open_count <= 0 and not fs.dirty and not fs.error and self.files.get(fs.ino) is fs:
+            del self.files[fs.ino]
+
+    def request_flush(self, ino: int) -> None:
+        """Store this file's data soon (close(2) calls this; it does not wait)."""
+        fs = self.files.get(ino)
+        if fs is not None and fs.dirty:
+            fs.flush_requested = True
+            self._kick.set()
+
+    def take_error(self, ino: int) -> int:
+        fs = self.files.get(ino)
+        if fs is None or not fs.error:
+            return 0
+        err, fs.error = fs.error, 0
+        self._maybe_drop(fs)
+        return err
+
+    def discard(self, ino: int) -> None:
+        """The inode is gone: forget its unflushed data."""
+        fs = self.files.pop(ino, None)
+        if fs is not None:
+            for blk in fs.blocks.values():
+                self.dirty_bytes -= len(blk.data)
+            fs.blocks.clear()
+            self._space.set()
+
+    def set_times(self, ino: int, mtime_ns: int | None, ctime_ns: int | None) -> None:
+        fs = self.files.get(ino)
+        if fs is not None:
+            if mtime_ns is not None:
+                fs.mtime_ns = mtime_ns
+            if ctime_ns is not None:
+                fs.ctime_ns = ctime_ns
+
+    # ------------------------------------------------------------------ reads
+    async def read(self, ino: int, off: int, size: int) -> bytes:
+        fs = self.files.get(ino)
+        if fs is not None:
+            file_size = fs.size
+        else:
+            row = self.meta.inode(ino)
+            if row is None:
+                raise S3fuseError(f"inode {ino} does not exist", errno.ENOENT)
+            file_size = row.size
+        if off >= file_size or size <= 0:
+            return b""
+        end = min(off + size, file_size)
+        sequential = fs is not None and fs.last_read_end == off
+        parts = []
+        pos = off
+        bs = self.block_size
+        while pos < end:
+            blockno, boff = divmod(pos, bs)
+            n = min(end - pos, bs - boff)
+            blk = fs.blocks.get(blockno) if fs is not None else None
+            if blk is not None:
+                chunk = bytes(blk.data[boff : boff + n])
+            else:
+                ref = self.meta.block(ino, blockno)
+                if ref is None:
+                    chunk = b""
+                else:
+                    chunk = await self._read_stored(ref, boff, n, sequential)
+            if len(chunk) < n:
+                chunk += bytes(n - len(chunk))
+            parts.append(chunk)
+            pos += n
+        if fs is not None:
+            fs.last_read_end = end
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool) -> bytes:
+        """Bytes [boff, boff+n) of a stored block, clipped to its valid length."""
+        stop = min(boff + n, ref.length)
+        if boff >= stop:
+            return b""
+        seg = self.segment_size
+        first, last = boff // seg, (stop - 1) // seg
+        segs = [self.cache.get((ref.object_id, i)) for i in range(first, last + 1)]
+        if any(s is None for s in segs):
+            missing = [first + k for k, s in enumerate(segs) if s is None]
+            lo, hi = missing[0], missing[-1]
+            if sequential:
+                count = fmt.segment_count(ref.obj_length, seg)
+                hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
+            fetched = await self._fetch_segments(ref, lo, hi)
+            for k, s in enumerate(fetched):
+                self.cache.put((ref.object_id, lo + k), s)
+            segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
+        data = segs[0] if len(segs) == 1 else b"".join(segs)
+        start = boff - first * seg
+        return data[start : start + (stop - boff)]
+
+    async def _fetch_segments(self, ref: BlockRef, first: int, last: int) -> list[bytes]:
+        key = ref.object_id.hex()
+        opened = self._objects.get(ref.object_id)
+        start, length = fmt.segment_range(ref.hdr_len, self.segment_size, ref.obj_length, first, last)
+        ranges = [(start, length)] if opened else [(0, ref.hdr_len), (start, length)]
+        try:
+            bufs = await self.backend.get_ranges(key, ranges)
+        except NoSuchObject:
+            raise self._integrity(ref, "object is missing from the store") from None
+        if opened is None:
+            opened = self._open_object(ref, bufs[0])
+        try:
+            if length > THREAD_THRESHOLD:
+                return await trio.to_thread.run_sync(
+                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], limiter=self._crypto_limiter
+                )
+            return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[-1])
+        except fmt.FormatError as exc:
+            raise self._integrity(ref, str(exc)) from None
+
+    def _open_object(self, ref: BlockRef, header_bytes: bytes) -> _OpenObject:
+        """Unwrap the data key, authenticate the header and check it against the block map."""
+        wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
+        try:
+            data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped)
+        except IntegrityError as exc:
+            raise self._integrity(ref, str(exc)) from None
+        keys = fmt.derive_object_keys(data_key, ref.object_id)
+        try:
+            header = fmt.parse_header(header_bytes, keys)
+        except fmt.FormatError as exc:
+            raise self._integrity(ref, str(exc)) from None
+        expected = (ref.object_id, self.store_id, ref.inode, ref.blockno, ref.mode, ref.key_ref,
+                    self.segment_size, ref.obj_length)
+        actual = (header.object_id, header.store_id, header.inode, header.block, header.mode,
+                  header.key_ref, header.segment_size, header.length)
+        if expected != actual:
+            raise self._integrity(ref, "header does not match the block map")
+        opened = _OpenObject(keys, header)
+        self._objects[ref.object_id] = opened
+        if len(self._objects) > 4096:
+            self._objects.popitem(last=False)
+        return opened
+
+    def _integrity(self, ref: BlockRef, why: str) -> IntegrityError:
+        self.stats["integrity_errors"] += 1
+        msg = f"object {ref.object_id.hex()} (inode {ref.inode}, block {ref.blockno}): {why}"
+        log.error("integrity error: %s", msg)
+        return IntegrityError(msg)
+
+    async def _load_block(self, ref: BlockRef) -> bytearray:
+        """The whole valid plaintext of a stored block, for a read-modify-write."""
+        count = fmt.segment_count(ref.obj_length, self.segment_size)
+        segs = await self._fetch_segments(ref, 0, count - 1)
+        data = bytearray(b"".join(segs))
+        del data[ref.length :]
+        return data
+
+    # ------------------------------------------------------------------ writes
+    async def _block_for_write(self, fs: FileState, blockno: int, boff: int, n: int) -> Block:
+        while True:
+            blk = fs.blocks.get(blockno)
+            if blk is not None:
+                return blk
+            loading = self._loading.get((fs.ino, blockno))
+            if loading is None:
+                break
+            await loading.wait()
+        ref = self.meta.block(fs.ino, blockno) if blockno * self.block_size < fs.db_size else None
+        if ref is None or (boff == 0 and n >= ref.length):
+            blk = Block(bytearray())
+        else:
+            event = self._loading[(fs.ino, blockno)] = trio.Event()
+            try:
+                data = await self._load_block(ref)
+            finally:
+                del self._loading[(fs.ino, blockno)]
+                event.set()
+            if blockno in fs.blocks:  # a concurrent writer won the race
+                return fs.blocks[blockno]
+            # a truncate may have shortened the file while we loaded
+            del data[max(0, fs.size - blockno * self.block_size) :]
+            blk = Block(data)
+            self.dirty_bytes += len(data)
+        fs.blocks[blockno] = blk
+        if not fs.dirty_since:
+            fs.dirty_since = time.monotonic()
+        return blk
+
+    async def write(self, ino: int, off: int, buf: bytes) -> int:
+        fs = self.state(ino)
+        if fs.error:
+            raise S3fuseError("an earlier write-back of this file failed", self.take_error(ino))
+        view = memoryview(buf)
+        pos = off
+        bs = self.block_size
+        while view:
+            blockno, boff = divmod(pos, bs)
+            n = min(len(view), bs - boff)
+            blk = await self._block_for_write(fs, blockno, boff, n)
+            data = blk.data
+            before = len(data)
+            if boff > before:
+                data.extend(bytes(boff - before))
+            data[boff : boff + n] = view[:n]
+            blk.version += 1
+            self.dirty_bytes += len(data) - before
+            if len(data) == bs and boff + n == bs:
+                self._kick.set()  # a full block: start storing it early
+            pos += n
+            view = view[n:]
+        if pos > fs.size:
+            fs.size = pos
+        now = time.time_ns()
+        fs.mtime_ns = fs.ctime_ns = now
+        if not fs.dirty_since:
+            fs.dirty_since = time.monotonic()
+        while self.dirty_bytes > self.dirty_limit:
+            self._kick.set()
+            if self._space.is_set():
+                self._space = trio.Event()
+            await self._space.wait()
+        return len(buf)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        """Set a file's size; flushes its pending data first, so the commit is one state."""
+        fs = self.state(ino)
+        async with self._flush_lock:
+            await self._flush_locked([fs], durable=False)
+            bs = self.block_size
+            for blockno in [b for b in fs.blocks if b * bs >= size]:
+                self.dirty_bytes -= len(fs.blocks.pop(blockno).data)
+            partial = fs.blocks.get(size // bs)
+            if partial is not None and len(partial.data) > size % bs:
+                self.dirty_bytes -= len(partial.data) - size % bs
+                del partial.data[size % bs :]
+                partial.version += 1
+            now = time.time_ns()
+            with self.meta.transaction():
+                if size < fs.db_size:
+                    self.meta.truncate_blocks(ino, size, bs)
+                self.meta.update_inode(ino, size=size, mtime_ns=now, ctime_ns=now)
+            fs.size = fs.db_size = size
+            fs.mtime_ns = fs.ctime_ns = now
+            self._space.set()
+        self._gc_kick.set()
+        self._maybe_drop(fs)
+
+    # ------------------------------------------------------------------ flushing
+    async def flush(self, ino: int, durable: bool) -> None:
+        """Store a file's pending data; with `durable`, also make it survive a crash."""
+        fs = self.files.get(ino)
+        if fs is not None and fs.dirty:
+            async with self._flush_lock:
+                await self._flush_locked([fs], durable)
+            self._maybe_drop(fs)
+        elif durable:
+            await trio.to_thread.run_sync(self.meta.sync)
+        err = self.take_error(ino)
+        if err:
+            raise S3fuseError("write-back of this file failed", err)
+
+    async def flush_all(self, durable: bool = True) -> None:
+        async with self._flush_lock:
+            files = [fs for fs in self.files.values() if fs.dirty]
+            await self._flush_locked(files, durable)
+        for fs in list(self.files.values()):
+            self._maybe_drop(fs)
+
+    async def _flush_locked(self, files: list[FileState], durable: bool, only_full: bool = False) -> None:
+        bs = self.block_size
+        jobs = []  # (fs, blockno, block, version, snapshot)
+        sizes = {}
+        for fs in files:
+            sizes[fs.ino] = (fs.size, fs.mtime_ns, fs.ctime_ns)
+            for blockno, blk in list(fs.blocks.items()):
+                if only_full and len(blk.data) < bs:
+                    continue
+                jobs.append((fs, blockno, blk, blk.version, bytes(blk.data)))
+        refs: dict[tuple[int, int], BlockRef | None] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                for fs, blockno, _blk, _ver, snap in jobs:
+                    nursery.start_soon(self._store_block, fs, blockno, snap, refs)
+            if refs:
+                await self.backend.sync()
+        except S3fuseError as exc:
+            log.error("flush of inode(s) %s failed: %s", ",".join(str(f.ino) for f in files), exc)
+            for fs in files:
+                fs.error = exc.errno
+            # orphans of a failed batch are collected by the next unclean-mount sweep
+            raise
+        with self.meta.transaction():
+            for fs in files:
+                if self.meta.inode(fs.ino) is None:  # deleted while we were storing
+                    for (ino, _b), ref in refs.items():
+                        if ino == fs.ino and ref is not None:
+                            self.meta.add_garbage(ref.object_id)
+                    continue
+                size, mtime, ctime = sizes[fs.ino]
+                if only_full:
+                    flushed_end = max(((b + 1) * bs for (i, b) in refs if i == fs.ino), default=0)
+                    size = max(fs.db_size, min(size, flushed_end))
+                for (ino, blockno), ref in refs.items():
+                    if ino != fs.ino or blockno * bs >= size:
+                        continue
+                    if ref is None:
+                        old = self.meta.block(ino, blockno)
+                        if old is not None:
+                            self.meta.add_garbage(old.object_id)
+                            self.meta.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
+                    else:
+                        self.meta.put_block(ref)
+                stored = self.meta.db.execute(
+                    "SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (fs.ino,)).fetchone()[0]
+                self.meta.update_inode(fs.ino, size=size, mtime_ns=mtime, ctime_ns=ctime, stored_bytes=stored)
+                fs.db_size = size
+        self.stats["flushes"] += 1
+        for fs, blockno, blk, version, snap in jobs:
+            if fs.blocks.get(blockno) is blk and blk.version == version:
+                del fs.blocks[blockno]
+                self.dirty_bytes -= len(blk.data)
+        for fs in files:
+            if not fs.blocks:
+                fs.dirty_since = 0.0
+                if fs.size == fs.db_size:
+                    fs.flush_requested = False
+        self._space.set()
+        if refs:
+            self._gc_kick.set()
+        if durable:
+            await trio.to_thread.run_sync(self.meta.sync)
+
+    async def _store_block(self, fs: FileState, blockno: int, data: bytes, refs: dict) -> None:
+        if data == bytes(len(data)):
+            refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
+            return
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        data_key, wrapped = self.keys.new_data_key(fs.sse, object_id, fs.ino, blockno)
+        header = fmt.ObjectHeader(object_id, self.store_id, fs.ino, blockno, wrapped.mode,
+                                  wrapped.key_ref, self.segment_size, len(data))
+        if len(data) > THREAD_THRESHOLD:
+            blob = await trio.to_thread.run_sync(
+                fmt.encrypt_object, header, data_key, data, limiter=self._crypto_limiter)
+        else:
+            blob = fmt.encrypt_object(header, data_key, data)
+        hdr_len = fmt.header_length(blob)
+        async with self._put_limiter:
+            await self.backend.put(object_id.hex(), blob)
+        self.stats["objects_put"] += 1
+        self.stats["bytes_put"] += len(blob)
+        refs[(fs.ino, blockno)] = BlockRef(fs.ino, blockno, object_id, len(data), len(data), hdr_len,
+                                           wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
+
+    # ------------------------------------------------------------------ background
+    async def flusher(self) -> None:
+        """Stores data that was closed, idle, or is pressing on the buffer limit."""
+        while True:
+            with trio.move_on_after(0.5):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            now = time.monotonic()
+            pressure = self.dirty_bytes > self.dirty_limit // 2
+            batch = [fs for fs in self.files.values() if fs.dirty and (
+                fs.flush_requested or (fs.dirty_since and now - fs.dirty_since >= self.flush_delay))]
+            only_full = False
+            if not batch:
+                full = [fs for fs in self.files.values()
+                        if any(len(b.data) == self.block_size for b in fs.blocks.values())]
+                if full:
+                    batch, only_full = full, True
+                elif pressure:
+                    batch = sorted((fs for fs in self.files.values() if fs.blocks),
+                                   key=lambda f: -sum(len(b.data) for b in f.blocks.values()))[:1]
+            if not batch:
+                continue
+            batch = batch[:256]
+            try:
+                async with self._flush_lock:
+                    await self._flush_locked(batch, durable=False, only_full=only_full)
+            except S3fuseError:
+                await trio.sleep(1)  # back off; the error is reported to the file's next fsync/close
+            for fs in batch:
+                self._maybe_drop(fs)
+            if any(fs.dirty for fs in self.files.values()):
+                self._kick.set()
+
+    async def collector(self) -> None:
+        """Deletes objects that the metadata no longer references."""
+        while True:
+            with trio.move_on_after(5):
+                await self._gc_kick.wait()
+            self._gc_kick = trio.Event()
+            await self.collect_garbage()
+
+    async def collect_garbage(self) -> int:
+        done = 0
+        while True:
+            ids = self.meta.garbage(256)
+            if not ids:
+                return done
+            try:
+                async with trio.open_nursery() as nursery:
+                    for oid in ids:
+                        nursery.start_soon(self._delete_object, oid)
+            except BackendError as exc:
+                log.warning("could not delete unreferenced objects (will retry): %s", exc)
+                return done
+            with self.meta.transaction():
+                self.meta.forget_garbage(ids)
+            done += len(ids)
+
+    async def _delete_object(self, oid: bytes) -> None:
+        async with self._put_limiter:
+            await self.backend.delete(oid.hex())
+        self._objects.pop(oid, None)
+
+    async def sweep_unreferenced(self) -> int:
+        """After an unclean stop: delete objects that were put but never committed."""
+        removed = 0
+        async for key in self.backend.list():
+            try:
+                oid = bytes.fromhex(key)
+            except ValueError:
+                continue
+            if len(oid) == fmt.OBJECT_ID_LEN and not self.meta.is_referenced(oid):
+                await self.backend.delete(key)
+                removed += 1
+        return removed
+
+
+def _sse_mode(sse: bytes | None) -> str:
+    return SSE_S3
+
+
+def blocks_for(size: int) -> int:
+    return math.ceil(size / 512)

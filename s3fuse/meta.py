@@ -1,0 +1,318 @@
+"""The metadata database: the namespace, attributes, xattrs and block map, in SQLite.
+
+SQLite runs on the trio thread (as in S3QL): every mutation is one transaction,
+and the code between two checkpoints is the critical section, so there are no
+database locks. `schema()` documents every column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+ROOT_INODE = 1
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+-- One row per file, directory, symlink, FIFO, socket or device node.
+CREATE TABLE inodes (
+    id INTEGER PRIMARY KEY,
+    mode INTEGER NOT NULL,          -- st_mode: type and permission bits
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,         -- directory entries (dirs: 2 + subdirectories)
+    size INTEGER NOT NULL DEFAULT 0,-- st_size as of the last committed flush
+    rdev INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    stored_bytes INTEGER NOT NULL DEFAULT 0, -- plaintext bytes held in objects (st_blocks)
+    sse BLOB                        -- msgpack: encryption of this file's new objects, or a
+                                    -- directory's default for new children (NULL: inherit)
+);
+-- Directory entries; id is a never-reused cursor for readdir.
+CREATE TABLE dentries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    inode INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX dentries_by_parent ON dentries (parent, id);
+CREATE TABLE symlinks (
+    inode INTEGER PRIMARY KEY,
+    target BLOB NOT NULL
+);
+CREATE TABLE xattrs (
+    inode INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+-- The block map: which object holds block `blockno` (of BLOCK_SIZE bytes) of a file,
+-- with the object's encryption descriptor. No row = a hole (reads as zeros).
+CREATE TABLE blocks (
+    inode INTEGER NOT NULL,
+    blockno INTEGER NOT NULL,
+    object_id BLOB NOT NULL,        -- 16 random bytes, never reused; object key = hex
+    length INTEGER NOT NULL,        -- valid plaintext bytes (<= obj_length after a truncate)
+    obj_length INTEGER NOT NULL,    -- plaintext bytes in the object
+    hdr_len INTEGER NOT NULL,       -- object header length, for ranged reads
+    mode TEXT NOT NULL,             -- AES256 | aws:kms | SSE-C
+    key_ref TEXT NOT NULL,          -- key identity within the mode (see docs/FORMAT.md)
+    key_version INTEGER NOT NULL,   -- master-key or KMS backing-key version
+    key_slot BLOB NOT NULL,         -- the data key, wrapped (docs/FORMAT.md, "Key slots")
+    PRIMARY KEY (inode, blockno)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX blocks_by_object ON blocks (object_id);
+-- Objects no longer referenced, to be deleted from the store by the collector.
+CREATE TABLE garbage (
+    object_id BLOB PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE state (
+    key TEXT PRIMARY KEY,
+    value
+);
+"""
+
+
+@dataclass(slots=True)
+class Inode:
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    stored_bytes: int
+    sse: bytes | None
+
+
+@dataclass(slots=True)
+class BlockRef:
+    inode: int
+    blockno: int
+    object_id: bytes
+    length: int
+    obj_length: int
+    hdr_len: int
+    mode: str
+    key_ref: str
+    key_version: int
+    key_slot: bytes
+
+
+_INODE_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, stored_bytes, sse"
+_BLOCK_COLS = "inode, blockno, object_id, length, obj_length, hdr_len, mode, key_ref, key_version, key_slot"
+
+
+class Meta:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        self.db.execute("PRAGMA wal_autocheckpoint=8192")
+        self.db.execute("PRAGMA cache_size=-32768")  # 32 MiB page cache, bounded
+        self._in_tx = False
+
+    @classmethod
+    def create(cls, path: str, root_uid: int, root_gid: int, now_ns: int) -> "Meta":
+        m = cls(path)
+        m.db.executescript(SCHEMA)
+        with m.transaction():
+            m.db.execute(
+                f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (ROOT_INODE, 0o040755, root_uid, root_gid, 2, 0, 0, now_ns, now_ns, now_ns, 0, None),
+            )
+            m.set_state("schema_version", SCHEMA_VERSION)
+            m.set_state("clean", 1)
+        return m
+
+    def close(self) -> None:
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One mutation = one transaction. Nested use joins the outer one."""
+        if self._in_tx:
+            yield self.db
+            return
+        self.db.execute("BEGIN")
+        self._in_tx = True
+        try:
+            yield self.db
+        except BaseException:
+            self._in_tx = False
+            self.db.execute("ROLLBACK")
+            raise
+        self._in_tx = False
+        self.db.execute("COMMIT")
+
+    def sync(self) -> None:
+        """Make every committed transaction durable (fsync of the WAL). Blocking."""
+        wal = self.path + "-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # state
+    def get_state(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_state(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+    # inodes
+    def inode(self, ino: int) -> Inode | None:
+        row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
+        return None if row is None else Inode(*row)
+
+    def create_inode(self, mode: int, uid: int, gid: int, nlink: int, now_ns: int,
+                     rdev: int = 0, sse: bytes | None = None) -> Inode:
+        cur = self.db.execute(
+            "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, sse)"
+            " VALUES (?,?,?,?,0,?,?,?,?,?)",
+            (mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, sse),
+        )
+        return Inode(cur.lastrowid, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
+
+    def update_inode(self, ino: int, **fields) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE inodes SET {cols} WHERE id=?", (*fields.values(), ino))
+
+    def delete_inode(self, ino: int) -> None:
+        """Remove an inode with everything it owns; its objects become garbage."""
+        self.db.execute("INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=?", (ino,))
+        self.db.execute("DELETE FROM blocks WHERE inode=?", (ino,))
+        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.db.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
+        self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+
+    def orphan_inodes(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
+
+    def inode_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
+
+    # directory entries
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone()
+        return None if row is None else row[0]
+
+    def add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute("INSERT INTO dentries (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
+
+    def remove_entry(self, parent: int, name: bytes) -> None:
+        self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+
+    def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
+        self.db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+                        (new_parent, new_name, parent, name))
+
+    def set_entry_inode(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name))
+
+    def has_entries(self, parent: int) -> bool:
+        return self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,)).fetchone() is not None
+
+    def parent_of(self, ino: int) -> int | None:
+        row = self.db.execute("SELECT parent FROM dentries WHERE inode=? LIMIT 1", (ino,)).fetchone()
+        return None if row is None else row[0]
+
+    def entries_after(self, parent: int, cursor: int, limit: int) -> list[tuple]:
+        """(cursor, name, inode columns...) of the entries after `cursor`, in cursor order."""
+        return self.db.execute(
+            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            " FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
+            (parent, cursor, limit),
+        ).fetchall()
+
+    # symlinks
+    def set_symlink(self, ino: int, target: bytes) -> None:
+        self.db.execute("INSERT INTO symlinks (inode, target) VALUES (?,?)", (ino, target))
+
+    def symlink_target(self, ino: int) -> bytes | None:
+        row = self.db.execute("SELECT target FROM symlinks WHERE inode=?", (ino,)).fetchone()
+        return None if row is None else row[0]
+
+    # xattrs
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)).fetchone()
+        return None if row is None else row[0]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)", (ino, name, value))
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
+
+    # block map
+    def block(self, ino: int, blockno: int) -> BlockRef | None:
+        row = self.db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno=?",
+                              (ino, blockno)).fetchone()
+        return None if row is None else BlockRef(*row)
+
+    def blocks_of(self, ino: int) -> list[BlockRef]:
+        return [BlockRef(*r) for r in self.db.execute(
+            f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? ORDER BY blockno", (ino,))]
+
+    def put_block(self, ref: BlockRef) -> BlockRef | None:
+        """Point a block at a new object; the replaced object (if any) becomes garbage."""
+        old = self.block(ref.inode, ref.blockno)
+        if old is not None:
+            self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (old.object_id,))
+        self.db.execute(
+            f"INSERT OR REPLACE INTO blocks ({_BLOCK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (ref.inode, ref.blockno, ref.object_id, ref.length, ref.obj_length, ref.hdr_len,
+             ref.mode, ref.key_ref, ref.key_version, ref.key_slot),
+        )
+        return old
+
+    def truncate_blocks(self, ino: int, size: int, block_size: int) -> None:
+        """Drop blocks wholly past `size` and shorten the one that straddles it."""
+        first_gone = -(-size // block_size)
+        self.db.execute(
+            "INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=? AND blockno>=?",
+            (ino, first_gone))
+        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno>=?", (ino, first_gone))
+        if size % block_size:
+            self.db.execute("UPDATE blocks SET length=min(length, ?) WHERE inode=? AND blockno=?",
+                            (size % block_size, ino, size // block_size))
+        stored = self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
+        self.db.execute("UPDATE inodes SET stored_bytes=? WHERE id=?", (stored, ino))
+
+    def is_referenced(self, object_id: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM blocks WHERE object_id=?", (object_id,)).fetchone() is not None
+
+    def object_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM blocks").fetchone()[0]
+
+    # garbage
+    def garbage(self, limit: int) -> list[bytes]:
+        return [r[0] for r in self.db.execute("SELECT object_id FROM garbage LIMIT ?", (limit,))]
+
+    def add_garbage(self, object_id: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (object_id,))
+
+    def forget_garbage(self, object_ids: list[bytes]) -> None:
+        self.db.executemany("DELETE FROM garbage WHERE object_id=?", [(o,) for o in object_ids])

@@ -126,6 +126,7 @@ class DataStore:
         self._flush_lock = trio.Lock()
         self._crypto_limiter = trio.CapacityLimiter(crypto_threads)
         self._put_limiter = trio.CapacityLimiter(8)
+        self._store_limiter = trio.CapacityLimiter(4)
         self._kick = trio.Event()
         self._space = trio.Event()
         self._gc_kick = trio.Event()
@@ -426,19 +427,20 @@ class DataStore:
 
     async def _flush_locked(self, files: list[FileState], durable: bool, only_full: bool = False) -> None:
         bs = self.block_size
-        jobs = []  # (fs, blockno, block, version, snapshot)
+        jobs = []  # (fs, blockno, block); the job records the version it stored
         sizes = {}
         for fs in files:
             sizes[fs.ino] = (fs.size, fs.mtime_ns, fs.ctime_ns)
             for blockno, blk in list(fs.blocks.items()):
                 if only_full and len(blk.data) < bs:
                     continue
-                jobs.append((fs, blockno, blk, blk.version, bytes(blk.data)))
+                jobs.append((fs, blockno, blk))
         refs: dict[tuple[int, int], BlockRef | None] = {}
+        stored_versions: dict[tuple[int, int], int] = {}
         try:
             async with trio.open_nursery() as nursery:
-                for fs, blockno, _blk, _ver, snap in jobs:
-                    nursery.start_soon(self._store_block, fs, blockno, snap, refs)
+                for fs, blockno, blk in jobs:
+                    nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
             if refs:
                 await self.backend.sync()
         except S3fuseError as exc:
@@ -473,8 +475,8 @@ class DataStore:
                 self.meta.update_inode(fs.ino, size=size, mtime_ns=mtime, ctime_ns=ctime, stored_bytes=stored)
                 fs.db_size = size
         self.stats["flushes"] += 1
-        for fs, blockno, blk, version, snap in jobs:
-            if fs.blocks.get(blockno) is blk and blk.version == version:
+        for fs, blockno, blk in jobs:
+            if fs.blocks.get(blockno) is blk and blk.version == stored_versions.get((fs.ino, blockno)):
                 del fs.blocks[blockno]
                 self.dirty_bytes -= len(blk.data)
         for fs in files:
@@ -488,10 +490,18 @@ class DataStore:
         if durable:
             await trio.to_thread.run_sync(self.meta.sync)
 
-    async def _store_block(self, fs: FileState, blockno: int, data: bytes, refs: dict) -> None:
-        if data == bytes(len(data)):
-            refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
-            return
+    async def _store_block(self, fs: FileState, blockno: int, blk: Block, refs: dict,
+                           stored_versions: dict) -> None:
+        # The limiter bounds the copies in flight (snapshot + ciphertext) to a few blocks.
+        async with self._store_limiter:
+            stored_versions[(fs.ino, blockno)] = blk.version
+            data = bytes(blk.data)  # writes may go on while this snapshot is stored
+            if not data[-1:].strip(b"\0") and data == bytes(len(data)):
+                refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
+                return
+            await self._store_snapshot(fs, blockno, data, refs)
+
+    async def _store_snapshot(self, fs: FileState, blockno: int, data: bytes, refs: dict) -> None:
         object_id = os.urandom(fmt.OBJECT_ID_LEN)
         data_key, wrapped = self.keys.new_data_key(fs.sse, object_id, fs.ino, blockno)
         header = fmt.ObjectHeader(object_id, self.store_id, fs.ino, blockno, wrapped.mode,
@@ -502,8 +512,7 @@ class DataStore:
         else:
             blob = fmt.encrypt_object(header, data_key, data)
         hdr_len = fmt.header_length(blob)
-        async with self._put_limiter:
-            await self.backend.put(object_id.hex(), blob)
+        await self.backend.put(object_id.hex(), blob)
         self.stats["objects_put"] += 1
         self.stats["bytes_put"] += len(blob)
         refs[(fs.ino, blockno)] = BlockRef(fs.ino, blockno, object_id, len(data), len(data), hdr_len,

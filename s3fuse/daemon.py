@@ -134,7 +134,6 @@ class Daemon:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise S3fuseError(f"could not mount on {self.mountpoint}: {exc}", errno.EIO) from None
-        _set_readahead(self.mountpoint, self.options.readahead_kb)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
@@ -144,6 +143,9 @@ class Daemon:
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
                 async with trio.open_nursery() as fuse:
                     fuse.start_soon(pyfuse3.main)
+                    # the kernel applies its read-ahead cap when INIT completes, which a stat waits for
+                    await trio.to_thread.run_sync(os.stat, self.mountpoint)
+                    _set_readahead(self.mountpoint, self.options.readahead_kb)
                     log.info("mounted %s on %s", self.cfg.path, self.mountpoint)
                     ready(None)
                 unmounted = True

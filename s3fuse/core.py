@@ -57,8 +57,8 @@ class Filesystem:
         fs = self.data.overlay(row.id)
         if fs is not None:
             row.size = fs.size
-            row.mtime_ns = max(row.mtime_ns, fs.mtime_ns)
-            row.ctime_ns = max(row.ctime_ns, fs.ctime_ns)
+            row.mtime_ns = fs.mtime_ns
+            row.ctime_ns = fs.ctime_ns
             row.stored_bytes += sum(len(b.data) for b in fs.blocks.values())
         return row
 
@@ -77,6 +77,11 @@ class Filesystem:
 
     def _touch_dir(self, ino: int, now: int) -> None:
         self.meta.update_inode(ino, mtime_ns=now, ctime_ns=now)
+
+    def _changed(self, ino: int, now: int, **fields) -> None:
+        """Record an inode change (ctime), in the database and in unflushed state."""
+        self.meta.update_inode(ino, ctime_ns=now, **fields)
+        self.data.set_times(ino, None, now)
 
     def remember(self, ino: int) -> None:
         """The kernel took one more reference (lookup, create, readdirplus...)."""
@@ -197,7 +202,7 @@ class Filesystem:
         now = time.time_ns()
         with self.meta.transaction():
             self.meta.add_entry(new_parent, new_name, ino)
-            self.meta.update_inode(ino, nlink=row.nlink + 1, ctime_ns=now)
+            self._changed(ino, now, nlink=row.nlink + 1)
             self._touch_dir(new_parent, now)
         return self.attr(ino)
 
@@ -205,11 +210,11 @@ class Filesystem:
         """Remove one entry and drop its link; called inside a transaction."""
         self.meta.remove_entry(parent, name)
         if stat.S_ISDIR(row.mode):
-            self.meta.update_inode(row.id, nlink=0, ctime_ns=now)
+            self._changed(row.id, now, nlink=0)
             p = self._inode(parent)
             self.meta.update_inode(parent, nlink=p.nlink - 1)
         else:
-            self.meta.update_inode(row.id, nlink=row.nlink - 1, ctime_ns=now)
+            self._changed(row.id, now, nlink=row.nlink - 1)
 
     def unlink(self, parent: int, name: bytes) -> None:
         self._dir(parent)
@@ -288,7 +293,7 @@ class Filesystem:
                     delta = 1 if src_dir else -1
                     self._add_nlink(new_parent, delta)
                     self._add_nlink(old_parent, -delta)
-                self.meta.update_inode(dst_ino, ctime_ns=now)
+                self._changed(dst_ino, now)
             else:
                 if dst is not None:
                     if src_dir and not dst_dir:
@@ -302,7 +307,7 @@ class Filesystem:
                 if src_dir and old_parent != new_parent:
                     self._add_nlink(new_parent, 1)
                     self._add_nlink(old_parent, -1)
-            self.meta.update_inode(src_ino, ctime_ns=now)
+            self._changed(src_ino, now)
             self._touch_dir(old_parent, now)
             if new_parent != old_parent:
                 self._touch_dir(new_parent, now)
@@ -399,7 +404,7 @@ class Filesystem:
             raise _err(errno.E2BIG)
         with self.meta.transaction():
             self.meta.set_xattr(ino, name, value)
-            self.meta.update_inode(ino, ctime_ns=time.time_ns())
+            self._changed(ino, time.time_ns())
 
     def listxattr(self, ino: int) -> list[bytes]:
         self._inode(ino)
@@ -410,4 +415,4 @@ class Filesystem:
         with self.meta.transaction():
             if not self.meta.remove_xattr(ino, name):
                 raise _err(errno.ENODATA)
-            self.meta.update_inode(ino, ctime_ns=time.time_ns())
+            self._changed(ino, time.time_ns())

@@ -430,7 +430,7 @@ class DataStore:
         jobs = []  # (fs, blockno, block); the job records the version it stored
         sizes = {}
         for fs in files:
-            sizes[fs.ino] = (fs.size, fs.mtime_ns, fs.ctime_ns)
+            sizes[fs.ino] = fs.size
             for blockno, blk in list(fs.blocks.items()):
                 if only_full and len(blk.data) < bs:
                     continue
@@ -456,7 +456,7 @@ class DataStore:
                         if ino == fs.ino and ref is not None:
                             self.meta.add_garbage(ref.object_id)
                     continue
-                size, mtime, ctime = sizes[fs.ino]
+                size = sizes[fs.ino]
                 if only_full:
                     flushed_end = max(((b + 1) * bs for (i, b) in refs if i == fs.ino), default=0)
                     size = max(fs.db_size, min(size, flushed_end))
@@ -472,7 +472,9 @@ class DataStore:
                         self.meta.put_block(ref)
                 stored = self.meta.db.execute(
                     "SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (fs.ino,)).fetchone()[0]
-                self.meta.update_inode(fs.ino, size=size, mtime_ns=mtime, ctime_ns=ctime, stored_bytes=stored)
+                # times as they are now: setattr may have changed them while we stored
+                self.meta.update_inode(fs.ino, size=size, mtime_ns=fs.mtime_ns, ctime_ns=fs.ctime_ns,
+                                       stored_bytes=stored)
                 fs.db_size = size
         self.stats["flushes"] += 1
         for fs, blockno, blk in jobs:

@@ -82,7 +82,16 @@ class Operations(pyfuse3.Operations):
     # namespace
     @_translate
     async def lookup(self, parent_inode, name, ctx):
-        row = self.core.lookup(parent_inode, name)
+        try:
+            row = self.core.lookup(parent_inode, name)
+        except S3fuseError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # st_ino 0: the kernel caches the miss; every change goes through it anyway
+            miss = pyfuse3.EntryAttributes()
+            miss.st_ino = 0
+            miss.entry_timeout = ATTR_TIMEOUT
+            return miss
         self.core.remember(row.id)
         return entry(row)
 

@@ -43,6 +43,9 @@ class Block:
 
     data: bytearray
     version: int = 0
+    # written up to its end by a write that ended there: a sequential writer is done with it,
+    # so it is worth storing now rather than waiting for close or idleness
+    sealed: bool = False
 
 
 @dataclass(eq=False)
@@ -363,8 +366,9 @@ class DataStore:
             data[boff : boff + n] = view[:n]
             blk.version += 1
             self.dirty_bytes += len(data) - before
-            if len(data) == bs and boff + n == bs:
-                self._kick.set()  # a full block: start storing it early
+            if boff + n == bs and len(data) == bs:
+                blk.sealed = True
+                self._kick.set()
             pos += n
             view = view[n:]
         if pos > fs.size:
@@ -432,7 +436,7 @@ class DataStore:
         for fs in files:
             sizes[fs.ino] = fs.size
             for blockno, blk in list(fs.blocks.items()):
-                if only_full and len(blk.data) < bs:
+                if only_full and not blk.sealed:
                     continue
                 jobs.append((fs, blockno, blk))
         refs: dict[tuple[int, int], BlockRef | None] = {}
@@ -533,8 +537,7 @@ class DataStore:
                 fs.flush_requested or (fs.dirty_since and now - fs.dirty_since >= self.flush_delay))]
             only_full = False
             if not batch:
-                full = [fs for fs in self.files.values()
-                        if any(len(b.data) == self.block_size for b in fs.blocks.values())]
+                full = [fs for fs in self.files.values() if any(b.sealed for b in fs.blocks.values())]
                 if full:
                     batch, only_full = full, True
                 elif pressure:

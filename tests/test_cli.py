@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import TRACEBACK, init_store, list_objects, run_cli
+from .conftest import TRACEBACK, init_store, list_objects, run_cli
 
 
 def assert_cli_error(r: subprocess.CompletedProcess, what: str) -> None:

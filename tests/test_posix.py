@@ -15,12 +15,13 @@ import random
 import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import count_objects, list_objects, py_as, run_as, UNPRIV_PYTHON
+from .conftest import count_objects, list_objects, py_as, run_as, UNPRIV_PYTHON
 
 MiB = 1 << 20
 BLOCK = 4 * MiB
@@ -61,6 +62,30 @@ def write_file(p, data: bytes, mode=0o644) -> None:
 def read_file(p) -> bytes:
     with open(p, "rb") as f:
         return f.read()
+
+
+def mknod_many(d, names, threads: int = 4) -> None:
+    """Create empty regular files quickly: mknod from a few threads at once."""
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    errors = []
+
+    def work(k):
+        try:
+            for name in names[k::threads]:
+                os.mknod(name, 0o644 | stat.S_IFREG, dir_fd=dfd)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    try:
+        ths = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+    finally:
+        os.close(dfd)
+    if errors:
+        raise errors[0]
 
 
 def wait_clock_past(ts_ns: int) -> None:
@@ -317,12 +342,7 @@ def test_readdir_large(subdir):
     os.mkdir(d)
     n = 100_000
     names = [f"entry-{i:06d}-{'x' * (i % 37)}" for i in range(n)]
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for name in names:
-            os.mknod(name, 0o644 | stat.S_IFREG, dir_fd=dfd)
-    finally:
-        os.close(dfd)
+    mknod_many(d, names)
     listed = os.listdir(d)
     assert len(listed) == n, f"listdir returned {len(listed)} entries, expected {n}"
     assert sorted(listed) == sorted(names)
@@ -343,10 +363,9 @@ def test_readdir_large(subdir):
 def test_readdir_concurrent_modification(subdir):
     d = subdir / "dir"
     os.mkdir(d)
-    stable = [f"stable-{i:05d}" for i in range(6000)]
-    victims = [f"victim-{i:05d}" for i in range(3000)]
-    for name in stable + victims:
-        os.mknod(d / name, 0o644 | stat.S_IFREG)
+    stable = [f"stable-{i:05d}" for i in range(4000)]
+    victims = [f"victim-{i:05d}" for i in range(2000)]
+    mknod_many(d, stable + victims)
     rnd = random.Random(3)
     rnd.shuffle(victims)
     added = []
@@ -365,7 +384,7 @@ def test_readdir_concurrent_modification(subdir):
     missing = set(stable) - set(seen)
     assert not missing, f"{len(missing)} entries present for the whole iteration were not listed, " \
                         f"e.g. {sorted(missing)[:10]}"
-    allowed = set(stable) | {f"victim-{i:05d}" for i in range(3000)} | set(added)
+    allowed = set(stable) | {f"victim-{i:05d}" for i in range(2000)} | set(added)
     junk = set(seen) - allowed
     assert not junk, f"scandir returned names that never existed: {sorted(junk)[:10]}"
     final = set(os.listdir(d))

@@ -55,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-other", action="store_true", help="let other users use the mount (permissions apply)")
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     s.add_argument("--log-file", help="log here (default: stderr in the foreground, STORE/s3fuse.log otherwise)")
-    s.add_argument("--dirty-limit-mib", type=_mib, default=128 << 20, dest="dirty_limit",
-                   help="memory for unflushed writes (default 128)")
-    s.add_argument("--cache-mib", type=_mib, default=64 << 20, dest="cache_limit",
-                   help="memory for decrypted segments (default 64)")
+    s.add_argument("--dirty-limit-mib", type=_mib, default=64 << 20, dest="dirty_limit",
+                   help="memory for unflushed writes (default 64)")
+    s.add_argument("--cache-mib", type=_mib, default=32 << 20, dest="cache_limit",
+                   help="memory for decrypted segments (default 32)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")

@@ -218,6 +218,7 @@ class Mount:
         self.stderr_path: Path | None = None
         self.logs: list[Path] = []
         self.expect_traceback = False
+        self._checked: dict[Path, int] = {}
         _ALL_MOUNTS.append(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -327,14 +328,20 @@ class Mount:
         return {p: p.stat().st_size for p in self.logs if p.exists()}
 
     def check_log(self, since: dict[Path, int] | None = None) -> None:
+        """Fail if the daemon logs (from ``since``) contain a Python traceback.
+
+        Each part of a log is reported once: whatever was checked is skipped
+        next time."""
         if self.expect_traceback:
             return
         for p in self.logs:
             if not p.exists():
                 continue
+            start = max((since or {}).get(p, 0), self._checked.get(p, 0))
             with open(p, "rb") as f:
-                f.seek((since or {}).get(p, 0))
+                f.seek(start)
                 t = f.read().decode(errors="replace")
+                self._checked[p] = f.tell()
             if TRACEBACK in t:
                 i = t.index(TRACEBACK)
                 raise AssertionError(f"daemon log {p} contains a Python traceback:\n"

@@ -107,7 +107,7 @@ def snapshot(root: Path, *, mtimes=True, owners=True, xattrs=False, dir_mtimes=T
             p = Path(dirpath) / n
             rel = str(p.relative_to(root))
             st = os.lstat(p)
-            e = {"type": stat.S_IFMT(st.st_mode), "mode": stat.S_IMODE(st.st_mode)}
+            e = {"type": stat.S_IFMT(st.st_mode), "mode": oct(stat.S_IMODE(st.st_mode))}
             if owners:
                 e["owner"] = (st.st_uid, st.st_gid)
             if stat.S_ISREG(st.st_mode):
@@ -144,7 +144,10 @@ def assert_same_tree(expected: dict, actual: dict, what: str) -> None:
     diffs = []
     for k in sorted(expected):
         if expected[k] != actual[k]:
-            diffs.append(f"  {k!r}:\n    expected {expected[k]}\n    actual   {actual[k]}")
+            fields = sorted(set(expected[k]) | set(actual[k]))
+            d = {f: (expected[k].get(f), actual[k].get(f)) for f in fields
+                 if expected[k].get(f) != actual[k].get(f)}
+            diffs.append(f"  {k!r}: (expected, actual) {d}")
     assert not diffs, f"{what}: {len(diffs)} entries differ:\n" + "\n".join(diffs[:15])
 
 

@@ -380,19 +380,37 @@ class MountFactory:
         for m in reversed(self.mounts):
             m.cleanup()
 
+    def finish(self) -> None:
+        """Unmount every still-running mount cleanly (asserting that it works),
+        then make sure nothing is left mounted or running."""
+        errors = []
+        for m in reversed(self.mounts):
+            if m.proc is not None and m.proc.poll() is None and os.path.ismount(m.mnt):
+                try:
+                    m.unmount()
+                except Exception as e:  # noqa: BLE001 - re-raised after cleanup
+                    errors.append(e)
+        self.cleanup()
+        if errors:
+            raise errors[0]
+
 
 @pytest.fixture
 def mount_factory(_dirs):
     f = MountFactory(_dirs)
-    yield f
-    f.cleanup()
+    try:
+        yield f
+    finally:
+        f.finish()
 
 
 @pytest.fixture(scope="module")
 def module_mount_factory(_dirs):
     f = MountFactory(_dirs)
-    yield f
-    f.cleanup()
+    try:
+        yield f
+    finally:
+        f.finish()
 
 
 @pytest.fixture

@@ -239,6 +239,25 @@ def test_truncate_down_and_up(subdir):
         os.close(fd)
 
 
+def test_o_trunc_then_write_past_old_data(subdir):
+    """open(O_TRUNC) drops the old content: a later write at an offset leaves
+    zeros (not the old bytes) before it."""
+    p = subdir / "f"
+    write_file(p, b"X" * 200_000)
+    fd = os.open(p, os.O_RDWR | os.O_TRUNC)
+    try:
+        assert os.fstat(fd).st_size == 0
+        os.pwrite(fd, b"Y" * 100, 113_664)
+        got = os.pread(fd, 200_000, 0)
+    finally:
+        os.close(fd)
+    assert len(got) == 113_764
+    assert got[113_664:] == b"Y" * 100
+    stale = got[:113_664].count(b"X")
+    assert stale == 0, f"{stale} bytes of the old content reappeared after O_TRUNC"
+    assert read_file(p) == bytes(113_664) + b"Y" * 100
+
+
 def test_truncate_errors(subdir):
     os.mkdir(subdir / "d")
     expect_errno(errno.EISDIR, os.truncate, subdir / "d", 0)
@@ -935,6 +954,26 @@ def test_xattrs(subdir):
     with pytest.raises(OSError) as ei:
         os.setxattr(subdir / "g", "user." + "n" * 300, b"x")
     assert ei.value.errno == errno.ERANGE
+
+
+def test_posix_acl_xattr_matches_mode(subdir):
+    """cp -a and rsync -A copy modes by writing system.posix_acl_access; a filesystem
+    must either refuse it (EOPNOTSUPP) or apply it, as ext4 does -- never accept
+    it and ignore it."""
+    p = subdir / "f"
+    write_file(p, b"x")
+    os.chmod(p, 0o600)
+    # ACL version 2: USER_OBJ rw-, GROUP_OBJ r--, OTHER r--  (= mode 0644)
+    acl = (b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff"
+           + b"\x04\x00\x04\x00\xff\xff\xff\xff" + b"\x20\x00\x04\x00\xff\xff\xff\xff")
+    try:
+        os.setxattr(p, "system.posix_acl_access", acl)
+    except OSError as e:
+        assert e.errno == errno.EOPNOTSUPP, f"unexpected {errno.errorcode.get(e.errno)}"
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+        return
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o644, (
+        "system.posix_acl_access was accepted but the mode does not reflect it")
 
 
 def test_xattr_persist(mounted):

@@ -362,10 +362,13 @@ class Filesystem:
         return self.attr(ino)
 
     # ------------------------------------------------------------------ files
-    def open(self, ino: int, flags: int) -> Inode:
+    async def open(self, ino: int, flags: int) -> Inode:
         row = self._inode(ino)
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
+        if flags & os.O_TRUNC and stat.S_ISREG(row.mode):
+            # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
+            await self.data.truncate(ino, 0)
         self.data.opened(ino)
         return row
 
@@ -398,6 +401,10 @@ class Filesystem:
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self._inode(ino)
+        if name.startswith(b"system."):
+            # POSIX ACLs (system.posix_acl_*) are not enforced here, so refuse them rather
+            # than store rules the kernel would ignore; cp -a and rsync then fall back to modes
+            raise _err(errno.EOPNOTSUPP)
         if len(name) > 255 or not name:
             raise _err(errno.ERANGE)
         if len(value) > 65536:

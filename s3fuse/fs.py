@@ -163,7 +163,7 @@ class Operations(pyfuse3.Operations):
     # files
     @_translate
     async def open(self, inode, flags, ctx):
-        self.core.open(inode, flags)
+        await self.core.open(inode, flags)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_translate

@@ -595,3 +595,21 @@ def test_round_trip_random_contexts(shared_kms, ctx, other):
     assert shared_kms.decrypt(blob, reordered, ALICE) == (dk, kid, version)
     if other != ctx:
         raises(errno.EIO, shared_kms.decrypt, blob, other, ALICE)
+
+
+def test_authorize_checks_state_and_policy_without_minting(tmp_path):
+    kms = BuiltinKms.load(str(tmp_path / "kms.bin"), ROOT_KEY, STORE_ID)
+    owner = Principal(1000, 1000)
+    key_id = kms.create_key(owner, alias="alias/auth", now=0)["id"]
+    assert kms.authorize("alias/auth", "encrypt", owner) == key_id
+    assert kms.authorize(key_id, "decrypt", owner) == key_id
+    with pytest.raises(S3fuseError) as exc:
+        kms.authorize(key_id, "decrypt", Principal(1001, 1001))
+    assert exc.value.errno == errno.EACCES
+    kms.disable(key_id, owner)
+    with pytest.raises(S3fuseError) as exc:
+        kms.authorize(key_id, "encrypt", owner)
+    assert exc.value.errno == errno.EKEYREVOKED
+    with pytest.raises(S3fuseError) as exc:
+        kms.authorize("alias/none", "encrypt", owner)
+    assert exc.value.errno == errno.ENOKEY

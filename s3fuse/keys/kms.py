@@ -175,6 +175,14 @@ class KmsProvider(abc.ABC):
         """Unwrap a blob from `generate_data_key` -> (plaintext data key, key id, version)."""
 
     @abc.abstractmethod
+    def authorize(self, key: str, action: str, who: Principal) -> str:
+        """Check that `who` may `action` ("encrypt" or "decrypt") with `key` now -> key id.
+
+        The same checks as the data-key operations, without minting or unwrapping a key:
+        the filesystem asks at open and create, before it accepts the request.
+        """
+
+    @abc.abstractmethod
     def resolve(self, key: str) -> str:
         """Alias or key id -> key id; ENOKEY if unknown."""
 
@@ -747,6 +755,13 @@ class BuiltinKms(KmsProvider):
                 "denied by the key policy",
                 errno.EACCES,
             )
+
+    def authorize(self, key: str, action: str, who: Principal) -> str:
+        if action not in ("encrypt", "decrypt"):
+            raise _error(f"unknown KMS action {action!r}", errno.EINVAL)
+        k = self._get(key)
+        self._usable(k, action, who)
+        return k.key_id
 
     def generate_data_key(
         self, key: str, context: dict[str, str], who: Principal

@@ -167,7 +167,8 @@ def cmd_mount(args) -> int:
         try:
             run_foreground(args.store, args.mountpoint, options, ready)
         except S3fuseError as exc:
-            logging.getLogger("s3fuse").error("%s", exc)
+            if args.log_file:  # on stderr the CLI's own line says it once
+                logging.getLogger("s3fuse").error("%s", exc)
             ready(str(exc))
             raise
         return 0

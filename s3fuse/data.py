@@ -278,9 +278,9 @@ class DataStore:
         try:
             if length > THREAD_THRESHOLD:
                 return await trio.to_thread.run_sync(
-                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], limiter=self._crypto_limiter
-                )
-            return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[-1])
+                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], last - first + 1,
+                    limiter=self._crypto_limiter)
+            return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[-1], last - first + 1)
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
 

@@ -67,7 +67,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    s = sub.add_parser("reencrypt", help="apply the directory's encryption setting to existing files")
+    s.add_argument("path", metavar="PATH")
+    s.add_argument("--recursive", "-r", action="store_true", help="every file below PATH")
+
+    key = sub.add_parser("key", help="SSE-C customer keys (held in the daemon's memory only)")
+    ksub = key.add_subparsers(dest="key_command", metavar="ACTION", parser_class=_Parser)
+    ksub.required = True
+    s = ksub.add_parser("add", help="load a key: 32 raw bytes or base64, from stdin or --key-file")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--key-file", help="read the key from this file instead of stdin")
+    s.add_argument("--global", action="store_true", dest="is_global", help="root only: usable by every uid")
+    _mount_option(s)
+    s = ksub.add_parser("list", help="loaded keys: names, fingerprints, owners (never key bytes)")
+    _mount_option(s)
+    s = ksub.add_parser("remove", help="forget a key")
+    s.add_argument("name", metavar="NAME")
+    _mount_option(s)
+
+    kms = sub.add_parser("kms", help="the built-in KMS (SSE-KMS keys, policies, rotation)")
+    msub = kms.add_subparsers(dest="kms_command", metavar="ACTION", parser_class=_Parser)
+    msub.required = True
+    s = msub.add_parser("create-key", help="create a KMS key")
+    s.add_argument("--alias", help="alias/NAME")
+    s.add_argument("--description", default="")
+    _mount_option(s)
+    s = msub.add_parser("list", help="list KMS keys")
+    _mount_option(s)
+    for name, text in (("describe", "show a key"), ("enable", "enable a key"), ("disable", "disable a key"),
+                       ("cancel-deletion", "cancel a scheduled deletion (the key becomes Disabled)"),
+                       ("rotate", "add a new backing-key version now"),
+                       ("disable-rotation", "stop automatic rotation")):
+        s = msub.add_parser(name, help=text)
+        s.add_argument("key", metavar="KEY", help="key id or alias")
+        _mount_option(s)
+    s = msub.add_parser("schedule-deletion", help="delete a key after a waiting period (7-30 days)")
+    s.add_argument("key", metavar="KEY")
+    s.add_argument("--days", type=int, required=True)
+    _mount_option(s)
+    s = msub.add_parser("enable-rotation", help="rotate the key automatically every N days")
+    s.add_argument("key", metavar="KEY")
+    s.add_argument("--days", type=int, required=True)
+    _mount_option(s)
+    s = msub.add_parser("policy", help="get or set a key policy (JSON)")
+    s.add_argument("action", choices=("get", "set"))
+    s.add_argument("key", metavar="KEY")
+    s.add_argument("--file", help="set: read the policy JSON from this file instead of stdin")
+    _mount_option(s)
+
+    s = sub.add_parser("audit", help="print the audit trail, or verify its hash chain")
+    s.add_argument("action", nargs="?", choices=("verify",), help="verify: check the hash chain")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    s.add_argument("--key", help="only records of this key id, alias or fingerprint")
+    s.add_argument("--store", help="read the audit trail of this store (default: ask the daemon)")
+    _mount_option(s)
     return p
+
+
+def _mount_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--mount", "-m", metavar="MOUNTPOINT",
+                   help="the daemon to talk to (default: the only s3fuse mount)")
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:
@@ -107,7 +167,8 @@ def cmd_mount(args) -> int:
         try:
             run_foreground(args.store, args.mountpoint, options, ready)
         except S3fuseError as exc:
-            logging.getLogger("s3fuse").error("%s", exc)
+            if args.log_file:  # on stderr the CLI's own line says it once
+                logging.getLogger("s3fuse").error("%s", exc)
             ready(str(exc))
             raise
         return 0
@@ -186,7 +247,135 @@ def cmd_status(args) -> int:
     return 0
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}
+def _socket_for(mount: str | None) -> str:
+    """The control socket of a mount: a root daemon's or the caller's own."""
+    if mount is not None:
+        for uid in {0, os.getuid()}:
+            path = protocol.socket_path(mount, uid)
+            if os.path.exists(path):
+                return path
+        raise S3fuseError(f"no s3fuse daemon serves {os.path.realpath(mount)}", errno.ENOTCONN)
+    found = []
+    for uid in {0, os.getuid()}:
+        rdir = protocol.runtime_dir(uid)
+        if os.path.isdir(rdir):
+            found += [os.path.join(rdir, n) for n in os.listdir(rdir) if n.endswith(".sock")]
+    if len(found) != 1:
+        raise S3fuseError("no s3fuse mount found" if not found else
+                          "several s3fuse mounts: name one with --mount MOUNTPOINT", errno.ENOTCONN)
+    return found[0]
+
+
+def _call(args, op: str, **params):
+    with ControlClient(_socket_for(args.mount), timeout=60) as client:
+        return client.call(op, **params)
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def cmd_key(args) -> int:
+    if args.key_command == "add":
+        if args.key_file:
+            with open(args.key_file, "rb") as f:
+                raw = f.read()
+        else:
+            raw = sys.stdin.buffer.read()
+        result = _call(args, "key.add", name=args.name, key=raw, **{"global": args.is_global})
+        print(result["fingerprint"])
+    elif args.key_command == "list":
+        _print_table(_call(args, "key.list"), ["name", "fingerprint", "owner_uid", "global"])
+    else:
+        result = _call(args, "key.remove", name=args.name)
+        print(f"removed {result['name']} ({result['fingerprint']})")
+    return 0
+
+
+def cmd_kms(args) -> int:
+    import json
+
+    op = args.kms_command
+    if op == "create-key":
+        result = _call(args, "kms.create-key", alias=args.alias, description=args.description)
+    elif op == "list":
+        _print_table(_call(args, "kms.list"), ["id", "alias", "state", "current_version", "description"])
+        return 0
+    elif op in ("schedule-deletion", "enable-rotation"):
+        result = _call(args, f"kms.{op}", key=args.key, days=args.days)
+    elif op == "policy":
+        if args.action == "get":
+            result = _call(args, "kms.get-policy", key=args.key)
+        else:
+            text = open(args.file).read() if args.file else sys.stdin.read()
+            try:
+                policy = json.loads(text)
+            except ValueError as exc:
+                raise S3fuseError(f"the policy is not valid JSON: {exc}", errno.EINVAL) from None
+            result = _call(args, "kms.set-policy", key=args.key, policy=policy)
+    else:
+        result = _call(args, f"kms.{op}", key=args.key)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    import json
+
+    from . import audit
+
+    path = os.path.join(os.path.abspath(args.store), "audit.log") if args.store else _call(args, "audit.path")
+    if args.action == "verify":
+        result = audit.verify(path)
+        if not result.ok:
+            raise S3fuseError(f"audit trail {path}: {result.reason}", errno.EBADMSG)
+        print(f"audit trail {path}: {result.records} records, hash chain intact")
+        return 0
+    records = audit.follow(path, key=args.key) if args.follow else audit.read(path, key=args.key)
+    try:
+        for record in records:
+            print(json.dumps(record, separators=(",", ":")), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_reencrypt(args) -> int:
+    from .policy import XATTR_SSE
+
+    root = os.path.abspath(args.path)
+    if os.path.isdir(root):
+        if not args.recursive:
+            raise S3fuseError(f"{root} is a directory: use --recursive", errno.EISDIR)
+        files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+    else:
+        files = [root]
+    files = [f for f in files if os.path.isfile(f) and not os.path.islink(f)]
+    done = changed = 0
+    show = sys.stderr.isatty()
+    for path in files:
+        wanted = os.getxattr(os.path.dirname(path), XATTR_SSE)
+        if os.getxattr(path, XATTR_SSE) != wanted:  # files already converted are skipped: resumable
+            os.setxattr(path, XATTR_SSE, wanted)
+            changed += 1
+        done += 1
+        if show:
+            bar = "#" * (30 * done // len(files))
+            print(f"\r[{bar:<30}] {done}/{len(files)} files", end="", file=sys.stderr, flush=True)
+    if show:
+        print(file=sys.stderr)
+    print(f"{changed} of {len(files)} files re-encrypted")
+    return 0
+
+
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
+            "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt}
 
 
 def main(argv: list[str] | None = None) -> int:

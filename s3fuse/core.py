@@ -15,20 +15,16 @@ import stat
 import time
 from dataclasses import dataclass
 
+from . import policy as pol
+from .crypto import Caller, KeyManager
 from .data import DataStore
 from .errors import S3fuseError
 from .meta import ROOT_INODE, Inode, Meta
+from .policy import Policy
 
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    uid: int
-    gid: int
-    pid: int = 0
 
 
 def _err(code: int, message: str = "") -> S3fuseError:
@@ -36,10 +32,13 @@ def _err(code: int, message: str = "") -> S3fuseError:
 
 
 class Filesystem:
-    def __init__(self, meta: Meta, data: DataStore, block_size: int) -> None:
+    def __init__(self, meta: Meta, data: DataStore, keys: KeyManager, block_size: int,
+                 default_policy: Policy = pol.DEFAULT) -> None:
         self.meta = meta
         self.data = data
+        self.keys = keys
         self.block_size = block_size
+        self.default_policy = default_policy
         self.lookups: dict[int, int] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -152,10 +151,16 @@ class Filesystem:
             raise _err(errno.EEXIST)
         gid, mode = self._new_owner(parent, caller, mode)
         is_dir = stat.S_ISDIR(mode)
+        sse = None
+        if stat.S_ISREG(mode):
+            # a file takes its encryption from the nearest setting above it, once, now
+            policy = self.effective_policy(parent_ino)
+            self.keys.check_write(policy, caller, path=self.meta.path_of(parent_ino))
+            sse = policy.encode()
         now = time.time_ns()
         with self.meta.transaction():
             row = self.meta.create_inode(mode, caller.uid, gid, 2 if is_dir else 1, now, rdev,
-                                         sse=None)
+                                         sse=sse)
             self.meta.add_entry(parent_ino, name, row.id)
             if target is not None:
                 self.meta.set_symlink(row.id, target)
@@ -175,7 +180,7 @@ class Filesystem:
 
     def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         row = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
-        self.data.opened(row.id)
+        self.data.opened(row.id, writer=caller)
         return row
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
@@ -362,22 +367,30 @@ class Filesystem:
         return self.attr(ino)
 
     # ------------------------------------------------------------------ files
-    async def open(self, ino: int, flags: int) -> Inode:
+    async def open(self, ino: int, flags: int, caller: Caller) -> Inode:
         row = self._inode(ino)
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
-        if flags & os.O_TRUNC and stat.S_ISREG(row.mode):
-            # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
-            await self.data.truncate(ino, 0)
-        self.data.opened(ino)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if stat.S_ISREG(row.mode):
+            # Key checks happen here, per caller: later reads may be served from shared caches.
+            path = self.meta.path_of(ino)
+            if (flags & os.O_ACCMODE) != os.O_WRONLY:
+                self.keys.check_read(self.meta.key_refs(ino), caller, path=path)
+            if writing:
+                self.keys.check_write(Policy.decode(row.sse) or pol.DEFAULT, caller, path=path)
+            if flags & os.O_TRUNC:
+                # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
+                await self.data.truncate(ino, 0)
+        self.data.opened(ino, writer=caller if writing else None)
         return row
 
     def release(self, ino: int) -> None:
         self.data.released(ino)
         self._maybe_reclaim(ino)
 
-    async def read(self, ino: int, off: int, size: int) -> bytes:
-        return await self.data.read(ino, off, size)
+    async def read(self, ino: int, off: int, size: int, caller: Caller) -> bytes:
+        return await self.data.read(ino, off, size, caller)
 
     async def write(self, ino: int, off: int, buf: bytes) -> int:
         return await self.data.write(ino, off, buf)
@@ -391,20 +404,100 @@ class Filesystem:
     async def fsync(self, ino: int) -> None:
         await self.data.flush(ino, durable=True)
 
+    # ------------------------------------------------------------------ encryption settings
+    def effective_policy(self, dir_ino: int) -> Policy:
+        """The nearest explicit setting at or above a directory, else the store default."""
+        ino = dir_ino
+        for _ in range(4096):
+            row = self._inode(ino)
+            if row.sse is not None:
+                return Policy.decode(row.sse)
+            if ino == ROOT_INODE:
+                break
+            ino = self.meta.parent_of(ino) or ROOT_INODE
+        return self.default_policy
+
+    def resolve_policy(self, value: bytes, caller: Caller) -> Policy:
+        """Turn an xattr value into a policy naming a real key; errno says why not."""
+        mode, ref = pol.parse(value)
+        if mode == pol.SSE_S3:
+            return Policy(pol.SSE_S3)
+        if mode == pol.SSE_KMS:
+            kms = self.keys._kms()
+            key_id = kms.resolve(ref) if ref else kms.default_key(caller.principal, time.time())
+            state = kms.describe(key_id)["state"]
+            if state != "Enabled":
+                raise _err(errno.EKEYREVOKED, f"KMS key {key_id} is {state}")
+            return Policy(pol.SSE_KMS, key_id)
+        key = self.keys.customer.find(caller.uid, ref)
+        if key is not None:
+            return Policy(pol.SSE_C, key.fingerprint, key.name)
+        if pol.is_fingerprint(ref):
+            return Policy(pol.SSE_C, ref)
+        raise _err(errno.ENOKEY, f"no customer key named {ref!r} is loaded for uid {caller.uid}")
+
+    def _describe_encryption(self, row: Inode, name: bytes) -> bytes:
+        """The read-only xattrs of a regular file: its objects' actual encryption."""
+        policy = Policy.decode(row.sse) or pol.DEFAULT
+        versions = self.meta.key_versions(row.id)
+        mode = versions[0][0] if versions else policy.mode
+        if name == pol.XATTR_MODE:
+            return mode.encode()
+        if name == pol.XATTR_MASTER_VERSION and mode == pol.SSE_S3:
+            return ",".join(str(v) for _, _, v in versions).encode() or str(self.keys.keyring.current).encode()
+        if name == pol.XATTR_KMS_KEY and mode == pol.SSE_KMS:
+            return ",".join(sorted({r for _, r, _ in versions} or {policy.key})).encode()
+        if name == pol.XATTR_KMS_VERSION and mode == pol.SSE_KMS and versions:
+            return ",".join(str(v) for _, _, v in versions).encode()
+        if name == pol.XATTR_FINGERPRINT and mode == pol.SSE_C:
+            return policy.key.encode()
+        raise _err(errno.ENODATA)
+
+    def _require_owner(self, row: Inode, caller: Caller) -> None:
+        if caller.uid not in (0, row.uid):
+            raise _err(errno.EPERM, "only the owner or root may change the encryption setting")
+
     # ------------------------------------------------------------------ xattrs
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        self._inode(ino)
+        row = self._inode(ino)
+        if name.startswith(pol.RESERVED_PREFIX):
+            if name == pol.XATTR_SSE:
+                if stat.S_ISDIR(row.mode):
+                    return self.effective_policy(ino).to_xattr()
+                if stat.S_ISREG(row.mode):
+                    return (Policy.decode(row.sse) or pol.DEFAULT).to_xattr()
+            elif name in pol.READ_ONLY and stat.S_ISREG(row.mode):
+                return self._describe_encryption(row, name)
+            raise _err(errno.ENODATA)
         value = self.meta.get_xattr(ino, name)
         if value is None:
             raise _err(errno.ENODATA)
         return value
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self._inode(ino)
+    async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
+        row = self._inode(ino)
         if name.startswith(b"system."):
             # POSIX ACLs (system.posix_acl_*) are not enforced here, so refuse them rather
             # than store rules the kernel would ignore; cp -a and rsync then fall back to modes
             raise _err(errno.EOPNOTSUPP)
+        if name.startswith(pol.RESERVED_PREFIX):
+            if name != pol.XATTR_SSE or not (stat.S_ISDIR(row.mode) or stat.S_ISREG(row.mode)):
+                raise _err(errno.EPERM, f"{name.decode(errors='replace')} is read-only")
+            self._require_owner(row, caller)
+            try:
+                policy = self.resolve_policy(value, caller)
+            except S3fuseError as exc:
+                log.warning("encryption setting %r on %s refused: %s", value[:80], self.meta.path_of(ino), exc)
+                raise
+            if stat.S_ISDIR(row.mode):
+                with self.meta.transaction():
+                    self._changed(ino, time.time_ns(), sse=policy.encode())
+                return
+            if Policy.decode(row.sse) == policy:
+                return  # already so: re-encryption is resumable
+            self.keys.check_write(policy, caller, path=self.meta.path_of(ino))
+            await self.data.reencrypt(ino, policy, caller)
+            return
         if len(name) > 255 or not name:
             raise _err(errno.ERANGE)
         if len(value) > 65536:
@@ -414,11 +507,23 @@ class Filesystem:
             self._changed(ino, time.time_ns())
 
     def listxattr(self, ino: int) -> list[bytes]:
-        self._inode(ino)
-        return self.meta.list_xattrs(ino)
+        row = self._inode(ino)
+        names = self.meta.list_xattrs(ino)
+        if stat.S_ISDIR(row.mode) and row.sse is not None:
+            names.append(pol.XATTR_SSE)
+        return names
 
-    def removexattr(self, ino: int, name: bytes) -> None:
-        self._inode(ino)
+    def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
+        row = self._inode(ino)
+        if name.startswith(pol.RESERVED_PREFIX):
+            if name != pol.XATTR_SSE or not stat.S_ISDIR(row.mode):
+                raise _err(errno.EPERM, f"{name.decode(errors='replace')} cannot be removed")
+            self._require_owner(row, caller)
+            if row.sse is None:
+                raise _err(errno.ENODATA)
+            with self.meta.transaction():
+                self._changed(ino, time.time_ns(), sse=None)
+            return
         with self.meta.transaction():
             if not self.meta.remove_xattr(ino, name):
                 raise _err(errno.ENODATA)

@@ -1,21 +1,35 @@
-"""Envelope encryption: a fresh data key per object, wrapped by the key of its mode.
+"""Envelope encryption: a fresh data key per object, wrapped for the object's mode.
 
-This module picks and wraps data keys; `format` does the byte-level AEAD. The
-wrapped key (a "key slot") is stored in the block map, bound by its AAD to the
-store, object id, inode, block number, mode and key identity, so a slot copied
-to another row or another object does not unwrap.
+This module picks, wraps and unwraps data keys, checks that the caller may use the
+key, and writes the audit records of key use; `format` does the byte-level AEAD.
+
+- SSE-S3: the data key is wrapped under the current master-key version.
+- SSE-KMS: the KMS generates the data key; its ciphertext blob is the key slot; the
+  encryption context binds the store, object, inode and block.
+- SSE-C: the data key is wrapped under a key derived from the customer key and a
+  random salt; the object records only a salted HMAC (the "verifier") of the key.
+
+Key slots are bound by their AAD (or KMS context) to one block of one file in one
+store, so a slot copied to another row or object does not open.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from dataclasses import dataclass
 
 from . import format as fmt
-from .errors import IntegrityError, KeyUnavailable
+from .audit import AuditLog, process_name
+from .errors import IntegrityError, KeyUnavailable, S3fuseError
+from .keys import customer as ssec
+from .keys.customer import CustomerKeys
 from .keys.keyring import Keyring
+from .keys.kms import KmsProvider, Principal
+from .policy import SSE_C, SSE_KMS, SSE_S3, Policy
 
-SSE_S3 = "AES256"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,31 +40,175 @@ class WrappedKey:
     key_slot: bytes
 
 
-class KeyManager:
-    """Chooses and unwraps data keys for every encryption mode the store knows."""
+@dataclass(frozen=True)
+class Caller:
+    """Who asked: from the FUSE request context or SO_PEERCRED."""
 
-    def __init__(self, store_id: bytes, keyring: Keyring) -> None:
+    uid: int
+    gid: int
+    pid: int = 0
+    groups: tuple[int, ...] = ()
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(self.uid, self.gid, self.groups or supplementary_groups(self.pid))
+
+
+def supplementary_groups(pid: int) -> tuple[int, ...]:
+    """A process's supplementary groups (for KMS key policies that name groups)."""
+    if not pid:
+        return ()
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return ()
+
+
+SYSTEM = Caller(0, 0, os.getpid())
+
+
+class KeyManager:
+    def __init__(self, store_id: bytes, keyring: Keyring, kms: KmsProvider | None = None,
+                 customer: CustomerKeys | None = None, audit: AuditLog | None = None) -> None:
         self.store_id = store_id
         self.keyring = keyring
+        self.kms = kms
+        self.customer = customer or CustomerKeys()
+        self.audit = audit
 
-    def new_data_key(self, sse: str, object_id: bytes, inode: int, block: int) -> tuple[bytes, WrappedKey]:
-        if sse != SSE_S3:
-            raise KeyUnavailable(f"encryption mode {sse!r} is not available")
-        data_key = os.urandom(fmt.DATA_KEY_LEN)
-        version = self.keyring.current
-        aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_S3, "")
-        slot = fmt.wrap_data_key(self.keyring.key(version), data_key, aad)
-        return data_key, WrappedKey(SSE_S3, "", version, slot)
+    # ------------------------------------------------------------------ audit
+    def record(self, op: str, who: Caller, outcome: str = "allowed", **fields) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(op, outcome, uid=who.uid, gid=who.gid, pid=who.pid,
+                              process=process_name(who.pid) if who.pid else None, **fields)
+        except Exception:
+            log.exception("could not write the audit record for %s", op)
 
-    def open_data_key(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey) -> bytes:
-        if wrapped.mode != SSE_S3:
-            raise KeyUnavailable(f"encryption mode {wrapped.mode!r} is not available")
+    def _kms(self) -> KmsProvider:
+        if self.kms is None:
+            raise S3fuseError("no KMS is configured for this store", errno.ENOKEY)
+        return self.kms
+
+    def _context(self, object_id: bytes, inode: int, block: int) -> dict[str, str]:
+        return {"store": self.store_id.hex(), "object": object_id.hex(),
+                "inode": str(inode), "block": str(block)}
+
+    def _customer_key(self, policy: Policy, who: Caller) -> ssec.CustomerKey:
+        key = self.customer.find(who.uid, policy.key)
+        if key is not None:
+            return key
+        if policy.name and self.customer.find(who.uid, policy.name) is not None:
+            raise S3fuseError(f"the loaded key {policy.name!r} is not the key this file or directory "
+                              f"was set up with (fingerprint {policy.key})", errno.EKEYREJECTED)
+        raise KeyUnavailable(f"customer key {policy.name or policy.key} is not loaded for uid {who.uid}",
+                             errno.ENOKEY)
+
+    # ------------------------------------------------------------------ new objects
+    def new_data_key(self, policy: Policy, object_id: bytes, inode: int, block: int, who: Caller,
+                     path: str | None = None) -> tuple[bytes, WrappedKey]:
+        if policy.mode == SSE_S3:
+            data_key = os.urandom(fmt.DATA_KEY_LEN)
+            version = self.keyring.current
+            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_S3, "")
+            slot = fmt.wrap_data_key(self.keyring.key(version), data_key, aad)
+            return data_key, WrappedKey(SSE_S3, "", version, slot)
+        if policy.mode == SSE_KMS:
+            kms = self._kms()
+            try:
+                data_key, blob, key_id, version = kms.generate_data_key(
+                    policy.key, self._context(object_id, inode, block), who.principal)
+            except S3fuseError as exc:
+                self.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=path,
+                            object_id=object_id.hex(), errno=exc.errno)
+                raise
+            self.record("kms:GenerateDataKey", who, key_id=key_id, key_version=version, path=path,
+                        object_id=object_id.hex())
+            return data_key, WrappedKey(SSE_KMS, key_id, version, blob)
+        if policy.mode == SSE_C:
+            key = self._customer_key(policy, who)
+            verifier = ssec.new_verifier(key.material)
+            data_key = os.urandom(fmt.DATA_KEY_LEN)
+            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_C, verifier)
+            slot = fmt.wrap_data_key(ssec.wrapping_key(key.material, verifier, object_id), data_key, aad)
+            return data_key, WrappedKey(SSE_C, verifier, 0, slot)
+        raise S3fuseError(f"unknown encryption mode {policy.mode!r}", errno.EINVAL)
+
+    # ------------------------------------------------------------------ existing objects
+    def open_data_key(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey,
+                      who: Caller, path: str | None = None) -> bytes:
+        if wrapped.mode == SSE_S3:
+            try:
+                kek = self.keyring.key(wrapped.key_version)
+            except KeyError as exc:
+                raise KeyUnavailable(str(exc), errno.EKEYEXPIRED) from None
+            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_S3, wrapped.key_ref)
+            return self._unwrap(kek, wrapped.key_slot, aad, object_id)
+        if wrapped.mode == SSE_KMS:
+            kms = self._kms()
+            try:
+                data_key, key_id, version = kms.decrypt(
+                    wrapped.key_slot, self._context(object_id, inode, block), who.principal)
+            except S3fuseError as exc:
+                self.record("kms:Decrypt", who, "denied", key_id=wrapped.key_ref,
+                            key_version=wrapped.key_version, path=path, object_id=object_id.hex(),
+                            errno=exc.errno)
+                if exc.errno == errno.EIO:
+                    raise IntegrityError(f"KMS ciphertext of object {object_id.hex()}: {exc}") from None
+                raise
+            if key_id != wrapped.key_ref:
+                raise IntegrityError(f"KMS ciphertext of object {object_id.hex()} names another key")
+            self.record("kms:Decrypt", who, key_id=key_id, key_version=version, path=path,
+                        object_id=object_id.hex())
+            return data_key
+        if wrapped.mode == SSE_C:
+            key = self.customer.for_object(who.uid, wrapped.key_ref)
+            if key is None:
+                raise KeyUnavailable(f"no loaded customer key of uid {who.uid} matches object "
+                                     f"{object_id.hex()}", errno.ENOKEY)
+            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_C, wrapped.key_ref)
+            kek = ssec.wrapping_key(key.material, wrapped.key_ref, object_id)
+            return self._unwrap(kek, wrapped.key_slot, aad, object_id)
+        raise IntegrityError(f"object {object_id.hex()} has unknown mode {wrapped.mode!r}")
+
+    @staticmethod
+    def _unwrap(kek: bytes, slot: bytes, aad: bytes, object_id: bytes) -> bytes:
         try:
-            kek = self.keyring.key(wrapped.key_version)
-        except KeyError as exc:
-            raise KeyUnavailable(str(exc)) from None
-        aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, wrapped.mode, wrapped.key_ref)
-        try:
-            return fmt.unwrap_data_key(kek, wrapped.key_slot, aad)
+            return fmt.unwrap_data_key(kek, slot, aad)
         except fmt.FormatError as exc:
             raise IntegrityError(f"key slot of object {object_id.hex()}: {exc}") from None
+
+    # ------------------------------------------------------------------ access checks
+    def check_write(self, policy: Policy, who: Caller, path: str | None = None) -> None:
+        """May `who` create objects under `policy`? (At create and open-for-write.)"""
+        if policy.mode == SSE_C:
+            self._customer_key(policy, who)
+        elif policy.mode == SSE_KMS:
+            kms = self._kms()
+            try:
+                kms.authorize(policy.key, "encrypt", who.principal)
+            except S3fuseError as exc:
+                self.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=path,
+                            errno=exc.errno)
+                raise
+
+    def check_read(self, refs: list[tuple[str, str]], who: Caller, path: str | None = None) -> None:
+        """May `who` read objects with these (mode, key_ref)s? (At open.)"""
+        for mode, key_ref in refs:
+            if mode == SSE_C:
+                if self.customer.for_object(who.uid, key_ref) is None:
+                    raise KeyUnavailable(f"no loaded customer key of uid {who.uid} opens {path or 'this file'}",
+                                         errno.ENOKEY)
+            elif mode == SSE_KMS:
+                kms = self._kms()
+                try:
+                    kms.authorize(key_ref, "decrypt", who.principal)
+                except S3fuseError as exc:
+                    self.record("kms:Decrypt", who, "denied", key_id=key_ref, path=path, errno=exc.errno)
+                    raise
+                self.record("kms:Decrypt", who, key_id=key_ref, path=path)

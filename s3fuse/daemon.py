@@ -20,15 +20,20 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from .audit import AuditLog
 from .backends import open_backend
 from .control import protocol
+from .control.admin import AdminHandlers
 from .control.server import ControlServer, Peer
 from .core import Filesystem
 from .crypto import KeyManager
 from .data import DataStore
-from .errors import S3fuseError, StoreError
+from .errors import S3fuseError
 from .fs import Operations
+from .keys.customer import CustomerKeys
+from .keys.kms import BuiltinKms
 from .meta import Meta
+from .policy import Policy
 from .store import StoreLock, load_config, load_keyring, load_root_key
 
 log = logging.getLogger(__name__)
@@ -114,12 +119,16 @@ class Daemon:
         keyring = load_keyring(self.cfg, root_key)
         self.meta = Meta(self.cfg.meta_path)
         self.backend = open_backend(self.cfg.path, {"backend": self.cfg.backend})
-        self.keys = KeyManager(self.cfg.store_id, keyring)
+        self.audit = AuditLog.open(self.cfg.audit_path)
+        kms = BuiltinKms.load(self.cfg.kms_path, root_key, self.cfg.store_id)
+        self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
         self.data = DataStore(
             self.meta, self.backend, self.keys, self.cfg.store_id, self.cfg.block_size,
             self.cfg.segment_size, dirty_limit=self.options.dirty_limit,
             cache_limit=self.options.cache_limit)
-        self.core = Filesystem(self.meta, self.data, self.cfg.block_size)
+        self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
+                               default_policy=Policy(self.cfg.default_sse))
+        self.admin = AdminHandlers(self)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
 
     async def recover(self) -> None:
@@ -152,6 +161,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.data.flusher)
                 nursery.start_soon(self.data.collector)
+                nursery.start_soon(self.admin.key_scheduler)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
                 async with trio.open_nursery() as fuse:
@@ -178,6 +188,8 @@ class Daemon:
                 with self.meta.transaction():
                     self.meta.set_state("clean", 1)
                 self.meta.close()
+                self.keys.customer.clear()
+                self.audit.close()
             except Exception:
                 log.exception("final flush failed: the next mount will recover")
 
@@ -204,6 +216,7 @@ class Daemon:
             "status": self._status,
             "flush": self._flush,
             "unmount": self._unmount,
+            **self.admin.handlers(),
         }
 
     def _require_owner(self, peer: Peer) -> None:
@@ -222,6 +235,8 @@ class Daemon:
             "cache_bytes": d.cache.used,
             "open_files": len(d.files),
             "master_key_version": self.keys.keyring.current,
+            "customer_keys": len(self.keys.customer.list(0)),
+            "audit_log": self.cfg.audit_path,
             **{k: v for k, v in d.stats.items()},
         }
 

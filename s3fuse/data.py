@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import time
 from collections import OrderedDict
@@ -25,9 +24,10 @@ import trio
 
 from . import format as fmt
 from .backends import Backend, NoSuchObject
-from .crypto import SSE_S3, KeyManager, WrappedKey
+from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
 from .errors import BackendError, IntegrityError, S3fuseError
 from .meta import BlockRef, Meta
+from .policy import DEFAULT, SSE_KMS, Policy
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class FileState:
     db_size: int  # size in the committed metadata
     mtime_ns: int
     ctime_ns: int
-    sse: str = SSE_S3
+    policy: Policy = DEFAULT  # encryption of this file's new objects
+    writer: Caller = SYSTEM  # whose key access stores this file's data (the last writer)
     blocks: dict[int, Block] = field(default_factory=dict)
     open_count: int = 0
     flush_requested: bool = False
@@ -143,7 +144,8 @@ class DataStore:
             row = self.meta.inode(ino)
             if row is None:
                 raise S3fuseError(f"inode {ino} does not exist", errno.ENOENT)
-            fs = FileState(ino, row.size, row.size, row.mtime_ns, row.ctime_ns, sse=_sse_mode(row.sse))
+            fs = FileState(ino, row.size, row.size, row.mtime_ns, row.ctime_ns,
+                           policy=Policy.decode(row.sse) or DEFAULT)
             self.files[ino] = fs
         return fs
 
@@ -151,8 +153,11 @@ class DataStore:
         """Unflushed size and times of a file, if it has any, for getattr."""
         return self.files.get(ino)
 
-    def opened(self, ino: int) -> None:
-        self.state(ino).open_count += 1
+    def opened(self, ino: int, writer: Caller | None = None) -> None:
+        fs = self.state(ino)
+        fs.open_count += 1
+        if writer is not None:
+            fs.writer = writer
 
     def released(self, ino: int) -> None:
         fs = self.files.get(ino)
@@ -201,7 +206,7 @@ class DataStore:
                 fs.ctime_ns = ctime_ns
 
     # ------------------------------------------------------------------ reads
-    async def read(self, ino: int, off: int, size: int) -> bytes:
+    async def read(self, ino: int, off: int, size: int, who: Caller = SYSTEM) -> bytes:
         fs = self.files.get(ino)
         if fs is not None:
             file_size = fs.size
@@ -228,7 +233,7 @@ class DataStore:
                 if ref is None:
                     chunk = b""
                 else:
-                    chunk = await self._read_stored(ref, boff, n, sequential)
+                    chunk = await self._read_stored(ref, boff, n, sequential, who)
             if len(chunk) < n:
                 chunk += bytes(n - len(chunk))
             parts.append(chunk)
@@ -237,7 +242,7 @@ class DataStore:
             fs.last_read_end = end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool) -> bytes:
+    async def _read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller) -> bytes:
         """Bytes [boff, boff+n) of a stored block, clipped to its valid length."""
         stop = min(boff + n, ref.length)
         if boff >= stop:
@@ -251,7 +256,7 @@ class DataStore:
             if sequential:
                 count = fmt.segment_count(ref.obj_length, seg)
                 hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
-            fetched = await self._fetch_segments(ref, lo, hi)
+            fetched = await self._fetch_segments(ref, lo, hi, who)
             for k, s in enumerate(fetched):
                 self.cache.put((ref.object_id, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
@@ -259,7 +264,7 @@ class DataStore:
         start = boff - first * seg
         return data[start : start + (stop - boff)]
 
-    async def _fetch_segments(self, ref: BlockRef, first: int, last: int) -> list[bytes]:
+    async def _fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
         key = ref.object_id.hex()
         opened = self._objects.get(ref.object_id)
         start, length = fmt.segment_range(ref.hdr_len, self.segment_size, ref.obj_length, first, last)
@@ -269,21 +274,21 @@ class DataStore:
         except NoSuchObject:
             raise self._integrity(ref, "object is missing from the store") from None
         if opened is None:
-            opened = self._open_object(ref, bufs[0])
+            opened = self._open_object(ref, bufs[0], who)
         try:
             if length > THREAD_THRESHOLD:
                 return await trio.to_thread.run_sync(
-                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], limiter=self._crypto_limiter
-                )
-            return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[-1])
+                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], last - first + 1,
+                    limiter=self._crypto_limiter)
+            return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[-1], last - first + 1)
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
 
-    def _open_object(self, ref: BlockRef, header_bytes: bytes) -> _OpenObject:
+    def _open_object(self, ref: BlockRef, header_bytes: bytes, who: Caller) -> _OpenObject:
         """Unwrap the data key, authenticate the header and check it against the block map."""
         wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
         try:
-            data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped)
+            data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped, who)
         except IntegrityError as exc:
             raise self._integrity(ref, str(exc)) from None
         keys = fmt.derive_object_keys(data_key, ref.object_id)
@@ -309,10 +314,10 @@ class DataStore:
         log.error("integrity error: %s", msg)
         return IntegrityError(msg)
 
-    async def _load_block(self, ref: BlockRef) -> bytearray:
+    async def _load_block(self, ref: BlockRef, who: Caller) -> bytearray:
         """The whole valid plaintext of a stored block, for a read-modify-write."""
         count = fmt.segment_count(ref.obj_length, self.segment_size)
-        segs = await self._fetch_segments(ref, 0, count - 1)
+        segs = await self._fetch_segments(ref, 0, count - 1, who)
         data = bytearray(b"".join(segs))
         del data[ref.length :]
         return data
@@ -333,7 +338,7 @@ class DataStore:
         else:
             event = self._loading[(fs.ino, blockno)] = trio.Event()
             try:
-                data = await self._load_block(ref)
+                data = await self._load_block(ref, fs.writer)
             finally:
                 del self._loading[(fs.ino, blockno)]
                 event.set()
@@ -505,12 +510,13 @@ class DataStore:
             if not data[-1:].strip(b"\0") and data == bytes(len(data)):
                 refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
                 return
-            await self._store_snapshot(fs, blockno, data, refs)
+            refs[(fs.ino, blockno)] = await self._store_snapshot(fs.ino, blockno, data, fs.policy, fs.writer)
 
-    async def _store_snapshot(self, fs: FileState, blockno: int, data: bytes, refs: dict) -> None:
+    async def _store_snapshot(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller) -> BlockRef:
         object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        data_key, wrapped = self.keys.new_data_key(fs.sse, object_id, fs.ino, blockno)
-        header = fmt.ObjectHeader(object_id, self.store_id, fs.ino, blockno, wrapped.mode,
+        path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
+        data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path)
+        header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
                                   wrapped.key_ref, self.segment_size, len(data))
         if len(data) > THREAD_THRESHOLD:
             blob = await trio.to_thread.run_sync(
@@ -521,8 +527,39 @@ class DataStore:
         await self.backend.put(object_id.hex(), blob)
         self.stats["objects_put"] += 1
         self.stats["bytes_put"] += len(blob)
-        refs[(fs.ino, blockno)] = BlockRef(fs.ino, blockno, object_id, len(data), len(data), hdr_len,
-                                           wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
+        return BlockRef(ino, blockno, object_id, len(data), len(data), hdr_len,
+                        wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
+
+    async def reencrypt(self, ino: int, policy: Policy, who: Caller) -> int:
+        """Store every block of a file again under `policy`, switching all at once.
+
+        New objects are put and synced first, then one transaction swaps the whole block
+        map: readers see the old or the new objects, never a mix. Blocks are done one at a
+        time, so memory stays at one block.
+        """
+        fs = self.state(ino)
+        async with self._flush_lock:
+            await self._flush_locked([fs], durable=False)
+            new_refs = []
+            try:
+                for ref in self.meta.blocks_of(ino):
+                    data = await self._load_block(ref, who)
+                    new_refs.append(await self._store_snapshot(ino, ref.blockno, bytes(data), policy, who))
+                await self.backend.sync()
+            except BaseException:
+                with self.meta.transaction():
+                    for ref in new_refs:
+                        self.meta.add_garbage(ref.object_id)
+                raise
+            with self.meta.transaction():
+                for ref in new_refs:
+                    self.meta.put_block(ref)
+                self.meta.update_inode(ino, sse=policy.encode(), ctime_ns=time.time_ns())
+            fs.policy, fs.writer = policy, who
+            fs.ctime_ns = time.time_ns()
+        self._gc_kick.set()
+        self._maybe_drop(fs)
+        return len(new_refs)
 
     # ------------------------------------------------------------------ background
     async def flusher(self) -> None:
@@ -599,10 +636,3 @@ class DataStore:
                 removed += 1
         return removed
 
-
-def _sse_mode(sse: bytes | None) -> str:
-    return SSE_S3
-
-
-def blocks_for(size: int) -> int:
-    return math.ceil(size / 512)

@@ -16,7 +16,8 @@ import stat
 import pyfuse3
 import trio
 
-from .core import Caller, Filesystem
+from .core import Filesystem
+from .crypto import Caller
 from .errors import S3fuseError
 from .meta import Inode
 
@@ -78,6 +79,15 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.core = core
         self.statfs_source = statfs_source
+        # open handles: reads carry no request context, so each handle remembers its opener
+        self.handles: dict[int, tuple[int, Caller]] = {}
+        self._next_handle = 1
+
+    def _new_handle(self, ino: int, caller: Caller) -> int:
+        fh = self._next_handle
+        self._next_handle += 1
+        self.handles[fh] = (ino, caller)
+        return fh
 
     # namespace
     @_translate
@@ -163,34 +173,38 @@ class Operations(pyfuse3.Operations):
     # files
     @_translate
     async def open(self, inode, flags, ctx):
-        await self.core.open(inode, flags)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        caller = _caller(ctx)
+        await self.core.open(inode, flags, caller)
+        return pyfuse3.FileInfo(fh=self._new_handle(inode, caller), keep_cache=True)
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
-        row = self.core.create(parent_inode, name, mode, _caller(ctx))
+        caller = _caller(ctx)
+        row = self.core.create(parent_inode, name, mode, caller)
         self.core.remember(row.id)
-        return pyfuse3.FileInfo(fh=row.id, keep_cache=True), entry(row)
+        return pyfuse3.FileInfo(fh=self._new_handle(row.id, caller), keep_cache=True), entry(row)
 
     @_translate
     async def read(self, fh, off, size):
-        return await self.core.read(fh, off, size)
+        ino, caller = self.handles[fh]
+        return await self.core.read(ino, off, size, caller)
 
     @_translate
     async def write(self, fh, off, buf):
-        return await self.core.write(fh, off, buf)
+        return await self.core.write(self.handles[fh][0], off, buf)
 
     @_translate
     async def flush(self, fh):
-        self.core.flush(fh)
+        self.core.flush(self.handles[fh][0])
 
     @_translate
     async def release(self, fh):
-        self.core.release(fh)
+        ino, _ = self.handles.pop(fh)
+        self.core.release(ino)
 
     @_translate
     async def fsync(self, fh, datasync):
-        await self.core.fsync(fh)
+        await self.core.fsync(self.handles[fh][0])
 
     # directories
     @_translate
@@ -251,7 +265,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def setxattr(self, inode, name, value, ctx):
-        self.core.setxattr(inode, name, value)
+        await self.core.setxattr(inode, name, value, _caller(ctx))
 
     @_translate
     async def listxattr(self, inode, ctx):
@@ -259,4 +273,4 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def removexattr(self, inode, name, ctx):
-        self.core.removexattr(inode, name)
+        self.core.removexattr(inode, name, _caller(ctx))

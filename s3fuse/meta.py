@@ -301,6 +301,26 @@ class Meta:
         stored = self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
         self.db.execute("UPDATE inodes SET stored_bytes=? WHERE id=?", (stored, ino))
 
+    def key_refs(self, ino: int) -> list[tuple[str, str]]:
+        """The distinct (mode, key_ref) of a file's objects: the keys reading it needs."""
+        return self.db.execute("SELECT DISTINCT mode, key_ref FROM blocks WHERE inode=?", (ino,)).fetchall()
+
+    def key_versions(self, ino: int) -> list[tuple[str, str, int]]:
+        return self.db.execute("SELECT DISTINCT mode, key_ref, key_version FROM blocks WHERE inode=?"
+                               " ORDER BY key_version", (ino,)).fetchall()
+
+    def path_of(self, ino: int, limit: int = 256) -> str:
+        """One path of an inode (for audit records); '?' where a link is missing."""
+        parts = []
+        while ino != ROOT_INODE and len(parts) < limit:
+            row = self.db.execute("SELECT parent, name FROM dentries WHERE inode=? LIMIT 1", (ino,)).fetchone()
+            if row is None:
+                parts.append("?")
+                break
+            ino = row[0]
+            parts.append(row[1].decode("utf-8", "surrogateescape"))
+        return "/" + "/".join(reversed(parts))
+
     def is_referenced(self, object_id: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM blocks WHERE object_id=?", (object_id,)).fetchone() is not None
 

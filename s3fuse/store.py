@@ -50,6 +50,14 @@ class StoreConfig:
     def keyring_path(self) -> str:
         return os.path.join(self.path, "keyring.bin")
 
+    @property
+    def kms_path(self) -> str:
+        return os.path.join(self.path, "kms.bin")
+
+    @property
+    def audit_path(self) -> str:
+        return os.path.join(self.path, "audit.log")
+
 
 def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
                segment_size: int = DEFAULT_SEGMENT_SIZE) -> StoreConfig:

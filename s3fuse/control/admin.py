@@ -1,0 +1,155 @@
+"""Key administration over the control socket: customer keys (SSE-C) and the built-in KMS.
+
+Each handler gets the peer's SO_PEERCRED identity; the KMS enforces its key policies
+against it and every action is appended to the audit trail, allowed or denied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..crypto import Caller
+from ..errors import S3fuseError
+from .server import Peer
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_PERIOD = 60.0
+
+
+def _caller(peer: Peer) -> Caller:
+    return Caller(peer.uid, peer.gid, peer.pid)
+
+
+class AdminHandlers:
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self.keys = daemon.keys
+
+    def handlers(self) -> dict:
+        h = {
+            "key.add": self.key_add,
+            "key.list": self.key_list,
+            "key.remove": self.key_remove,
+            "audit.path": self.audit_path,
+        }
+        for op in ("create-key", "list", "describe", "enable", "disable", "schedule-deletion",
+                   "cancel-deletion", "get-policy", "set-policy", "rotate", "enable-rotation",
+                   "disable-rotation"):
+            h[f"kms.{op}"] = self._kms_handler(op)
+        return h
+
+    def _forget_cached_keys(self) -> None:
+        """After a key is withdrawn, no cached data key or plaintext may outlive it."""
+        data = self.daemon.data
+        data._objects.clear()
+        data.cache = type(data.cache)(data.cache.limit)
+
+    # ---------------------------------------------------------------- SSE-C
+    async def key_add(self, peer: Peer, args: dict) -> dict:
+        who = _caller(peer)
+        name, raw, is_global = args["name"], args["key"], bool(args.get("global", False))
+        if not isinstance(name, str) or not isinstance(raw, bytes):
+            raise TypeError("name must be a string and key bytes")
+        try:
+            key = self.keys.customer.add(name, raw, peer.uid, is_global)
+        except S3fuseError as exc:
+            self.keys.record("ssec:AddKey", who, "denied", key_name=name, errno=exc.errno)
+            raise
+        self.keys.record("ssec:AddKey", who, fingerprint=key.fingerprint, key_name=name,
+                         scope="global" if is_global else f"uid {key.owner_uid}")
+        return key.describe()
+
+    async def key_list(self, peer: Peer, args: dict) -> list:
+        return self.keys.customer.list(peer.uid)
+
+    async def key_remove(self, peer: Peer, args: dict) -> dict:
+        who = _caller(peer)
+        name = args["name"]
+        try:
+            key = self.keys.customer.remove(name, peer.uid)
+        except S3fuseError as exc:
+            self.keys.record("ssec:RemoveKey", who, "denied", key_name=name, errno=exc.errno)
+            raise
+        self._forget_cached_keys()
+        self.keys.record("ssec:RemoveKey", who, fingerprint=key.fingerprint, key_name=name)
+        return key.describe()
+
+    async def audit_path(self, peer: Peer, args: dict) -> str:
+        return self.daemon.cfg.audit_path
+
+    # ---------------------------------------------------------------- KMS
+    def _kms_handler(self, op: str):
+        async def handler(peer: Peer, args: dict):
+            return self.kms_call(op, peer, args)
+        return handler
+
+    def kms_call(self, op: str, peer: Peer, args: dict):
+        kms = self.keys._kms()
+        who = _caller(peer)
+        p = who.principal
+        now = time.time()
+        key = args.get("key")
+        if key is not None and not isinstance(key, str):
+            raise TypeError("key must be a string")
+        try:
+            if op == "create-key":
+                result = kms.create_key(p, alias=args.get("alias"), description=args.get("description") or "",
+                                        now=now)
+                key = result["id"]
+            elif op == "list":
+                return kms.list_keys()
+            elif op == "describe":
+                return kms.describe(key)
+            elif op == "enable":
+                result = kms.enable(key, p)
+            elif op == "disable":
+                result = kms.disable(key, p)
+            elif op == "schedule-deletion":
+                result = kms.schedule_deletion(key, int(args["days"]), p, now)
+            elif op == "cancel-deletion":
+                result = kms.cancel_deletion(key, p)
+            elif op == "get-policy":
+                return kms.get_policy(key)
+            elif op == "set-policy":
+                result = kms.set_policy(key, args["policy"], p)
+            elif op == "rotate":
+                result = kms.rotate(key, p, now)
+            elif op == "enable-rotation":
+                result = kms.enable_rotation(key, int(args["days"]), p, now)
+            elif op == "disable-rotation":
+                result = kms.disable_rotation(key, p)
+            else:
+                raise TypeError(f"unknown KMS operation {op}")
+        except S3fuseError as exc:
+            self.keys.record(f"kms:{op}", who, "denied", key_id=key, errno=exc.errno)
+            raise
+        if op in ("disable", "schedule-deletion"):
+            self._forget_cached_keys()
+        self.keys.record(f"kms:{op}", who, key_id=key)
+        return result if isinstance(result, dict) else kms.describe(key)
+
+    async def key_scheduler(self) -> None:
+        """Automatic KMS key rotation and deletion of keys past their waiting period."""
+        kms = self.keys.kms
+        if kms is None:
+            return
+        system = Caller(0, 0, 0)
+        while True:
+            now = time.time()
+            try:
+                for key_id in kms.rotate_due(now):
+                    self.keys.record("kms:rotate", system, key_id=key_id, trigger="schedule")
+                for key_id in kms.purge_expired(now):
+                    self._forget_cached_keys()
+                    self.keys.record("kms:delete", system, key_id=key_id, trigger="schedule")
+            except Exception:
+                log.exception("KMS key scheduler failed; will retry")
+            await trio.sleep(SCHEDULER_PERIOD)

@@ -155,7 +155,7 @@ class Filesystem:
         if stat.S_ISREG(mode):
             # a file takes its encryption from the nearest setting above it, once, now
             policy = self.effective_policy(parent_ino)
-            self.keys.check_write(policy, caller, path=self.meta.path_of(parent_ino))
+            self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
             sse = policy.encode()
         now = time.time_ns()
         with self.meta.transaction():
@@ -374,7 +374,9 @@ class Filesystem:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if stat.S_ISREG(row.mode):
             # Key checks happen here, per caller: later reads may be served from shared caches.
-            path = self.meta.path_of(ino)
+            def path() -> str:
+                return self.meta.path_of(ino)
+
             if (flags & os.O_ACCMODE) != os.O_WRONLY:
                 self.keys.check_read(self.meta.key_refs(ino), caller, path=path)
             if writing:
@@ -495,7 +497,7 @@ class Filesystem:
                 return
             if Policy.decode(row.sse) == policy:
                 return  # already so: re-encryption is resumable
-            self.keys.check_write(policy, caller, path=self.meta.path_of(ino))
+            self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(ino))
             await self.data.reencrypt(ino, policy, caller)
             return
         if len(name) > 255 or not name:

@@ -184,8 +184,14 @@ class KeyManager:
             raise IntegrityError(f"key slot of object {object_id.hex()}: {exc}") from None
 
     # ------------------------------------------------------------------ access checks
-    def check_write(self, policy: Policy, who: Caller, path: str | None = None) -> None:
-        """May `who` create objects under `policy`? (At create and open-for-write.)"""
+    def check_write(self, policy: Policy, who: Caller, path=None) -> None:
+        """May `who` create objects under `policy`? (At create and open-for-write.)
+
+        `path` is a callable giving the path for audit records (computed only when needed).
+        """
+        if policy.mode == SSE_S3:
+            return
+        path = path() if callable(path) else path
         if policy.mode == SSE_C:
             self._customer_key(policy, who)
         elif policy.mode == SSE_KMS:
@@ -197,8 +203,11 @@ class KeyManager:
                             errno=exc.errno)
                 raise
 
-    def check_read(self, refs: list[tuple[str, str]], who: Caller, path: str | None = None) -> None:
+    def check_read(self, refs: list[tuple[str, str]], who: Caller, path=None) -> None:
         """May `who` read objects with these (mode, key_ref)s? (At open.)"""
+        if all(mode == SSE_S3 for mode, _ in refs):
+            return
+        path = path() if callable(path) else path
         for mode, key_ref in refs:
             if mode == SSE_C:
                 if self.customer.for_object(who.uid, key_ref) is None:

@@ -208,12 +208,12 @@ def object_size(header_len: int, segment_size: int, length: int) -> int:
 
 def decrypt_segments(
     keys: ObjectKeys, header: ObjectHeader, first: int, data: bytes | memoryview,
-    count: int | None = None,
+    expected: int | None = None,
 ) -> list[bytes]:
     """Authenticate and decrypt consecutive segments starting at index `first`.
 
-    `data` must be exactly the bytes `segment_range` names (`count` segments, when
-    given: fewer means the object was truncated); every segment is authenticated
+    `data` must be exactly the bytes `segment_range` names (that many segments, when
+    given as `expected`: fewer means the object was truncated); every segment is authenticated
     before any plaintext is returned.
     """
     size = header.segment_size
@@ -241,7 +241,7 @@ def decrypt_segments(
             raise FormatError(f"segment {i} failed authentication") from None
         pos += seg_len
         i += 1
-    if count is not None and len(out) != count:
+    if expected is not None and len(out) != expected:
         raise FormatError(f"object truncated: segment {first + len(out)} is missing")
     return out
 

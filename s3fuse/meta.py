@@ -42,6 +42,7 @@ CREATE TABLE dentries (
     UNIQUE (parent, name)
 );
 CREATE INDEX dentries_by_parent ON dentries (parent, id);
+CREATE INDEX dentries_by_inode ON dentries (inode);
 CREATE TABLE symlinks (
     inode INTEGER PRIMARY KEY,
     target BLOB NOT NULL
@@ -122,6 +123,9 @@ class Meta:
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.execute("PRAGMA wal_autocheckpoint=8192")
         self.db.execute("PRAGMA cache_size=-32768")  # 32 MiB page cache, bounded
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='dentries'").fetchone():
+            # stores made before this index existed get it on first open
+            self.db.execute("CREATE INDEX IF NOT EXISTS dentries_by_inode ON dentries (inode)")
         self._in_tx = False
 
     @classmethod

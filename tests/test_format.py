@@ -142,3 +142,14 @@ def test_ranged_decrypt_matches_plaintext(data, seg, first, span):
     plain = b"".join(fmt.decrypt_segments(keys, header, first, blob[start : start + length]))
     assert plain == data[first * seg : (last + 1) * seg]
     assert fmt.object_size(fmt.header_length(blob), seg, len(data)) == len(blob)
+
+
+def test_truncation_at_a_segment_boundary_inside_a_range_is_detected():
+    blob = vectors.object_bytes()
+    keys = _keys()
+    hlen = fmt.header_length(blob)
+    start, length = fmt.segment_range(hlen, 16, len(vectors.PLAINTEXT), 0, 2)
+    two_segments = blob[start : start + 2 * (16 + fmt.SEGMENT_OVERHEAD)]
+    assert len(fmt.decrypt_segments(keys, vectors.HEADER, 0, blob[start : start + length], 3)) == 3
+    with pytest.raises(fmt.FormatError):
+        fmt.decrypt_segments(keys, vectors.HEADER, 0, two_segments, 3)

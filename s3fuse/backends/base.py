@@ -24,6 +24,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def put(self, key: str, data: bytes) -> None: ...
 
+    async def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Several puts; backends may batch them (each one is still atomic)."""
+        for key, data in items:
+            await self.put(key, data)
+
     @abc.abstractmethod
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
 

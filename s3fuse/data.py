@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 THREAD_THRESHOLD = 256 * 1024
 READAHEAD = 1024 * 1024
 BATCH_DELAY = 0.03
+# how long stored blocks of a streaming writer may wait for their metadata commit
+COMMIT_DELAY = 1.0
 
 
 @dataclass(eq=False)
@@ -47,6 +49,8 @@ class Block:
     # written up to its end by a write that ended there: a sequential writer is done with it,
     # so it is worth storing now rather than waiting for close or idleness
     sealed: bool = False
+    inflight: bool = False  # being encrypted from this very buffer: copy before changing it
+    superseded: bool = False  # a copy replaced it while in flight; its bytes still count as dirty
 
 
 @dataclass(eq=False)
@@ -136,7 +140,12 @@ class DataStore:
         self._space = trio.Event()
         self._gc_kick = trio.Event()
         self._loading: dict[tuple[int, int], trio.Event] = {}
-        self.stats = {"objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0}
+        # stored but not yet committed blocks of streaming writers: ino -> blockno -> ref
+        self.pending: dict[int, dict[int, BlockRef | None]] = {}
+        self.pending_size: dict[int, int] = {}
+        self._pending_since = 0.0
+        self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
+                      "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0}
 
     # ------------------------------------------------------------------ files
     def state(self, ino: int) -> FileState:
@@ -171,7 +180,8 @@ class DataStore:
         self._maybe_drop(fs)
 
     def _maybe_drop(self, fs: FileState) -> None:
-        if fs.open_count <= 0 and not fs.dirty and not fs.error and self.files.get(fs.ino) is fs:
+        if (fs.open_count <= 0 and not fs.dirty and not fs.error and fs.ino not in self.pending
+                and self.files.get(fs.ino) is fs):
             del self.files[fs.ino]
 
     def request_flush(self, ino: int) -> None:
@@ -191,6 +201,13 @@ class DataStore:
 
     def discard(self, ino: int) -> None:
         """The inode is gone: forget its unflushed data."""
+        pending = self.pending.pop(ino, None)
+        self.pending_size.pop(ino, None)
+        if pending:
+            with self.meta.transaction():
+                for ref in pending.values():
+                    if ref is not None:
+                        self.meta.add_garbage(ref.object_id)
         fs = self.files.pop(ino, None)
         if fs is not None:
             for blk in fs.blocks.values():
@@ -208,6 +225,8 @@ class DataStore:
 
     # ------------------------------------------------------------------ reads
     async def read(self, ino: int, off: int, size: int, who: Caller = SYSTEM) -> bytes:
+        self.stats["reads"] += 1
+        self.stats["bytes_read"] += size
         fs = self.files.get(ino)
         if fs is not None:
             file_size = fs.size
@@ -230,7 +249,7 @@ class DataStore:
             if blk is not None:
                 chunk = bytes(blk.data[boff : boff + n])
             else:
-                ref = self.meta.block(ino, blockno)
+                ref = self.block_ref(ino, blockno)
                 if ref is None:
                     chunk = b""
                 else:
@@ -333,7 +352,7 @@ class DataStore:
             if loading is None:
                 break
             await loading.wait()
-        ref = self.meta.block(fs.ino, blockno) if blockno * self.block_size < fs.db_size else None
+        ref = self.block_ref(fs.ino, blockno) if blockno * self.block_size < fs.size else None
         if ref is None or (boff == 0 and n >= ref.length):
             blk = Block(bytearray())
         else:
@@ -355,6 +374,8 @@ class DataStore:
         return blk
 
     async def write(self, ino: int, off: int, buf: bytes) -> int:
+        self.stats["writes"] += 1
+        self.stats["bytes_written"] += len(buf)
         fs = self.state(ino)
         if fs.error:
             raise S3fuseError("an earlier write-back of this file failed", self.take_error(ino))
@@ -365,6 +386,10 @@ class DataStore:
             blockno, boff = divmod(pos, bs)
             n = min(len(view), bs - boff)
             blk = await self._block_for_write(fs, blockno, boff, n)
+            if blk.inflight:
+                blk.superseded = True
+                blk = fs.blocks[blockno] = Block(bytearray(blk.data), blk.version, blk.sealed)
+                self.dirty_bytes += len(blk.data)
             data = blk.data
             before = len(data)
             if boff > before:
@@ -418,7 +443,7 @@ class DataStore:
     async def flush(self, ino: int, durable: bool) -> None:
         """Store a file's pending data; with `durable`, also make it survive a crash."""
         fs = self.files.get(ino)
-        if fs is not None and fs.dirty:
+        if fs is not None and (fs.dirty or ino in self.pending):
             async with self._flush_lock:
                 await self._flush_locked([fs], durable)
             self._maybe_drop(fs)
@@ -430,13 +455,14 @@ class DataStore:
 
     async def flush_all(self, durable: bool = True) -> None:
         async with self._flush_lock:
-            files = [fs for fs in self.files.values() if fs.dirty]
+            files = [fs for fs in self.files.values() if fs.dirty or fs.ino in self.pending]
             await self._flush_locked(files, durable)
         for fs in list(self.files.values()):
             self._maybe_drop(fs)
 
     async def _flush_locked(self, files: list[FileState], durable: bool, only_full: bool = False) -> None:
-        bs = self.block_size
+        """Store the dirty blocks of `files`, then commit (or, for sealed blocks of a streaming
+        writer, defer the commit so that one sync and one transaction cover many blocks)."""
         jobs = []  # (fs, blockno, block); the job records the version it stored
         sizes = {}
         for fs in files:
@@ -457,45 +483,23 @@ class DataStore:
                         nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
                 if small:
                     nursery.start_soon(self.backend.put_many, small)
-            if refs:
-                await self.backend.sync()
+            if only_full and not durable:
+                self._defer(files, refs)
+            else:
+                await self._commit(files, refs, sizes, durable)
         except S3fuseError as exc:
             log.error("flush of inode(s) %s failed: %s", ",".join(str(f.ino) for f in files), exc)
             for fs in files:
                 fs.error = exc.errno
-            # orphans of a failed batch are collected by the next unclean-mount sweep
+            # objects of a failed batch are unreferenced: the next unclean-mount sweep takes them
             raise
-        with self.meta.transaction():
-            for fs in files:
-                if self.meta.inode(fs.ino) is None:  # deleted while we were storing
-                    for (ino, _b), ref in refs.items():
-                        if ino == fs.ino and ref is not None:
-                            self.meta.add_garbage(ref.object_id)
-                    continue
-                size = sizes[fs.ino]
-                if only_full:
-                    flushed_end = max(((b + 1) * bs for (i, b) in refs if i == fs.ino), default=0)
-                    size = max(fs.db_size, min(size, flushed_end))
-                for (ino, blockno), ref in refs.items():
-                    if ino != fs.ino or blockno * bs >= size:
-                        continue
-                    if ref is None:
-                        old = self.meta.block(ino, blockno)
-                        if old is not None:
-                            self.meta.add_garbage(old.object_id)
-                            self.meta.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
-                    else:
-                        self.meta.put_block(ref)
-                stored = self.meta.db.execute(
-                    "SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (fs.ino,)).fetchone()[0]
-                # times as they are now: setattr may have changed them while we stored
-                self.meta.update_inode(fs.ino, size=size, mtime_ns=fs.mtime_ns, ctime_ns=fs.ctime_ns,
-                                       stored_bytes=stored)
-                fs.db_size = size
         self.stats["flushes"] += 1
         for fs, blockno, blk in jobs:
-            if fs.blocks.get(blockno) is blk and blk.version == stored_versions.get((fs.ino, blockno)):
+            current = fs.blocks.get(blockno)
+            if current is blk and blk.version == stored_versions.get((fs.ino, blockno)):
                 del fs.blocks[blockno]
+                self.dirty_bytes -= len(blk.data)
+            elif blk.superseded:  # replaced by a copy while it was stored
                 self.dirty_bytes -= len(blk.data)
         for fs in files:
             if not fs.blocks:
@@ -503,10 +507,94 @@ class DataStore:
                 if fs.size == fs.db_size:
                     fs.flush_requested = False
         self._space.set()
-        if refs:
-            self._gc_kick.set()
+
+    def _defer(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None]) -> None:
+        """Stored but not yet committed: reads find these refs in `pending` meanwhile."""
+        bs = self.block_size
+        replaced = []
+        for (ino, blockno), ref in refs.items():
+            old = self.pending.setdefault(ino, {}).get(blockno)
+            if old is not None:
+                replaced.append(old.object_id)
+            self.pending[ino][blockno] = ref
+        for fs in files:
+            ends = [(b + 1) * bs for (i, b) in refs if i == fs.ino]
+            if ends:
+                before = self.pending_size.get(fs.ino, fs.db_size)
+                self.pending_size[fs.ino] = max(before, min(fs.size, max(ends)))
+        if replaced:
+            with self.meta.transaction():
+                for oid in replaced:
+                    self.meta.add_garbage(oid)
+        if not self._pending_since:
+            self._pending_since = time.monotonic()
+
+    async def _commit(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None],
+                      sizes: dict[int, int], durable: bool) -> None:
+        """One sync, then one transaction for `refs` and everything deferred before them."""
+        bs = self.block_size
+        by_ino: dict[int, dict[int, BlockRef | None]] = {ino: dict(p) for ino, p in self.pending.items()}
+        replaced = []
+        for (ino, blockno), ref in refs.items():
+            old = by_ino.setdefault(ino, {}).get(blockno)
+            if old is not None:
+                replaced.append(old.object_id)
+            by_ino[ino][blockno] = ref
+        pending_size = dict(self.pending_size)
+        if by_ino:
+            await self.backend.sync()
+        # the sync may have let other tasks defer more blocks: they stay pending for next time
+        for ino, blocks in by_ino.items():
+            mine = self.pending.get(ino, {})
+            for blockno in blocks:
+                if blockno in mine and mine[blockno] is blocks[blockno]:
+                    del mine[blockno]
+            if not mine:
+                self.pending.pop(ino, None)
+                self.pending_size.pop(ino, None)
+        if not self.pending:
+            self._pending_since = 0.0
+        with self.meta.transaction():
+            for oid in replaced:
+                self.meta.add_garbage(oid)
+            for ino in set(by_ino) | set(sizes):
+                blocks = by_ino.get(ino, {})
+                if self.meta.inode(ino) is None:  # deleted while we were storing
+                    for ref in blocks.values():
+                        if ref is not None:
+                            self.meta.add_garbage(ref.object_id)
+                    continue
+                fs = self.files.get(ino)
+                size = sizes[ino] if ino in sizes else pending_size.get(ino, fs.db_size if fs else 0)
+                for blockno, ref in blocks.items():
+                    if blockno * bs >= size:
+                        if ref is not None:
+                            self.meta.add_garbage(ref.object_id)
+                    elif ref is None:
+                        old = self.meta.block(ino, blockno)
+                        if old is not None:
+                            self.meta.add_garbage(old.object_id)
+                            self.meta.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
+                    else:
+                        self.meta.put_block(ref)
+                stored = self.meta.db.execute(
+                    "SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
+                fields = {"size": size, "stored_bytes": stored}
+                if fs is not None:
+                    # times as they are now: setattr may have changed them while we stored
+                    fields.update(mtime_ns=fs.mtime_ns, ctime_ns=fs.ctime_ns)
+                    fs.db_size = size
+                self.meta.update_inode(ino, **fields)
+        self._gc_kick.set()
         if durable:
             await trio.to_thread.run_sync(self.meta.sync)
+
+    def block_ref(self, ino: int, blockno: int) -> BlockRef | None:
+        """The object holding a block: a stored-but-uncommitted one first, else the block map."""
+        pending = self.pending.get(ino)
+        if pending is not None and blockno in pending:
+            return pending[blockno]
+        return self.meta.block(ino, blockno)
 
     def _store_small(self, fs: FileState, blockno: int, blk: Block, refs: dict, stored_versions: dict,
                      batch: list[tuple[str, bytes]]) -> None:
@@ -536,14 +624,24 @@ class DataStore:
 
     async def _store_block(self, fs: FileState, blockno: int, blk: Block, refs: dict,
                            stored_versions: dict) -> None:
-        # The limiter bounds the copies in flight (snapshot + ciphertext) to a few blocks.
+        # The limiter bounds the buffers in flight (snapshot + ciphertext) to a few blocks.
         async with self._store_limiter:
             stored_versions[(fs.ino, blockno)] = blk.version
-            data = bytes(blk.data)  # writes may go on while this snapshot is stored
-            if not data[-1:].strip(b"\0") and data == bytes(len(data)):
-                refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
-                return
-            refs[(fs.ino, blockno)] = await self._store_snapshot(fs.ino, blockno, data, fs.policy, fs.writer)
+            if blk.sealed:
+                # a finished block of a sequential writer is stored as it is; a later write
+                # to it copies it first (see `write`), so no snapshot copy is needed
+                blk.inflight = True
+                data = blk.data
+            else:
+                data = bytes(blk.data)  # writes may go on while this snapshot is stored
+            try:
+                if not data[-1:].strip(b"\0") and data == bytes(len(data)):
+                    refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
+                    return
+                refs[(fs.ino, blockno)] = await self._store_snapshot(
+                    fs.ino, blockno, data, fs.policy, fs.writer)
+            finally:
+                blk.inflight = False
 
     async def _store_snapshot(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller) -> BlockRef:
         """Seal and put one block. Keys are chosen on the loop (KMS and audit live there);
@@ -554,14 +652,14 @@ class DataStore:
         header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
                                   wrapped.key_ref, self.segment_size, len(data))
         if len(data) > THREAD_THRESHOLD:
-            blob = await trio.to_thread.run_sync(
-                fmt.encrypt_object, header, data_key, data, limiter=self._crypto_limiter)
+            parts = await trio.to_thread.run_sync(
+                fmt.encrypt_object_parts, header, data_key, data, limiter=self._crypto_limiter)
         else:
-            blob = fmt.encrypt_object(header, data_key, data)
-        await self.backend.put(object_id.hex(), blob)
+            parts = fmt.encrypt_object_parts(header, data_key, data)
+        await self.backend.put(object_id.hex(), parts)
         self.stats["objects_put"] += 1
-        self.stats["bytes_put"] += len(blob)
-        return BlockRef(ino, blockno, object_id, len(data), len(data), fmt.header_length(blob),
+        self.stats["bytes_put"] += sum(len(p) for p in parts)
+        return BlockRef(ino, blockno, object_id, len(data), len(data), len(parts[0]),
                         wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
 
     async def reencrypt(self, ino: int, policy: Policy, who: Caller) -> int:
@@ -617,6 +715,14 @@ class DataStore:
                 elif pressure:
                     batch = sorted((fs for fs in self.files.values() if fs.blocks),
                                    key=lambda f: -sum(len(b.data) for b in f.blocks.values()))[:1]
+            if not batch and self._pending_since and now - self._pending_since >= COMMIT_DELAY:
+                try:
+                    async with self._flush_lock:
+                        await self._commit([], {}, {}, durable=False)
+                except S3fuseError as exc:
+                    log.error("commit of stored blocks failed (will retry): %s", exc)
+                    await trio.sleep(1)
+                continue
             if not batch:
                 continue
             batch = batch[:256]

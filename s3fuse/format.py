@@ -166,10 +166,21 @@ def _segment_aad(object_id: bytes, index: int, final: bool) -> bytes:
 def encrypt_object(
     header: ObjectHeader,
     data_key: bytes,
-    plaintext: bytes | memoryview,
+    plaintext: bytes | bytearray | memoryview,
     random: RandomSource = os.urandom,
 ) -> bytes:
     """Encode a whole object. `len(plaintext)` must equal `header.length`."""
+    return b"".join(encrypt_object_parts(header, data_key, plaintext, random))
+
+
+def encrypt_object_parts(
+    header: ObjectHeader,
+    data_key: bytes,
+    plaintext: bytes | bytearray | memoryview,
+    random: RandomSource = os.urandom,
+) -> list[bytes]:
+    """The object as a list of byte strings (header, then nonce and ciphertext of each
+    segment), to be written with one gather write instead of being joined in memory."""
     if len(plaintext) != header.length:
         raise ValueError("plaintext length does not match the header")
     keys = derive_object_keys(data_key, header.object_id)
@@ -182,8 +193,8 @@ def encrypt_object(
         chunk = view[i * size : (i + 1) * size]
         aad = _segment_aad(header.object_id, i, i == count - 1)
         parts.append(nonce)
-        parts.append(keys.segment.encrypt(nonce, bytes(chunk), aad))
-    return b"".join(parts)
+        parts.append(keys.segment.encrypt(nonce, chunk, aad))
+    return parts
 
 
 def segment_range(header_len: int, segment_size: int, length: int, first: int, last: int) -> tuple[int, int]:

@@ -1,7 +1,9 @@
 """The object-store interface. Nothing outside a backend may assume local files.
 
 Contract:
-- `put` is atomic: a reader sees the whole object or none of it.
+- `put` is atomic: a reader sees the whole object or none of it. Its data may be one
+  byte string or a list of them (the object is their concatenation), so that callers
+  need not join large buffers in memory.
 - `sync` is a durability barrier: every object put before it is on stable storage
   when it returns. The data path calls it before committing metadata that refers
   to new objects, so that one barrier can cover a whole batch of puts.
@@ -22,9 +24,9 @@ class NoSuchObject(BackendError):
 
 class Backend(abc.ABC):
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes) -> None: ...
+    async def put(self, key: str, data: bytes | list[bytes]) -> None: ...
 
-    async def put_many(self, items: list[tuple[str, bytes]]) -> None:
+    async def put_many(self, items: list[tuple[str, bytes | list[bytes]]]) -> None:
         """Several puts; backends may batch them (each one is still atomic)."""
         for key, data in items:
             await self.put(key, data)

@@ -49,21 +49,27 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise BackendError(f"local store: {exc}", exc.errno or errno.EIO) from exc
 
-    def _put(self, key: str, data: bytes) -> None:
+    def _put(self, key: str, data: bytes | list[bytes]) -> None:
         tmp = os.path.join(self._tmp, key)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+            for start in range(0, len(parts), 512):  # IOV_MAX is 1024
+                chunk = parts[start : start + 512]
+                want = sum(len(p) for p in chunk)
+                done = os.writev(fd, chunk)
+                if done < want:  # a short gather write: finish it piece by piece
+                    tail = memoryview(b"".join(chunk))[done:]
+                    while tail:
+                        tail = tail[os.write(fd, tail) :]
         finally:
             os.close(fd)
         os.rename(tmp, self._path(key))
 
-    async def put(self, key: str, data: bytes) -> None:
+    async def put(self, key: str, data: bytes | list[bytes]) -> None:
         await self._run(self._put, key, data)
 
-    def _put_many(self, items: list[tuple[str, bytes]]) -> None:
+    def _put_many(self, items: list[tuple[str, bytes | list[bytes]]]) -> None:
         for key, data in items:
             self._put(key, data)
 

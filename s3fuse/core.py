@@ -377,10 +377,11 @@ class Filesystem:
             def path() -> str:
                 return self.meta.path_of(ino)
 
+            policy = Policy.decode(row.sse) or pol.DEFAULT
             if (flags & os.O_ACCMODE) != os.O_WRONLY:
-                self.keys.check_read(self.meta.key_refs(ino), caller, path=path)
+                self.keys.check_read(self.meta.key_refs(ino), caller, path=path, policy=policy)
             if writing:
-                self.keys.check_write(Policy.decode(row.sse) or pol.DEFAULT, caller, path=path)
+                self.keys.check_write(policy, caller, path=path)
             if flags & os.O_TRUNC:
                 # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
                 await self.data.truncate(ino, 0)

@@ -203,12 +203,25 @@ class KeyManager:
                             errno=exc.errno)
                 raise
 
-    def check_read(self, refs: list[tuple[str, str]], who: Caller, path=None) -> None:
-        """May `who` read objects with these (mode, key_ref)s? (At open.)"""
+    def check_read(self, refs: list[tuple[str, str]], who: Caller, path=None,
+                   policy: Policy | None = None) -> None:
+        """May `who` read objects with these (mode, key_ref)s? (At open.)
+
+        `policy` is the file's own setting: data not yet stored is readable only by a
+        caller who holds its key too.
+        """
+        if policy is not None and policy.mode != SSE_S3:
+            if policy.mode == SSE_C:
+                refs = [*refs, ("SSE-C-policy", policy.key)]
+            else:
+                refs = [*refs, (SSE_KMS, policy.key)]
         if all(mode == SSE_S3 for mode, _ in refs):
             return
         path = path() if callable(path) else path
-        for mode, key_ref in refs:
+        for mode, key_ref in dict.fromkeys(refs):  # each key once, in order
+            if mode == "SSE-C-policy":
+                self._customer_key(policy, who)
+                continue
             if mode == SSE_C:
                 if self.customer.for_object(who.uid, key_ref) is None:
                     raise KeyUnavailable(f"no loaded customer key of uid {who.uid} opens {path or 'this file'}",

@@ -73,6 +73,8 @@ class AdminHandlers:
     async def key_remove(self, peer: Peer, args: dict) -> dict:
         who = _caller(peer)
         name = args["name"]
+        if not isinstance(name, str):
+            raise TypeError("name must be a string")
         try:
             key = self.keys.customer.remove(name, peer.uid)
         except S3fuseError as exc:
@@ -129,12 +131,23 @@ class AdminHandlers:
             else:
                 raise TypeError(f"unknown KMS operation {op}")
         except S3fuseError as exc:
-            self.keys.record(f"kms:{op}", who, "denied", key_id=key, errno=exc.errno)
+            self.keys.record(f"kms:{op}", who, "denied", **self._key_fields(key), errno=exc.errno)
             raise
         if op in ("disable", "schedule-deletion"):
             self._forget_cached_keys()
-        self.keys.record(f"kms:{op}", who, key_id=key)
+        self.keys.record(f"kms:{op}", who, **self._key_fields(key))
         return result if isinstance(result, dict) else kms.describe(key)
+
+    def _key_fields(self, key: str | None) -> dict:
+        """Audit fields naming a key by its id (and the alias it was given by), so that
+        `s3fuse audit --key ID` finds every record of a key however it was named."""
+        if key is None:
+            return {}
+        try:
+            key_id = self.keys._kms().resolve(key)
+        except S3fuseError:
+            return {"key_id": key}
+        return {"key_id": key_id, "alias": key if key != key_id else None}
 
     async def key_scheduler(self) -> None:
         """Automatic KMS key rotation and deletion of keys past their waiting period."""

@@ -186,7 +186,11 @@ class Daemon:
                 await self.data.flush_all(durable=True)
                 self.core.forget_all()
                 await self.data.collect_garbage()
+                self.audit.sync()
                 with self.meta.transaction():
+                    # the audit trail's head, so that `audit verify` also catches a cut tail
+                    self.meta.set_state("audit_head", self.audit.head)
+                    self.meta.set_state("audit_seq", self.audit.seq)
                     self.meta.set_state("clean", 1)
                 self.meta.close()
                 self.keys.customer.clear()

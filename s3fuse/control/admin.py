@@ -84,8 +84,11 @@ class AdminHandlers:
         self.keys.record("ssec:RemoveKey", who, fingerprint=key.fingerprint, key_name=name)
         return key.describe()
 
-    async def audit_path(self, peer: Peer, args: dict) -> str:
-        return self.daemon.cfg.audit_path
+    async def audit_path(self, peer: Peer, args: dict) -> dict:
+        """Where the trail is, and its current head, so `audit verify` can check the tail."""
+        log = self.daemon.audit
+        log.sync()
+        return {"path": self.daemon.cfg.audit_path, "head": log.head, "seq": log.seq}
 
     # ---------------------------------------------------------------- KMS
     def _kms_handler(self, op: str):

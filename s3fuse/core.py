@@ -40,6 +40,7 @@ class Filesystem:
         self.block_size = block_size
         self.default_policy = default_policy
         self.lookups: dict[int, int] = {}
+        self._policies: dict[int, Policy] = {}  # directory -> effective encryption setting
 
     # ------------------------------------------------------------------ helpers
     def _inode(self, ino: int) -> Inode:
@@ -283,6 +284,8 @@ class Filesystem:
         if dst_ino == src_ino:
             return
         src_dir = stat.S_ISDIR(src.mode)
+        if src_dir or exchange:
+            self._policies.clear()  # a moved directory may inherit from new ancestors
         if src_dir and self._is_ancestor(src_ino, new_parent):
             raise _err(errno.EINVAL)
         dst = self._inode(dst_ino) if dst_ino is not None else None
@@ -332,6 +335,16 @@ class Filesystem:
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+        fs = self.data.overlay(ino)
+        if (fs is not None and fs.dirty and size is None and mode is None and uid is None
+                and gid is None and atime_ns is None):
+            # The kernel's write-back cache sends the times of its writes at close: the
+            # flush that is coming commits them, so no transaction is needed now.
+            now = time.time_ns()
+            if mtime_ns is not None:
+                fs.mtime_ns = mtime_ns
+            fs.ctime_ns = ctime_ns if ctime_ns is not None else now
+            return self.attr(ino)
         row = self._inode(ino)
         now = time.time_ns()
         if size is not None:
@@ -409,7 +422,18 @@ class Filesystem:
 
     # ------------------------------------------------------------------ encryption settings
     def effective_policy(self, dir_ino: int) -> Policy:
-        """The nearest explicit setting at or above a directory, else the store default."""
+        """The nearest explicit setting at or above a directory, else the store default.
+
+        Cached per directory; any setting change or directory move clears the cache.
+        """
+        cached = self._policies.get(dir_ino)
+        if cached is None:
+            cached = self._policies[dir_ino] = self._lookup_policy(dir_ino)
+            if len(self._policies) > 65536:
+                self._policies.clear()
+        return cached
+
+    def _lookup_policy(self, dir_ino: int) -> Policy:
         ino = dir_ino
         for _ in range(4096):
             row = self._inode(ino)
@@ -462,6 +486,12 @@ class Filesystem:
 
     # ------------------------------------------------------------------ xattrs
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        if not name.startswith(pol.RESERVED_PREFIX):
+            # the common case (security.capability on every write, ACL probes of ls -l): one query
+            value = self.meta.get_xattr(ino, name)
+            if value is None:
+                raise _err(errno.ENODATA)
+            return value
         row = self._inode(ino)
         if name.startswith(pol.RESERVED_PREFIX):
             if name == pol.XATTR_SSE:
@@ -495,6 +525,7 @@ class Filesystem:
             if stat.S_ISDIR(row.mode):
                 with self.meta.transaction():
                     self._changed(ino, time.time_ns(), sse=policy.encode())
+                self._policies.clear()
                 return
             if Policy.decode(row.sse) == policy:
                 return  # already so: re-encryption is resumable
@@ -526,6 +557,7 @@ class Filesystem:
                 raise _err(errno.ENODATA)
             with self.meta.transaction():
                 self._changed(ino, time.time_ns(), sse=None)
+            self._policies.clear()
             return
         with self.meta.transaction():
             if not self.meta.remove_xattr(ino, name):

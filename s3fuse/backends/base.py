@@ -38,6 +38,14 @@ class Backend(abc.ABC):
         """Several ranges of one object; backends may do this in one round trip."""
         return [await self.get(key, off, n) for off, n in ranges]
 
+    async def get_ranges_and(self, key: str, ranges: list[tuple[int, int]], transform):
+        """`transform(get_ranges(...))`, run off the event loop; a backend that reads in a
+        worker thread runs both in one hand-off (transform is CPU work such as decryption)."""
+        import trio
+
+        bufs = await self.get_ranges(key, ranges)
+        return await trio.to_thread.run_sync(transform, bufs)
+
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
         """Delete an object; deleting a missing object is not an error."""

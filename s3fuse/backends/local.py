@@ -96,6 +96,9 @@ class LocalBackend(Backend):
     async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         return await self._run(self._get_ranges, key, ranges)
 
+    async def get_ranges_and(self, key: str, ranges: list[tuple[int, int]], transform):
+        return await self._run(lambda k, r: transform(self._get_ranges(k, r)), key, ranges)
+
     def _delete(self, key: str) -> None:
         try:
             os.unlink(self._path(key))

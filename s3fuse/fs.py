@@ -259,9 +259,15 @@ class Operations(pyfuse3.Operations):
         return st
 
     # xattrs
-    @_translate
     async def getxattr(self, inode, name, ctx):
-        return self.core.getxattr(inode, name)
+        # hot path, kept off the generic wrapper: ls -l probes two absent names per file
+        try:
+            return self.core.getxattr(inode, name)
+        except S3fuseError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in getxattr(%d, %r); returning EIO", inode, name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     @_translate
     async def setxattr(self, inode, name, value, ctx):

@@ -127,6 +127,9 @@ class Meta:
             # stores made before this index existed get it on first open
             self.db.execute("CREATE INDEX IF NOT EXISTS dentries_by_inode ON dentries (inode)")
         self._in_tx = False
+        # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
+        # names that do not exist, and this answers them without a query
+        self._xattr_inodes: set[int] | None = None
 
     @classmethod
     def create(cls, path: str, root_uid: int, root_gid: int, now_ns: int) -> "Meta":
@@ -257,17 +260,27 @@ class Meta:
         return None if row is None else row[0]
 
     # xattrs
+    def _with_xattrs(self) -> set[int]:
+        if self._xattr_inodes is None:
+            self._xattr_inodes = {r[0] for r in self.db.execute("SELECT DISTINCT inode FROM xattrs")}
+        return self._xattr_inodes
+
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        if ino not in self._with_xattrs():
+            return None
         row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)).fetchone()
         return None if row is None else row[0]
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)", (ino, name, value))
+        self._with_xattrs().add(ino)  # a rolled-back insert leaves a harmless extra entry
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 
     def list_xattrs(self, ino: int) -> list[bytes]:
+        if ino not in self._with_xattrs():
+            return []
         return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
 
     # block map

@@ -35,6 +35,7 @@ from .keys.kms import BuiltinKms
 from .meta import Meta
 from .policy import Policy
 from .store import StoreLock, load_config, load_keyring, load_root_key
+from .util import syncfs
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -80,14 +81,6 @@ def bound_allocator() -> None:
         _libc.mallopt(M_ARENA_MAX, 2)
     except AttributeError:  # not glibc
         pass
-
-
-def _syncfs_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _libc.syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def _set_readahead(mountpoint: str, kb: int) -> None:
@@ -211,7 +204,10 @@ class Daemon:
             return
         self._stopping = True
         # let the kernel hand us the dirty pages it still holds for this mount
-        await trio.to_thread.run_sync(_syncfs_path, self.mountpoint)
+        try:
+            await trio.to_thread.run_sync(syncfs, self.mountpoint)
+        except OSError as exc:
+            log.warning("syncfs of %s failed (%s); flushing what the daemon holds", self.mountpoint, exc)
         await self.data.flush_all(durable=True)
         pyfuse3.terminate()
 

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
+from collections.abc import Callable
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _on_dir(path: str, fn: Callable[[int], None]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fn(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _on_dir(path, os.fsync)
+
+
+def syncfs(path: str) -> None:
+    """syncfs(2): everything written to the filesystem holding `path` reaches stable storage."""
+    _on_dir(path, _syncfs)
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import AsyncIterator
@@ -10,16 +9,8 @@ from collections.abc import AsyncIterator
 import trio
 
 from ..errors import BackendError
+from ..util import syncfs
 from .base import Backend, NoSuchObject
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
 
 class LocalBackend(Backend):
     """Objects are files; `sync` is one syncfs(2) for every put since the last one."""
@@ -128,15 +119,8 @@ class LocalBackend(Backend):
             for name in await self._run(self._list_dir, f"{i:02x}"):
                 yield name
 
-    def _sync(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            _syncfs(fd)
-        finally:
-            os.close(fd)
-
     async def sync(self) -> None:
-        await self._run(self._sync)
+        await self._run(syncfs, self.root)
 
     def clear_tmp(self) -> None:
         """Remove half-written puts left by a crash (never visible as objects)."""

@@ -186,6 +186,7 @@ class Daemon:
                     self.meta.set_state("audit_seq", self.audit.seq)
                     self.meta.set_state("clean", 1)
                 self.meta.close()
+                await self.backend.close()
                 self.keys.customer.clear()
                 self.audit.close()
             except Exception:

@@ -290,6 +290,15 @@ class DataStore:
         start, length = fmt.segment_range(ref.hdr_len, self.segment_size, ref.obj_length, first, last)
         expected = last - first + 1
         if opened is not None:
+            if length <= THREAD_THRESHOLD and hasattr(self.backend, "try_get_ranges"):
+                # bytes already in memory: small enough to fetch and decrypt right here
+                bufs = self.backend.try_get_ranges(key, [(start, length)])
+                if bufs is not None:
+                    try:
+                        return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[0], expected)
+                    except fmt.FormatError as exc:
+                        raise self._integrity(ref, str(exc)) from None
+
             # keys known: fetch and authenticate in one worker-thread hop
             def decrypt(bufs: list[bytes]) -> list[bytes]:
                 return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[0], expected)

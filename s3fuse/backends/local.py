@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import trio
@@ -15,8 +16,12 @@ from .base import Backend, NoSuchObject
 class LocalBackend(Backend):
     """Objects are files; `sync` is one syncfs(2) for every put since the last one."""
 
-    def __init__(self, root: str, max_threads: int = 8) -> None:
+    def __init__(self, root: str, max_threads: int = 8, open_files: int = 128) -> None:
         self.root = root
+        # recently read objects stay open, so that a read whose bytes are in the page cache
+        # can be served on the event loop without a thread hand-off (see try_get_ranges)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._max_fds = open_files
         self._tmp = os.path.join(root, ".tmp")
         self._limiter = trio.CapacityLimiter(max_threads)
         if not os.path.isdir(root):
@@ -85,10 +90,55 @@ class LocalBackend(Backend):
         return (await self._run(self._get_ranges, key, [(offset, length)]))[0]
 
     async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return await self._run(self._get_ranges, key, ranges)
+        out = await self._run(self._get_ranges, key, ranges)
+        self._remember_fd(key)
+        return out
+
+    def try_get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+        """The ranges, if they can be read now without blocking; else None.
+
+        Only for objects already open, and only from the page cache (RWF_NOWAIT): a
+        read that would wait for the disk goes to a worker thread instead.
+        """
+        fd = self._fds.get(key)
+        if fd is None:
+            return None
+        self._fds.move_to_end(key)
+        out = []
+        try:
+            for off, n in ranges:
+                buf = bytearray(n)
+                got = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+                if got != n:
+                    return None  # short (truncated object or partly cached): the slow path decides
+                out.append(bytes(buf))
+        except (BlockingIOError, OSError):
+            return None
+        return out
+
+    def _remember_fd(self, key: str) -> None:
+        """Keep an object open for later non-blocking reads. Runs on the event loop (the fd
+        table is the loop's alone), right after a read, when the open finds a cached inode."""
+        if key in self._fds:
+            return
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except OSError:
+            return
+        self._fds[key] = fd
+        while len(self._fds) > self._max_fds:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+
+    def forget_fd(self, key: str) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
 
     async def get_ranges_and(self, key: str, ranges: list[tuple[int, int]], transform):
-        return await self._run(lambda k, r: transform(self._get_ranges(k, r)), key, ranges)
+        out = await self._run(lambda k, r: transform(self._get_ranges(k, r)), key, ranges)
+        self._remember_fd(key)
+        return out
 
     def _delete(self, key: str) -> None:
         try:
@@ -97,6 +147,7 @@ class LocalBackend(Backend):
             pass
 
     async def delete(self, key: str) -> None:
+        self.forget_fd(key)
         await self._run(self._delete, key)
 
     def _head(self, key: str) -> int | None:
@@ -121,6 +172,10 @@ class LocalBackend(Backend):
 
     async def sync(self) -> None:
         await self._run(syncfs, self.root)
+
+    async def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
     def clear_tmp(self) -> None:
         """Remove half-written puts left by a crash (never visible as objects)."""

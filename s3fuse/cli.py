@@ -13,7 +13,6 @@ import os
 import select
 import subprocess
 import sys
-import time
 
 from .control import protocol
 from .control.client import ControlClient

@@ -13,7 +13,6 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
 
 from . import policy as pol
 from .crypto import Caller, KeyManager

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-from .conftest import wait_until
 
 MiB = 1 << 20
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import count_objects, list_objects, py_as, run_as, UNPRIV_PYTHON
+from .conftest import list_objects, py_as, run_as
 
 MiB = 1 << 20
 BLOCK = 4 * MiB

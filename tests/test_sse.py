@@ -726,7 +726,7 @@ def test_no_key_material_in_store_or_logs(mount_factory, workdir):
     fp2 = out.strip()
     assert fp2 == ssec.fingerprint(k2)
     keyfile.unlink()
-    key_id = kms_create(mnt, "alias/secret-search")
+    kms_create(mnt, "alias/secret-search")
 
     layout = {"c1": "SSE-C:cust-one", "c2": "SSE-C:cust-two", "s3": "AES256",
               "kms": "aws:kms:alias/secret-search", "kmsdef": "aws:kms"}

@@ -140,6 +140,7 @@ class DataStore:
         self._space = trio.Event()
         self._gc_kick = trio.Event()
         self._loading: dict[tuple[int, int], trio.Event] = {}
+        self._fetching: dict[bytes, trio.Event] = {}  # objects being fetched for reads
         # stored but not yet committed blocks of streaming writers: ino -> blockno -> ref
         self.pending: dict[int, dict[int, BlockRef | None]] = {}
         self.pending_size: dict[int, int] = {}
@@ -270,13 +271,22 @@ class DataStore:
         seg = self.segment_size
         first, last = boff // seg, (stop - 1) // seg
         segs = [self.cache.get((ref.object_id, i)) for i in range(first, last + 1)]
+        while any(s is None for s in segs) and ref.object_id in self._fetching:
+            # another request is fetching this object (read-ahead): wait, then look again
+            await self._fetching[ref.object_id].wait()
+            segs = [self.cache.get((ref.object_id, i)) for i in range(first, last + 1)]
         if any(s is None for s in segs):
             missing = [first + k for k, s in enumerate(segs) if s is None]
             lo, hi = missing[0], missing[-1]
             if sequential:
                 count = fmt.segment_count(ref.obj_length, seg)
                 hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
-            fetched = await self._fetch_segments(ref, lo, hi, who)
+            done = self._fetching[ref.object_id] = trio.Event()
+            try:
+                fetched = await self._fetch_segments(ref, lo, hi, who)
+            finally:
+                del self._fetching[ref.object_id]
+                done.set()
             for k, s in enumerate(fetched):
                 self.cache.put((ref.object_id, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]

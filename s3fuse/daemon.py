@@ -46,7 +46,7 @@ class MountOptions:
     allow_other: bool = False
     dirty_limit: int = 64 << 20
     cache_limit: int = 32 << 20
-    readahead_kb: int = 1024
+    readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
 
 
 def check_mountpoint(mountpoint: str) -> str:

@@ -484,7 +484,16 @@ class Filesystem:
             raise _err(errno.EPERM, "only the owner or root may change the encryption setting")
 
     # ------------------------------------------------------------------ xattrs
+    @staticmethod
+    def _unsupported_xattr(name: bytes) -> bool:
+        """POSIX ACLs (system.*) and SELinux labels are not supported here. Saying so with
+        EOPNOTSUPP, rather than ENODATA, also lets tools such as ls -l remember it per
+        filesystem instead of asking again for every file."""
+        return name.startswith(b"system.") or name == b"security.selinux"
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        if self._unsupported_xattr(name):
+            raise _err(errno.EOPNOTSUPP)
         if not name.startswith(pol.RESERVED_PREFIX):
             # the common case (security.capability on every write, ACL probes of ls -l): one query
             value = self.meta.get_xattr(ino, name)
@@ -508,7 +517,7 @@ class Filesystem:
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, caller: Caller) -> None:
         row = self._inode(ino)
-        if name.startswith(b"system."):
+        if self._unsupported_xattr(name):
             # POSIX ACLs (system.posix_acl_*) are not enforced here, so refuse them rather
             # than store rules the kernel would ignore; cp -a and rsync then fall back to modes
             raise _err(errno.EOPNOTSUPP)
@@ -547,6 +556,8 @@ class Filesystem:
         return names
 
     def removexattr(self, ino: int, name: bytes, caller: Caller) -> None:
+        if self._unsupported_xattr(name):
+            raise _err(errno.EOPNOTSUPP)
         row = self._inode(ino)
         if name.startswith(pol.RESERVED_PREFIX):
             if name != pol.XATTR_SSE or not stat.S_ISDIR(row.mode):

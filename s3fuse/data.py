@@ -753,6 +753,8 @@ class DataStore:
                 except S3fuseError as exc:
                     log.error("commit of stored blocks failed (will retry): %s", exc)
                     await trio.sleep(1)
+                for fs in list(self.files.values()):  # closed files that are clean now
+                    self._maybe_drop(fs)
                 continue
             if not batch:
                 continue

@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 ROOT_INODE = 1
+# up to this many inodes with xattrs are remembered in memory (a few MiB at most)
+XATTR_SET_LIMIT = 100_000
+_ALWAYS_ASK: set[int] = set()
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -260,26 +263,36 @@ class Meta:
         return None if row is None else row[0]
 
     # xattrs
-    def _with_xattrs(self) -> set[int]:
+    def _with_xattrs(self) -> set[int] | None:
+        """Inodes with xattrs, or None once there are too many to keep in memory."""
         if self._xattr_inodes is None:
-            self._xattr_inodes = {r[0] for r in self.db.execute("SELECT DISTINCT inode FROM xattrs")}
-        return self._xattr_inodes
+            rows = self.db.execute("SELECT DISTINCT inode FROM xattrs LIMIT ?", (XATTR_SET_LIMIT + 1,))
+            self._xattr_inodes = {r[0] for r in rows}
+        if len(self._xattr_inodes) > XATTR_SET_LIMIT:
+            self._xattr_inodes = _ALWAYS_ASK
+        return None if self._xattr_inodes is _ALWAYS_ASK else self._xattr_inodes
+
+    def _may_have_xattrs(self, ino: int) -> bool:
+        known = self._with_xattrs()
+        return known is None or ino in known
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        if ino not in self._with_xattrs():
+        if not self._may_have_xattrs(ino):
             return None
         row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)).fetchone()
         return None if row is None else row[0]
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)", (ino, name, value))
-        self._with_xattrs().add(ino)  # a rolled-back insert leaves a harmless extra entry
+        known = self._with_xattrs()
+        if known is not None:
+            known.add(ino)  # a rolled-back insert leaves a harmless extra entry
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 
     def list_xattrs(self, ino: int) -> list[bytes]:
-        if ino not in self._with_xattrs():
+        if not self._may_have_xattrs(ino):
             return []
         return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
 

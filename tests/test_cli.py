@@ -270,3 +270,29 @@ def test_mount_after_kill9_recovers(mount_factory):
     m.start()
     assert (m.mnt / "a").read_bytes() == b"1" * 1000
     assert m.proc.poll() is None
+
+
+def test_scripts_run_creates_store_and_mounts(workdir):
+    """The README's first command: creates the store on first use, mounts in the background."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    store = workdir("runstore") / "store"
+    mnt = workdir("runmnt") / "mnt"
+    env = dict(os.environ, S3FUSE_STORE=str(store))
+    try:
+        r = subprocess.run([os.path.join(repo, "scripts", "run"), str(mnt)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert os.path.ismount(mnt)
+        assert "umount" in r.stdout  # it says how to unmount
+        (mnt / "hello").write_text("world")
+        assert (mnt / "hello").read_text() == "world"
+        assert (store / "store.json").exists()
+        u = run_cli("umount", mnt, timeout=120)
+        assert u.returncode == 0, u.stderr
+        # second use: the store exists, so it is only mounted again
+        r = subprocess.run([os.path.join(repo, "scripts", "run"), str(mnt)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "hello").read_text() == "world"
+    finally:
+        _cleanup_unexpected_mount(mnt)

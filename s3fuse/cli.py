@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="create a new store")
     s.add_argument("store", metavar="STORE", help="directory to create the store in (new or empty)")
+    s.add_argument("--block-size-kib", type=int, default=4096,
+                   help="largest object: one per block of a file (default 4096)")
+    s.add_argument("--segment-size-kib", type=int, default=64,
+                   help="unit of authenticated encryption and of ranged reads (default 64)")
 
     s = sub.add_parser("mount", help="mount a store")
     s.add_argument("store", metavar="STORE")
@@ -140,7 +144,8 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 def cmd_init(args) -> int:
     from .store import init_store
 
-    cfg = init_store(args.store)
+    cfg = init_store(args.store, block_size=args.block_size_kib << 10,
+                     segment_size=args.segment_size_kib << 10)
     print(f"created store {cfg.path} (id {cfg.store_id.hex()})")
     print(f"root key: {cfg.root_key_file} (keep it secret; whoever has it and the store can read everything)")
     return 0

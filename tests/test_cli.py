@@ -296,3 +296,13 @@ def test_scripts_run_creates_store_and_mounts(workdir):
         assert (mnt / "hello").read_text() == "world"
     finally:
         _cleanup_unexpected_mount(mnt)
+
+
+def test_init_block_and_segment_sizes(workdir):
+    store = workdir("sizes") / "store"
+    r = run_cli("init", store, "--block-size-kib", "1024", "--segment-size-kib", "16")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((store / "store.json").read_text())
+    assert (cfg["block_size"], cfg["segment_size"]) == (1 << 20, 16 << 10)
+    bad = run_cli("init", workdir("bad") / "store", "--block-size-kib", "100", "--segment-size-kib", "64")
+    assert_cli_error(bad, "block size not a multiple of the segment size")

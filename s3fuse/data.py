@@ -134,7 +134,7 @@ class DataStore:
         self.dirty_bytes = 0
         self._flush_lock = trio.Lock()
         self._crypto_limiter = trio.CapacityLimiter(crypto_threads)
-        self._put_limiter = trio.CapacityLimiter(8)
+        self._delete_limiter = trio.CapacityLimiter(8)
         self._store_limiter = trio.CapacityLimiter(4)
         self._kick = trio.Event()
         self._space = trio.Event()
@@ -504,7 +504,7 @@ class DataStore:
                 jobs.append((fs, blockno, blk))
         refs: dict[tuple[int, int], BlockRef | None] = {}
         stored_versions: dict[tuple[int, int], int] = {}
-        small: list[tuple[str, bytes]] = []  # objects put together in one batch
+        small: list[tuple[str, list[bytes]]] = []  # objects put together in one batch
         try:
             async with trio.open_nursery() as nursery:
                 for fs, blockno, blk in jobs:
@@ -628,30 +628,17 @@ class DataStore:
         return self.meta.block(ino, blockno)
 
     def _store_small(self, fs: FileState, blockno: int, blk: Block, refs: dict, stored_versions: dict,
-                     batch: list[tuple[str, bytes]]) -> None:
+                     batch: list[tuple[str, list[bytes]]]) -> None:
         """Encrypt a small block on the loop (cheaper than a thread hop) and queue its put."""
         stored_versions[(fs.ino, blockno)] = blk.version
         data = bytes(blk.data)
-        if not data[-1:].strip(b"\0") and data == bytes(len(data)):
-            refs[(fs.ino, blockno)] = None
+        if _all_zero(data):
+            refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
             return
-        ref, blob = self._seal(fs.ino, blockno, data, fs.policy, fs.writer)
-        batch.append((ref.object_id.hex(), blob))
-        self.stats["objects_put"] += 1
-        self.stats["bytes_put"] += len(blob)
-        refs[(fs.ino, blockno)] = ref
-
-    def _seal(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller) -> tuple[BlockRef, bytes]:
-        """A new object for a block: its block-map row and its bytes."""
-        object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
-        data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path)
-        header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
-                                  wrapped.key_ref, self.segment_size, len(data))
-        blob = fmt.encrypt_object(header, data_key, data)
-        ref = BlockRef(ino, blockno, object_id, len(data), len(data), fmt.header_length(blob),
-                       wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
-        return ref, blob
+        header, data_key, wrapped = self._new_object(fs.ino, blockno, len(data), fs.policy, fs.writer)
+        parts = fmt.encrypt_object_parts(header, data_key, data)
+        batch.append((header.object_id.hex(), parts))
+        refs[(fs.ino, blockno)] = self._stored(header, wrapped, parts)
 
     async def _store_block(self, fs: FileState, blockno: int, blk: Block, refs: dict,
                            stored_versions: dict) -> None:
@@ -666,7 +653,7 @@ class DataStore:
             else:
                 data = bytes(blk.data)  # writes may go on while this snapshot is stored
             try:
-                if not data[-1:].strip(b"\0") and data == bytes(len(data)):
+                if _all_zero(data):
                     refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
                     return
                 refs[(fs.ino, blockno)] = await self._store_snapshot(
@@ -675,23 +662,32 @@ class DataStore:
                 blk.inflight = False
 
     async def _store_snapshot(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller) -> BlockRef:
-        """Seal and put one block. Keys are chosen on the loop (KMS and audit live there);
-        the encryption runs in a worker thread, then the put."""
-        object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
-        data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path)
-        header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
-                                  wrapped.key_ref, self.segment_size, len(data))
+        """Seal and put one block: encryption in a worker thread when it is large, then the put."""
+        header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
         if len(data) > THREAD_THRESHOLD:
             parts = await trio.to_thread.run_sync(
                 fmt.encrypt_object_parts, header, data_key, data, limiter=self._crypto_limiter)
         else:
             parts = fmt.encrypt_object_parts(header, data_key, data)
-        await self.backend.put(object_id.hex(), parts)
+        await self.backend.put(header.object_id.hex(), parts)
+        return self._stored(header, wrapped, parts)
+
+    def _new_object(self, ino: int, blockno: int, length: int, policy: Policy,
+                    who: Caller) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
+        """A fresh object id, data key and header. Runs on the loop: KMS and audit live there."""
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
+        data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path)
+        header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
+                                  wrapped.key_ref, self.segment_size, length)
+        return header, data_key, wrapped
+
+    def _stored(self, header: fmt.ObjectHeader, wrapped: WrappedKey, parts: list[bytes]) -> BlockRef:
+        """The block-map row of an object that was (or is about to be) put."""
         self.stats["objects_put"] += 1
         self.stats["bytes_put"] += sum(len(p) for p in parts)
-        return BlockRef(ino, blockno, object_id, len(data), len(data), len(parts[0]),
-                        wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
+        return BlockRef(header.inode, header.block, header.object_id, header.length, header.length,
+                        len(parts[0]), wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
 
     async def reencrypt(self, ino: int, policy: Policy, who: Caller) -> int:
         """Store every block of a file again under `policy`, switching all at once.
@@ -795,7 +791,7 @@ class DataStore:
             done += len(ids)
 
     async def _delete_object(self, oid: bytes) -> None:
-        async with self._put_limiter:
+        async with self._delete_limiter:
             await self.backend.delete(oid.hex())
         self._objects.pop(oid, None)
 
@@ -812,3 +808,7 @@ class DataStore:
                 removed += 1
         return removed
 
+
+def _all_zero(data: bytes | bytearray) -> bool:
+    """True for a block of zeros (checked cheaply: most blocks fail at the last byte)."""
+    return not data[-1:].strip(b"\0") and data == bytes(len(data))

@@ -45,14 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     s = sub.add_parser("init", help="create a new store")
-    s.add_argument("store", metavar="STORE", help="directory to create the store in (new or empty)")
+    s.add_argument("store", metavar="STORE", help="directory to create the store in (new or empty), "
+                   "or s3://BUCKET/PREFIX")
+    _s3_options(s)
     s.add_argument("--block-size-kib", type=int, default=4096,
                    help="largest object: one per block of a file (default 4096)")
     s.add_argument("--segment-size-kib", type=int, default=64,
                    help="unit of authenticated encryption and of ranged reads (default 64)")
 
     s = sub.add_parser("mount", help="mount a store")
-    s.add_argument("store", metavar="STORE")
+    s.add_argument("store", metavar="STORE", help="store directory, S3 state directory or s3://BUCKET/PREFIX")
+    _s3_options(s, mount=True)
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
     s.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     s.add_argument("--allow-other", action="store_true", help="let other users use the mount (permissions apply)")
@@ -128,6 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _s3_options(s: argparse.ArgumentParser, mount: bool = False) -> None:
+    g = s.add_argument_group("S3 stores (STORE = s3://BUCKET/PREFIX; see docs/S3.md)")
+    g.add_argument("--endpoint-url", help="S3 endpoint (default: AWS)")
+    g.add_argument("--region", help="S3 region (default us-east-1)")
+    g.add_argument("--profile", help="AWS profile for credentials (default: environment, shared files)")
+    g.add_argument("--state-dir", help="local state directory (default /var/lib/s3fuse/BUCKET-HASH for root, "
+                   "~/.local/state/s3fuse/BUCKET-HASH otherwise)")
+    if mount:
+        g.add_argument("--root-key-file", help="the store's root key, when mounting on a machine "
+                       "without its state directory")
+
+
+def _resolve_store(args) -> str:
+    """STORE as a local directory: an s3:// address becomes its state directory."""
+    from .s3store import is_s3_url, resolve_store
+
+    if not is_s3_url(args.store):
+        return args.store
+    return resolve_store(args.store, state_dir=args.state_dir, endpoint_url=args.endpoint_url,
+                         region=args.region, profile=args.profile,
+                         root_key_file=getattr(args, "root_key_file", None))
+
+
 def _mount_option(s: argparse.ArgumentParser) -> None:
     s.add_argument("--mount", "-m", metavar="MOUNTPOINT",
                    help="the daemon to talk to (default: the only s3fuse mount)")
@@ -144,6 +170,16 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 def cmd_init(args) -> int:
     from .store import init_store
 
+    from .s3store import init_s3_store, is_s3_url
+
+    if is_s3_url(args.store):
+        cfg = init_s3_store(args.store, state_dir=args.state_dir, endpoint_url=args.endpoint_url,
+                            region=args.region, profile=args.profile,
+                            block_size=args.block_size_kib << 10, segment_size=args.segment_size_kib << 10)
+        print(f"created store {args.store} (id {cfg.store_id.hex()}), local state in {cfg.path}")
+        print(f"root key: {cfg.root_key_file} (keep it secret and keep a copy: with it, the bucket alone "
+              "is enough to mount the store on another machine)")
+        return 0
     cfg = init_store(args.store, block_size=args.block_size_kib << 10,
                      segment_size=args.segment_size_kib << 10)
     print(f"created store {cfg.path} (id {cfg.store_id.hex()})")
@@ -155,6 +191,7 @@ def cmd_mount(args) -> int:
     from .daemon import MountOptions, check_mountpoint, run_foreground
     from .store import load_config
 
+    args.store = _resolve_store(args)
     options = MountOptions(allow_other=args.allow_other, dirty_limit=args.dirty_limit,
                            cache_limit=args.cache_limit)
     if args.foreground:

@@ -110,9 +110,24 @@ class Daemon:
     def open(self) -> None:
         self.lock.acquire(self.mountpoint)
         root_key = load_root_key(self.cfg)
+        self.backend = open_backend(self.cfg.path, {"backend": self.cfg.backend})
+        self.s3 = None
+        if self.cfg.backend.get("type") == "s3":
+            # the bucket's lease first, then the newest metadata snapshot (docs/S3.md)
+            from .s3store import S3Mount
+
+            self.s3 = S3Mount(self.cfg, self.mountpoint, self.backend)
+            self.s3.open(root_key)
+        try:
+            self._open_rest(root_key)
+        except BaseException:
+            if self.s3 is not None:
+                self.s3.lease.release()
+            raise
+
+    def _open_rest(self, root_key: bytes) -> None:
         keyring = load_keyring(self.cfg, root_key)
         self.meta = Meta(self.cfg.meta_path)
-        self.backend = open_backend(self.cfg.path, {"backend": self.cfg.backend})
         self.audit = AuditLog.open(self.cfg.audit_path)
         kms = BuiltinKms.load(self.cfg.kms_path, root_key, self.cfg.store_id)
         self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
@@ -156,6 +171,9 @@ class Daemon:
                 nursery.start_soon(self.data.flusher)
                 nursery.start_soon(self.data.collector)
                 nursery.start_soon(self.admin.key_scheduler)
+                if self.s3 is not None:
+                    nursery.start_soon(self.s3.lease.keep)
+                    nursery.start_soon(self.s3.periodic, self.meta)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
                 async with trio.open_nursery() as fuse:
@@ -186,6 +204,8 @@ class Daemon:
                     self.meta.set_state("audit_seq", self.audit.seq)
                     self.meta.set_state("clean", 1)
                 self.meta.close()
+                if self.s3 is not None:
+                    await self.s3.finish()
                 await self.backend.close()
                 self.keys.customer.clear()
                 self.audit.close()
@@ -240,6 +260,7 @@ class Daemon:
             "customer_keys": len(self.keys.customer.list(0)),
             "audit_log": self.cfg.audit_path,
             **{k: v for k, v in d.stats.items()},
+            **getattr(self.backend, "stats", {}),
         }
 
     async def _flush(self, peer: Peer, args: dict) -> None:

@@ -60,8 +60,9 @@ class StoreConfig:
 
 
 def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
-               segment_size: int = DEFAULT_SEGMENT_SIZE) -> StoreConfig:
-    """Create a new store at `path` (absent or an empty directory)."""
+               segment_size: int = DEFAULT_SEGMENT_SIZE, backend: dict | None = None) -> StoreConfig:
+    """Create a new store at `path` (absent or an empty directory). For a backend other
+    than the local one, `path` is the store's local state directory (docs/S3.md)."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -82,13 +83,14 @@ def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
         "block_size": block_size,
         "segment_size": segment_size,
         "default_sse": "AES256",
-        "backend": {"type": "local"},
+        "backend": backend or {"type": "local"},
         "root_key": {"source": "file", "path": "root.key"},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     cfg = _parse_config(path, config)
     Keyring.new().save(cfg.keyring_path, root_key, store_id)
-    LocalBackend.create(os.path.join(path, "objects"))
+    if cfg.backend.get("type", "local") == "local":
+        LocalBackend.create(os.path.join(path, "objects"))
     meta = Meta.create(cfg.meta_path, os.getuid(), os.getgid(), time.time_ns())
     meta.close()
     # the config is written last: its presence marks a complete store

@@ -152,7 +152,11 @@ def run_cli(*args, timeout: float = 120.0, **kw) -> subprocess.CompletedProcess:
     )
 
 
-def init_store(path: Path) -> Path:
+def init_store(path: Path, backend: str = "local") -> Path:
+    """A new store at ``path``; for the s3 backend, ``path`` is its state directory and
+    the objects go to a fresh prefix of the test bucket on the session's SeaweedFS."""
+    if backend == "s3":
+        return init_s3_store(path)
     r = run_cli("init", path)
     assert r.returncode == 0, f"s3fuse init {path} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     assert TRACEBACK not in r.stderr
@@ -160,8 +164,8 @@ def init_store(path: Path) -> Path:
 
 
 @pytest.fixture
-def new_store(workdir) -> Path:
-    return init_store(workdir("store") / "store")
+def new_store(workdir, store_backend) -> Path:
+    return init_store(workdir("store") / "store", store_backend)
 
 
 def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
@@ -177,7 +181,9 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
 
 
 def list_objects(store: Path) -> set[str]:
-    """Object ids (file names) under STORE/objects, recursively."""
+    """Object ids in the store (files under STORE/objects, or keys under PREFIX/objects/)."""
+    if store_is_s3(store):
+        return s3_list_objects(store)
     out = set()
     for dirpath, _dirs_, files in os.walk(Path(store) / "objects"):
         for f in files:
@@ -361,13 +367,14 @@ def _is_dead_mount(p: Path) -> bool:
 
 
 class MountFactory:
-    def __init__(self, dirs: _DirFactory):
+    def __init__(self, dirs: _DirFactory, backend: str = "local"):
         self.dirs = dirs
+        self.backend = backend
         self.mounts: list[Mount] = []
 
     def __call__(self, store: Path | None = None, extra_args=(), start: bool = True) -> Mount:
         if store is None:
-            store = init_store(self.dirs("store") / "store")
+            store = init_store(self.dirs("store") / "store", self.backend)
         mnt = self.dirs("mnt")
         logdir = self.dirs("log")
         m = Mount(store, mnt, logdir, extra_args)
@@ -396,8 +403,8 @@ class MountFactory:
 
 
 @pytest.fixture
-def mount_factory(_dirs):
-    f = MountFactory(_dirs)
+def mount_factory(_dirs, store_backend):
+    f = MountFactory(_dirs, store_backend)
     try:
         yield f
     finally:
@@ -405,8 +412,8 @@ def mount_factory(_dirs):
 
 
 @pytest.fixture(scope="module")
-def module_mount_factory(_dirs):
-    f = MountFactory(_dirs)
+def module_mount_factory(_dirs, store_backend):
+    f = MountFactory(_dirs, store_backend)
     try:
         yield f
     finally:
@@ -444,6 +451,8 @@ def subdir(module_mount, request) -> Path:
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "expect_traceback: the daemon log may contain a Python traceback")
+    config.addinivalue_line(
+        "markers", "local_only: run on the local backend only (the test reads STORE/objects by path)")
 
 
 @pytest.fixture(autouse=True)
@@ -546,3 +555,119 @@ def py_as(uid: int, gid: int, op: str, *args):
     if "errno" in d:
         return ("errno", d["errno"])
     return ("ok", d["ok"])
+
+
+# --------------------------------------------------------------------------
+# S3 backend (issue 5): a real SeaweedFS server for the session, and the
+# parametrisation of the filesystem tests over both backends
+# --------------------------------------------------------------------------
+#
+# A test module opts in to running against both backends with a module-level
+# ``BACKENDS = ("local", "s3")``; every test in it that uses a store (through
+# new_store, mount_factory, mounted, module_mount, subdir) then runs once per
+# backend.  ``@pytest.mark.local_only`` keeps one test on the local backend (tests
+# that read or corrupt files under STORE/objects by path).
+
+S3_TEST_BUCKET = "s3fuse-tests"
+_S3: dict = {}
+
+
+def pytest_generate_tests(metafunc):
+    if "store_backend" not in metafunc.fixturenames:
+        return
+    backends = getattr(metafunc.module, "BACKENDS", ("local",))
+    if metafunc.definition.get_closest_marker("local_only"):
+        backends = ("local",)
+    metafunc.parametrize("store_backend", list(backends), indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def store_backend(request) -> str:
+    """"local" or "s3" (parametrised by pytest_generate_tests)."""
+    backend = getattr(request, "param", "local")
+    if backend == "s3":
+        request.getfixturevalue("s3_server")
+    return backend
+
+
+def _start_s3_server():
+    from .s3server import SeaweedServer
+
+    if "server" not in _S3:
+        base = tempfile.mkdtemp(prefix="s3fuse-weed-", dir="/tmp")
+        try:
+            srv = SeaweedServer(base).start()
+        except RuntimeError as exc:
+            pytest.exit(f"the S3 tests need a SeaweedFS server: {exc}", returncode=1)
+        os.environ.update(srv.env())  # the daemons and CLI find credentials the usual way
+        srv.create_bucket(S3_TEST_BUCKET)
+        _S3["server"] = srv
+        _S3["base"] = base
+        _S3["n"] = 0
+    return _S3["server"]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The session's SeaweedFS (started on first use; stopped at session end, and by an
+    atexit hook if the session dies)."""
+    srv = _start_s3_server()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(_S3.get("base", ""), ignore_errors=True)
+        _S3.clear()
+
+
+def new_s3_url() -> str:
+    _S3["n"] += 1
+    return f"s3://{S3_TEST_BUCKET}/t{_S3['n']}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+
+
+def init_s3_store(state_dir: Path, url: str | None = None, extra=()) -> Path:
+    srv = _start_s3_server()
+    url = url or new_s3_url()
+    r = run_cli("init", url, "--endpoint-url", srv.endpoint, "--state-dir", state_dir, *extra)
+    assert r.returncode == 0, f"s3fuse init {url} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    assert TRACEBACK not in r.stderr
+    return Path(state_dir)
+
+
+def store_config(store: Path) -> dict:
+    import json
+
+    return json.loads((Path(store) / "store.json").read_text())
+
+
+def store_is_s3(store: Path) -> bool:
+    p = Path(store) / "store.json"
+    return p.exists() and store_config(store)["backend"].get("type") == "s3"
+
+
+def s3_set_backend_options(store: Path, **options) -> None:
+    """Change settings in the state directory's store.json backend section."""
+    import json
+
+    cfg = store_config(store)
+    cfg["backend"].update(options)
+    (Path(store) / "store.json").write_text(json.dumps(cfg, indent=2))
+
+
+def s3_client():
+    return _start_s3_server().client()
+
+
+def s3_list_keys(store: Path, sub: str = "") -> dict[str, int]:
+    """{key below PREFIX/: size} in the store's bucket prefix."""
+    b = store_config(store)["backend"]
+    prefix = f"{b['prefix']}/" if b["prefix"] else ""
+    out = {}
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=b["bucket"], Prefix=prefix + sub):
+        for o in page.get("Contents", []):
+            out[o["Key"][len(prefix):]] = o["Size"]
+    return out
+
+
+def s3_list_objects(store: Path) -> set[str]:
+    return {k[len("objects/"):] for k in s3_list_keys(store, "objects/")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .base import Backend, NoSuchObject
 from .local import LocalBackend
 
@@ -9,7 +11,21 @@ __all__ = ["Backend", "NoSuchObject", "LocalBackend", "open_backend"]
 
 
 def open_backend(store_dir: str, config: dict) -> Backend:
-    kind = config.get("backend", {}).get("type", "local")
+    """The backend a store's configuration names. For S3, `store_dir` is the local state
+    directory (its cache/ holds the object cache); settings in config["backend"]:
+    cache_mib, max_requests, retry_budget (seconds), multipart_threshold_mib."""
+    b = config.get("backend", {})
+    kind = b.get("type", "local")
     if kind == "local":
-        return LocalBackend(config["backend"].get("path") or f"{store_dir}/objects")
+        return LocalBackend(b.get("path") or f"{store_dir}/objects")
+    if kind == "s3":
+        from .s3 import DEFAULT_CACHE_LIMIT, DEFAULT_MAX_REQUESTS, DEFAULT_RETRY_BUDGET, MULTIPART_THRESHOLD
+        from .s3 import S3Backend, S3Location
+
+        return S3Backend(
+            S3Location.from_config(b), cache_dir=os.path.join(store_dir, "cache"),
+            cache_limit=int(b.get("cache_mib", DEFAULT_CACHE_LIMIT >> 20)) << 20,
+            max_requests=int(b.get("max_requests", DEFAULT_MAX_REQUESTS)),
+            retry_budget=float(b.get("retry_budget", DEFAULT_RETRY_BUDGET)),
+            multipart_threshold=int(b.get("multipart_threshold_mib", MULTIPART_THRESHOLD >> 20)) << 20)
     raise ValueError(f"unknown backend type {kind!r}")

@@ -1,0 +1,328 @@
+"""A store whose objects live in an S3 bucket (docs/S3.md).
+
+Locally, a state directory holds what a local store holds except the objects
+(store.json, meta.db, keyring.bin, kms.bin, audit.log, lock) plus cache/ (ciphertext
+of recently used objects) and snapshot.seq. In the bucket, under PREFIX/:
+
+    store.json            the store's configuration (nothing secret), written once by init
+    objects/<id>          the encrypted objects
+    snapshots/<seq>       encrypted, authenticated snapshots of the local state (snapshot.py)
+    lock                  the mount lease (lease.py)
+
+So a new machine mounts from the bucket and the root key alone: it fetches store.json,
+takes the lease, restores the newest snapshot, and carries on.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+
+import trio
+
+from . import snapshot
+from .backends.s3 import S3Backend, S3Client, S3Location, describe_probe_error, parse_s3_url
+from .errors import S3fuseError, StoreError
+from .lease import DEFAULT_LEASE_SECONDS, BucketLease
+from .store import CONFIG_NAME, StoreConfig, init_store
+from .util import atomic_write
+
+log = logging.getLogger(__name__)
+
+STATE_ROOT = "/var/lib/s3fuse"
+SEQ_FILE = "snapshot.seq"
+SNAPSHOT_FILES = ("meta.db", "keyring.bin", "kms.bin", "audit.log")
+KEEP_SNAPSHOTS = 3
+DEFAULT_SNAPSHOT_INTERVAL = 60.0
+PROBE_RETRY_BUDGET = 5.0
+
+
+def is_s3_url(store: str) -> bool:
+    return str(store).startswith("s3://")
+
+
+def default_state_dir(loc: S3Location) -> str:
+    base = STATE_ROOT if os.getuid() == 0 else os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "s3fuse")
+    digest = hashlib.sha256(loc.url.encode()).hexdigest()[:12]
+    return os.path.join(base, f"{loc.bucket}-{digest}")
+
+
+def _probe(s3: S3Client) -> None:
+    try:
+        s3.probe()
+    except S3fuseError as exc:
+        raise StoreError(f"cannot reach {s3.loc.url}: {exc}", errno.EIO) from None
+    except Exception as exc:  # noqa: BLE001 - botocore's errors, worded for a person
+        import botocore.exceptions as bex
+
+        if not isinstance(exc, (bex.BotoCoreError, bex.ClientError)):
+            raise
+        raise StoreError(describe_probe_error(s3.loc, exc), errno.EIO) from None
+
+
+def _snapshot_key(loc: S3Location, seq: int) -> str:
+    return loc.key(f"snapshots/{seq:020d}")
+
+
+def list_snapshots(s3: S3Client) -> list[int]:
+    prefix = s3.loc.key("snapshots/")
+    out = []
+    for key, _ in s3.list_all(prefix):
+        tail = key[len(prefix):]
+        if tail.isdigit():
+            out.append(int(tail))
+    return sorted(out)
+
+
+def read_seq(state_dir: str) -> int:
+    try:
+        with open(os.path.join(state_dir, SEQ_FILE)) as f:
+            return int(f.read().strip() or 0)
+    except FileNotFoundError:
+        return 0
+
+
+def _write_seq(state_dir: str, seq: int) -> None:
+    atomic_write(os.path.join(state_dir, SEQ_FILE), f"{seq}\n".encode(), mode=0o600)
+
+
+# -- init and finding the state directory --------------------------------------------
+
+def init_s3_store(url: str, *, state_dir: str | None, endpoint_url: str | None, region: str | None,
+                  profile: str | None, block_size: int, segment_size: int, root_key: bytes | None = None
+                  ) -> StoreConfig:
+    from .store import load_root_key
+
+    bucket, prefix = parse_s3_url(url)
+    loc = S3Location(bucket, prefix, endpoint_url, region, profile)
+    s3 = S3Client(loc, retry_budget=PROBE_RETRY_BUDGET)
+    _probe(s3)
+    if s3.head(loc.key(CONFIG_NAME)) is not None:
+        raise StoreError(f"{loc.url} already holds an s3fuse store (mount it, or choose another prefix)",
+                         errno.EEXIST)
+    cfg = init_store(os.path.abspath(state_dir or default_state_dir(loc)), block_size, segment_size,
+                     backend=loc.to_config())
+    with open(os.path.join(cfg.path, CONFIG_NAME), "rb") as f:
+        public = f.read()
+    import botocore.exceptions as bex
+
+    try:
+        s3.put(loc.key(CONFIG_NAME), public, IfNoneMatch="*", ContentType="application/json")
+    except bex.ClientError as exc:
+        raise StoreError(f"{loc.url} already holds an s3fuse store (created meanwhile)", errno.EEXIST) from exc
+    Snapshotter(cfg, s3, load_root_key(cfg), 0).take()
+    return cfg
+
+
+def resolve_store(store: str, *, state_dir: str | None = None, endpoint_url: str | None = None,
+                  region: str | None = None, profile: str | None = None,
+                  root_key_file: str | None = None) -> str:
+    """The local store directory to open for `store` (a path, or s3://BUCKET/PREFIX).
+
+    For an S3 address whose state directory does not exist yet (a new machine), fetch
+    the store's configuration from the bucket and create the state directory; the root
+    key never comes from the bucket, so it must be named (--root-key-file)."""
+    if not is_s3_url(store):
+        return store
+    bucket, prefix = parse_s3_url(store)
+    loc = S3Location(bucket, prefix, endpoint_url, region, profile)
+    path = os.path.abspath(state_dir or default_state_dir(loc))
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    overrides = {k: v for k, v in (("endpoint_url", endpoint_url), ("region", region), ("profile", profile))
+                 if v is not None}
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        b = raw.get("backend", {})
+        if b.get("type") != "s3" or b.get("bucket") != bucket or b.get("prefix", "") != prefix:
+            raise StoreError(f"state directory {path} belongs to another store, not {loc.url}")
+        changed = any(b.get(k) != v for k, v in overrides.items())
+        b.update(overrides)
+        if root_key_file:
+            rk = {"source": "file", "path": os.path.abspath(root_key_file)}
+            changed |= raw.get("root_key") != rk
+            raw["root_key"] = rk
+        if changed:
+            atomic_write(cfg_path, (json.dumps(raw, indent=2) + "\n").encode(), mode=0o600)
+        return path
+    s3 = S3Client(loc, retry_budget=PROBE_RETRY_BUDGET)
+    _probe(s3)
+    from .backends.base import NoSuchObject
+
+    try:
+        body, _ = s3.get(loc.key(CONFIG_NAME))
+    except NoSuchObject:
+        raise StoreError(f"{loc.url} holds no s3fuse store (create one with: s3fuse init {loc.url})",
+                         errno.ENOENT) from None
+    raw = json.loads(body)
+    raw["backend"] = {**raw.get("backend", {}), **loc.to_config()}
+    for k in ("endpoint_url", "region", "profile"):
+        if k not in overrides:
+            raw["backend"][k] = None
+    if root_key_file:
+        raw["root_key"] = {"source": "file", "path": os.path.abspath(root_key_file)}
+    elif raw.get("root_key", {}).get("source", "file") == "file":
+        raise StoreError(f"no local state for {loc.url} in {path}: name the store's root key with "
+                         "--root-key-file (it is never stored in the bucket)", errno.ENOKEY)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    atomic_write(cfg_path, (json.dumps(raw, indent=2) + "\n").encode(), mode=0o600)
+    log.info("created state directory %s for %s", path, loc.url)
+    return path
+
+
+# -- snapshots ------------------------------------------------------------------------
+
+class Snapshotter:
+    """Takes sequence-numbered snapshots of the state directory into the bucket."""
+
+    def __init__(self, cfg: StoreConfig, s3: S3Client, root_key: bytes, seq: int) -> None:
+        self.cfg, self.s3, self.seq = cfg, s3, seq
+        self.key = snapshot.snapshot_key(root_key, cfg.store_id)
+
+    def _tmp(self, name: str) -> str:
+        return os.path.join(self.cfg.path, f".snapshot-{name}")
+
+    def take(self) -> int:
+        """Upload snapshot seq+1 (blocking; run in a worker thread). Returns its number."""
+        seq = self.seq + 1
+        db, plain, sealed = self._tmp("meta.db"), self._tmp("plain"), self._tmp("sealed")
+        try:
+            # a consistent copy through a connection of our own (SQLite's online backup)
+            src = sqlite3.connect(self.cfg.meta_path)
+            dst = sqlite3.connect(db)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+                src.close()
+            files = [("meta.db", db)]
+            for name in SNAPSHOT_FILES[1:]:
+                p = os.path.join(self.cfg.path, name)
+                if os.path.exists(p):
+                    files.append((name, p))
+            snapshot.pack(files, plain)
+            os.unlink(db)
+            snapshot.encrypt(plain, sealed, self.key, self.cfg.store_id, seq)
+            os.unlink(plain)
+            self.s3.put_file(_snapshot_key(self.s3.loc, seq), sealed)
+        finally:
+            for p in (db, plain, sealed):
+                if os.path.exists(p):
+                    os.unlink(p)
+        _write_seq(self.cfg.path, seq)
+        self.seq = seq
+        for old in list_snapshots(self.s3)[:-KEEP_SNAPSHOTS]:
+            self.s3.delete(_snapshot_key(self.s3.loc, old))
+        return seq
+
+    def restore(self, seq: int) -> None:
+        """Replace the local state by snapshot `seq` (blocking)."""
+        sealed, plain = self._tmp("download"), self._tmp("plain")
+        key = _snapshot_key(self.s3.loc, seq)
+        try:
+            with open(os.open(sealed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                off, step = 0, 8 << 20
+                while True:
+                    body, total = self.s3.get(key, off, off + step)
+                    out.write(body)
+                    off += len(body)
+                    if off >= total or not body:
+                        break
+            snapshot.decrypt(sealed, plain, self.key, self.cfg.store_id, seq)
+            for suffix in ("", "-wal", "-shm"):
+                p = self.cfg.meta_path + suffix
+                if os.path.exists(p):
+                    os.unlink(p)
+            snapshot.unpack(plain, self.cfg.path, set(SNAPSHOT_FILES))
+        finally:
+            for p in (sealed, plain):
+                if os.path.exists(p):
+                    os.unlink(p)
+        _write_seq(self.cfg.path, seq)
+        self.seq = seq
+
+
+class S3Mount:
+    """The S3 side of a mount: probe, lease, state from the bucket, snapshots, deferred deletes."""
+
+    def __init__(self, cfg: StoreConfig, mountpoint: str, backend: S3Backend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.s3 = backend.s3
+        b = cfg.backend
+        self.interval = float(b.get("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL))
+        self.lease = BucketLease(self.s3, mountpoint, float(b.get("lease_seconds", DEFAULT_LEASE_SECONDS)))
+        self.snapshots: Snapshotter | None = None
+        self._changes = -1
+
+    def open(self, root_key: bytes) -> None:
+        """Before the metadata is opened: take the lease and bring the local state up to
+        the bucket's newest snapshot. Blocking."""
+        _probe(self.s3)
+        self.lease.acquire()
+        try:
+            local = read_seq(self.cfg.path)
+            snaps = list_snapshots(self.s3)
+            newest = snaps[-1] if snaps else 0
+            self.snapshots = Snapshotter(self.cfg, self.s3, root_key, local)
+            if newest < local:
+                raise StoreError(
+                    f"the newest metadata snapshot in {self.s3.loc.url} is {newest}, but this machine has "
+                    f"already seen snapshot {local}: refusing an older state (rolled back or deleted?)",
+                    errno.EIO)
+            if newest > local or not os.path.exists(self.cfg.meta_path):
+                if newest == 0:
+                    raise StoreError(f"{self.s3.loc.url} holds no metadata snapshot", errno.EIO)
+                log.info("restoring metadata snapshot %d from %s", newest, self.s3.loc.url)
+                self.snapshots.restore(newest)
+            self.backend.defer_deletes = True
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def note_changes(self, total_changes: int) -> bool:
+        changed = total_changes != self._changes
+        self._changes = total_changes
+        return changed
+
+    async def snapshot_now(self) -> None:
+        """Take a snapshot, then delete the objects it no longer refers to."""
+        pending = self.backend.take_pending_deletes()
+        try:
+            seq = await trio.to_thread.run_sync(self.snapshots.take)
+        except BaseException:
+            self.backend._pending_deletes[:0] = pending
+            raise
+        log.debug("metadata snapshot %d stored", seq)
+        if pending:
+            await self.backend.delete_now(pending)
+
+    async def periodic(self, meta) -> None:
+        """Snapshot every `interval` seconds while the metadata changes (a trio task)."""
+        self.note_changes(meta.db.total_changes)
+        while True:
+            await trio.sleep(self.interval)
+            if not self.note_changes(meta.db.total_changes):
+                continue
+            try:
+                await self.snapshot_now()
+            except Exception as exc:  # noqa: BLE001 - retried at the next interval
+                log.warning("metadata snapshot failed (will retry): %s", exc)
+                self._changes = -1
+
+    async def finish(self) -> None:
+        """At a clean stop, after the metadata is closed: last snapshot, deletes, lease."""
+        try:
+            await self.snapshot_now()
+        except Exception as exc:  # noqa: BLE001
+            log.error("final metadata snapshot failed: the bucket holds an older one (%s)", exc)
+        try:
+            await trio.to_thread.run_sync(self.lease.release)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not release the lease on %s: %s", self.s3.loc.url, exc)

@@ -90,8 +90,8 @@ def unpack(container_path: str, dest_dir: str, allowed: set[str]) -> list[str]:
 
 def encrypt(plain_path: str, out_path: str, key: bytes, store_id: bytes, seq: int,
             chunk_size: int = CHUNK_SIZE) -> None:
-    header = HEADER.pack(MAGIC, store_id, seq, os.urandom(8), chunk_size)
-    prefix = header[36:44]
+    prefix = os.urandom(8)
+    header = HEADER.pack(MAGIC, store_id, seq, prefix, chunk_size)
     aead = AESGCM(key)
     with open(plain_path, "rb") as src, open(out_path, "wb") as out:
         out.write(header)

@@ -30,3 +30,248 @@ def test_write_read_remount(mount_factory, store_backend):
     assert len(s3_list_objects(m.store)) >= 2
     # nothing of the store lives in a local objects directory
     assert not (m.store / "objects").exists()
+
+
+def status(m) -> dict[str, str]:
+    r = run_cli("status", m.mnt)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+
+
+def _bg_mount(url: str, state: Path, mnt: Path, *extra):
+    srv_endpoint = store_endpoint = None  # noqa: F841 - filled by the caller's args
+    return run_cli("mount", url, mnt, "--state-dir", state, *extra)
+
+
+def _url(store: Path) -> str:
+    b = store_config(store)["backend"]
+    return f"s3://{b['bucket']}/{b['prefix']}"
+
+
+def test_mount_on_a_new_machine_from_bucket_and_root_key(mount_factory, workdir, s3_server, store_backend):
+    m = mount_factory()
+    files = {"a": os.urandom(5 << 20 | 123), "d/b": b"small file", "d/e/c": os.urandom(70000)}
+    for name, data in files.items():
+        (m.mnt / name).parent.mkdir(parents=True, exist_ok=True)
+        (m.mnt / name).write_bytes(data)
+    os.symlink("d/b", m.mnt / "link")
+    os.setxattr(m.mnt / "a", "user.colour", b"blue")
+    m.unmount()
+    key_copy = workdir("keys") / "root.key"
+    shutil.copy(m.store / "root.key", key_copy)
+    url = _url(m.store)
+    shutil.rmtree(m.store)  # the old machine is gone
+
+    state, mnt = workdir("state2") / "state", workdir("mnt2")
+    r = run_cli("mount", url, mnt, "--state-dir", state, "--endpoint-url", s3_server.endpoint)
+    assert r.returncode != 0 and "--root-key-file" in r.stderr and TRACEBACK not in r.stderr
+    r = run_cli("mount", url, mnt, "--state-dir", state, "--endpoint-url", s3_server.endpoint,
+                "--root-key-file", key_copy)
+    assert r.returncode == 0, r.stderr
+    try:
+        for name, data in files.items():
+            assert (mnt / name).read_bytes() == data
+        assert os.readlink(mnt / "link") == "d/b"
+        assert os.getxattr(mnt / "a", "user.colour") == b"blue"
+        (mnt / "new").write_bytes(b"written on the new machine")
+    finally:
+        r = run_cli("umount", mnt)
+    assert r.returncode == 0, r.stderr
+    log = (state / "s3fuse.log").read_text()
+    assert "restoring metadata snapshot" in log and TRACEBACK not in log
+    # and the first machine's state directory, rebuilt again from the bucket, sees it too
+    state3, mnt3 = workdir("state3") / "state", workdir("mnt3")
+    r = run_cli("mount", url, mnt3, "--state-dir", state3, "--endpoint-url", s3_server.endpoint,
+                "--root-key-file", key_copy)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (mnt3 / "new").read_bytes() == b"written on the new machine"
+    finally:
+        assert run_cli("umount", mnt3).returncode == 0
+
+
+def test_wrong_root_key_fails_authentication(mount_factory, workdir, s3_server, store_backend):
+    m = mount_factory()
+    (m.mnt / "f").write_bytes(b"x")
+    m.unmount()
+    bad = workdir("keys") / "bad.key"
+    bad.write_bytes(os.urandom(32))
+    r = run_cli("mount", _url(m.store), workdir("mnt"), "--state-dir", workdir("st") / "s",
+                "--endpoint-url", s3_server.endpoint, "--root-key-file", bad)
+    assert r.returncode != 0
+    assert "failed authentication" in r.stderr and TRACEBACK not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    m.start()  # the lease was released after the failed mount
+    assert (m.mnt / "f").read_bytes() == b"x"
+
+
+def test_second_mount_is_refused_naming_the_holder(mount_factory, workdir, s3_server, store_backend):
+    m = mount_factory()
+    r = run_cli("mount", _url(m.store), workdir("mnt"), "--state-dir", workdir("st") / "s",
+                "--endpoint-url", s3_server.endpoint, "--root-key-file", m.store / "root.key")
+    assert r.returncode != 0
+    assert "already mounted by" in r.stderr and f"pid {m.pid}" in r.stderr, r.stderr
+    assert TRACEBACK not in r.stderr
+
+
+def _put_lock(store: Path, holder: str, expires: float) -> None:
+    import json
+    import time
+
+    from .conftest import s3_client
+
+    b = store_config(store)["backend"]
+    body = {"format": 1, "holder": holder, "lease_id": "x", "host": "elsewhere.example", "boot_id": "b",
+            "pid": 4242, "renewed": time.time(), "expires": expires}
+    s3_client().put_object(Bucket=b["bucket"], Key=f"{b['prefix']}/lock", Body=json.dumps(body).encode())
+
+
+def test_lease_of_another_machine_blocks_until_it_expires(mount_factory, store_backend):
+    import time
+
+    m = mount_factory()
+    m.unmount()
+    assert "lock" not in s3_list_keys(m.store)  # released at the clean stop
+    _put_lock(m.store, "pid 4242 on elsewhere.example:/mnt/x", time.time() + 3600)
+    r = run_cli("mount", m.store, m.mnt, "--foreground")
+    assert r.returncode != 0 and "already mounted by pid 4242 on elsewhere.example" in r.stderr
+    assert TRACEBACK not in r.stderr
+    _put_lock(m.store, "pid 4242 on elsewhere.example:/mnt/x", time.time() - 1)  # crashed, lease over
+    m.start()
+    assert "took over the expired lease" in m.log_text()
+    (m.mnt / "f").write_bytes(b"after takeover")
+    m.remount()
+    assert (m.mnt / "f").read_bytes() == b"after takeover"
+
+
+def test_killed_daemon_is_replaced_and_recovers(mount_factory, store_backend):
+    m = mount_factory()
+    (m.mnt / "kept").write_bytes(b"synced")
+    fd = os.open(m.mnt / "kept", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    m.kill9()
+    m.start()  # same machine, holder dead: no need to wait for the lease to expire
+    assert (m.mnt / "kept").read_bytes() == b"synced"
+    assert "not unmounted cleanly" in m.log_text()
+
+
+def test_repeated_reads_come_from_the_object_cache(mount_factory, store_backend):
+    m = mount_factory()
+    s3_set_backend_options(m.store, cache_mib=16)
+    m.remount()
+    data = os.urandom(40 << 20)
+    (m.mnt / "big").write_bytes(data)
+    m.remount()
+    cache = m.store / "cache"
+    used = sum(p.stat().st_size for p in cache.iterdir())
+    assert 0 < used <= 16 << 20  # bounded: 40 MiB written, at most 16 kept
+    assert (m.mnt / "big").read_bytes() == data
+    first = status(m)
+    m.remount()
+    assert (m.mnt / "big").read_bytes() == data
+    second = status(m)
+    # the second read found every object that the first read left in the cache
+    assert int(second["object_cache_hits"]) > 0
+    assert int(second["s3_gets"]) < int(first["s3_gets"]) + int(first["object_cache_hits"])
+    assert int(second["object_cache_bytes"]) <= 16 << 20
+
+
+def test_partial_reads_are_ranged_gets(mount_factory, store_backend):
+    m = mount_factory()
+    s3_set_backend_options(m.store, cache_mib=0)
+    m.remount()
+    data = os.urandom(4 << 20)
+    (m.mnt / "f").write_bytes(data)
+    m.remount()
+    fd = os.open(m.mnt / "f", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 2 << 20) == data[2 << 20:(2 << 20) + 4096]
+    finally:
+        os.close(fd)
+    st = status(m)
+    assert int(st["s3_gets"]) >= 1
+    assert 0 < int(st["s3_bytes_in"]) < 1 << 20  # a few segments, not the 4 MiB object
+
+
+def test_large_objects_go_up_in_parts(workdir, mount_factory, store_backend):
+    store = init_s3_store(workdir("store") / "store", extra=("--block-size-kib", "32768"))
+    s3_set_backend_options(store, multipart_threshold_mib=5)
+    m = mount_factory(store)
+    data = os.urandom(24 << 20)
+    (m.mnt / "f").write_bytes(data)
+    fd = os.open(m.mnt / "f", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    assert int(status(m)["s3_multipart_puts"]) >= 1
+    sizes = [s for k, s in s3_list_keys(store, "objects/").items()]
+    assert max(sizes) > 24 << 20  # one object, in parts
+    m.remount()
+    assert (m.mnt / "f").read_bytes() == data
+
+
+def test_bucket_holds_no_plaintext_or_keys(mount_factory, store_backend):
+    from .conftest import s3_client
+
+    m = mount_factory()
+    marker = b"PLAINTEXT-MARKER-" * 300
+    (m.mnt / "secret-name.txt").write_bytes(marker)
+    m.unmount()
+    root_key = (m.store / "root.key").read_bytes()
+    b = store_config(m.store)["backend"]
+    c = s3_client()
+    keys = s3_list_keys(m.store)
+    assert keys
+    for key in keys:
+        obj = c.get_object(Bucket=b["bucket"], Key=f"{b['prefix']}/{key}")
+        body = obj["Body"].read()
+        assert b"PLAINTEXT-MARKER" not in body and b"secret-name" not in body, key
+        assert root_key not in body, key
+        assert obj.get("Metadata", {}) == {}, key
+
+
+def test_snapshots_are_sequence_numbered_and_pruned(mount_factory, store_backend):
+    m = mount_factory()
+    for i in range(5):
+        (m.mnt / f"f{i}").write_bytes(b"x" * i)
+        m.remount()
+    snaps = sorted(k for k in s3_list_keys(m.store) if k.startswith("snapshots/"))
+    assert len(snaps) == 3  # the newest three are kept
+    seqs = [int(k.split("/")[1]) for k in snaps]
+    assert seqs == list(range(seqs[0], seqs[0] + 3)) and seqs[-1] >= 6
+    assert int((m.store / "snapshot.seq").read_text()) == seqs[-1]
+
+
+def test_older_snapshot_in_bucket_is_refused(mount_factory, store_backend):
+    from .conftest import s3_client
+
+    m = mount_factory()
+    (m.mnt / "f").write_bytes(b"1")
+    m.unmount()
+    b = store_config(m.store)["backend"]
+    newest = max(k for k in s3_list_keys(m.store) if k.startswith("snapshots/"))
+    s3_client().delete_object(Bucket=b["bucket"], Key=f"{b['prefix']}/{newest}")
+    r = run_cli("mount", m.store, m.mnt, "--foreground")
+    assert r.returncode != 0 and "refusing an older state" in r.stderr and TRACEBACK not in r.stderr
+
+
+def test_clear_errors_for_wrong_endpoint_bucket_credentials(workdir, s3_server):
+    url = new_s3_url()
+    cases = [
+        (("--endpoint-url", "http://127.0.0.1:9"), {}, "cannot reach the S3 endpoint"),
+        (("--endpoint-url", s3_server.endpoint), {}, "does not exist"),
+        (("--endpoint-url", s3_server.endpoint), {"AWS_SECRET_ACCESS_KEY": "wrong"}, "not accepted"),
+    ]
+    for i, (args, env, want) in enumerate(cases):
+        target = url.replace("s3fuse-tests", "no-such-bucket-s3fuse") if want == "does not exist" else url
+        r = run_cli("init", target, "--state-dir", workdir("st") / "s", *args, env={**os.environ, **env})
+        assert r.returncode == 1, (want, r.stderr)
+        assert want in r.stderr and TRACEBACK not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # at mount too: a store whose credentials stop working
+    state = init_s3_store(workdir("st") / "s", url)
+    r = run_cli("mount", state, workdir("mnt"), env={**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert r.returncode == 1 and "not accepted" in r.stderr and TRACEBACK not in r.stderr, r.stderr
+    # and a prefix that already holds a store is not initialised twice
+    r = run_cli("init", url, "--state-dir", workdir("st") / "s", "--endpoint-url", s3_server.endpoint)
+    assert r.returncode == 1 and "already holds an s3fuse store" in r.stderr

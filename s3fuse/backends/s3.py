@@ -40,6 +40,7 @@ MULTIPART_PART_SIZE = 8 << 20
 DEFAULT_MAX_REQUESTS = 16
 DEFAULT_RETRY_BUDGET = 60.0  # seconds of retrying before a request fails with EIO
 DEFAULT_CACHE_LIMIT = 1 << 30
+RANGE_MERGE_GAP = 256 << 10  # ranges of one object closer than this are fetched in one GET
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                    "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "TooManyRequests"}
 
@@ -176,6 +177,7 @@ class S3Client:
         self.retry = RetryPolicy(retry_budget)
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
+        self.multipart_puts = 0
         self.client = make_client(loc, max_requests, connect_timeout=min(5, max(1, retry_budget / 4)),
                                   read_timeout=read_timeout)
 
@@ -225,6 +227,7 @@ class S3Client:
 
     def _multipart(self, key: str, size: int, part: Callable[[int], bytes]) -> dict:
         b = self.loc.bucket
+        self.multipart_puts += 1
         up = self.call(f"create multipart {key}", self.client.create_multipart_upload, Bucket=b, Key=key)
         uid = up["UploadId"]
         try:
@@ -349,8 +352,8 @@ class ObjectCache:
             return
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         size = sum(len(p) for p in parts)
-        if size > self.limit // 4:
-            return  # one object may not flush a quarter of the cache
+        if size > self.limit // 2:
+            return  # one object may not flush half of the cache
         tmp = os.path.join(self.path, f".{key}.{threading.get_ident()}")
         with open(tmp, "wb") as f:
             for p in parts:
@@ -392,7 +395,15 @@ class S3Backend(Backend):
         self.cache = ObjectCache(cache_dir, cache_limit) if cache_dir else None
         self.defer_deletes = False
         self._pending_deletes: list[str] = []
-        self.stats = {"s3_gets": 0, "s3_puts": 0, "s3_deletes": 0}
+        self._stats = {"s3_gets": 0, "s3_bytes_in": 0, "s3_puts": 0, "s3_bytes_out": 0, "s3_deletes": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        out = dict(self._stats, s3_multipart_puts=self.s3.multipart_puts)
+        if self.cache:
+            out.update(object_cache_bytes=self.cache.used, object_cache_hits=self.cache.hits,
+                       object_cache_misses=self.cache.misses)
+        return out
 
     def _key(self, key: str) -> str:
         return self.loc.key(f"objects/{key}")
@@ -418,7 +429,8 @@ class S3Backend(Backend):
     # -- Backend -----------------------------------------------------------------
     def _put(self, key: str, data: bytes | list[bytes]) -> None:
         self.s3.put(self._key(key), data)
-        self.stats["s3_puts"] += 1
+        self._stats["s3_puts"] += 1
+        self._stats["s3_bytes_out"] += len(data) if isinstance(data, (bytes, bytearray)) else sum(map(len, data))
         if self.cache:
             self.cache.store(key, data)
 
@@ -435,20 +447,35 @@ class S3Backend(Backend):
             hit = self.cache.read(key, ranges)
             if hit is not None:
                 return hit
-        # one GET for the span of all ranges: a ranged GET unless it starts at 0 and runs
-        # to the end; a response that turns out to be the whole object goes into the cache
-        lo = min(off for off, _ in ranges)
-        hi = None if any(n is None for _, n in ranges) else max(off + n for off, n in ranges)
-        body, total = self.s3.get(self._key(key), lo, hi)
-        self.stats["s3_gets"] += 1
-        if self.cache and lo == 0 and len(body) == total:
-            self.cache.store(key, body)
-        view = memoryview(body)
-        out = []
-        for off, n in ranges:
-            end = total if n is None else off + n
-            out.append(bytes(view[off - lo:end - lo]))
-        return out
+        # ranges close together share one GET; far apart ones get their own ranged GET
+        # (a header and one segment in the middle of a block: two small requests). A
+        # response that turns out to be the whole object goes into the cache.
+        out: list[bytes | None] = [None] * len(ranges)
+        order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+        groups: list[list[int]] = []
+        end_of = lambda i: None if ranges[i][1] is None else ranges[i][0] + ranges[i][1]  # noqa: E731
+        for i in order:
+            if groups:
+                last_end = max((end_of(j) for j in groups[-1]), key=lambda e: float("inf") if e is None else e)
+                if last_end is None or ranges[i][0] - last_end <= RANGE_MERGE_GAP:
+                    groups[-1].append(i)
+                    continue
+            groups.append([i])
+        for group in groups:
+            lo = min(ranges[i][0] for i in group)
+            ends = [end_of(i) for i in group]
+            hi = None if any(e is None for e in ends) else max(ends)
+            body, total = self.s3.get(self._key(key), lo, hi)
+            self._stats["s3_gets"] += 1
+            self._stats["s3_bytes_in"] += len(body)
+            if self.cache and lo == 0 and len(body) == total:
+                self.cache.store(key, body)
+            view = memoryview(body)
+            for i in group:
+                off, n = ranges[i]
+                end = total if n is None else off + n
+                out[i] = bytes(view[off - lo:end - lo])
+        return out  # type: ignore[return-value]
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return (await self._run(f"GET {key}", self._get_ranges, key, [(offset, length)]))[0]
@@ -463,7 +490,7 @@ class S3Backend(Backend):
         if self.cache:
             self.cache.drop(key)
         self.s3.delete(self._key(key))
-        self.stats["s3_deletes"] += 1
+        self._stats["s3_deletes"] += 1
 
     async def delete(self, key: str) -> None:
         if self.defer_deletes:

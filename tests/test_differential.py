@@ -16,6 +16,9 @@ import random
 import stat
 from pathlib import Path
 
+# every test here runs on the local and the S3 backend (conftest.py, "S3 backend")
+BACKENDS = ("local", "s3")
+
 MiB = 1 << 20
 BLOCK = 4 * MiB
 NAMES = ["a", "b", "c", "d", "e"]

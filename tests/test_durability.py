@@ -17,6 +17,8 @@ import pytest
 
 from .conftest import count_objects
 
+# every test here runs on the local and the S3 backend (conftest.py, "S3 backend")
+BACKENDS = ("local", "s3")
 
 MiB = 1 << 20
 

@@ -23,6 +23,9 @@ import pytest
 
 from .conftest import list_objects, py_as, run_as
 
+# every test here runs on the local and the S3 backend (conftest.py, "S3 backend")
+BACKENDS = ("local", "s3")
+
 MiB = 1 << 20
 BLOCK = 4 * MiB
 

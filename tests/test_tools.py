@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# every test here runs on the local and the S3 backend (conftest.py, "S3 backend")
+BACKENDS = ("local", "s3")
+
 MiB = 1 << 20
 
 

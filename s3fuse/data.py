@@ -26,6 +26,7 @@ from . import format as fmt
 from .backends import Backend, NoSuchObject
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
 from .errors import BackendError, IntegrityError, S3fuseError
+from .util import one_error
 from .meta import BlockRef, Meta
 from .policy import DEFAULT, SSE_KMS, Policy
 
@@ -506,14 +507,17 @@ class DataStore:
         stored_versions: dict[tuple[int, int], int] = {}
         small: list[tuple[str, list[bytes]]] = []  # objects put together in one batch
         try:
-            async with trio.open_nursery() as nursery:
-                for fs, blockno, blk in jobs:
-                    if len(blk.data) <= THREAD_THRESHOLD:
-                        self._store_small(fs, blockno, blk, refs, stored_versions, small)
-                    else:
-                        nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
-                if small:
-                    nursery.start_soon(self.backend.put_many, small)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for fs, blockno, blk in jobs:
+                        if len(blk.data) <= THREAD_THRESHOLD:
+                            self._store_small(fs, blockno, blk, refs, stored_versions, small)
+                        else:
+                            nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
+                    if small:
+                        nursery.start_soon(self.backend.put_many, small)
+            except BaseExceptionGroup as group:
+                raise one_error(group) from None
             if only_full and not durable:
                 self._defer(files, refs)
             else:
@@ -780,9 +784,12 @@ class DataStore:
             if not ids:
                 return done
             try:
-                async with trio.open_nursery() as nursery:
-                    for oid in ids:
-                        nursery.start_soon(self._delete_object, oid)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for oid in ids:
+                            nursery.start_soon(self._delete_object, oid)
+                except BaseExceptionGroup as group:
+                    raise one_error(group) from None
             except BackendError as exc:
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
                 return done

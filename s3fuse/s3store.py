@@ -301,7 +301,11 @@ class S3Mount:
             raise
         log.debug("metadata snapshot %d stored", seq)
         if pending:
-            await self.backend.delete_now(pending)
+            try:
+                await self.backend.delete_now(pending)
+            except S3fuseError as exc:  # deleting twice is harmless: all of them again next time
+                log.warning("could not delete unreferenced objects (will retry): %s", exc)
+                self.backend._pending_deletes[:0] = pending
 
     async def periodic(self, meta) -> None:
         """Snapshot every `interval` seconds while the metadata changes (a trio task)."""

@@ -48,3 +48,19 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def one_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error of a nursery's exception group when every error in it is an ordinary
+    Exception (concurrent puts failing alike: report one, with its errno); else the group.
+    trio nurseries always raise groups, which `except S3fuseError` would not catch."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
+
+    walk(group)
+    if leaves and all(isinstance(e, Exception) for e in leaves):
+        return leaves[0]
+    return group

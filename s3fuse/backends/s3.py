@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import BackendError, StoreError
+from ..util import one_error
 from .base import Backend, NoSuchObject
 
 log = logging.getLogger(__name__)
@@ -438,9 +439,12 @@ class S3Backend(Backend):
         await self._run(f"PUT {key}", self._put, key, data)
 
     async def put_many(self, items: list[tuple[str, bytes | list[bytes]]]) -> None:
-        async with trio.open_nursery() as nursery:
-            for key, data in items:
-                nursery.start_soon(self.put, key, data)
+        try:
+            async with trio.open_nursery() as nursery:
+                for key, data in items:
+                    nursery.start_soon(self.put, key, data)
+        except BaseExceptionGroup as group:
+            raise one_error(group) from None
 
     def _get_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes]:
         if self.cache:
@@ -505,9 +509,12 @@ class S3Backend(Backend):
         return out
 
     async def delete_now(self, keys: list[str]) -> None:
-        async with trio.open_nursery() as nursery:
-            for key in keys:
-                nursery.start_soon(self._run, f"DELETE {key}", self._delete, key)
+        try:
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(self._run, f"DELETE {key}", self._delete, key)
+        except BaseExceptionGroup as group:
+            raise one_error(group) from None
 
     async def head(self, key: str) -> int | None:
         res = await self._run(f"HEAD {key}", self.s3.head, self._key(key))

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sqlite3
-import time
 
 import trio
 

@@ -7,10 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-
 from .conftest import (TRACEBACK, init_s3_store, new_s3_url, run_cli, s3_list_keys, s3_list_objects,
-                       s3_set_backend_options, store_config, wait_until)
+                       s3_set_backend_options, store_config)
 
 BACKENDS = ("s3",)
 
@@ -36,11 +34,6 @@ def status(m) -> dict[str, str]:
     r = run_cli("status", m.mnt)
     assert r.returncode == 0, r.stderr
     return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
-
-
-def _bg_mount(url: str, state: Path, mnt: Path, *extra):
-    srv_endpoint = store_endpoint = None  # noqa: F841 - filled by the caller's args
-    return run_cli("mount", url, mnt, "--state-dir", state, *extra)
 
 
 def _url(store: Path) -> str:

@@ -573,9 +573,9 @@ _S3: dict = {}
 
 
 def pytest_generate_tests(metafunc):
-    if "store_backend" not in metafunc.fixturenames:
-        return
-    backends = getattr(metafunc.module, "BACKENDS", ("local",))
+    if "store_backend" not in metafunc.fixturenames or not hasattr(metafunc.module, "BACKENDS"):
+        return  # the local backend, and test ids stay as they were
+    backends = metafunc.module.BACKENDS
     if metafunc.definition.get_closest_marker("local_only"):
         backends = ("local",)
     metafunc.parametrize("store_backend", list(backends), indirect=True, scope="module")

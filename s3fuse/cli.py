@@ -145,13 +145,31 @@ def _s3_options(s: argparse.ArgumentParser, mount: bool = False) -> None:
 
 def _resolve_store(args) -> str:
     """STORE as a local directory: an s3:// address becomes its state directory."""
-    from .s3store import is_s3_url, resolve_store
+    from .s3store import is_s3_url, resolve_store, url_of_state_dir
 
+    s3_flags = (args.endpoint_url, args.region, args.profile, args.state_dir)
     if not is_s3_url(args.store):
-        return args.store
+        if not any(s3_flags) and not (getattr(args, "root_key_file", None) and _is_s3_state_dir(args.store)):
+            return args.store
+        # a state directory given by path, with S3 settings to change
+        url = url_of_state_dir(args.store)
+        if args.state_dir and os.path.abspath(args.state_dir) != os.path.abspath(args.store):
+            raise S3fuseError("--state-dir names another directory than STORE")
+        args.state_dir = args.store
+        args.store = url
     return resolve_store(args.store, state_dir=args.state_dir, endpoint_url=args.endpoint_url,
                          region=args.region, profile=args.profile,
                          root_key_file=getattr(args, "root_key_file", None))
+
+
+def _is_s3_state_dir(path: str) -> bool:
+    import json
+
+    try:
+        with open(os.path.join(path, "store.json")) as f:
+            return json.load(f).get("backend", {}).get("type") == "s3"
+    except (OSError, ValueError):
+        return False
 
 
 def _mount_option(s: argparse.ArgumentParser) -> None:

@@ -175,6 +175,19 @@ def resolve_store(store: str, *, state_dir: str | None = None, endpoint_url: str
     return path
 
 
+def url_of_state_dir(path: str) -> str:
+    """s3://BUCKET/PREFIX of the S3 store whose state directory is `path`."""
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            b = json.load(f).get("backend", {})
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path} is not an s3fuse store ({exc})") from None
+    if b.get("type") != "s3":
+        raise StoreError(f"{path} is not an S3 store: --endpoint-url, --region, --profile, --state-dir "
+                         "and --root-key-file apply to S3 stores")
+    return S3Location.from_config(b).url
+
+
 # -- snapshots ------------------------------------------------------------------------
 
 class Snapshotter:

@@ -265,6 +265,8 @@ def test_clear_errors_for_wrong_endpoint_bucket_credentials(workdir, s3_server):
     state = init_s3_store(workdir("st") / "s", url)
     r = run_cli("mount", state, workdir("mnt"), env={**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong"})
     assert r.returncode == 1 and "not accepted" in r.stderr and TRACEBACK not in r.stderr, r.stderr
+    r = run_cli("mount", state, workdir("mnt"), "--endpoint-url", "http://127.0.0.1:9")  # wrong endpoint
+    assert r.returncode == 1 and "cannot reach the S3 endpoint" in r.stderr and TRACEBACK not in r.stderr
     # and a prefix that already holds a store is not initialised twice
     r = run_cli("init", url, "--state-dir", workdir("st") / "s", "--endpoint-url", s3_server.endpoint)
     assert r.returncode == 1 and "already holds an s3fuse store" in r.stderr

@@ -182,9 +182,10 @@ class S3Client:
         self.client = make_client(loc, max_requests, connect_timeout=min(5, max(1, retry_budget / 4)),
                                   read_timeout=read_timeout)
 
-    def call(self, what: str, fn: Callable, *args, **kw):
+    def call(self, what: str, fn: Callable, *args, _budget: float | None = None, **kw):
         """fn(*args, **kw), retried on transient failures; other errors pass through."""
-        delays = self.retry.delays()
+        policy = self.retry if _budget is None else RetryPolicy(_budget, self.retry.base, self.retry.cap)
+        delays = policy.delays()
         while True:
             try:
                 return fn(*args, **kw)
@@ -193,15 +194,27 @@ class S3Client:
                     raise
                 delay = next(delays, None)
                 if delay is None:
-                    raise S3Error(f"S3 {what}: {exc} (gave up after {self.retry.budget:g} s of retries)",
+                    raise S3Error(f"S3 {what}: {exc} (gave up after {policy.budget:g} s of retries)",
                                   errno.EIO) from None
                 time.sleep(delay)
 
     # -- plain operations (each retried as a whole) ------------------------------
-    def probe(self) -> None:
+    def probe(self, budget: float = 5.0) -> None:
         """One cheap authenticated call that fails clearly for a wrong endpoint, bucket or
-        credentials (raised as is: describe_probe_error words it)."""
-        self.client.list_objects_v2(Bucket=self.loc.bucket, Prefix=self.loc.key(""), MaxKeys=1)
+        credentials (raised as is: describe_probe_error words it). Retried only briefly:
+        a person is waiting for the answer."""
+        import botocore.exceptions as bex
+
+        def once():
+            try:
+                self.client.list_objects_v2(Bucket=self.loc.bucket, Prefix=self.loc.key(""), MaxKeys=1)
+            except (bex.EndpointConnectionError, bex.ConnectTimeoutError) as exc:
+                return exc  # the endpoint is wrong or down: say so now, not after the budget
+            return None
+
+        failure = self.call("LIST (probe)", once, _budget=budget)
+        if failure is not None:
+            raise failure
 
     def put(self, key: str, data: bytes | list[bytes], **extra) -> dict:
         body = data if isinstance(data, (bytes, bytearray)) else b"".join(data)

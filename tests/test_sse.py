@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from s3fuse import format as fmt
 from s3fuse.control import protocol
@@ -41,6 +42,9 @@ from s3fuse.keys.kms import BuiltinKms, Principal
 from s3fuse.store import load_config, load_keyring, load_root_key
 
 from .conftest import REPO, S3FUSE, TRACEBACK, UNPRIV_PYTHON, run_as
+
+# every test here runs on the local and the S3 backend (conftest.py, "S3 backend")
+BACKENDS = ("local", "s3")
 
 SSE = "user.s3fuse.sse"
 MODE = "user.s3fuse.mode"
@@ -715,6 +719,7 @@ def _search(snapshot: dict[str, bytes], secrets: dict[str, bytes]) -> list[str]:
     return hits
 
 
+@pytest.mark.local_only  # searches the files of STORE (objects/ included); for the bucket see test_s3.py
 def test_no_key_material_in_store_or_logs(mount_factory, workdir):
     m = mount_factory(extra_args=["--log-level", "debug"])
     mnt = m.mnt

@@ -172,7 +172,7 @@ class Daemon:
                 nursery.start_soon(self.data.collector)
                 nursery.start_soon(self.admin.key_scheduler)
                 if self.s3 is not None:
-                    nursery.start_soon(self.s3.lease.keep)
+                    nursery.start_soon(self.s3.lease.keep, self.backend.fence)
                     nursery.start_soon(self.s3.periodic, self.meta)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)

@@ -61,6 +61,12 @@ class BucketLease:
         self.lease_id = uuid.uuid4().hex
         self.holder = f"pid {os.getpid()} on {socket.gethostname()}:{mountpoint}"
         self.etag: str | None = None
+        self.lost = False
+        self.valid_until = 0.0
+
+    def valid(self) -> bool:
+        """True while the lease is surely ours (renewed, and not yet expired)."""
+        return not self.lost and time.time() < self.valid_until
 
     def _body(self) -> bytes:
         now = time.time()
@@ -73,6 +79,7 @@ class BucketLease:
         conditional write is in progress (409)."""
         import botocore.exceptions as bex
 
+        started = time.time()  # the lease runs from before the request, to be safe
         try:
             res = self.s3.call("PUT lock", self.s3.client.put_object, Bucket=self.s3.loc.bucket, Key=self.key,
                                Body=self._body(), ContentType="application/json", **cond)
@@ -81,6 +88,7 @@ class BucketLease:
                 return False
             raise
         self.etag = res["ETag"]
+        self.valid_until = started + self.seconds
         return True
 
     def _read(self) -> tuple[dict, str] | None:
@@ -126,14 +134,18 @@ class BucketLease:
             holder = current[0].get("holder", "?") if current else "nobody"
             raise LeaseLost(f"lost the lease on {self.s3.loc.url}; it is now held by {holder}", errno.EBUSY)
 
-    async def keep(self) -> None:
-        """Renew every third of the lease until cancelled (a trio task)."""
+    async def keep(self, on_lost=None) -> None:
+        """Renew every third of the lease until cancelled (a trio task). If the lease turns
+        out to be someone else's, call `on_lost` (the daemon stops writing) and stop."""
         while True:
             await trio.sleep(self.seconds / 3)
             try:
                 await trio.to_thread.run_sync(self.renew)
             except LeaseLost as exc:
-                log.error("%s: another daemon may be writing to this prefix", exc)
+                log.error("%s: this daemon no longer writes to the bucket (unmount it)", exc)
+                self.lost = True
+                if on_lost is not None:
+                    on_lost(str(exc))
                 return
             except (S3Error, OSError) as exc:
                 log.warning("could not renew the lease on %s (will retry): %s", self.s3.loc.url, exc)
@@ -142,6 +154,8 @@ class BucketLease:
 
     def release(self) -> None:
         """Delete the lock object if it is still ours."""
+        if self.lost:
+            return
         current = self._read()
         if current is None or current[0].get("lease_id") != self.lease_id:
             return

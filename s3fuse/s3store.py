@@ -222,7 +222,8 @@ class Snapshotter:
             os.unlink(db)
             snapshot.encrypt(plain, sealed, self.key, self.cfg.store_id, seq)
             os.unlink(plain)
-            self.s3.put_file(_snapshot_key(self.s3.loc, seq), sealed)
+            # never overwrite a snapshot: if another daemon took the same number, fail
+            self.s3.put_file(_snapshot_key(self.s3.loc, seq), sealed, if_absent=True)
         finally:
             for p in (db, plain, sealed):
                 if os.path.exists(p):
@@ -305,6 +306,11 @@ class S3Mount:
 
     async def snapshot_now(self) -> None:
         """Take a snapshot, then delete the objects it no longer refers to."""
+        if self.backend.fenced:
+            raise StoreError(f"no snapshot: {self.backend.fenced}", errno.EIO)
+        if not self.lease.valid():  # expired while renewals failed: a successor may own the prefix
+            raise StoreError(f"no snapshot: the lease on {self.s3.loc.url} has not been renewed in time",
+                             errno.EIO)
         pending = self.backend.take_pending_deletes()
         try:
             seq = await trio.to_thread.run_sync(self.snapshots.take)

@@ -44,15 +44,25 @@ def weed_binary() -> str:
 
 
 def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports whose port+10000 (SeaweedFS's gRPC offset) is free too."""
+    """n distinct free TCP ports whose port+10000 (SeaweedFS's gRPC offset) is free too.
+
+    Chosen below the kernel's ephemeral range (32768 and up by default), so that no
+    outgoing connection takes one of them while the server is stopped in a fault test
+    and has to start again on the same ports."""
+    import random
+
     out: list[int] = []
     socks = []
+    rnd = random.Random()
     try:
         while len(out) < n:
+            port = rnd.randrange(10000, 22000)
+            if port in out:
+                continue
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            if port + 10000 > 65535 or port in out:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
                 s.close()
                 continue
             g = socket.socket()
@@ -109,18 +119,28 @@ class SeaweedServer:
                 f"-filer.port={p['filer']}", f"-s3.port={p['s3']}", f"-admin.port={p['admin']}",
                 "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
                 f"-filer.localSocket={self.base}/filer.sock", f"-s3.localSocket={self.base}/s3.sock"]
-        self._out = open(self.base / "weed.out", "ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=subprocess.STDOUT, cwd=self.base, start_new_session=True)
         atexit.register(self.stop)
-        self._wait_ready()
+        for attempt in range(5):
+            self._out = open(self.base / "weed.out", "ab")
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out,
+                                         stderr=subprocess.STDOUT, cwd=self.base, start_new_session=True)
+            try:
+                self._wait_ready()
+                return self
+            except RuntimeError:
+                # a restart on the same ports can find one briefly taken: try again
+                if self.proc is not None or "address already in use" not in self.tail() or attempt == 4:
+                    raise
+                time.sleep(1)
         return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {self.proc.returncode}:\n{self.tail()}")
+                rc, self.proc = self.proc.returncode, None
+                self._out.close()
+                raise RuntimeError(f"weed mini exited with {rc}:\n{self.tail()}")
             try:
                 # an unsigned request: any HTTP answer (403) means the S3 gateway is serving
                 urllib.request.urlopen(self.endpoint + "/", timeout=2)

@@ -270,3 +270,39 @@ def test_clear_errors_for_wrong_endpoint_bucket_credentials(workdir, s3_server):
     # and a prefix that already holds a store is not initialised twice
     r = run_cli("init", url, "--state-dir", workdir("st") / "s", "--endpoint-url", s3_server.endpoint)
     assert r.returncode == 1 and "already holds an s3fuse store" in r.stderr
+
+
+def test_daemon_that_lost_its_lease_stops_writing(mount_factory, store_backend):
+    import errno
+    import time
+
+    import pytest
+
+    from .conftest import wait_until
+
+    m = mount_factory()
+    s3_set_backend_options(m.store, lease_seconds=3)  # renewed every second
+    m.remount()
+    (m.mnt / "before").write_bytes(b"stored while the lease was ours")
+    fd = os.open(m.mnt / "before", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    # another daemon took the prefix over (say, after this one's lease expired during a partition)
+    _put_lock(m.store, "pid 4242 on elsewhere.example:/mnt/x", time.time() + 3600)
+    wait_until(lambda: "lost the lease" in m.log_text(), 30, "the daemon to notice the lost lease")
+    before = set(s3_list_objects(m.store))
+    fd = os.open(m.mnt / "after", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"must not reach the bucket")
+        with pytest.raises(OSError) as exc:
+            os.fsync(fd)
+        assert exc.value.errno == errno.EIO
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert set(s3_list_objects(m.store)) == before
+    assert m.proc.poll() is None  # still up: reads of what it has keep working
+    assert (m.mnt / "before").read_bytes() == b"stored while the lease was ours"
+    m.kill9()  # its unflushed data cannot be stored; the other holder owns the prefix

@@ -223,13 +223,17 @@ class S3Client:
         return self.call(f"PUT {key}", self.client.put_object, Bucket=self.loc.bucket, Key=key,
                          Body=bytes(body), **extra)
 
-    def put_file(self, key: str, path: str) -> None:
-        """Upload a local file, in parts when it is large (memory: one part at a time)."""
+    def put_file(self, key: str, path: str, if_absent: bool = False) -> None:
+        """Upload a local file, in parts when it is large (memory: one part at a time).
+        `if_absent`: a single PUT is conditional (If-None-Match: *); a multipart upload
+        checks with a HEAD first (not atomic, but the lease makes a race unlikely)."""
         size = os.path.getsize(path)
         if size <= self.multipart_threshold:
             with open(path, "rb") as f:
-                self.put(key, f.read())
+                self.put(key, f.read(), **({"IfNoneMatch": "*"} if if_absent else {}))
             return
+        if if_absent and self.head(key) is not None:
+            raise S3Error(f"S3 PUT {key}: the object exists already", errno.EEXIST)
         with open(path, "rb") as f:
             def part(i: int) -> bytes:
                 f.seek(i * self.part_size)
@@ -416,6 +420,7 @@ class S3Backend(Backend):
         self._limiter = trio.CapacityLimiter(max_requests)
         self.cache = ObjectCache(cache_dir, cache_limit) if cache_dir else None
         self.defer_deletes = False
+        self.fenced: str | None = None
         self._pending_deletes: list[str] = []
         self._fds: OrderedDict[str, int] = OrderedDict()  # open cache files (event loop only)
         self._stats = {"s3_gets": 0, "s3_bytes_in": 0, "s3_puts": 0, "s3_bytes_out": 0, "s3_deletes": 0}
@@ -449,8 +454,17 @@ class S3Backend(Backend):
             log.error("%s", msg)
             raise S3Error(msg, errno.EACCES if status == 403 else errno.EIO) from None
 
+    def fence(self, reason: str) -> None:
+        """Refuse every further write and delete (the mount lease went to another daemon)."""
+        self.fenced = reason
+
+    def _check_fence(self) -> None:
+        if self.fenced:
+            raise S3Error(f"not writing to {self.loc.url}: {self.fenced}", errno.EIO)
+
     # -- Backend -----------------------------------------------------------------
     def _put(self, key: str, data: bytes | list[bytes]) -> None:
+        self._check_fence()
         self.s3.put(self._key(key), data)
         self._stats["s3_puts"] += 1
         self._stats["s3_bytes_out"] += len(data) if isinstance(data, (bytes, bytearray)) else sum(map(len, data))
@@ -549,6 +563,7 @@ class S3Backend(Backend):
         return await self._run(f"GET {key}", lambda: transform(self._get_ranges(key, ranges)))
 
     def _delete(self, key: str) -> None:
+        self._check_fence()
         if self.cache:
             self.cache.drop(key)
         self.s3.delete(self._key(key))

@@ -125,7 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", help="only records of this key id, alias or fingerprint")
     s.add_argument("--store", help="read the audit trail of this store (default: ask the daemon)")
     _mount_option(s)
+    _add_fsck_parser(sub)
     return p
+
+
+FSCK_EPILOG = """exit status (as e2fsck):
+  0  clean: no damage (notes about benign leftovers may be printed)
+  1  repaired: --repair fixed everything it found; no damage remains
+  4  damage remains (run with --repair, or it cannot be repaired safely)
+  8  fsck could not run (no store, store mounted, root key unreadable, ...)
+see docs/FSCK.md"""
+
+
+def _add_fsck_parser(sub) -> None:
+    s = sub.add_parser("fsck", help="check (and repair) an unmounted store",
+                       description="Check an unmounted store: metadata against the object store, every "
+                                   "object authenticated, every key reference.",
+                       epilog=FSCK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--repair", action="store_true",
+                   help="fix what is safe: collect unreferenced objects, fix counts, move damaged "
+                        "or disconnected files to /lost+found (never deletes referenced data)")
+    s.add_argument("--quick", action="store_true",
+                   help="authenticate every key slot and header, but the segments of a sample of objects only")
+    s.add_argument("--customer-key", action="append", default=[], metavar="NAME=FILE",
+                   help="an SSE-C key (32 raw bytes or base64 in FILE) to verify that key's objects too; "
+                        "repeatable")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _mount_option(s: argparse.ArgumentParser) -> None:
@@ -402,7 +428,36 @@ def cmd_reencrypt(args) -> int:
     return 0
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
+def cmd_fsck(args) -> int:
+    """Its own exit codes (see FSCK_EPILOG): a failure to run is 8, never 1."""
+    import json
+
+    from . import fsck
+    from .keys.customer import parse_key
+
+    try:
+        keys = {}
+        for spec in args.customer_key:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise S3fuseError(f"--customer-key {spec!r}: expected NAME=FILE", errno.EINVAL)
+            with open(path, "rb") as f:
+                keys[name] = parse_key(f.read())
+        report = fsck.run(args.store, repair_it=args.repair, quick=args.quick, customer_keys=keys,
+                          progress=sys.stderr.isatty() and not args.json)
+    except (S3fuseError, OSError) as exc:
+        msg = str(exc) if isinstance(exc, S3fuseError) else f"{exc.strerror or exc}" + (
+            f": {exc.filename}" if getattr(exc, "filename", None) else "")
+        print(f"s3fuse: fsck could not run: {msg}", file=sys.stderr)
+        return fsck.EXIT_FAILED
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return report.exit_code
+    print(fsck.format_report(report, os.path.abspath(args.store), args.repair))
+    return report.exit_code
+
+
+COMMANDS = {"fsck": cmd_fsck, "init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
             "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt}
 
 

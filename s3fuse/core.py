@@ -509,6 +509,10 @@ class Filesystem:
                     return (Policy.decode(row.sse) or pol.DEFAULT).to_xattr()
             elif name in pol.READ_ONLY and stat.S_ISREG(row.mode):
                 return self._describe_encryption(row, name)
+            elif name == pol.XATTR_DAMAGE:
+                value = self.meta.get_xattr(ino, name)
+                if value is not None:
+                    return value
             raise _err(errno.ENODATA)
         value = self.meta.get_xattr(ino, name)
         if value is None:
@@ -559,6 +563,13 @@ class Filesystem:
         if self._unsupported_xattr(name):
             raise _err(errno.EOPNOTSUPP)
         row = self._inode(ino)
+        if name == pol.XATTR_DAMAGE:  # fsck's record: the owner clears it once the file is salvaged
+            self._require_owner(row, caller)
+            with self.meta.transaction():
+                if not self.meta.remove_xattr(ino, name):
+                    raise _err(errno.ENODATA)
+                self._changed(ino, time.time_ns())
+            return
         if name.startswith(pol.RESERVED_PREFIX):
             if name != pol.XATTR_SSE or not stat.S_ISDIR(row.mode):
                 raise _err(errno.EPERM, f"{name.decode(errors='replace')} cannot be removed")

@@ -36,7 +36,7 @@ from .errors import IntegrityError, KeyUnavailable, S3fuseError, StoreError
 from .keys.customer import CustomerKeys
 from .keys.kms import BuiltinKms
 from .meta import ROOT_INODE, BlockRef, Meta
-from .policy import SSE_C, SSE_KMS, SSE_S3
+from .policy import SSE_C, SSE_KMS, SSE_S3, XATTR_DAMAGE
 from .store import StoreConfig, StoreLock, load_config, load_keyring, load_root_key
 
 EXIT_CLEAN = 0  # no damage (notes about benign leftovers may be printed)
@@ -47,7 +47,7 @@ EXIT_FAILED = 8  # fsck could not run (store missing, mounted, key unreadable...
 DAMAGE = "damage"
 NOTE = "note"
 LOST_FOUND = b"lost+found"
-DAMAGE_XATTR = b"user.s3fuse.damage"
+DAMAGE_XATTR = XATTR_DAMAGE
 QUICK_SAMPLE = 32  # objects fully authenticated by --quick (at least; or 1 %)
 _S_IFMT = 0o170000
 _S_IFDIR = 0o040000
@@ -243,6 +243,7 @@ def _link_counts(ctx: Context):
 def check_block_map(ctx: Context, report: Report) -> None:
     """Rows of the block map: owners, lengths, rows past the end, sizes, the garbage list."""
     db, bs = ctx.db, ctx.cfg.block_size
+    quarantined = _quarantined(ctx)
     c = report.counts
     c["objects_referenced"] = db.execute("SELECT count(*) FROM blocks").fetchone()[0]
     for ino, n in db.execute("SELECT inode, count(*) FROM blocks WHERE inode NOT IN (SELECT id FROM inodes)"
@@ -261,6 +262,10 @@ def check_block_map(ctx: Context, report: Report) -> None:
             (bs, fmt.PREFIX.size + fmt.MAX_HEADER_BODY + fmt.MAC_LEN))]:
         why = (f"block {ref.blockno}: length {ref.length}, object length {ref.obj_length}, "
                f"header length {ref.hdr_len} are impossible")
+        if ref.inode in quarantined:
+            report.add("quarantined", NOTE, f"inode {ref.inode} ({ctx.path(ref.inode)}) {why}; the file is "
+                       "quarantined with its damage recorded", inode=ref.inode)
+            continue
         report.add("bad-block-row", DAMAGE, f"inode {ref.inode} ({ctx.path(ref.inode)}) {why}",
                    inode=ref.inode, object_id=ref.object_id.hex())
         report.damaged_files.setdefault(ref.inode, []).append(why)
@@ -289,13 +294,15 @@ def check_block_map(ctx: Context, report: Report) -> None:
 def check_keys(ctx: Context, report: Report) -> None:
     """Every key the block map and the encryption settings refer to."""
     keyring, kms = ctx.keys.keyring, ctx.keys.kms
+    # files already quarantined by a repair are known damage, reported as such by check_objects
+    live = f" AND inode NOT IN (SELECT inode FROM xattrs WHERE name=x'{DAMAGE_XATTR.hex()}')"
     for version, n in ctx.db.execute(
-            "SELECT key_version, count(*) FROM blocks WHERE mode=? GROUP BY key_version", (SSE_S3,)).fetchall():
+            f"SELECT key_version, count(*) FROM blocks WHERE mode=?{live} GROUP BY key_version", (SSE_S3,)).fetchall():
         if version not in keyring.keys:
             report.add("missing-master-key", DAMAGE, f"{n} objects are wrapped under master-key version "
                        f"{version}, which the keyring does not hold")
     for key_id, version, n in ctx.db.execute(
-            "SELECT key_ref, key_version, count(*) FROM blocks WHERE mode=? GROUP BY key_ref, key_version",
+            f"SELECT key_ref, key_version, count(*) FROM blocks WHERE mode=?{live} GROUP BY key_ref, key_version",
             (SSE_KMS,)).fetchall():
         try:
             info = kms.describe(key_id)
@@ -326,6 +333,11 @@ def check_keys(ctx: Context, report: Report) -> None:
             except S3fuseError:
                 report.add("missing-kms-key", NOTE, f"inode {ino} ({ctx.path(ino)}) is set to encrypt with KMS "
                            f"key {policy.key}, which does not exist (new writes will fail)", inode=ino)
+
+
+def _quarantined(ctx: Context) -> set[int]:
+    """Files an earlier repair moved aside with their damage recorded: known, not new, damage."""
+    return {r[0] for r in ctx.db.execute("SELECT inode FROM xattrs WHERE name=?", (DAMAGE_XATTR,))}
 
 
 def _valid_verifier(v: str) -> bool:
@@ -373,7 +385,7 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     refs = [BlockRef(*r) for r in db.execute(
         "SELECT inode, blockno, object_id, length, obj_length, hdr_len, mode, key_ref, key_version, key_slot"
         " FROM blocks ORDER BY inode, blockno")]
-    quarantined = {r[0] for r in db.execute("SELECT inode FROM xattrs WHERE name=?", (DAMAGE_XATTR,))}
+    quarantined = _quarantined(ctx)
     present = [r for r in refs if r.object_id in listed]
     for ref in refs:
         if ref.object_id not in listed:
@@ -532,6 +544,11 @@ async def repair(ctx: Context, report: Report) -> None:
                 _quarantine(meta, lost_found(), ino, reasons, now)
             for f in report.findings:
                 if f.inode == ino and f.severity == DAMAGE and f.kind in _DATA_DAMAGE:
+                    f.repaired = True
+        # a missing key is repaired as far as it can be once every file that needs it is quarantined
+        if not [f for f in report.of("missing-key") if not f.repaired]:
+            for f in report.of("missing-master-key") + report.of("missing-kms-key"):
+                if f.severity == DAMAGE:
                     f.repaired = True
         # sizes: rows past the end are unreadable by definition; their objects become garbage
         if report.of("block-past-end"):

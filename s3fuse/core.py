@@ -24,6 +24,7 @@ from .policy import Policy
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 def _err(code: int, message: str = "") -> S3fuseError:
@@ -546,6 +547,10 @@ class Filesystem:
             return
         if len(name) > 255 or not name:
             raise _err(errno.ERANGE)
+        if not name.startswith(_XATTR_NAMESPACES):
+            # as ext4 and tmpfs: a name outside the known namespaces is not supported (the FUSE
+            # kernel module passes any name through)
+            raise _err(errno.EOPNOTSUPP)
         if len(value) > 65536:
             raise _err(errno.E2BIG)
         with self.meta.transaction():

@@ -77,20 +77,22 @@ class FileState:
 
 
 class SegmentCache:
-    """LRU of decrypted segments, keyed by (object id, segment index), bounded in bytes."""
+    """LRU of decrypted segments, keyed by the block they belong to (object id, inode, block)
+    and the segment index, bounded in bytes."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._items: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+        # key: ((object id, inode, block), segment index)
+        self._items: OrderedDict[tuple[tuple[bytes, int, int], int], bytes] = OrderedDict()
 
-    def get(self, key: tuple[bytes, int]) -> bytes | None:
+    def get(self, key: tuple[tuple[bytes, int, int], int]) -> bytes | None:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
         return value
 
-    def put(self, key: tuple[bytes, int], value: bytes) -> None:
+    def put(self, key: tuple[tuple[bytes, int, int], int], value: bytes) -> None:
         if key in self._items:
             return
         self._items[key] = value
@@ -270,11 +272,14 @@ class DataStore:
             return b""
         seg = self.segment_size
         first, last = boff // seg, (stop - 1) // seg
-        segs = [self.cache.get((ref.object_id, i)) for i in range(first, last + 1)]
+        # cached segments are bound to the block they were authenticated for, not just to the
+        # object: a block-map row pointed at another file's object must not find its plaintext
+        ident = (ref.object_id, ref.inode, ref.blockno)
+        segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
         while any(s is None for s in segs) and ref.object_id in self._fetching:
             # another request is fetching this object (read-ahead): wait, then look again
             await self._fetching[ref.object_id].wait()
-            segs = [self.cache.get((ref.object_id, i)) for i in range(first, last + 1)]
+            segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
         if any(s is None for s in segs):
             missing = [first + k for k, s in enumerate(segs) if s is None]
             lo, hi = missing[0], missing[-1]
@@ -288,7 +293,7 @@ class DataStore:
                 del self._fetching[ref.object_id]
                 done.set()
             for k, s in enumerate(fetched):
-                self.cache.put((ref.object_id, lo + k), s)
+                self.cache.put((ident, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
         data = segs[0] if len(segs) == 1 else b"".join(segs)
         start = boff - first * seg
@@ -297,6 +302,8 @@ class DataStore:
     async def _fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
         key = ref.object_id.hex()
         opened = self._objects.get(ref.object_id)
+        if opened is not None and not self._matches(opened.header, ref):
+            opened = None  # opened for another row: this row must unwrap and authenticate for itself
         start, length = fmt.segment_range(ref.hdr_len, self.segment_size, ref.obj_length, first, last)
         expected = last - first + 1
         if opened is not None:
@@ -347,17 +354,20 @@ class DataStore:
             header = fmt.parse_header(header_bytes, keys)
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
-        expected = (ref.object_id, self.store_id, ref.inode, ref.blockno, ref.mode, ref.key_ref,
-                    self.segment_size, ref.obj_length)
-        actual = (header.object_id, header.store_id, header.inode, header.block, header.mode,
-                  header.key_ref, header.segment_size, header.length)
-        if expected != actual:
+        if not self._matches(header, ref):
             raise self._integrity(ref, "header does not match the block map")
         opened = _OpenObject(keys, header)
         self._objects[ref.object_id] = opened
         if len(self._objects) > 4096:
             self._objects.popitem(last=False)
         return opened
+
+    def _matches(self, header: fmt.ObjectHeader, ref: BlockRef) -> bool:
+        """Does an authenticated header describe exactly this block-map row's object?"""
+        return ((header.object_id, header.store_id, header.inode, header.block, header.mode, header.key_ref,
+                 header.segment_size, header.length)
+                == (ref.object_id, self.store_id, ref.inode, ref.blockno, ref.mode, ref.key_ref,
+                    self.segment_size, ref.obj_length))
 
     def _integrity(self, ref: BlockRef, why: str) -> IntegrityError:
         self.stats["integrity_errors"] += 1

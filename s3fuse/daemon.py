@@ -168,15 +168,30 @@ class Daemon:
                 unmounted = True
                 nursery.cancel_scope.cancel()
         finally:
-            await self._final_flush()
+            stored = await self._final_flush()
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()
-            log.info("stopped; all data stored")
+            if stored:
+                log.info("stopped; all data stored")
+            else:
+                log.error("stopped; written data that could not be stored is lost (see above)")
 
-    async def _final_flush(self) -> None:
+    async def _final_flush(self) -> bool:
+        """Store everything and mark the store clean; False if some data could not be stored
+        (the store then stays marked unclean, and the next mount collects what was left)."""
         with trio.CancelScope(shield=True):
+            stored = True
             try:
                 await self.data.flush_all(durable=True)
+            except S3fuseError as exc:
+                stored = False
+                lost = [fs.ino for fs in self.data.files.values() if fs.dirty]
+                log.error("final flush failed: unstored writes to inode(s) %s: %s",
+                          ",".join(map(str, lost[:20])) or "?", exc)
+            except Exception:
+                stored = False
+                log.exception("final flush failed: the next mount will recover")
+            try:
                 self.core.forget_all()
                 await self.data.collect_garbage()
                 self.audit.sync()
@@ -184,13 +199,15 @@ class Daemon:
                     # the audit trail's head, so that `audit verify` also catches a cut tail
                     self.meta.set_state("audit_head", self.audit.head)
                     self.meta.set_state("audit_seq", self.audit.seq)
-                    self.meta.set_state("clean", 1)
+                    self.meta.set_state("clean", 1 if stored else 0)
                 self.meta.close()
                 await self.backend.close()
                 self.keys.customer.clear()
                 self.audit.close()
             except Exception:
+                stored = False
                 log.exception("final flush failed: the next mount will recover")
+            return stored
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -209,7 +226,10 @@ class Daemon:
             await trio.to_thread.run_sync(syncfs, self.mountpoint)
         except OSError as exc:
             log.warning("syncfs of %s failed (%s); flushing what the daemon holds", self.mountpoint, exc)
-        await self.data.flush_all(durable=True)
+        try:
+            await self.data.flush_all(durable=True)
+        except S3fuseError as exc:
+            log.error("flush before unmounting failed (tried again at the final flush): %s", exc)
         pyfuse3.terminate()
 
     # control requests

@@ -148,7 +148,9 @@ class DataStore:
         self.pending_size: dict[int, int] = {}
         self._pending_since = 0.0
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
-                      "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0}
+                      "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
+                      "flush_errors": 0}
+        self._last_failure = ""
 
     # ------------------------------------------------------------------ files
     def state(self, ino: int) -> FileState:
@@ -300,6 +302,14 @@ class DataStore:
         return data[start : start + (stop - boff)]
 
     async def _fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
+        try:
+            return await self._fetch_segments_of(ref, first, last, who)
+        except BackendError as exc:  # the store failed (integrity errors are logged as such)
+            log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,
+                      ref.blockno, exc)
+            raise
+
+    async def _fetch_segments_of(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
         key = ref.object_id.hex()
         opened = self._objects.get(ref.object_id)
         if opened is not None and not self._matches(opened.header, ref):
@@ -454,6 +464,8 @@ class DataStore:
             if self._space.is_set():
                 self._space = trio.Event()
             await self._space.wait()
+            if fs.error:  # its data could not be stored: say so now rather than wait forever
+                raise S3fuseError("write-back of this file failed", self.take_error(ino))
         return len(buf)
 
     async def truncate(self, ino: int, size: int) -> None:
@@ -516,25 +528,29 @@ class DataStore:
         stored_versions: dict[tuple[int, int], int] = {}
         small: list[tuple[str, list[bytes]]] = []  # objects put together in one batch
         try:
-            async with trio.open_nursery() as nursery:
-                for fs, blockno, blk in jobs:
-                    if len(blk.data) <= THREAD_THRESHOLD:
-                        self._store_small(fs, blockno, blk, refs, stored_versions, small)
-                    else:
-                        nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
-                if small:
-                    nursery.start_soon(self.backend.put_many, small)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for fs, blockno, blk in jobs:
+                        if len(blk.data) <= THREAD_THRESHOLD:
+                            self._store_small(fs, blockno, blk, refs, stored_versions, small)
+                        else:
+                            nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
+                    if small:
+                        nursery.start_soon(self.backend.put_many, small)
+            except BaseExceptionGroup as group:
+                raise collapse(group) from None  # one backend failure, not a group, for the callers
             if only_full and not durable:
                 self._defer(files, refs)
             else:
                 await self._commit(files, refs, sizes, durable)
         except S3fuseError as exc:
-            log.error("flush of inode(s) %s failed: %s", ",".join(str(f.ino) for f in files), exc)
-            for fs in files:
-                fs.error = exc.errno
-            # objects of a failed batch are unreferenced: the next unclean-mount sweep takes them
+            self._flush_failed(files, refs, exc)
             raise
+        self._last_failure = ""
         self.stats["flushes"] += 1
+        if not only_full:
+            for fs in files:
+                fs.error = 0  # everything it held is stored now: an earlier failure lost nothing
         for fs, blockno, blk in jobs:
             current = fs.blocks.get(blockno)
             if current is blk and blk.version == stored_versions.get((fs.ino, blockno)):
@@ -548,6 +564,26 @@ class DataStore:
                 if fs.size == fs.db_size:
                     fs.flush_requested = False
         self._space.set()
+
+    def _flush_failed(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None],
+                      exc: S3fuseError) -> None:
+        """The data stays in memory (dirty), each file remembers the error for its next
+        write, fsync or close, and the objects this batch did put are garbage."""
+        inos = ",".join(str(f.ino) for f in files)
+        failure = f"{inos}/{exc.errno}"
+        if failure != self._last_failure:  # a retry that fails the same way is not news
+            log.error("flush of inode(s) %s failed, their data is kept in memory: %s (errno %s)",
+                      inos, exc, errno.errorcode.get(exc.errno, exc.errno))
+        self._last_failure = failure
+        self.stats["flush_errors"] += 1
+        for fs in files:
+            fs.error = exc.errno
+        stored = [ref.object_id for ref in refs.values() if ref is not None]
+        if stored:
+            with self.meta.transaction():
+                for oid in stored:
+                    self.meta.add_garbage(oid)
+        self._space.set()  # writers waiting for buffer space learn of the failure
 
     def _defer(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None]) -> None:
         """Stored but not yet committed: reads find these refs in `pending` meanwhile."""
@@ -759,6 +795,9 @@ class DataStore:
                 except S3fuseError as exc:
                     log.error("commit of stored blocks failed (will retry): %s", exc)
                     await trio.sleep(1)
+                except Exception:
+                    log.exception("commit of stored blocks failed unexpectedly (will retry)")
+                    await trio.sleep(1)
                 for fs in list(self.files.values()):  # closed files that are clean now
                     self._maybe_drop(fs)
                 continue
@@ -770,6 +809,12 @@ class DataStore:
                     await self._flush_locked(batch, durable=False, only_full=only_full)
             except S3fuseError:
                 await trio.sleep(1)  # back off; the error is reported to the file's next fsync/close
+            except Exception:
+                # a bug must not stop the flusher (and with it the daemon): log it, keep the data
+                log.exception("flush failed unexpectedly; its data is kept in memory")
+                for fs in batch:
+                    fs.error = fs.error or errno.EIO
+                await trio.sleep(1)
             for fs in batch:
                 self._maybe_drop(fs)
             if any(fs.dirty for fs in self.files.values()):
@@ -790,9 +835,12 @@ class DataStore:
             if not ids:
                 return done
             try:
-                async with trio.open_nursery() as nursery:
-                    for oid in ids:
-                        nursery.start_soon(self._delete_object, oid)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for oid in ids:
+                            nursery.start_soon(self._delete_object, oid)
+                except BaseExceptionGroup as group:
+                    raise collapse(group) from None
             except BackendError as exc:
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
                 return done
@@ -817,6 +865,23 @@ class DataStore:
                 await self.backend.delete(key)
                 removed += 1
         return removed
+
+
+def collapse(group: BaseExceptionGroup) -> BaseException:
+    """The first s3fuse error of a nursery's exception group when every error in it is one
+    (trio groups even a single failure); else the group itself."""
+    leaves = list(_leaves(group))
+    if leaves and all(isinstance(e, S3fuseError) for e in leaves):
+        return leaves[0]
+    return group
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
 
 
 def _all_zero(data: bytes | bytearray) -> bool:

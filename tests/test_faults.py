@@ -274,6 +274,8 @@ def kill9_cycles(m, cycles: int, seed: int, seconds: float = 1.5, workers: int =
         for t in threads:
             t.start()
         threading.Event().wait(rng.uniform(0.2, seconds))  # the kill lands at a random moment
+        for w in ws:
+            w.killed.set()
         m.kill9()
         for w in ws:
             w.stop.set()

@@ -32,6 +32,7 @@ class NameState:
 class Model:
     def __init__(self) -> None:
         self.names: dict[str, NameState] = {}
+        self.current: dict[str, bytes | None] = {}  # after every completed operation (no crash)
         self.lock = threading.Lock()
 
     def state(self, name: str) -> NameState:
@@ -45,6 +46,17 @@ class Model:
         with self.lock:
             st = self.state(name)
             st.acked, st.since = content, []
+            self.current[name] = content
+
+    def done(self, name: str, content: bytes | None) -> None:
+        """An operation without fsync completed: what a reader sees now (no crash since)."""
+        with self.lock:
+            self.current[name] = content
+
+    def expected_digests(self) -> dict[str, str | None]:
+        """name -> sha256 hex of its current content (None: absent), for an exact check."""
+        with self.lock:
+            return {n: None if c is None else hashlib.sha256(c).hexdigest() for n, c in self.current.items()}
 
     def check(self, root: str) -> list[str]:
         """Problems found on the (remounted) tree; an empty list means consistent."""
@@ -83,6 +95,7 @@ class Model:
                         self.names[name] = NameState(f.read(), [])
                 else:
                     self.names[name] = NameState(ABSENT, [])
+                self.current[name] = self.names[name].acked
 
 
 def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
@@ -110,6 +123,9 @@ class Worker:
         self.ops: dict[str, int] = {}
         self.errors: list[str] = []
         self.stop = threading.Event()
+        # set by the harness just before it kills the daemon: from then on any error (ENOTCONN,
+        # ECONNABORTED, or EIO for a page the kernel could no longer read) means "killed"
+        self.killed = threading.Event()
         self.dead = False
 
     def _content(self) -> bytes:
@@ -123,7 +139,7 @@ class Worker:
                 getattr(self, op)()
                 self.ops[op] = self.ops.get(op, 0) + 1
             except OSError as exc:
-                if exc.errno in DEAD:
+                if exc.errno in DEAD or self.killed.is_set():
                     self.dead = True
                     return
                 self.errors.append(f"{op}: {exc}")
@@ -139,6 +155,7 @@ class Worker:
         fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, data)
+            self.model.done(name, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -153,6 +170,7 @@ class Worker:
             _write_all(fd, data)
         finally:
             os.close(fd)
+        self.model.done(name, data)
 
     def append(self) -> None:
         name = self.rng.choice(self.names)
@@ -168,6 +186,7 @@ class Worker:
             _write_all(fd, extra)
         finally:
             os.close(fd)
+        self.model.done(name, old + extra)
 
     def unlink_sync(self) -> None:
         name = self.rng.choice(self.names)
@@ -197,12 +216,17 @@ class Worker:
         self.model.ack(dst, data)
 
     def read(self) -> None:
+        """Reads what the model says is there (the names are this worker's alone)."""
         name = self.rng.choice(self.names)
+        expected = self.model.current.get(name)
         try:
             with open(self._path(name), "rb") as f:
-                f.read()
+                got = f.read()
         except FileNotFoundError:
-            pass
+            got = None
+        if name in self.model.current and got != expected:
+            self.errors.append(f"read {name}: {None if got is None else len(got)} bytes, expected "
+                               f"{None if expected is None else len(expected)} (content differs)")
 
 
 def _write_all(fd: int, data: bytes) -> None:

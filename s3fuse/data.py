@@ -151,6 +151,7 @@ class DataStore:
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
                       "flush_errors": 0}
         self._last_failure = ""
+        self._attempted: list[bytes] = []
 
     # ------------------------------------------------------------------ files
     def state(self, ino: int) -> FileState:
@@ -428,8 +429,10 @@ class DataStore:
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(buf)
         fs = self.state(ino)
-        if fs.error:
-            raise S3fuseError("an earlier write-back of this file failed", self.take_error(ino))
+        # An earlier failed write-back is not a reason to refuse this data: with the kernel's
+        # writeback cache these writes are the kernel's own write-back, and a refusal makes it
+        # drop the pages. The data is kept (within the dirty limit, below) and the error is
+        # reported at the next fsync or close.
         view = memoryview(buf)
         pos = off
         bs = self.block_size
@@ -527,6 +530,7 @@ class DataStore:
         refs: dict[tuple[int, int], BlockRef | None] = {}
         stored_versions: dict[tuple[int, int], int] = {}
         small: list[tuple[str, list[bytes]]] = []  # objects put together in one batch
+        self._attempted = []  # every object this batch puts, even one whose put is cancelled
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -578,11 +582,12 @@ class DataStore:
         self.stats["flush_errors"] += 1
         for fs in files:
             fs.error = exc.errno
-        stored = [ref.object_id for ref in refs.values() if ref is not None]
+        stored = {ref.object_id for ref in refs.values() if ref is not None} | set(self._attempted)
         if stored:
             with self.meta.transaction():
                 for oid in stored:
                     self.meta.add_garbage(oid)
+            self._gc_kick.set()  # at once: on ENOSPC, the space they take is what is missing
         self._space.set()  # writers waiting for buffer space learn of the failure
 
     def _defer(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None]) -> None:
@@ -683,6 +688,7 @@ class DataStore:
             return
         header, data_key, wrapped = self._new_object(fs.ino, blockno, len(data), fs.policy, fs.writer)
         parts = fmt.encrypt_object_parts(header, data_key, data)
+        self._attempted.append(header.object_id)
         batch.append((header.object_id.hex(), parts))
         refs[(fs.ino, blockno)] = self._stored(header, wrapped, parts)
 
@@ -715,6 +721,7 @@ class DataStore:
                 fmt.encrypt_object_parts, header, data_key, data, limiter=self._crypto_limiter)
         else:
             parts = fmt.encrypt_object_parts(header, data_key, data)
+        self._attempted.append(header.object_id)
         await self.backend.put(header.object_id.hex(), parts)
         return self._stored(header, wrapped, parts)
 

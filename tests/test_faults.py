@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -305,12 +306,16 @@ def kill9_cycles(m, cycles: int, seed: int, seconds: float = 1.5, workers: int =
         threading.Event().wait(rng.uniform(0.2, seconds))  # the kill lands at a random moment
         for w in ws:
             w.killed.set()
-        m.kill9()
+        os.kill(m.pid, signal.SIGKILL)
+        m.proc.wait(30)
+        # the workers stop while the dead mount is still attached (their calls fail with
+        # ENOTCONN); once it is cleared, their paths would reach the directory beneath it
         for w in ws:
             w.stop.set()
         for t in threads:
             t.join(60)
             assert not t.is_alive()
+        m.kill9()  # clears the dead mount
         for w in ws:
             assert not w.errors, f"cycle {cycle}: {w.errors}"
             for k, v in w.ops.items():

@@ -613,7 +613,8 @@ def _lost_found(meta: Meta, now: int) -> int:
 
 
 def _attach(meta: Meta, parent: int, ino: int, name: bytes) -> None:
-    """Add an entry `name` (made unique) for `ino` in `parent`."""
+    """Add an entry `name` (cut to NAME_MAX, made unique) for `ino` in `parent`."""
+    name = name[:255]
     base, n = name[:240], 0
     while meta.lookup(parent, name) is not None:
         n += 1
@@ -636,13 +637,15 @@ def _reconnect(ctx: Context, lost_found: Callable[[], int]) -> None:
         db.execute("DELETE FROM dentries WHERE inode=? AND id != (SELECT min(id) FROM dentries WHERE inode=?)",
                    (ino, ino))
     db.execute("DELETE FROM dentries WHERE inode=?", (ROOT_INODE,))
-    # unreachable subtrees: attach one member at a time (breaking a cycle) until all are reached
-    while True:
+    # unreachable subtrees: attach one member at a time (breaking a cycle) until all are reached;
+    # each round attaches one inode, so there are at most as many rounds as inodes
+    for _ in range(ctx.db.execute("SELECT count(*) FROM inodes").fetchone()[0] + 1):
         lost = _unreachable(ctx)
         if not lost:
             return
-        # prefer an inode whose entry's parent is itself unreachable (the top of a subtree or
-        # any member of a cycle); an inode without entries is attached directly
+        # inodes without entries first, then directories: attaching one brings back its whole
+        # subtree, and breaks a cycle through it; files in unreachable directories come back
+        # with their directory
         loose = [i for i in lost if not _has_entries(meta, i)]
         dirs = [i for i in lost if _is_dir(meta.inode(i).mode)]
         ino = (loose or dirs or lost)[0]

@@ -315,7 +315,7 @@ def test_directory_cycle_and_orphans_go_to_lost_found(prepared, store, mount_fac
     con.execute("UPDATE dentries SET parent=? WHERE inode=?", (d2, d1))
     # an entry in a directory that does not exist
     (small,) = con.execute("SELECT inode FROM dentries WHERE parent=1 AND name=?", (b"small",)).fetchone()
-    con.execute("UPDATE dentries SET parent=424242 WHERE inode=?", (small,))
+    con.execute("UPDATE dentries SET parent=424242, name=? WHERE inode=?", (b"s" * 255, small))
     con.close()
     check_damaged_then_repair(store, {"disconnected", "orphan-entry"})
     m = mount_factory(store=store)
@@ -328,6 +328,7 @@ def test_directory_cycle_and_orphans_go_to_lost_found(prepared, store, mount_fac
             by_content[(Path(dirpath) / n).read_bytes()] = n
     for name in ("small", "d1/d2/file", "hl1"):
         assert prepared.files[name] in by_content, f"{name} was lost"
+    assert all(len(os.fsencode(n)) <= 255 for n in found)  # a 255-byte name stays within NAME_MAX
     assert "d1" not in os.listdir(m.mnt)
 
 

@@ -130,6 +130,7 @@ class Meta:
             # stores made before this index existed get it on first open
             self.db.execute("CREATE INDEX IF NOT EXISTS dentries_by_inode ON dentries (inode)")
         self._in_tx = False
+        self._next_ino: int | None = None  # see _new_inode_number
         # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
         # names that do not exist, and this answers them without a query
         self._xattr_inodes: set[int] | None = None
@@ -193,14 +194,32 @@ class Meta:
         row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
         return None if row is None else Inode(*row)
 
+    def _new_inode_number(self) -> int:
+        """Never one used before while this database is open.
+
+        SQLite would hand out the number of the most recently deleted inode again, and work
+        still in flight for the deleted file (a flush storing its blocks, the kernel's cached
+        attributes) would then land on the new one. Across a restart reuse is harmless (no
+        such work survives), so the counter lives in memory; it starts past every number the
+        database mentions, stray rows included."""
+        if self._next_ino is None:
+            self._next_ino = 1 + max(
+                self.db.execute("SELECT coalesce(max(id), 0) FROM inodes").fetchone()[0],
+                self.db.execute("SELECT coalesce(max(inode), 0) FROM blocks").fetchone()[0],
+                self.db.execute("SELECT coalesce(max(inode), 0) FROM dentries").fetchone()[0])
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
     def create_inode(self, mode: int, uid: int, gid: int, nlink: int, now_ns: int,
                      rdev: int = 0, sse: bytes | None = None) -> Inode:
-        cur = self.db.execute(
-            "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, sse)"
-            " VALUES (?,?,?,?,0,?,?,?,?,?)",
-            (mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, sse),
+        ino = self._new_inode_number()
+        self.db.execute(
+            "INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, sse)"
+            " VALUES (?,?,?,?,?,0,?,?,?,?,?)",
+            (ino, mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, sse),
         )
-        return Inode(cur.lastrowid, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
+        return Inode(ino, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
 
     def update_inode(self, ino: int, **fields) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)

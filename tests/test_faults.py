@@ -255,6 +255,39 @@ def test_hanging_put_does_not_stall_other_files(plan, mount_factory):
     assert (m.mnt / "z").read_bytes() == b"while hanging"
 
 
+def test_flush_in_flight_for_a_deleted_file_does_not_touch_a_new_one(plan, mount_factory):
+    """A file is unlinked while its flush waits for a (hanging) put, and a new file and symlink
+    are created at once. They must not inherit the deleted file's number, size or blocks when
+    the flush finishes (SQLite hands out the number of the most recently deleted row again;
+    the differential test caught this as a symlink with a file's size, and as EIO)."""
+    m = mount_factory()
+    plan.set([{"op": "put", "hang": True}])
+    x = os.urandom(700_000)
+    write(m.mnt / "x", x)
+    x_ino = os.stat(m.mnt / "x").st_ino
+    wait_until(lambda: any(h.endswith(" hang") for h in plan.hits()), 30, "the flush of x to hang")
+    os.unlink(m.mnt / "x")
+    # make the kernel forget x, so that the daemon deletes its inode (it holds a reference
+    # until then)
+    def forgotten():
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")
+        return "inodes: 1\n" in run_cli("status", m.mnt).stdout
+    wait_until(forgotten, 30, "the kernel to forget the unlinked file", interval=0.2)
+    os.symlink("abc", m.mnt / "link")
+    write(m.mnt / "y", b"y" * 10)
+    inos = {os.lstat(m.mnt / "link").st_ino, os.stat(m.mnt / "y").st_ino}
+    plan.set([])  # the flush of the deleted x completes now
+    assert x_ino not in inos, "a deleted file's inode number was handed out again at once"
+    assert fsync(m.mnt / "y") == 0
+    m.remount()
+    assert os.lstat(m.mnt / "link").st_size == 3 and os.readlink(m.mnt / "link") == "abc"
+    assert (m.mnt / "y").read_bytes() == b"y" * 10
+    m.unmount()
+    r = run_cli("fsck", m.store)
+    assert r.returncode == 0, r.stdout
+
+
 def test_get_sync_and_delete_failures(plan, mount_factory):
     m = mount_factory()
     a = os.urandom(400_000)

@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("rotate", help="rotate the SSE-S3 master key now, or retire unused versions")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
-    s.add_argument("--retire-unused", action="store_true",
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--retire-unused", action="store_true",
                    help="instead: erase old master-key versions nothing depends on any more")
+    g.add_argument("--pause-sweep", action="store_true", help="instead: hold the re-wrap sweep")
+    g.add_argument("--resume-sweep", action="store_true", help="instead: let a held re-wrap sweep go on")
 
     s = sub.add_parser("rekey-root", help="seal the keyring and KMS keystore under a new root key "
                                           "(store not mounted)")
@@ -364,8 +367,11 @@ def _when(ts) -> str:
 
 
 def cmd_rotate(args) -> int:
-    mnt = os.path.realpath(args.mountpoint)
-    with ControlClient(protocol.socket_path(mnt), timeout=120) as client:
+    with ControlClient(_socket_for(args.mountpoint), timeout=120) as client:
+        if args.pause_sweep or args.resume_sweep:
+            r = client.call("rotate.sweep", paused=bool(args.pause_sweep))
+            print(f"re-wrap sweep: {r['state']}, {r['remaining']} key slot(s) remaining")
+            return 0
         if not args.retire_unused:
             result = client.call("rotate")
             print(f"master key version {result['version']} is current; the re-wrap sweep moves "

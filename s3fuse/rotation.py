@@ -104,6 +104,9 @@ class MasterKeys:
         self._wake_scheduler = trio.Event()
         self._failed: set[bytes] = set()  # rows that could not be re-wrapped (logged once)
         self.sweeping = False
+        self._resume = trio.Event()  # set = the sweep may run; cleared by `pause`
+        self._resume.set()
+        self.paused = False  # an operator paused the sweep (not kept across restarts)
         self._keyring_mtime = self._file_mtime()
 
     @property
@@ -151,7 +154,8 @@ class MasterKeys:
         remaining = sum(n for v, n in counts.items() if v != kr.current)
         return {
             "master_keys": versions,
-            "rewrap": {"state": "running" if self.sweeping else ("pending" if remaining else "idle"),
+            "rewrap": {"state": "paused" if self.paused and remaining else
+                       "running" if self.sweeping else ("pending" if remaining else "idle"),
                        "target_version": int(self.meta.get_state("rewrap_version", kr.current) or kr.current),
                        "done": done, "total": max(total, done), "remaining": remaining,
                        "batch": self.batch, "rate": self.rate},
@@ -221,6 +225,17 @@ class MasterKeys:
                     "current": kr.current}
 
     # ------------------------------------------------------------------ the sweep
+    def set_paused(self, paused: bool, who: Caller) -> dict:
+        """Hold the sweep between two batches (e.g. at peak load), or let it go on."""
+        self.paused = paused
+        if paused:
+            self._resume = trio.Event()
+        else:
+            self._resume.set()
+            self._kick.set()
+        self.keys.record("sse-s3:pause-sweep" if paused else "sse-s3:resume-sweep", who)
+        return self.status()["rewrap"]
+
     async def sweeper(self) -> None:
         """Re-wraps key slots under old versions whenever there are any (started at mount)."""
         while True:
@@ -264,6 +279,10 @@ class MasterKeys:
         with self.meta.transaction():
             self.meta.set_state("rewrap_active", 1)
         while True:
+            if not self._resume.is_set():
+                log.info("re-wrap sweep paused")
+                await self._resume.wait()
+                log.info("re-wrap sweep resumed")
             started = time.monotonic()
             rows = [SlotRow(*r) for r in self.meta.db.execute(
                 "SELECT inode, blockno, object_id, key_version, key_slot FROM blocks"

@@ -41,6 +41,7 @@ class AdminHandlers:
             "audit.path": self.audit_path,
             "rotate": self.master_rotate,
             "rotate.retire": self.master_retire,
+            "rotate.sweep": self.master_sweep,
         }
         for op in ("create-key", "list", "describe", "enable", "disable", "schedule-deletion",
                    "cancel-deletion", "get-policy", "set-policy", "rotate", "enable-rotation",
@@ -189,3 +190,10 @@ class AdminHandlers:
             self.keys.record("sse-s3:retire", who, "denied", errno=exc.errno)
             raise
         return await self.daemon.master.retire_unused(who)
+
+    async def master_sweep(self, peer: Peer, args: dict) -> dict:
+        paused = args["paused"]
+        if not isinstance(paused, bool):
+            raise TypeError("paused must be a boolean")
+        self._require_owner(peer)
+        return self.daemon.master.set_paused(paused, _caller(peer))

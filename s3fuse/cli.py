@@ -595,6 +595,9 @@ COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in ("root_key_file", "passphrase_file", "new_key_file", "new_passphrase_file"):
+        if getattr(args, name, None):  # relative to where the command runs, not to the store
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     try:
         return COMMANDS[args.command](args)
     except S3fuseError as exc:

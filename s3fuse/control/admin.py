@@ -1,4 +1,5 @@
-"""Key administration over the control socket: customer keys (SSE-C) and the built-in KMS.
+"""Key administration over the control socket: customer keys (SSE-C), the built-in KMS, and
+the SSE-S3 master key (rotate, retire, pause or resume the re-wrap sweep).
 
 Each handler gets the peer's SO_PEERCRED identity; the KMS enforces its key policies
 against it and every action is appended to the audit trail, allowed or denied.
@@ -11,8 +12,6 @@ import logging
 import os
 import time
 from typing import TYPE_CHECKING
-
-import trio
 
 from ..crypto import Caller
 from ..errors import S3fuseError

@@ -296,3 +296,34 @@ def test_scheduled_rotation(mount_factory, workdir):
     r = run_cli("status", m.mnt)
     assert "re-wrap sweep:" in r.stdout and "next rotation: never" in r.stdout
     assert f"version {current}: current, 20 object(s) depend on it" in r.stdout
+
+
+def test_one_scheduler_also_rotates_kms_keys(mount_factory):
+    """The daemon's key scheduler runs the built-in KMS's automatic rotation too."""
+    from s3fuse.keys.kms import BuiltinKms
+    from s3fuse.store import load_config, obtain_root_key
+
+    m = mount_factory()
+    r = run_cli("kms", "create-key", "--alias", "alias/auto", "--mount", m.mnt)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("kms", "enable-rotation", "alias/auto", "--days", "1", "--mount", m.mnt)
+    assert r.returncode == 0, r.stderr
+    m.unmount()
+    # a day passes: move the key's next rotation date into the past
+    cfg = load_config(str(m.store))
+    kms = BuiltinKms.load(cfg.kms_path, obtain_root_key(cfg), cfg.store_id)
+    key = kms._keys[kms.resolve("alias/auto")]
+    assert key.rotation["enabled"] and len(key.versions) == 1
+    key.rotation["next"] -= 86400 + 60
+    kms.save()
+    m.start()
+
+    def kms_version() -> int:
+        r = run_cli("kms", "describe", "alias/auto", "--mount", m.mnt)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["current_version"]
+
+    wait_until(lambda: kms_version() == 2, 30, "the scheduler to rotate the KMS key")
+    rec = [r for r in audit_ops(m.mnt) if r["op"] == "kms:rotate"]
+    assert rec and rec[-1]["trigger"] == "schedule"
+    assert status(m.mnt)["master_key_version"] == 1  # the master key's schedule is not due

@@ -206,7 +206,8 @@ class MasterKeys:
             for v in old:
                 if counts.get(v):
                     why = f"{counts[v]} object(s) still depend on it"
-                    why += " (the re-wrap sweep is still running)" if self.sweeping or self._kick.is_set() \
+                    why += " (the re-wrap sweep is paused: s3fuse rotate --resume-sweep)" if self.paused \
+                        else " (the re-wrap sweep is still running)" if self.sweeping or self._kick.is_set() \
                         else " (their key slots could not be re-wrapped; see the log)" if self._failed else \
                         " (the re-wrap sweep has not reached them yet)"
                     kept[v] = why

@@ -205,7 +205,7 @@ def test_retirement_refused_while_anything_depends(mount_factory):
     assert status(mnt)["rewrap"]["state"] == "paused"
     r = rotate(mnt, "--retire-unused")
     assert_cli_error(r, "retire while version 1 protects 50 objects")
-    assert "version 1" in r.stderr and "50 object(s) still depend on it" in r.stderr
+    assert "version 1" in r.stderr and "50 object(s) still depend on it" in r.stderr and "paused" in r.stderr
     assert {v["version"]: v["state"] for v in status(mnt)["master_keys"]} == {1: "old", 2: "current"}
     check(mnt, files)  # version 1 is still there: nothing was erased
 

@@ -38,8 +38,8 @@ DEFAULT_BLOCK_SIZE = 4 << 20
 DEFAULT_SEGMENT_SIZE = 64 << 10
 DAY = 86400
 DEFAULT_ROTATION_INTERVAL = 30 * DAY  # SSE-S3 master key: a new version every 30 days
-DEFAULT_REWRAP_BATCH = 500  # key slots re-wrapped per transaction
-DEFAULT_REWRAP_RATE = 5000  # key slots per second at most (0: unthrottled)
+DEFAULT_REWRAP_BATCH = 100  # key slots re-wrapped per transaction (about 3 ms of loop time)
+DEFAULT_REWRAP_RATE = 2000  # key slots per second at most (0: unthrottled): 100,000 in ~50 s
 
 
 @dataclass

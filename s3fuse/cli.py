@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest object: one per block of a file (default 4096)")
     s.add_argument("--segment-size-kib", type=int, default=64,
                    help="unit of authenticated encryption and of ranged reads (default 64)")
-    _root_key_source_options(s, init=True)
+    _root_key_source_options(s)
 
     s = sub.add_parser("mount", help="mount a store")
     s.add_argument("store", metavar="STORE")
@@ -163,7 +163,7 @@ def _root_key_options(s: argparse.ArgumentParser) -> None:
                    help="the passphrase of a passphrase-sealed store (default: ask on the terminal)")
 
 
-def _root_key_source_options(s: argparse.ArgumentParser, init: bool) -> None:
+def _root_key_source_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--root-key", default="file", metavar="SOURCE",
                    help="where the root key comes from: file (default: a new STORE/root.key), passphrase "
                         "(scrypt; asked for, or --passphrase-file) or credential:NAME (systemd "

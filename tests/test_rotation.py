@@ -242,13 +242,14 @@ def test_rotate_needs_owner_or_root(mounted):
 # --------------------------------------------------------------------------- kill -9
 
 def test_kill9_during_sweep_then_resume(mount_factory):
-    m = mount_factory(extra_args=["--rewrap-batch", "10", "--rewrap-rate", "40"])
+    m = mount_factory(extra_args=["--rewrap-batch", "10", "--rewrap-rate", "20"])
     mnt = m.mnt
     files = make_files(mnt, 120)
     rotate_ok(mnt)
     # let the sweep commit a few batches, then hold it and kill the daemon mid-sweep
     wait_until(lambda: status(mnt)["rewrap"]["done"] >= 20, 60, "the sweep to make progress")
-    rotate_ok(mnt, "--pause-sweep")
+    with ControlClient(protocol.socket_path(os.path.realpath(mnt)), timeout=30) as c:
+        assert c.call("rotate.sweep", paused=True)["state"] == "paused"
     done = status(mnt)["rewrap"]["done"]
     m.kill9()
     v = db_versions(m.store)

@@ -18,7 +18,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .backends import LocalBackend
 from .errors import StoreError
@@ -41,6 +41,7 @@ class StoreConfig:
     default_sse: str
     backend: dict
     root_key_file: str
+    kms: dict = field(default_factory=dict)  # external KMS settings (docs/TRANSIT.md); {} = built-in only
 
     @property
     def meta_path(self) -> str:
@@ -60,7 +61,7 @@ class StoreConfig:
 
 
 def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
-               segment_size: int = DEFAULT_SEGMENT_SIZE) -> StoreConfig:
+               segment_size: int = DEFAULT_SEGMENT_SIZE, kms: dict | None = None) -> StoreConfig:
     """Create a new store at `path` (absent or an empty directory)."""
     path = os.path.abspath(path)
     if os.path.exists(path):
@@ -86,6 +87,8 @@ def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
         "root_key": {"source": "file", "path": "root.key"},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if kms:
+        config["kms"] = kms
     cfg = _parse_config(path, config)
     Keyring.new().save(cfg.keyring_path, root_key, store_id)
     LocalBackend.create(os.path.join(path, "objects"))
@@ -109,6 +112,7 @@ def _parse_config(path: str, raw: dict) -> StoreConfig:
             default_sse=raw.get("default_sse", "AES256"),
             backend=raw["backend"],
             root_key_file=key_path if os.path.isabs(key_path) else os.path.join(path, key_path),
+            kms=dict(raw.get("kms") or {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{path}/{CONFIG_NAME} is malformed ({exc})") from None

@@ -339,14 +339,17 @@ class TransitKms(KmsProvider):
         return "/".join([self.settings.mount, *parts])
 
     def _call(self, what: str, method: str, path: str, body: dict | None = None,
-              ok: tuple[int, ...] = (200, 204)) -> dict:
-        """One API call -> its "data"; any failure raised as S3fuseError and logged once."""
+              ok: tuple[int, ...] = (200, 204), quiet: bool = False) -> dict:
+        """One API call -> its "data"; any failure raised as S3fuseError and logged once
+        (here, unless `quiet`: then the caller reports it)."""
         try:
             status, answer = self.client.request(method, path, body)
         except TransitUnreachable as exc:
             with self._lock:
                 first, self._down = not self._down, True
-            if first:
+            if quiet:
+                pass
+            elif first:
                 log.error("%s: %s", what, exc)
             else:
                 log.warning("%s: Transit KMS still unreachable", what)
@@ -362,7 +365,8 @@ class TransitKms(KmsProvider):
         err = classify(status, messages)
         detail = "; ".join(m.strip().replace("\n", " ") for m in messages if m.strip())[:300]
         message = f"{what}: {os.strerror(err)} (HTTP {status}{': ' + detail if detail else ''})"
-        log.warning("%s", message)
+        if not quiet:
+            log.warning("%s", message)
         raise S3fuseError(message, err)
 
     def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
@@ -406,7 +410,7 @@ class TransitKms(KmsProvider):
 
     def check_token(self) -> dict:
         """Ask the server who the token is (at mount): EACCES if it rejects the token."""
-        return self._call("Transit token check", "GET", "auth/token/lookup-self")
+        return self._call("Transit token check", "GET", "auth/token/lookup-self", quiet=True)
 
     @staticmethod
     def _require_admin(who: Principal, action: str, name: str) -> None:

@@ -323,6 +323,7 @@ class TransitKms(KmsProvider):
         self._lock = threading.Lock()
         self._cache: dict[tuple, tuple[float, Any]] = {}
         self._down = False
+        self._logged_down = False
         self._limiter = None
 
     @property
@@ -345,17 +346,13 @@ class TransitKms(KmsProvider):
         try:
             status, answer = self.client.request(method, path, body)
         except TransitUnreachable as exc:
-            with self._lock:
-                first, self._down = not self._down, True
-            if quiet:
-                pass
-            elif first:
-                log.error("%s: %s", what, exc)
-            else:
-                log.warning("%s: Transit KMS still unreachable", what)
+            self._down = True
+            if not quiet:
+                self._log_unreachable(f"{what}: {exc}")
             raise TransitUnreachable(f"{what}: {exc}") from None
         with self._lock:
             was_down, self._down = self._down, False
+            self._logged_down = False
         if was_down:
             log.warning("Transit KMS at %s answers again", self.settings.address)
         if status in ok:
@@ -368,6 +365,15 @@ class TransitKms(KmsProvider):
         if not quiet:
             log.warning("%s", message)
         raise S3fuseError(message, err)
+
+    def _log_unreachable(self, message: str) -> None:
+        """The first failure of an outage in full, later ones in one short line each."""
+        with self._lock:
+            first, self._logged_down = not self._logged_down, True
+        if first:
+            log.error("%s", message)
+        else:
+            log.warning("%s", message.split(": Transit KMS at")[0] + ": Transit KMS still unreachable")
 
     def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         now = time.monotonic()
@@ -401,10 +407,14 @@ class TransitKms(KmsProvider):
         """Key metadata (cached), or None if this token may not read it; ENOKEY if absent."""
         def fetch() -> dict | None:
             try:
-                return self._call(f"Transit key {name}", "GET", self._path("keys", name))
+                return self._call(f"Transit key {name}", "GET", self._path("keys", name), quiet=True)
             except S3fuseError as exc:
                 if exc.errno == errno.EACCES:
-                    return None
+                    return None  # a token may use a key without reading it: not a failure
+                if not isinstance(exc, KmsUnavailable):
+                    log.warning("%s", exc)
+                else:
+                    self._log_unreachable(str(exc))
                 raise
         return self._cached(("meta", name), fetch)
 
@@ -479,8 +489,10 @@ class TransitKms(KmsProvider):
             else self._path("decrypt", name)
         caps = self._cached(("caps", name, action), lambda: self._capabilities(path))
         if not ({"update", "root", "sudo"} & set(caps)):
-            raise _error(f"the Transit token may not {action} with key {name} "
+            exc = _error(f"the Transit token may not {action} with key {name} "
                          f"(its capabilities on {path}: {', '.join(caps) or 'none'})", errno.EACCES)
+            log.warning("%s", exc)
+            raise exc
         self._metadata(name)
         return key_id(name)
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 
@@ -78,6 +79,17 @@ def audit_records(store: Path, key: str) -> list[dict]:
 
 def store_id(store: Path) -> str:
     return json.loads((store / "store.json").read_text())["store_id"]
+
+
+def requests_waiting_at(port: int) -> int:
+    """Bytes sent to the server on 127.0.0.1:port that it has not read (/proc/net/tcp)."""
+    waiting = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port:
+                waiting += int(fields[4].split(":")[1], 16)  # rx_queue of the server's socket
+    return waiting
 
 
 def kms_cli(mount, *args) -> dict:
@@ -188,7 +200,14 @@ def test_transit_missing_key_is_enokey(workdir, bao, mount_factory):
     m.start()
     assert errno_of(lambda: (d / "f").read_bytes()) == errno.ENOKEY
     assert errno_of(lambda: open(d / "g", "wb")) == errno.ENOKEY
+    # a key that is not derived would ignore the per-object context: refused for new data
+    plain = f"plain-{uuid.uuid4().hex[:8]}"
+    bao.create_key(plain, derived=False)
+    os.mkdir(m.mnt / "p")
+    os.setxattr(m.mnt / "p", SSE, f"aws:kms:{plain}".encode())
+    assert errno_of(lambda: open(m.mnt / "p" / "f", "wb")) == errno.EINVAL
     os.stat(m.mnt)  # the mount stays up
+    assert "is not a derived key" in m.log_text()
 
 
 def test_transit_rotate_rewrap_and_min_decryption_version(workdir, bao, mount_factory):
@@ -252,10 +271,18 @@ def test_transit_outage_is_eio_then_recovers(workdir, bao, mount_factory):
     os.mkdir(d)
     os.setxattr(d, SSE, f"aws:kms:{key}".encode())
     write(d / "f", b"needs the KMS")
+    write(m.mnt / "local", b"SSE-S3 needs no KMS")
     m.unmount()
     m.start()
     os.kill(bao.proc.pid, signal.SIGSTOP)  # the server stops answering: requests time out
     try:
+        # while one request waits on the KMS, the event loop serves others
+        waiting = threading.Thread(target=lambda: errno_of(lambda: (d / "f").read_bytes()))
+        waiting.start()
+        wait_until(lambda: requests_waiting_at(bao.port) > 0, 5, "the daemon's KMS request")
+        assert (m.mnt / "local").read_bytes() == b"SSE-S3 needs no KMS"
+        assert waiting.is_alive(), "a KMS call stalled the event loop"
+        waiting.join()
         assert errno_of(lambda: (d / "f").read_bytes()) == errno.EIO
         assert errno_of(lambda: open(d / "g", "wb")) == errno.EIO
         assert m.proc.poll() is None and os.listdir(d) == ["f"]  # the daemon stays up
@@ -279,3 +306,65 @@ def test_transit_init_refuses_a_rejected_token(workdir, bao):
     assert r.returncode != 0 and TRACEBACK not in r.stderr
     assert r.stderr.startswith("s3fuse: ") and "permission denied" in r.stderr.lower()
     assert len(r.stderr.strip().splitlines()) == 1 and not (store / "store.json").exists()
+
+    # a store whose token is later revoked: the mount refuses to start, in one line
+    good = transit_store(workdir, bao)
+    set_kms(good, token_file=str(bad))
+    mnt = workdir("mnt")
+    r = run_cli("mount", good, mnt, "--foreground", timeout=60)
+    assert r.returncode != 0 and TRACEBACK not in r.stderr and not os.path.ismount(mnt)
+    assert "s3fuse: Transit KMS at" in r.stderr and "permission denied" in r.stderr.lower()
+
+
+# ---- the pure parts, directly ----------------------------------------------
+
+def test_transit_blob_and_error_mapping():
+    from s3fuse.errors import S3fuseError
+    from s3fuse.keys import transit as tr
+
+    blob = tr.encode_blob("key-1", "vault:v7:QUJD")
+    assert blob.startswith(b"TRN1") and tr.parse_blob(blob) == ("key-1", "vault:v7:QUJD", 7)
+    for bad in (b"", b"TRN1", blob[:-6], b"KMS1" + blob[4:], blob.replace(b"vault:v7", b"vault:vx"),
+                tr.encode_blob("key-1", "plain:v1:QUJD"), blob[:6] + b"k\xff" + blob[8:]):
+        with pytest.raises(S3fuseError) as info:
+            tr.parse_blob(bad)
+        assert info.value.errno == errno.EIO
+    assert tr.classify(403, ["1 error occurred: permission denied"]) == errno.EACCES
+    assert tr.classify(400, ["encryption key not found"]) == errno.ENOKEY
+    assert tr.classify(404, []) == errno.ENOKEY
+    assert tr.classify(400, ["ciphertext or signature version is disallowed by policy (too old)"]) \
+        == errno.EKEYEXPIRED
+    assert tr.classify(400, ["cipher: message authentication failed"]) == errno.EIO
+    assert tr.classify(400, ["something else"]) == errno.EINVAL
+    # the context reaches Transit as base64 of a prefix and the canonical (sorted) context
+    a = tr.derivation_context({"store": "s", "object": "o"})
+    assert a == tr.derivation_context({"object": "o", "store": "s"})
+    assert a != tr.derivation_context({"store": "s", "object": "p"})
+    assert base64.b64decode(a).startswith(b"s3fuse/v1/transit-datakey")
+    assert tr.name_of("transit:abc") == tr.name_of("abc") == "abc"
+    with pytest.raises(S3fuseError):
+        tr.name_of("transit:../sys/seal")
+
+
+def test_transit_settings_and_backoff(tmp_path):
+    from s3fuse.errors import S3fuseError
+    from s3fuse.keys import transit as tr
+
+    env = {"BAO_ADDR": "http://127.0.0.1:8200", "BAO_TOKEN": "t-env"}
+    s = tr.TransitSettings.from_config({}, env=env)
+    assert (s.address, s.token, s.mount) == ("http://127.0.0.1:8200", "t-env", "transit")
+    assert "t-env" not in repr(s)
+    (tmp_path / "tok").write_text("t-file\n")
+    s = tr.TransitSettings.from_config({"address": "https://kms:8200/", "token_file": "tok",
+                                        "mount": "/tr/"}, base_dir=str(tmp_path),
+                                       env={"VAULT_TOKEN": "t-env"})
+    assert (s.address, s.token, s.mount) == ("https://kms:8200", "t-file", "tr")
+    for kms, env in (({}, {}), ({"address": "ftp://x"}, {"VAULT_TOKEN": "t"}),
+                     ({"address": "http://x"}, {}), ({"address": "http://x", "attempts": 0},
+                                                      {"VAULT_TOKEN": "t"})):
+        with pytest.raises(S3fuseError) as info:
+            tr.TransitSettings.from_config(kms, env=env)
+        assert info.value.errno == errno.EINVAL
+    client = tr.TransitClient(tr.TransitSettings("http://x", "t", backoff=0.1, backoff_max=0.3))
+    for attempt in range(1, 8):
+        assert 0 <= client.delay(attempt) <= min(0.3, 0.1 * 2 ** (attempt - 1))

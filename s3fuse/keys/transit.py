@@ -277,9 +277,12 @@ class TransitClient:
         if data is not None:
             headers["Content-Type"] = "application/json"
         why = ""
-        for attempt in range(1, self.settings.attempts + 1):
+        attempt = 0
+        while attempt < self.settings.attempts:
+            attempt += 1
             if attempt > 1:
                 self._sleep(self.delay(attempt - 1))
+            reused = getattr(self._local, "conn", None) is not None
             try:
                 conn = self._connection()
                 conn.request(method, f"{self._base}/v1/{path}", body=data, headers=headers)
@@ -289,6 +292,9 @@ class TransitClient:
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
                 why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if reused and isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError,
+                                               ConnectionResetError)):
+                    attempt -= 1  # an idle keep-alive connection the server closed: not an attempt
                 continue
             if resp.will_close:
                 self._drop()
@@ -493,17 +499,24 @@ class TransitKms(KmsProvider):
                          f"(its capabilities on {path}: {', '.join(caps) or 'none'})", errno.EACCES)
             log.warning("%s", exc)
             raise exc
-        self._metadata(name)
+        meta = self._metadata(name)
+        if action == "encrypt":
+            self._require_derived(name, meta)
         return key_id(name)
+
+    @staticmethod
+    def _require_derived(name: str, meta: dict | None) -> None:
+        if meta is not None and not meta.get("derived"):
+            exc = _error(f"Transit key {name} is not a derived key: s3fuse binds every data key "
+                         "to its object with a derivation context (create keys with "
+                         "'s3fuse kms create-key --transit NAME', or derived=true)", errno.EINVAL)
+            log.warning("%s", exc)
+            raise exc
 
     def generate_data_key(self, key: str, context: dict[str, str],
                           who: Principal) -> tuple[bytes, bytes, str, int]:
         name = name_of(key)
-        meta = self._metadata(name)
-        if meta is not None and not meta.get("derived"):
-            raise _error(f"Transit key {name} is not a derived key: s3fuse binds every data key "
-                         "to its object with a derivation context (create keys with "
-                         "'s3fuse kms create-key --transit NAME' or derived=true)", errno.EINVAL)
+        self._require_derived(name, self._metadata(name))
         data = self._call(f"Transit data key from {name}", "POST",
                           self._path("datakey/plaintext", name),
                           {"context": derivation_context(context), "bits": KEY_LEN * 8})

@@ -585,8 +585,12 @@ class TransitKms(KmsProvider):
         name = check_name(name)
         self._require_admin(who, "create", name)
         self.forget(name)
-        status, _ = self.client.request("GET", self._path("keys", name))
-        if status == 200:
+        try:
+            self._call(f"Transit key {name}", "GET", self._path("keys", name), quiet=True)
+        except S3fuseError as exc:
+            if exc.errno != errno.ENOKEY:
+                raise
+        else:
             raise _error(f"Transit key {name} already exists", errno.EEXIST)
         self._call(f"create Transit key {name}", "POST", self._path("keys", name),
                    {"type": "aes256-gcm96", "derived": True})
@@ -594,14 +598,13 @@ class TransitKms(KmsProvider):
         return self.describe(name)
 
     def list_keys(self) -> list[dict]:
-        status, answer = self.client.request("GET", self._path("keys") + "?list=true")
-        if status == 404:  # Transit answers 404 for an empty list
-            return []
-        if status != 200:
-            messages = [str(m) for m in answer.get("errors") or []]
-            err = classify(status, messages)
-            raise _error(f"list Transit keys: {os.strerror(err)} (HTTP {status})", err)
-        names = (answer.get("data") or {}).get("keys") or []
+        try:
+            data = self._call("list Transit keys", "GET", self._path("keys") + "?list=true", quiet=True)
+        except S3fuseError as exc:
+            if exc.errno == errno.ENOKEY:  # Transit answers 404 for an empty list
+                return []
+            raise
+        names = data.get("keys") or []
         return [self.describe(n) for n in names[:MAX_LIST] if _NAME_RE.fullmatch(str(n))]
 
     def rotate(self, key: str, who: Principal, now: float | None = None) -> dict:

@@ -20,6 +20,7 @@ import pytest
 
 from s3fuse.keys.transit import derivation_context, parse_blob
 
+from .baoserver import free_port
 from .conftest import TRACEBACK, run_cli, wait_until
 
 SSE = "user.s3fuse.sse"
@@ -140,11 +141,12 @@ def test_transit_files_round_trip_without_plaintext_keys_on_disk(workdir, bao, m
                                 {"ciphertext": ciphertext, "context": derivation_context(other)})
         assert status == 400
     assert len(set(data_keys)) == 3 and all(len(k) == 32 for k in data_keys)
-    for dirpath, _, names in os.walk(store):
-        for n in names:
-            blob = (Path(dirpath) / n).read_bytes()
-            for k in data_keys:
-                assert k not in blob and base64.b64encode(k) not in blob, f"data key in {n}"
+    files_to_search = [Path(dp) / n for dp, _, names in os.walk(store) for n in names] + m.logs
+    for path in files_to_search:
+        blob = path.read_bytes()
+        for k in data_keys:
+            assert k not in blob and base64.b64encode(k) not in blob, f"data key in {path}"
+    assert not any(base64.b64encode(k) in bao.audit_log.read_bytes() for k in data_keys)
 
     # OpenBao's own audit device saw the data-key and decrypt calls of this mount
     paths = bao.audited_paths()
@@ -294,6 +296,14 @@ def test_transit_outage_is_eio_then_recovers(workdir, bao, mount_factory):
     assert (d / "g").read_bytes() == b"new data key"
     log = m.log_text()
     assert "after 2 attempts" in log and "answers again" in log
+    m.unmount()
+
+    # nothing listening at the address at all: the mount still starts, KMS uses fail with EIO
+    set_kms(store, address=f"http://127.0.0.1:{free_port()}")
+    m.start()
+    assert errno_of(lambda: (d / "f").read_bytes()) == errno.EIO
+    assert (m.mnt / "local").read_bytes() == b"SSE-S3 needs no KMS"
+    assert "is not reachable now" in m.log_text() and "ConnectionRefusedError" in m.log_text()
     m.unmount()
 
 

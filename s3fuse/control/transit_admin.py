@@ -117,6 +117,8 @@ class TransitAdmin:
                 elif op == "set-min-decryption-version":
                     result = await self._run(transit.set_min_decryption_version, key_id,
                                              int(args["version"]), p)
+                    # data keys of retired versions must not outlive them in the caches
+                    self.admin._forget_cached_keys()
                 elif op == "enable-rotation":
                     result = await self._run(transit.enable_rotation, key_id, int(args["days"]), p)
                 elif op == "disable-rotation":

@@ -232,19 +232,24 @@ def test_transit_rotate_rewrap_and_min_decryption_version(workdir, bao, mount_fa
     assert listing.returncode == 0 and f"transit:{name}" in listing.stdout
     d = m.mnt / "d"
     os.mkdir(d)
+    contents = {"moved": b"written under SSE-S3, re-encrypted under Transit"}
+    write(d / "moved", contents["moved"])
+    assert os.getxattr(d / "moved", "user.s3fuse.mode") == b"AES256"
     os.setxattr(d, SSE, f"aws:kms:transit:{name}".encode())
-    contents = {f"f{i}": os.urandom(1000 + i) for i in range(3)}
+    os.setxattr(d / "moved", SSE, f"aws:kms:transit:{name}".encode())  # re-encrypts the file
+    assert os.getxattr(d / "moved", "user.s3fuse.kms-key-id") == f"transit:{name}".encode()
+    contents.update({f"f{i}": os.urandom(1000 + i) for i in range(3)})
     for n, data in contents.items():
         write(d / n, data)
 
     # rotate through s3fuse: a new version in Transit, then every stored slot re-wrapped
     rotated = kms_cli(m, "rotate", f"transit:{name}")
     assert rotated["current_version"] == 2
-    assert rotated["rewrap"] == {"rewrapped": 3, "failed": 0, "version": 2}
+    assert rotated["rewrap"] == {"rewrapped": 4, "failed": 0, "version": 2}
     assert {os.getxattr(d / n, "user.s3fuse.kms-key-version") for n in contents} == {b"2"}
     m.unmount()
     rows = [r for r in slots(store) if r[3] == f"transit:{name}"]
-    assert len(rows) == 3 and all(r[4] == 2 and b"vault:v2:" in r[5] for r in rows)
+    assert len(rows) == 4 and all(r[4] == 2 and b"vault:v2:" in r[5] for r in rows)
     m.start()
     for n, data in contents.items():
         assert (d / n).read_bytes() == data
@@ -255,9 +260,9 @@ def test_transit_rotate_rewrap_and_min_decryption_version(workdir, bao, mount_fa
     assert described["min_decryption_version"] == 3
     # at once: the daemon drops the data keys it had unwrapped
     assert errno_of(lambda: read_uncached(d / "f0")) == errno.EKEYEXPIRED
-    assert kms_cli(m, "rewrap", f"transit:{name}")["rewrap"]["failed"] == 3  # too old to re-wrap
+    assert kms_cli(m, "rewrap", f"transit:{name}")["rewrap"]["failed"] == 4  # too old to re-wrap
     kms_cli(m, "set-min-decryption-version", f"transit:{name}", "--version", "2")
-    assert kms_cli(m, "rewrap", f"transit:{name}")["rewrap"] == {"rewrapped": 3, "failed": 0, "version": 3}
+    assert kms_cli(m, "rewrap", f"transit:{name}")["rewrap"] == {"rewrapped": 4, "failed": 0, "version": 3}
     kms_cli(m, "set-min-decryption-version", f"transit:{name}", "--version", "3")
     m.unmount()
     m.start()

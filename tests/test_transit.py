@@ -187,6 +187,7 @@ def test_transit_token_without_permission_is_eacces(workdir, bao, mount_factory)
                                   f'path "transit/decrypt/{readable}" {{ capabilities = ["update"] }}')
     token_file = workdir("tok") / "token"
     token_file.write_text(token)
+    token_file.chmod(0o600)
     set_kms(store, token_file=str(token_file))
     m.start()
     assert (m.mnt / readable / "f").read_bytes() == b"secret " + readable.encode()
@@ -324,6 +325,7 @@ def test_transit_outage_is_eio_then_recovers(workdir, bao, mount_factory):
 def test_transit_init_refuses_a_rejected_token(workdir, bao):
     bad = workdir("bad") / "token"
     bad.write_text("not-a-token")
+    bad.chmod(0o600)
     store = workdir("store") / "store"
     r = run_cli("init", store, "--kms", "transit", "--vault-addr", bao.address,
                 "--vault-token-file", bad)

@@ -111,6 +111,9 @@ class TransitSettings:
                 else os.path.join(base_dir, token_file)
             try:
                 with open(path) as f:
+                    if os.fstat(f.fileno()).st_mode & 0o077:
+                        log.warning("the Transit token file %s is readable by other users; "
+                                    "chmod 600 it", path)
                     token = f.read().strip()
             except OSError as exc:
                 raise _error(f"cannot read the Transit token file {path}: {exc.strerror}",
@@ -270,8 +273,12 @@ class TransitClient:
         cap = min(self.settings.backoff_max, self.settings.backoff * (2 ** (attempt - 1)))
         return random.uniform(0, cap)
 
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        """-> (HTTP status, decoded JSON body or {}); TransitUnreachable after the retry budget."""
+    def request(self, method: str, path: str, body: dict | None = None,
+                idempotent: bool = True) -> tuple[int, dict]:
+        """-> (HTTP status, decoded JSON body or {}); TransitUnreachable after the retry budget.
+
+        A call that must not run twice (`idempotent=False`, e.g. rotate) is retried only when
+        the server surely did not act on it: connection refused, 429, 503 (sealed, standby)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"X-Vault-Token": self.settings.token, "X-Vault-Request": "true"}
         if data is not None:
@@ -295,6 +302,8 @@ class TransitClient:
                 if reused and isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError,
                                                ConnectionResetError)):
                     attempt -= 1  # an idle keep-alive connection the server closed: not an attempt
+                elif not idempotent and not isinstance(exc, ConnectionRefusedError):
+                    break
                 continue
             if resp.will_close:
                 self._drop()
@@ -306,11 +315,13 @@ class TransitClient:
                 decoded = {}
             if status in self.RETRY_STATUS:
                 why = f"HTTP {status}: {'; '.join(map(str, decoded.get('errors') or []))[:200]}"
+                if not idempotent and status not in (429, 503):
+                    break
                 continue
             return status, decoded
         raise TransitUnreachable(
             f"Transit KMS at {self.settings.address} did not answer {method} {path} "
-            f"after {self.settings.attempts} attempts ({why})")
+            f"after {attempt} attempt{'s' if attempt != 1 else ''} ({why})")
 
 
 # --------------------------------------------------------------------------
@@ -346,11 +357,11 @@ class TransitKms(KmsProvider):
         return "/".join([self.settings.mount, *parts])
 
     def _call(self, what: str, method: str, path: str, body: dict | None = None,
-              ok: tuple[int, ...] = (200, 204), quiet: bool = False) -> dict:
+              ok: tuple[int, ...] = (200, 204), quiet: bool = False, idempotent: bool = True) -> dict:
         """One API call -> its "data"; any failure raised as S3fuseError and logged once
         (here, unless `quiet`: then the caller reports it)."""
         try:
-            status, answer = self.client.request(method, path, body)
+            status, answer = self.client.request(method, path, body, idempotent=idempotent)
         except TransitUnreachable as exc:
             self._down = True
             if not quiet:
@@ -610,7 +621,8 @@ class TransitKms(KmsProvider):
     def rotate(self, key: str, who: Principal, now: float | None = None) -> dict:
         name = name_of(key)
         self._require_admin(who, "rotate", name)
-        self._call(f"rotate Transit key {name}", "POST", self._path("keys", name, "rotate"))
+        self._call(f"rotate Transit key {name}", "POST", self._path("keys", name, "rotate"),
+                   idempotent=False)  # a retried rotate could add two versions
         self.forget(name)
         return self.describe(name)
 

@@ -274,7 +274,7 @@ class TransitClient:
         return random.uniform(0, cap)
 
     def request(self, method: str, path: str, body: dict | None = None,
-                idempotent: bool = True) -> tuple[int, dict]:
+                idempotent: bool = True, attempts: int | None = None) -> tuple[int, dict]:
         """-> (HTTP status, decoded JSON body or {}); TransitUnreachable after the retry budget.
 
         A call that must not run twice (`idempotent=False`, e.g. rotate) is retried only when
@@ -285,7 +285,8 @@ class TransitClient:
             headers["Content-Type"] = "application/json"
         why = ""
         attempt = 0
-        while attempt < self.settings.attempts:
+        budget = attempts or self.settings.attempts
+        while attempt < budget:
             attempt += 1
             if attempt > 1:
                 self._sleep(self.delay(attempt - 1))
@@ -357,11 +358,13 @@ class TransitKms(KmsProvider):
         return "/".join([self.settings.mount, *parts])
 
     def _call(self, what: str, method: str, path: str, body: dict | None = None,
-              ok: tuple[int, ...] = (200, 204), quiet: bool = False, idempotent: bool = True) -> dict:
+              ok: tuple[int, ...] = (200, 204), quiet: bool = False, idempotent: bool = True,
+              attempts: int | None = None) -> dict:
         """One API call -> its "data"; any failure raised as S3fuseError and logged once
         (here, unless `quiet`: then the caller reports it)."""
         try:
-            status, answer = self.client.request(method, path, body, idempotent=idempotent)
+            status, answer = self.client.request(method, path, body, idempotent=idempotent,
+                                                 attempts=attempts)
         except TransitUnreachable as exc:
             self._down = True
             if not quiet:
@@ -436,8 +439,10 @@ class TransitKms(KmsProvider):
         return self._cached(("meta", name), fetch)
 
     def check_token(self) -> dict:
-        """Ask the server who the token is (at mount): EACCES if it rejects the token."""
-        return self._call("Transit token check", "GET", "auth/token/lookup-self", quiet=True)
+        """Ask the server who the token is (at init and mount; one attempt, so a KMS that is
+        down does not hold the mount up): EACCES if it rejects the token."""
+        return self._call("Transit token check", "GET", "auth/token/lookup-self", quiet=True,
+                          attempts=1)
 
     @staticmethod
     def _require_admin(who: Principal, action: str, name: str) -> None:

@@ -194,6 +194,8 @@ def test_transit_token_without_permission_is_eacces(workdir, bao, mount_factory)
     assert errno_of(lambda: open(m.mnt / readable / "new", "wb")) == errno.EACCES
     assert errno_of(lambda: open(m.mnt / closed / "f", "rb").read()) == errno.EACCES
     assert errno_of(lambda: open(m.mnt / closed / "f", "r+b")) == errno.EACCES
+    listing = run_cli("kms", "list", "--mount", m.mnt)  # this token may not list transit keys
+    assert listing.returncode == 0 and "Transit keys not listed" in listing.stdout
     m.unmount()
     denied = [r for r in audit_records(store, f"transit:{closed}") if r["outcome"] == "denied"]
     assert denied and all(r["errno"] == errno.EACCES for r in denied)

@@ -21,7 +21,7 @@ import pytest
 from s3fuse.keys.transit import derivation_context, parse_blob
 
 from .baoserver import free_port
-from .conftest import TRACEBACK, run_cli, wait_until
+from .conftest import TRACEBACK, py_as, run_cli, wait_until
 
 SSE = "user.s3fuse.sse"
 FAST = {"timeout": 1.0, "attempts": 2, "backoff": 0.05, "backoff_max": 0.1, "cache_ttl": 0}
@@ -199,6 +199,28 @@ def test_transit_token_without_permission_is_eacces(workdir, bao, mount_factory)
     m.unmount()
     denied = [r for r in audit_records(store, f"transit:{closed}") if r["outcome"] == "denied"]
     assert denied and all(r["errno"] == errno.EACCES for r in denied)
+
+
+def test_transit_local_key_policy_per_uid(workdir, bao, mount_factory):
+    """A store may add a built-in-style uid policy to a Transit key: one token, many users."""
+    key = new_key(bao, "team")
+    alice, bob = 2001, 2002
+    store = transit_store(workdir, bao, policies={
+        key: {"encrypt": {"uids": [alice]}, "decrypt": {"uids": [alice]}}})
+    m = mount_factory(store, extra_args=["--allow-other"])
+    d = m.mnt / "team"
+    os.mkdir(d)
+    os.chmod(d, 0o777)
+    os.setxattr(d, SSE, f"aws:kms:{key}".encode())
+    assert py_as(alice, alice, "write", d / "a", b"alice's".hex()) == ("ok", None)
+    assert py_as(alice, alice, "read", d / "a") == ("ok", b"alice's".hex())
+    write(d / "r", b"root passes every policy")  # as for the built-in KMS
+    os.chmod(d / "r", 0o644)
+    assert py_as(bob, bob, "read", d / "r") == ("errno", errno.EACCES)
+    assert py_as(bob, bob, "create", d / "b", 0o644) == ("errno", errno.EACCES)
+    m.unmount()
+    denied = [r for r in audit_records(store, f"transit:{key}") if r["outcome"] == "denied"]
+    assert {r["uid"] for r in denied} == {bob}
 
 
 def test_transit_missing_key_is_enokey(workdir, bao, mount_factory):
@@ -392,6 +414,14 @@ def test_transit_settings_and_backoff(tmp_path):
                                                       {"VAULT_TOKEN": "t"})):
         with pytest.raises(S3fuseError) as info:
             tr.TransitSettings.from_config(kms, env=env)
+        assert info.value.errno == errno.EINVAL
+    s = tr.TransitSettings.from_config({"policies": {"k": {"encrypt": {"uids": [5]},
+                                                           "decrypt": {"gids": [7]}}}}, env=env)
+    assert s.policies["k"]["decrypt"] == {"uids": [], "gids": [7]}
+    for policies in ({"k": {"encrypt": {"uids": [5]}}}, {"bad name": {}}, ["k"],
+                     {"k": {"encrypt": {"uids": ["x"]}, "decrypt": {}}}):
+        with pytest.raises(S3fuseError) as info:
+            tr.TransitSettings.from_config({"policies": policies}, env=env)
         assert info.value.errno == errno.EINVAL
     client = tr.TransitClient(tr.TransitSettings("http://x", "t", backoff=0.1, backoff_max=0.3))
     for attempt in range(1, 8):

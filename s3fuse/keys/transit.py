@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import KmsUnavailable, S3fuseError
-from .kms import KEY_LEN, KmsProvider, Principal, canonical_context
+from .kms import KEY_LEN, KmsProvider, Principal, canonical_context, policy_allows, validate_policy
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class TransitSettings:
     cache_ttl: float = 10.0  # seconds an authorization or key-metadata answer is reused
     default_key: str | None = None  # the key plain "aws:kms" uses when Transit is the default
     ca_file: str | None = None
+    # optional per-key uid/gid policies checked by s3fuse before Vault is asked (docs/TRANSIT.md)
+    policies: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, kms: dict, base_dir: str | None = None,
@@ -135,6 +137,7 @@ class TransitSettings:
                 cache_ttl=float(kms.get("cache_ttl", 10.0)),
                 default_key=kms.get("default_key"),
                 ca_file=kms.get("ca_file"),
+                policies=_local_policies(kms.get("policies") or {}),
             )
         except (TypeError, ValueError) as exc:
             raise _error(f"malformed Transit KMS settings: {exc}", errno.EINVAL) from None
@@ -149,6 +152,20 @@ class TransitSettings:
         if settings.default_key is not None:
             check_name(settings.default_key)
         return settings
+
+
+def _local_policies(raw: Any) -> dict[str, dict]:
+    """{"NAME": {"encrypt": {...}, "decrypt": {...}}} -> normalised built-in-style policies."""
+    if not isinstance(raw, dict):
+        raise _error("Transit \"policies\" must map key names to policies", errno.EINVAL)
+    out = {}
+    for name, policy in raw.items():
+        check_name(name)
+        if not isinstance(policy, dict) or not {"encrypt", "decrypt"} <= set(policy):
+            raise _error(f"the policy of Transit key {name} needs \"encrypt\" and \"decrypt\" "
+                         "sections", errno.EINVAL)
+        out[name] = validate_policy({"admin": {"uids": [0]}, **policy})
+    return out
 
 
 def check_name(name: Any) -> str:
@@ -444,6 +461,15 @@ class TransitKms(KmsProvider):
         return self._call("Transit token check", "GET", "auth/token/lookup-self", quiet=True,
                           attempts=1)
 
+    def _check_local_policy(self, name: str, action: str, who: Principal) -> None:
+        """The s3fuse-side policy of a key, if the store gives it one (root always passes)."""
+        policy = self.settings.policies.get(name)
+        if policy is not None and not policy_allows(policy, action, who):
+            exc = _error(f"uid {who.uid} may not {action} with Transit key {name}: "
+                         "denied by the key's s3fuse policy", errno.EACCES)
+            log.warning("%s", exc)
+            raise exc
+
     @staticmethod
     def _require_admin(who: Principal, action: str, name: str) -> None:
         # Every uid shares the daemon's token: only root may change keys through s3fuse.
@@ -507,6 +533,7 @@ class TransitKms(KmsProvider):
         if action not in ("encrypt", "decrypt"):
             raise _error(f"unknown KMS action {action!r}", errno.EINVAL)
         name = name_of(key)
+        self._check_local_policy(name, action, who)
         path = self._path("datakey/plaintext", name) if action == "encrypt" \
             else self._path("decrypt", name)
         caps = self._cached(("caps", name, action), lambda: self._capabilities(path))
@@ -532,6 +559,7 @@ class TransitKms(KmsProvider):
     def generate_data_key(self, key: str, context: dict[str, str],
                           who: Principal) -> tuple[bytes, bytes, str, int]:
         name = name_of(key)
+        self._check_local_policy(name, "encrypt", who)
         self._require_derived(name, self._metadata(name))
         data = self._call(f"Transit data key from {name}", "POST",
                           self._path("datakey/plaintext", name),
@@ -551,6 +579,7 @@ class TransitKms(KmsProvider):
     def decrypt(self, blob: bytes, context: dict[str, str],
                 who: Principal) -> tuple[bytes, str, int]:
         name, ciphertext, version = parse_blob(blob)
+        self._check_local_policy(name, "decrypt", who)
         data = self._call(f"Transit decrypt with {name} v{version}", "POST",
                           self._path("decrypt", name),
                           {"ciphertext": ciphertext, "context": derivation_context(context)})

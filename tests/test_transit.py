@@ -409,11 +409,11 @@ def test_transit_settings_and_backoff(tmp_path):
                                         "mount": "/tr/"}, base_dir=str(tmp_path),
                                        env={"VAULT_TOKEN": "t-env"})
     assert (s.address, s.token, s.mount) == ("https://kms:8200", "t-file", "tr")
-    for kms, env in (({}, {}), ({"address": "ftp://x"}, {"VAULT_TOKEN": "t"}),
-                     ({"address": "http://x"}, {}), ({"address": "http://x", "attempts": 0},
-                                                      {"VAULT_TOKEN": "t"})):
+    for kms, bad_env in (({}, {}), ({"address": "ftp://x"}, {"VAULT_TOKEN": "t"}),
+                         ({"address": "http://x"}, {}), ({"address": "http://x", "attempts": 0},
+                                                          {"VAULT_TOKEN": "t"})):
         with pytest.raises(S3fuseError) as info:
-            tr.TransitSettings.from_config(kms, env=env)
+            tr.TransitSettings.from_config(kms, env=bad_env)
         assert info.value.errno == errno.EINVAL
     s = tr.TransitSettings.from_config({"policies": {"k": {"encrypt": {"uids": [5]},
                                                            "decrypt": {"gids": [7]}}}}, env=env)

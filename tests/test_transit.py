@@ -225,12 +225,13 @@ def test_transit_local_key_policy_per_uid(workdir, bao, mount_factory):
 
 def test_transit_missing_key_is_enokey(workdir, bao, mount_factory):
     key = new_key(bao)
-    store = transit_store(workdir, bao)
+    store = transit_store(workdir, bao, default_key=key)
     m = mount_factory(store)
     d = m.mnt / "d"
     os.mkdir(d)
     assert errno_of(lambda: os.setxattr(d, SSE, b"aws:kms:transit:no-such-key")) == errno.ENOKEY
-    os.setxattr(d, SSE, f"aws:kms:{key}".encode())
+    os.setxattr(d, SSE, b"aws:kms")  # plain: the store's default Transit key
+    assert os.getxattr(d, SSE) == f"aws:kms:transit:{key}".encode()
     write(d / "f", b"soon unreadable")
     m.unmount()
     bao.delete_key(key)

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--segment-size-kib", type=int, default=64,
                    help="unit of authenticated encryption and of ranged reads (default 64)")
     _root_key_source_options(s)
+    _transit_init_options(s)
 
     s = sub.add_parser("mount", help="mount a store")
     s.add_argument("store", metavar="STORE")
@@ -123,16 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = msub.add_parser("create-key", help="create a KMS key")
     s.add_argument("--alias", help="alias/NAME")
     s.add_argument("--description", default="")
+    s.add_argument("--transit", metavar="NAME", help="create Transit key NAME (derived aes256-gcm96) "
+                   "instead of a built-in key; root only")
     _mount_option(s)
     s = msub.add_parser("list", help="list KMS keys")
     _mount_option(s)
     for name, text in (("describe", "show a key"), ("enable", "enable a key"), ("disable", "disable a key"),
                        ("cancel-deletion", "cancel a scheduled deletion (the key becomes Disabled)"),
-                       ("rotate", "add a new backing-key version now"),
+                       ("rotate", "add a new backing-key version now (Transit keys: then re-wrap "
+                                  "stored data keys under it)"),
+                       ("rewrap", "Transit keys: re-wrap stored data keys under the latest version"),
                        ("disable-rotation", "stop automatic rotation")):
         s = msub.add_parser(name, help=text)
         s.add_argument("key", metavar="KEY", help="key id or alias")
         _mount_option(s)
+    s = msub.add_parser("set-min-decryption-version",
+                        help="Transit keys: refuse to decrypt data keys wrapped under older versions")
+    s.add_argument("key", metavar="KEY")
+    s.add_argument("--version", type=int, required=True)
+    _mount_option(s)
     s = msub.add_parser("schedule-deletion", help="delete a key after a waiting period (7-30 days)")
     s.add_argument("key", metavar="KEY")
     s.add_argument("--days", type=int, required=True)
@@ -186,6 +196,46 @@ def _seconds(value: str) -> float:
     return n
 
 
+def _transit_init_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("external KMS (Vault/OpenBao Transit; docs/TRANSIT.md)")
+    g.add_argument("--kms", choices=("builtin", "transit"), default=None,
+                   help="provider of bare key names in aws:kms:NAME (default builtin)")
+    g.add_argument("--vault-addr", help="Transit server URL (default: $VAULT_ADDR or $BAO_ADDR at mount)")
+    g.add_argument("--vault-token-file", help="file holding the Vault/OpenBao token "
+                   "(default: $VAULT_TOKEN or $BAO_TOKEN at mount)")
+    g.add_argument("--transit-mount", help="path of the Transit engine (default transit)")
+    g.add_argument("--transit-default-key", help="Transit key used by plain aws:kms")
+
+
+def _transit_kms_settings(args) -> dict | None:
+    """store.json "kms" from the init options; None for a built-in-only store."""
+    kms: dict = {}
+    if args.kms:
+        kms["provider"] = args.kms
+    for opt, name in (("vault_addr", "address"), ("transit_mount", "mount"),
+                      ("transit_default_key", "default_key")):
+        if getattr(args, opt):
+            kms[name] = getattr(args, opt)
+    if args.vault_token_file:
+        kms["token_file"] = os.path.abspath(args.vault_token_file)
+    if kms and args.kms is None:
+        kms["provider"] = "builtin"
+    return kms or None
+
+
+def _check_transit(kms: dict | None) -> None:
+    """At init: the Transit server must answer and accept the token (one clear line if not)."""
+    from .keys import router, transit
+
+    if not kms or not router.transit_configured(kms):
+        return
+    settings = transit.TransitSettings.from_config(kms)
+    try:
+        transit.TransitKms(settings).check_token()
+    except S3fuseError as exc:
+        raise S3fuseError(f"Transit KMS at {settings.address}: {exc}", exc.errno) from None
+
+
 def _mount_option(s: argparse.ArgumentParser) -> None:
     s.add_argument("--mount", "-m", metavar="MOUNTPOINT",
                    help="the daemon to talk to (default: the only s3fuse mount)")
@@ -204,9 +254,11 @@ def cmd_init(args) -> int:
 
     from . import rootkey
 
+    kms = _transit_kms_settings(args)
+    _check_transit(kms)
     extra = {} if args.scrypt_log_n is None else {"scrypt_log_n": args.scrypt_log_n}
     cfg = init_store(args.store, block_size=args.block_size_kib << 10,
-                     segment_size=args.segment_size_kib << 10, root_key_source=args.root_key,
+                     segment_size=args.segment_size_kib << 10, kms=kms, root_key_source=args.root_key,
                      key_file=args.root_key_file, passphrase_file=args.passphrase_file, **extra)
     print(f"created store {cfg.path} (id {cfg.store_id.hex()})")
     if cfg.root_key_file is not None:
@@ -493,10 +545,15 @@ def cmd_kms(args) -> int:
 
     op = args.kms_command
     if op == "create-key":
-        result = _call(args, "kms.create-key", alias=args.alias, description=args.description)
+        if args.transit is not None:
+            result = _call(args, "kms.create-key", transit=args.transit)
+        else:
+            result = _call(args, "kms.create-key", alias=args.alias, description=args.description)
     elif op == "list":
         _print_table(_call(args, "kms.list"), ["id", "alias", "state", "current_version", "description"])
         return 0
+    elif op == "set-min-decryption-version":
+        result = _call(args, f"kms.{op}", key=args.key, version=args.version)
     elif op in ("schedule-deletion", "enable-rotation"):
         result = _call(args, f"kms.{op}", key=args.key, days=args.days)
     elif op == "policy":

@@ -31,7 +31,7 @@ from .data import DataStore
 from .errors import S3fuseError
 from .fs import Operations
 from .keys.customer import CustomerKeys
-from .keys.kms import BuiltinKms
+from .keys.router import open_kms
 from .meta import Meta
 from .policy import Policy
 from .rotation import MasterKeys
@@ -125,7 +125,7 @@ class Daemon:
         self.meta = Meta(self.cfg.meta_path)
         self.backend = open_backend(self.cfg.path, {"backend": self.cfg.backend})
         self.audit = AuditLog.open(self.cfg.audit_path)
-        kms = BuiltinKms.load(self.cfg.kms_path, root_key, self.cfg.store_id)
+        kms = open_kms(self.cfg, root_key, getattr(self.options, "kms", None))
         self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
         self.data = DataStore(
             self.meta, self.backend, self.keys, self.cfg.store_id, self.cfg.block_size,

@@ -51,6 +51,7 @@ class StoreConfig:
     default_sse: str
     backend: dict
     root_key_file: str | None  # the key file when the root key's source is "file"
+    kms: dict = field(default_factory=dict)  # external KMS settings (docs/TRANSIT.md); {} = built-in only
     root_key: dict = field(default_factory=lambda: {"source": "file", "path": "root.key"})
     key_generation: int = 1  # names the sealed keyring and keystore files (rekey-root)
     rotation_interval: float = DEFAULT_ROTATION_INTERVAL  # seconds; 0 = no scheduled rotation
@@ -81,15 +82,17 @@ class StoreConfig:
 
 
 def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
-               segment_size: int = DEFAULT_SEGMENT_SIZE, root_key_source: str = "file", *,
-               key_file: str | None = None, passphrase_file: str | None = None,
+               segment_size: int = DEFAULT_SEGMENT_SIZE, kms: dict | None = None,
+               root_key_source: str = "file", *, key_file: str | None = None,
+               passphrase_file: str | None = None,
                scrypt_log_n: int = rootkey.SCRYPT_LOG_N) -> StoreConfig:
     """Create a new store at `path` (absent or an empty directory).
 
-    `root_key_source` is `file` (default: a new random STORE/root.key, or `key_file`,
-    used if it exists and created if not), `passphrase` (from `passphrase_file` or a
-    prompt) or `credential:NAME` (the key from $CREDENTIALS_DIRECTORY/NAME, or from
-    `key_file` when not running under systemd).
+    `kms`: external KMS settings (docs/TRANSIT.md). `root_key_source` is `file`
+    (default: a new random STORE/root.key, or `key_file`, used if it exists and created
+    if not), `passphrase` (from `passphrase_file` or a prompt) or `credential:NAME` (the
+    key from $CREDENTIALS_DIRECTORY/NAME, or from `key_file` when not running under
+    systemd).
     """
     path = os.path.abspath(path)
     source, cred_name = rootkey.parse_spec(root_key_source)
@@ -130,6 +133,8 @@ def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
         "rotation_interval": DEFAULT_ROTATION_INTERVAL,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if kms:
+        config["kms"] = kms
     cfg = _parse_config(path, config)
     Keyring.new().save(cfg.keyring_path, root_key, store_id)
     LocalBackend.create(os.path.join(path, "objects"))
@@ -173,6 +178,7 @@ def _parse_config(path: str, raw: dict) -> StoreConfig:
             default_sse=raw.get("default_sse", "AES256"),
             backend=raw["backend"],
             root_key_file=key_file,
+            kms=dict(raw.get("kms") or {}),
             root_key=desc,
             key_generation=generation,
             rotation_interval=float(raw.get("rotation_interval", DEFAULT_ROTATION_INTERVAL)),

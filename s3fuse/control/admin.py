@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..crypto import Caller
 from ..errors import S3fuseError
 from .server import Peer
+from .transit_admin import TransitAdmin
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -46,6 +47,7 @@ class AdminHandlers:
                    "cancel-deletion", "get-policy", "set-policy", "rotate", "enable-rotation",
                    "disable-rotation"):
             h[f"kms.{op}"] = self._kms_handler(op)
+        h.update(TransitAdmin(self).handlers(h))  # transit:NAME keys go to Vault/OpenBao
         return h
 
     def _forget_cached_keys(self) -> None:

@@ -143,7 +143,7 @@ class Filesystem:
         return gid, mode
 
     def _make(self, parent_ino: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
-              target: bytes | None = None) -> Inode:
+              target: bytes | None = None, checked: Policy | None = None) -> Inode:
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
@@ -156,7 +156,8 @@ class Filesystem:
         if stat.S_ISREG(mode):
             # a file takes its encryption from the nearest setting above it, once, now
             policy = self.effective_policy(parent_ino)
-            self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
+            if policy != checked:
+                self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
             sse = policy.encode()
         now = time.time_ns()
         with self.meta.transaction():
@@ -171,16 +172,31 @@ class Filesystem:
                                    nlink=parent.nlink + (1 if is_dir else 0))
         return row
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
+    async def _precheck_write(self, parent_ino: int, mode: int, caller: Caller) -> Policy | None:
+        """A network KMS's key check before a regular file is created (the loop does not wait
+        on it); -> the policy it checked, or None if `_make` checks on its own."""
+        if not stat.S_ISREG(mode):
+            return None
+        self._dir(parent_ino)
+        policy = self.effective_policy(parent_ino)
+        if policy.mode != pol.SSE_KMS or not self.keys.kms_blocks(key=policy.key):
+            return None
+        await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(parent_ino))
+        return policy
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
-        return self._make(parent, name, mode, caller, rdev=rdev)
+        checked = await self._precheck_write(parent, mode, caller)
+        return self._make(parent, name, mode, caller, rdev=rdev, checked=checked)
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
 
-    def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
-        row = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
+    async def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        mode = stat.S_IFREG | (mode & 0o7777)
+        checked = await self._precheck_write(parent, mode, caller)
+        row = self._make(parent, name, mode, caller, checked=checked)
         self.data.opened(row.id, writer=caller)
         return row
 
@@ -392,9 +408,9 @@ class Filesystem:
 
             policy = Policy.decode(row.sse) or pol.DEFAULT
             if (flags & os.O_ACCMODE) != os.O_WRONLY:
-                self.keys.check_read(self.meta.key_refs(ino), caller, path=path, policy=policy)
+                await self.keys.check_read_async(self.meta.key_refs(ino), caller, path=path, policy=policy)
             if writing:
-                self.keys.check_write(policy, caller, path=path)
+                await self.keys.check_write_async(policy, caller, path=path)
             if flags & os.O_TRUNC:
                 # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
                 await self.data.truncate(ino, 0)
@@ -446,15 +462,13 @@ class Filesystem:
             ino = self.meta.parent_of(ino) or ROOT_INODE
         return self.default_policy
 
-    def resolve_policy(self, value: bytes, caller: Caller) -> Policy:
+    async def resolve_policy(self, value: bytes, caller: Caller) -> Policy:
         """Turn an xattr value into a policy naming a real key; errno says why not."""
         mode, ref = pol.parse(value)
         if mode == pol.SSE_S3:
             return Policy(pol.SSE_S3)
         if mode == pol.SSE_KMS:
-            kms = self.keys._kms()
-            key_id = kms.resolve(ref) if ref else kms.default_key(caller.principal, time.time())
-            state = kms.describe(key_id)["state"]
+            key_id, state = await self.keys.resolve_kms_key(ref, caller)
             if state != "Enabled":
                 raise _err(errno.EKEYREVOKED, f"KMS key {key_id} is {state}")
             return Policy(pol.SSE_KMS, key_id)
@@ -533,7 +547,7 @@ class Filesystem:
                 raise _err(errno.EPERM, f"{name.decode(errors='replace')} is read-only")
             self._require_owner(row, caller)
             try:
-                policy = self.resolve_policy(value, caller)
+                policy = await self.resolve_policy(value, caller)
             except S3fuseError as exc:
                 log.warning("encryption setting %r on %s refused: %s", value[:80], self.meta.path_of(ino), exc)
                 raise
@@ -544,7 +558,7 @@ class Filesystem:
                 return
             if Policy.decode(row.sse) == policy:
                 return  # already so: re-encryption is resumable
-            self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(ino))
+            await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
             await self.data.reencrypt(ino, policy, caller)
             return
         if len(name) > 255 or not name:

@@ -31,10 +31,11 @@ from .data import DataStore
 from .errors import S3fuseError
 from .fs import Operations
 from .keys.customer import CustomerKeys
-from .keys.kms import BuiltinKms
+from .keys.router import open_kms
 from .meta import Meta
 from .policy import Policy
-from .store import StoreLock, load_config, load_keyring, load_root_key
+from .rotation import MasterKeys
+from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
 from .util import syncfs
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class MountOptions:
     dirty_limit: int = 64 << 20
     cache_limit: int = 32 << 20
     readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
+    # issue-4: SSE-S3 master-key rotation (None: the store's setting in store.json)
+    rotation_interval: float | None = None  # seconds between scheduled rotations; 0 = never
+    rewrap_batch: int | None = None  # key slots re-wrapped per transaction
+    rewrap_rate: float | None = None  # key slots re-wrapped per second at most; 0 = unthrottled
 
 
 def check_mountpoint(mountpoint: str) -> str:
@@ -99,8 +104,10 @@ def _set_readahead(mountpoint: str, kb: int) -> None:
 
 
 class Daemon:
-    def __init__(self, store_path: str, mountpoint: str, options: MountOptions) -> None:
+    def __init__(self, store_path: str, mountpoint: str, options: MountOptions,
+                 root_key: bytes | None = None) -> None:
         self.cfg = load_config(store_path)
+        self._root_key = root_key
         self.mountpoint = check_mountpoint(mountpoint)
         self.options = options
         self.lock = StoreLock(self.cfg)
@@ -109,12 +116,16 @@ class Daemon:
 
     def open(self) -> None:
         self.lock.acquire(self.mountpoint)
-        root_key = load_root_key(self.cfg)
+        root_key = self._root_key if self._root_key is not None else obtain_root_key(self.cfg)
+        self._root_key = None
         keyring = load_keyring(self.cfg, root_key)
+        stale = remove_stale_key_files(self.cfg)
+        if stale:
+            log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
         self.meta = Meta(self.cfg.meta_path)
         self.backend = open_backend(self.cfg.path, {"backend": self.cfg.backend})
         self.audit = AuditLog.open(self.cfg.audit_path)
-        kms = BuiltinKms.load(self.cfg.kms_path, root_key, self.cfg.store_id)
+        kms = open_kms(self.cfg, root_key, getattr(self.options, "kms", None))
         self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
         self.data = DataStore(
             self.meta, self.backend, self.keys, self.cfg.store_id, self.cfg.block_size,
@@ -123,6 +134,13 @@ class Daemon:
         self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
                                default_policy=Policy(self.cfg.default_sse))
         self.admin = AdminHandlers(self)
+        o = self.options
+        self.master = MasterKeys(
+            self.cfg, root_key, self.meta, self.data, self.keys,
+            interval=self.cfg.rotation_interval if o.rotation_interval is None else o.rotation_interval,
+            batch=self.cfg.rewrap_batch if o.rewrap_batch is None else o.rewrap_batch,
+            rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
+            forget_cached_keys=self.admin._forget_cached_keys)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
 
     async def recover(self) -> None:
@@ -155,7 +173,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.data.flusher)
                 nursery.start_soon(self.data.collector)
-                nursery.start_soon(self.admin.key_scheduler)
+                nursery.start_soon(self.master.scheduler, self.admin.kms_tick)
+                nursery.start_soon(self.master.sweeper)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
                 async with trio.open_nursery() as fuse:
@@ -259,6 +278,7 @@ class Daemon:
             "master_key_version": self.keys.keyring.current,
             "customer_keys": len(self.keys.customer.list(0)),
             "audit_log": self.cfg.audit_path,
+            **self.master.status(),
             **{k: v for k, v in d.stats.items()},
         }
 
@@ -273,10 +293,13 @@ class Daemon:
 
 
 def run_foreground(store_path: str, mountpoint: str, options: MountOptions,
-                   ready: Callable[[str | None], None]) -> None:
-    """Run the daemon until unmounted; raises S3fuseError for start-up failures."""
+                   ready: Callable[[str | None], None], root_key: bytes | None = None) -> None:
+    """Run the daemon until unmounted; raises S3fuseError for start-up failures.
+
+    `root_key` is the checked root key (from `store.obtain_root_key`); None: obtain it
+    here from the store's recorded source."""
     disable_core_dumps()
     bound_allocator()
-    daemon = Daemon(store_path, mountpoint, options)
+    daemon = Daemon(store_path, mountpoint, options, root_key)
     daemon.open()
     trio.run(daemon.run, ready)

@@ -25,9 +25,9 @@ import trio
 from . import format as fmt
 from .backends import Backend, NoSuchObject
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
-from .errors import BackendError, IntegrityError, S3fuseError
+from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
-from .policy import DEFAULT, SSE_KMS, Policy
+from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class DataStore:
         except NoSuchObject:
             raise self._integrity(ref, "object is missing from the store") from None
         if opened is None:
-            opened = self._open_object(ref, bufs[0], who)
+            opened = await self._open_object(ref, bufs[0], who)
         try:
             if length > THREAD_THRESHOLD:
                 return await trio.to_thread.run_sync(
@@ -353,11 +353,23 @@ class DataStore:
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
 
-    def _open_object(self, ref: BlockRef, header_bytes: bytes, who: Caller) -> _OpenObject:
+    async def _open_object(self, ref: BlockRef, header_bytes: bytes, who: Caller) -> _OpenObject:
         """Unwrap the data key, authenticate the header and check it against the block map."""
         wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
         try:
-            data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped, who)
+            try:
+                data_key = await self.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno,
+                                                               wrapped, who)
+            except KeyUnavailable:
+                # `ref` was read before an await: the re-wrap sweep may have moved the row to a
+                # newer master key since, and the old version been retired. The row as it is now:
+                row = self.meta.db.execute("SELECT key_version, key_slot FROM blocks WHERE object_id=?",
+                                           (ref.object_id,)).fetchone()
+                if ref.mode != SSE_S3 or row is None or row[0] == ref.key_version:
+                    raise
+                wrapped = WrappedKey(ref.mode, ref.key_ref, row[0], row[1])
+                data_key = await self.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno,
+                                                               wrapped, who)
         except IntegrityError as exc:
             raise self._integrity(ref, str(exc)) from None
         keys = fmt.derive_object_keys(data_key, ref.object_id)
@@ -535,7 +547,7 @@ class DataStore:
             try:
                 async with trio.open_nursery() as nursery:
                     for fs, blockno, blk in jobs:
-                        if len(blk.data) <= THREAD_THRESHOLD:
+                        if len(blk.data) <= THREAD_THRESHOLD and not self._remote_key(fs.policy):
                             self._store_small(fs, blockno, blk, refs, stored_versions, small)
                         else:
                             nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
@@ -692,6 +704,10 @@ class DataStore:
         batch.append((header.object_id.hex(), parts))
         refs[(fs.ino, blockno)] = self._stored(header, wrapped, parts)
 
+    def _remote_key(self, policy: Policy) -> bool:
+        """Whether new objects under `policy` need a network KMS call (then: a task each)."""
+        return policy.mode == SSE_KMS and self.keys.kms_blocks(key=policy.key)
+
     async def _store_block(self, fs: FileState, blockno: int, blk: Block, refs: dict,
                            stored_versions: dict) -> None:
         # The limiter bounds the buffers in flight (snapshot + ciphertext) to a few blocks.
@@ -715,7 +731,10 @@ class DataStore:
 
     async def _store_snapshot(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller) -> BlockRef:
         """Seal and put one block: encryption in a worker thread when it is large, then the put."""
-        header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
+        if self._remote_key(policy):
+            header, data_key, wrapped = await self._new_object_async(ino, blockno, len(data), policy, who)
+        else:
+            header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
         if len(data) > THREAD_THRESHOLD:
             parts = await trio.to_thread.run_sync(
                 fmt.encrypt_object_parts, header, data_key, data, limiter=self._crypto_limiter)
@@ -731,6 +750,16 @@ class DataStore:
         object_id = os.urandom(fmt.OBJECT_ID_LEN)
         path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
         data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path)
+        header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
+                                  wrapped.key_ref, self.segment_size, length)
+        return header, data_key, wrapped
+
+    async def _new_object_async(self, ino: int, blockno: int, length: int, policy: Policy,
+                                who: Caller) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
+        """`_new_object` for a network KMS: the data-key call runs in a worker thread."""
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        path = self.meta.path_of(ino)
+        data_key, wrapped = await self.keys.new_data_key_async(policy, object_id, ino, blockno, who, path)
         header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
                                   wrapped.key_ref, self.segment_size, length)
         return header, data_key, wrapped

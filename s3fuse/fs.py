@@ -139,7 +139,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        row = self.core.mknod(parent_inode, name, mode, rdev, _caller(ctx))
+        row = await self.core.mknod(parent_inode, name, mode, rdev, _caller(ctx))
         self.core.remember(row.id)
         return entry(row)
 
@@ -183,7 +183,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         caller = _caller(ctx)
-        row = self.core.create(parent_inode, name, mode, caller)
+        row = await self.core.create(parent_inode, name, mode, caller)
         self.core.remember(row.id)
         return pyfuse3.FileInfo(fh=self._new_handle(row.id, caller), keep_cache=True), entry(row)
 

@@ -34,10 +34,10 @@ from .backends import Backend, open_backend
 from .crypto import SYSTEM, KeyManager, WrappedKey
 from .errors import IntegrityError, KeyUnavailable, S3fuseError, StoreError
 from .keys.customer import CustomerKeys
-from .keys.kms import BuiltinKms
+from .keys.router import open_kms
 from .meta import ROOT_INODE, BlockRef, Meta
 from .policy import SSE_C, SSE_KMS, SSE_S3, XATTR_DAMAGE
-from .store import StoreConfig, StoreLock, load_config, load_keyring, load_root_key
+from .store import StoreConfig, StoreLock, load_config, load_keyring, obtain_root_key
 
 EXIT_CLEAN = 0  # no damage (notes about benign leftovers may be printed)
 EXIT_REPAIRED = 1  # damage or leftovers were repaired; no damage remains
@@ -124,7 +124,8 @@ def _is_dir(mode: int) -> bool:
 # ---------------------------------------------------------------------- opening
 
 
-def open_context(store: str, customer_keys: dict[str, bytes] | None = None) -> tuple[Context, StoreLock]:
+def open_context(store: str, customer_keys: dict[str, bytes] | None = None, *, key_file: str | None = None,
+                 passphrase_file: str | None = None) -> tuple[Context, StoreLock]:
     """Lock the store (refusing if it is mounted), unseal its keys, open meta and backend."""
     cfg = load_config(store)
     lock = StoreLock(cfg)
@@ -135,9 +136,9 @@ def open_context(store: str, customer_keys: dict[str, bytes] | None = None) -> t
             raise StoreError(f"{exc}; unmount it before running fsck", errno.EBUSY) from None
         raise
     try:
-        root_key = _root_key(cfg)
+        root_key = obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
         keyring = load_keyring(cfg, root_key)
-        kms = BuiltinKms.load(cfg.kms_path, root_key, cfg.store_id)
+        kms = open_kms(cfg, root_key)
         customer = CustomerKeys()
         for name, raw in (customer_keys or {}).items():
             customer.add(name, raw, 0, True)
@@ -152,11 +153,6 @@ def open_context(store: str, customer_keys: dict[str, bytes] | None = None) -> t
         lock.release()
         raise
     return Context(cfg, meta, backend, keys), lock
-
-
-def _root_key(cfg: StoreConfig) -> bytes:
-    """The one place fsck obtains the root key (see CONTRACTS.md: obtain_root_key)."""
-    return load_root_key(cfg)
 
 
 # ---------------------------------------------------------------------- checks
@@ -306,13 +302,17 @@ def check_keys(ctx: Context, report: Report) -> None:
             (SSE_KMS,)).fetchall():
         try:
             info = kms.describe(key_id)
-        except S3fuseError:
-            report.add("missing-kms-key", DAMAGE, f"{n} objects use KMS key {key_id}, which does not exist")
+        except S3fuseError as exc:
+            if exc.errno == errno.ENOKEY:
+                report.add("missing-kms-key", DAMAGE, f"{n} objects use KMS key {key_id}, which does not exist")
+            else:  # e.g. an external KMS that does not answer now: not evidence of damage
+                report.add("kms-unreachable", NOTE, f"{n} objects use KMS key {key_id}, which could not be "
+                           f"checked: {exc}")
             continue
-        if version not in info["versions"]:
+        if info.get("versions") and version not in info["versions"]:
             report.add("missing-kms-key", DAMAGE, f"{n} objects use version {version} of KMS key {key_id}, "
                        "which the key does not have")
-        elif info["state"] != "Enabled":
+        elif info.get("state", "Enabled") != "Enabled":
             report.add("kms-key-unusable", NOTE, f"{n} objects use KMS key {key_id}, which is {info['state']}"
                        + (f" (deletion date {info['deletion_date']})" if info.get("deletion_date") else ""))
     rows = ctx.db.execute("SELECT key_ref, count(*) FROM blocks WHERE mode=? GROUP BY key_ref", (SSE_C,)).fetchall()
@@ -330,7 +330,9 @@ def check_keys(ctx: Context, report: Report) -> None:
         if policy is not None and policy.mode == SSE_KMS and policy.key:
             try:
                 kms.describe(policy.key)
-            except S3fuseError:
+            except S3fuseError as exc:
+                if exc.errno != errno.ENOKEY:
+                    continue
                 report.add("missing-kms-key", NOTE, f"inode {ino} ({ctx.path(ino)}) is set to encrypt with KMS "
                            f"key {policy.key}, which does not exist (new writes will fail)", inode=ino)
 
@@ -715,9 +717,10 @@ async def _run(ctx: Context, repair_it: bool, quick: bool, progress: Progress) -
 
 
 def run(store: str, *, repair_it: bool = False, quick: bool = False,
-        customer_keys: dict[str, bytes] | None = None, progress: bool = False) -> Report:
+        customer_keys: dict[str, bytes] | None = None, progress: bool = False,
+        key_file: str | None = None, passphrase_file: str | None = None) -> Report:
     """Check (and with `repair_it`, repair) an unmounted store. Raises S3fuseError if it cannot run."""
-    ctx, lock = open_context(store, customer_keys)
+    ctx, lock = open_context(store, customer_keys, key_file=key_file, passphrase_file=passphrase_file)
     try:
         return trio.run(_run, ctx, repair_it, quick, Progress(progress))
     finally:

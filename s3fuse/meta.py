@@ -350,6 +350,22 @@ class Meta:
         stored = self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
         self.db.execute("UPDATE inodes SET stored_bytes=? WHERE id=?", (stored, ino))
 
+    def kms_slots_below(self, key_ref: str, version: int, after: bytes, limit: int) -> list[BlockRef]:
+        """Blocks wrapped under an SSE-KMS key at a version below `version`, in object-id
+        order after `after` (pages of a re-wrap)."""
+        return [BlockRef(*r) for r in self.db.execute(
+            f"SELECT {_BLOCK_COLS} FROM blocks WHERE object_id > ? AND mode = 'aws:kms' "
+            "AND key_ref = ? AND key_version < ? ORDER BY object_id LIMIT ?",
+            (after, key_ref, version, limit))]
+
+    def replace_key_slot(self, object_id: bytes, old_slot: bytes, new_slot: bytes, version: int) -> bool:
+        """Swap a block's wrapped data key if it is still `old_slot` (the block may have been
+        rewritten meanwhile) -> whether it was swapped."""
+        cur = self.db.execute("UPDATE blocks SET key_slot = ?, key_version = ? "
+                              "WHERE object_id = ? AND key_slot = ?",
+                              (new_slot, version, object_id, old_slot))
+        return cur.rowcount == 1
+
     def key_refs(self, ino: int) -> list[tuple[str, str]]:
         """The distinct (mode, key_ref) of a file's objects: the keys reading it needs."""
         return self.db.execute("SELECT DISTINCT mode, key_ref FROM blocks WHERE inode=?", (ino,)).fetchall()

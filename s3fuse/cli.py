@@ -51,16 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--segment-size-kib", type=int, default=64,
                    help="unit of authenticated encryption and of ranged reads (default 64)")
 
+    # Options default to None so that a value from --config shows through (config.resolve).
     s = sub.add_parser("mount", help="mount a store")
-    s.add_argument("store", metavar="STORE")
-    s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    s.add_argument("store", metavar="STORE", nargs="?", help="the store (default: store.path of --config)")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                   help="an existing empty directory (default: mount.mountpoint of --config)")
+    s.add_argument("--config", "-c", metavar="FILE",
+                   help="read settings from this TOML file; options given here override it (docs/CONFIG.md)")
     s.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
-    s.add_argument("--allow-other", action="store_true", help="let other users use the mount (permissions apply)")
-    s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    s.add_argument("--allow-other", action="store_true", default=None,
+                   help="let other users use the mount (permissions apply)")
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     s.add_argument("--log-file", help="log here (default: stderr in the foreground, STORE/s3fuse.log otherwise)")
-    s.add_argument("--dirty-limit-mib", type=_mib, default=64 << 20, dest="dirty_limit",
+    s.add_argument("--dirty-limit-mib", type=_mib, default=None, dest="dirty_limit",
                    help="memory for unflushed writes (default 64)")
-    s.add_argument("--cache-mib", type=_mib, default=32 << 20, dest="cache_limit",
+    s.add_argument("--cache-mib", type=_mib, default=None, dest="cache_limit",
                    help="memory for decrypted segments (default 32)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -133,9 +138,49 @@ def _mount_option(s: argparse.ArgumentParser) -> None:
                    help="the daemon to talk to (default: the only s3fuse mount)")
 
 
+def _under_journal() -> bool:
+    """Is stderr connected to systemd's journal? ($JOURNAL_STREAM names its device and inode.)"""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+# syslog priorities, which journald reads from a "<N>" line prefix (sd-daemon(3))
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """One line per event, "<priority>logger: message", no timestamp (the journal adds its own).
+
+    An exception's type and message stay on the line; the traceback is added, folded onto
+    the same line, only at debug level.
+    """
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__()
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 3 if record.levelno > logging.ERROR else 6)
+        text = f"<{priority}>{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f": {exc.__class__.__name__}: {exc}"
+            if self.tracebacks:
+                text += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return " ".join(text.splitlines())
+
+
 def _setup_logging(level: str, log_file: str | None) -> None:
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not log_file and _under_journal():
+        handler.setFormatter(JournalFormatter(tracebacks=level == "debug"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -151,14 +196,35 @@ def cmd_init(args) -> int:
     return 0
 
 
+def _mount_settings(args):
+    from . import config
+
+    file = config.load(args.config) if args.config else None
+    cli = {"store": args.store, "mountpoint": args.mountpoint, "allow_other": args.allow_other,
+           "log_level": args.log_level, "log_file": args.log_file, "dirty_limit": args.dirty_limit,
+           "cache_limit": args.cache_limit,
+           # flags owned by the root-key work (issue 4), when present on this parser
+           "root_key_file": getattr(args, "root_key_file", None),
+           "passphrase_file": getattr(args, "passphrase_file", None)}
+    return config.resolve(cli, file)
+
+
 def cmd_mount(args) -> int:
     from .daemon import MountOptions, check_mountpoint, run_foreground
     from .store import load_config
 
-    options = MountOptions(allow_other=args.allow_other, dirty_limit=args.dirty_limit,
-                           cache_limit=args.cache_limit)
+    settings = _mount_settings(args)
+    options = MountOptions(allow_other=settings.allow_other, dirty_limit=settings.dirty_limit,
+                           cache_limit=settings.cache_limit, readahead_kb=settings.readahead_kb,
+                           audit_path=settings.audit_path, default_sse=settings.default_sse,
+                           kms=settings.kms, backend_overrides=settings.backend,
+                           root_key_file=settings.root_key_file,
+                           root_key_credential=settings.root_key_credential,
+                           passphrase_file=settings.passphrase_file)
+    if hasattr(MountOptions, "rotation_interval") and settings.rotation_interval is not None:
+        options.rotation_interval = settings.rotation_interval  # issue 4's field
     if args.foreground:
-        _setup_logging(args.log_level, args.log_file)
+        _setup_logging(settings.log_level, settings.log_file)
         ready_fd = args.ready_fd
 
         def ready(error: str | None) -> None:
@@ -169,24 +235,29 @@ def cmd_mount(args) -> int:
                 ready_fd = None
 
         try:
-            run_foreground(args.store, args.mountpoint, options, ready)
+            run_foreground(settings.store, settings.mountpoint, options, ready)
         except S3fuseError as exc:
-            if args.log_file:  # on stderr the CLI's own line says it once
+            if settings.log_file:  # on stderr the CLI's own line says it once
                 logging.getLogger("s3fuse").error("%s", exc)
             ready(str(exc))
             raise
         return 0
 
     # Background: check what we can here, then start the daemon and wait until it mounts.
-    cfg = load_config(args.store)
-    mnt = check_mountpoint(args.mountpoint)
-    log_file = os.path.abspath(args.log_file or os.path.join(cfg.path, "s3fuse.log"))
+    cfg = load_config(settings.store)
+    mnt = check_mountpoint(settings.mountpoint)
+    log_file = os.path.abspath(settings.log_file or os.path.join(cfg.path, "s3fuse.log"))
     r, w = os.pipe()
     argv = [sys.executable, "-m", "s3fuse", "mount", cfg.path, mnt, "--foreground",
-            "--log-level", args.log_level, "--log-file", log_file, "--ready-fd", str(w),
-            "--dirty-limit-mib", str(args.dirty_limit >> 20), "--cache-mib", str(args.cache_limit >> 20)]
-    if args.allow_other:
+            "--log-level", settings.log_level, "--log-file", log_file, "--ready-fd", str(w),
+            "--dirty-limit-mib", str(settings.dirty_limit >> 20), "--cache-mib", str(settings.cache_limit >> 20)]
+    if args.config:
+        argv += ["--config", os.path.abspath(args.config)]
+    if settings.allow_other:
         argv.append("--allow-other")
+    for flag in ("root_key_file", "passphrase_file"):
+        if getattr(args, flag, None):
+            argv += ["--" + flag.replace("_", "-"), os.path.abspath(getattr(args, flag))]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True, cwd="/")
     os.close(w)
@@ -411,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except S3fuseError as exc:
-        print(f"s3fuse: {exc}", file=sys.stderr)
+        # under the journal, an error priority: `journalctl -p err` finds why a mount failed
+        print(f"{'<3>' if _under_journal() else ''}s3fuse: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)

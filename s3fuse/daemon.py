@@ -9,13 +9,16 @@ metadata, mark the store clean, exit.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
 import resource
 import signal
+import re
+import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -33,6 +36,8 @@ from .fs import Operations
 from .keys.customer import CustomerKeys
 from .keys.kms import BuiltinKms
 from .meta import Meta
+from . import policy
+from .notify import Notifier
 from .policy import Policy
 from .store import StoreLock, load_config, load_keyring, load_root_key
 from .util import syncfs
@@ -41,16 +46,77 @@ log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+STATUS_INTERVAL = 15.0  # seconds between STATUS= updates for `systemctl status`
+
+
 @dataclass
 class MountOptions:
     allow_other: bool = False
     dirty_limit: int = 64 << 20
     cache_limit: int = 32 << 20
     readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
+    # issue 6 (configuration file, docs/CONFIG.md); None keeps the store's own setting
+    audit_path: str | None = None
+    default_sse: str | None = None
+    kms: dict | None = None  # KMS provider settings overriding the store's (consumed by the KMS providers)
+    backend_overrides: dict = field(default_factory=dict)  # merged over store.json "backend"
+    root_key_file: str | None = None
+    root_key_credential: str | None = None  # a file name in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)
+    passphrase_file: str | None = None
+
+
+@dataclass
+class _MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_entry(path: str) -> _MountEntry | None:
+    """The topmost mount on `path`, from /proc/self/mountinfo (works on dead FUSE mounts too)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if _unescape_mountinfo(fields[4]) == path:
+                found = _MountEntry(path, fields[sep + 1], _unescape_mountinfo(fields[sep + 2]))
+    return found
+
+
+def _is_dead(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def clear_stale_mount(mnt: str) -> bool:
+    """Lazily unmount a dead s3fuse mount on `mnt` (its daemon crashed); True if there was one.
+
+    Only a mount of type fuse.s3fuse whose connection is gone (ENOTCONN) is touched:
+    a live mount, or anything else mounted there, is left alone for check_mountpoint
+    to refuse.
+    """
+    entry = mount_entry(mnt)
+    if entry is None or entry.fstype != "fuse.s3fuse" or not _is_dead(mnt):
+        return False
+    res = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
+    if res.returncode != 0:
+        reason = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+        raise S3fuseError(f"{mnt} holds a dead s3fuse mount that could not be removed: {reason}", errno.EBUSY)
+    log.warning("removed the dead s3fuse mount left on %s by a daemon that did not stop cleanly", mnt)
+    return True
 
 
 def check_mountpoint(mountpoint: str) -> str:
     mnt = os.path.realpath(mountpoint)
+    clear_stale_mount(mnt)
     if not os.path.exists(mnt):
         raise S3fuseError(f"mount point {mnt} does not exist", errno.ENOENT)
     if not os.path.isdir(mnt):
@@ -105,15 +171,30 @@ class Daemon:
         self.options = options
         self.lock = StoreLock(self.cfg)
         self.control_path = protocol.socket_path(self.mountpoint)
+        self.audit_path = options.audit_path or self.cfg.audit_path
+        self.notify = Notifier.from_environment()
         self._stopping = False
+        self._announced_stop = False
+
+    def _root_key(self) -> bytes:
+        """The one place the daemon obtains the root key (store.obtain_root_key once issue 4 lands)."""
+        cfg = self.cfg
+        key_file = self.options.root_key_file
+        if self.options.passphrase_file:
+            raise S3fuseError("passphrase root keys are not supported by this version", errno.EINVAL)
+        if self.options.root_key_credential:
+            key_file = credential_path(self.options.root_key_credential)
+        if key_file:
+            cfg = dataclasses.replace(cfg, root_key_file=key_file)
+        return load_root_key(cfg)
 
     def open(self) -> None:
         self.lock.acquire(self.mountpoint)
-        root_key = load_root_key(self.cfg)
+        root_key = self._root_key()
         keyring = load_keyring(self.cfg, root_key)
         self.meta = Meta(self.cfg.meta_path)
-        self.backend = open_backend(self.cfg.path, {"backend": self.cfg.backend})
-        self.audit = AuditLog.open(self.cfg.audit_path)
+        self.backend = open_backend(self.cfg.path, {"backend": {**self.cfg.backend, **self.options.backend_overrides}})
+        self.audit = AuditLog.open(self.audit_path)
         kms = BuiltinKms.load(self.cfg.kms_path, root_key, self.cfg.store_id)
         self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
         self.data = DataStore(
@@ -121,9 +202,21 @@ class Daemon:
             self.cfg.segment_size, dirty_limit=self.options.dirty_limit,
             cache_limit=self.options.cache_limit)
         self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
-                               default_policy=Policy(self.cfg.default_sse))
+                               default_policy=self._default_policy(kms))
         self.admin = AdminHandlers(self)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
+
+    def _default_policy(self, kms: BuiltinKms) -> Policy:
+        """The encryption of files with no directory setting above them: the file's, else the store's."""
+        if self.options.default_sse is None:
+            return Policy(self.cfg.default_sse)
+        mode, ref = policy.parse(self.options.default_sse.encode())
+        if mode == policy.SSE_KMS:
+            try:
+                return Policy(mode, kms.resolve(ref))
+            except S3fuseError as exc:
+                raise S3fuseError(f"default_sse {self.options.default_sse}: {exc}", exc.errno) from None
+        return Policy(mode, ref)
 
     async def recover(self) -> None:
         clean = self.meta.get_state("clean", 1)
@@ -141,6 +234,10 @@ class Daemon:
         await self.data.collect_garbage()
 
     async def run(self, ready: Callable[[str | None], None]) -> None:
+        if self.notify.watchdog:
+            # a system task on the same loop: if the loop hangs, the pings stop and systemd acts
+            trio.lowlevel.spawn_system_task(self._watchdog)
+        self.notify.status(f"Recovering {self.cfg.path}")
         await self.recover()
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {"fsname=s3fuse", "subtype=s3fuse"}
@@ -165,13 +262,45 @@ class Daemon:
                     _set_readahead(self.mountpoint, self.options.readahead_kb)
                     log.info("mounted %s on %s", self.cfg.path, self.mountpoint)
                     ready(None)
+                    self.notify.ready(self._status_line("Mounted"))
+                    nursery.start_soon(self._report_status)
                 unmounted = True
                 nursery.cancel_scope.cancel()
         finally:
+            self._announce_stop()
             await self._final_flush()
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()
             log.info("stopped; all data stored")
+            self.notify.status(f"Stopped: all data of {self.cfg.path} stored, {self.mountpoint} unmounted")
+
+    def _status_line(self, state: str) -> str:
+        """One line for `systemctl status`: what is mounted, how much, which keys."""
+        d = self.data
+        parts = [f"{state} {self.cfg.path} on {self.mountpoint}",
+                 f"{self.meta.object_count()} objects",
+                 f"{self.meta.inode_count()} inodes",
+                 f"{d.dirty_bytes >> 20} MiB unflushed",
+                 f"master key v{self.keys.keyring.current}"]
+        rotation = getattr(self, "rotation_status", None)  # the key-rotation task's state, when present
+        if callable(rotation):
+            parts.append(rotation())
+        return "; ".join(parts)
+
+    async def _report_status(self) -> None:
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            self.notify.status(self._status_line("Serving"))
+
+    async def _watchdog(self) -> None:
+        while True:
+            self.notify.ping()
+            await trio.sleep(self.notify.watchdog)
+
+    def _announce_stop(self) -> None:
+        if not self._announced_stop:
+            self._announced_stop = True
+            self.notify.stopping(f"Stopping: flushing {self.data.dirty_bytes >> 20} MiB and unmounting {self.mountpoint}")
 
     async def _final_flush(self) -> None:
         with trio.CancelScope(shield=True):
@@ -204,6 +333,7 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        self._announce_stop()
         # let the kernel hand us the dirty pages it still holds for this mount
         try:
             await trio.to_thread.run_sync(syncfs, self.mountpoint)
@@ -238,7 +368,7 @@ class Daemon:
             "open_files": len(d.files),
             "master_key_version": self.keys.keyring.current,
             "customer_keys": len(self.keys.customer.list(0)),
-            "audit_log": self.cfg.audit_path,
+            "audit_log": self.audit_path,
             **{k: v for k, v in d.stats.items()},
         }
 
@@ -250,6 +380,19 @@ class Daemon:
         self._require_owner(peer)
         await self.data.flush_all(durable=True)
         return {"pid": os.getpid()}
+
+
+def credential_path(name: str) -> str:
+    """A systemd credential's file ($CREDENTIALS_DIRECTORY/NAME); a clear error if it is not there."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise S3fuseError(f"the root key credential {name!r} needs $CREDENTIALS_DIRECTORY "
+                          "(set by systemd's LoadCredential=/LoadCredentialEncrypted=)", errno.ENOKEY)
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise S3fuseError(f"no credential {name!r} in {directory} (LoadCredentialEncrypted={name}:... "
+                          "in the unit)", errno.ENOKEY)
+    return path
 
 
 def run_foreground(store_path: str, mountpoint: str, options: MountOptions,

@@ -89,8 +89,10 @@ def mount_entry(path: str) -> _MountEntry | None:
 
 
 def _is_dead(path: str) -> bool:
+    # statfs always reaches the daemon; stat may be answered from the kernel's attribute
+    # cache for a while after the daemon died
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest object: one per block of a file (default 4096)")
     s.add_argument("--segment-size-kib", type=int, default=64,
                    help="unit of authenticated encryption and of ranged reads (default 64)")
+    _root_key_source_options(s, init=True)
 
     # Options default to None so that a value from --config shows through (config.resolve).
     s = sub.add_parser("mount", help="mount a store")
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-mib", type=_mib, default=None, dest="cache_limit",
                    help="memory for decrypted segments (default 32)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _root_key_options(s)
+    s.add_argument("--root-key-fd", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--rotation-interval", type=_seconds, metavar="SECONDS",
+                   help="rotate the SSE-S3 master key this often (default: the store's rotation_interval, "
+                        "30 days at init; 0 = never)")
+    s.add_argument("--rewrap-batch", type=int, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument("--rewrap-rate", type=float, metavar="N", help=argparse.SUPPRESS)
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -75,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    s = sub.add_parser("rotate", help="rotate the SSE-S3 master key now, or retire unused versions")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--retire-unused", action="store_true",
+                   help="instead: erase old master-key versions nothing depends on any more")
+    g.add_argument("--pause-sweep", action="store_true", help="instead: hold the re-wrap sweep")
+    g.add_argument("--resume-sweep", action="store_true", help="instead: let a held re-wrap sweep go on")
+
+    s = sub.add_parser("rekey-root", help="seal the keyring and KMS keystore under a new root key "
+                                          "(store not mounted)")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--to", metavar="SOURCE", dest="new_source",
+                   help="the new root key's source: file, passphrase or credential:NAME (default: the current kind)")
+    s.add_argument("--new-key-file", metavar="PATH",
+                   help="file: the new key file (used if it exists, else created; default STORE/root-G.key); "
+                        "credential: the new key's 32 bytes when not running under systemd")
+    s.add_argument("--new-passphrase-file", metavar="PATH", help="passphrase: read the new passphrase from PATH")
+    s.add_argument("--scrypt-log-n", type=int, default=None, help=argparse.SUPPRESS)
+    _root_key_options(s)
 
     s = sub.add_parser("reencrypt", help="apply the directory's encryption setting to existing files")
     s.add_argument("path", metavar="PATH")
@@ -133,6 +161,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _root_key_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--root-key-file", metavar="PATH",
+                   help="read the root key from PATH (32 bytes or base64) instead of its recorded source")
+    s.add_argument("--passphrase-file", metavar="PATH",
+                   help="the passphrase of a passphrase-sealed store (default: ask on the terminal)")
+
+
+def _root_key_source_options(s: argparse.ArgumentParser, init: bool) -> None:
+    s.add_argument("--root-key", default="file", metavar="SOURCE",
+                   help="where the root key comes from: file (default: a new STORE/root.key), passphrase "
+                        "(scrypt; asked for, or --passphrase-file) or credential:NAME (systemd "
+                        "$CREDENTIALS_DIRECTORY/NAME)")
+    s.add_argument("--root-key-file", metavar="PATH",
+                   help="file: the key file to use or create; credential: the key's 32 bytes when not "
+                        "running under systemd")
+    s.add_argument("--passphrase-file", metavar="PATH", help="passphrase: read it from PATH")
+    s.add_argument("--scrypt-log-n", type=int, default=None,
+                   help="passphrase: scrypt cost, log2(N) (default 17: 128 MiB, about 0.5 s)")
+
+
+def _seconds(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return n
+
+
 def _mount_option(s: argparse.ArgumentParser) -> None:
     s.add_argument("--mount", "-m", metavar="MOUNTPOINT",
                    help="the daemon to talk to (default: the only s3fuse mount)")
@@ -189,10 +247,17 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 def cmd_init(args) -> int:
     from .store import init_store
 
+    from . import rootkey
+
+    extra = {} if args.scrypt_log_n is None else {"scrypt_log_n": args.scrypt_log_n}
     cfg = init_store(args.store, block_size=args.block_size_kib << 10,
-                     segment_size=args.segment_size_kib << 10)
+                     segment_size=args.segment_size_kib << 10, root_key_source=args.root_key,
+                     key_file=args.root_key_file, passphrase_file=args.passphrase_file, **extra)
     print(f"created store {cfg.path} (id {cfg.store_id.hex()})")
-    print(f"root key: {cfg.root_key_file} (keep it secret; whoever has it and the store can read everything)")
+    if cfg.root_key_file is not None:
+        print(f"root key: {cfg.root_key_file} (keep it secret; whoever has it and the store can read everything)")
+    else:
+        print(f"root key: from the {rootkey.describe(cfg.root_key)} (lose it and the store cannot be opened)")
     return 0
 
 
@@ -202,11 +267,30 @@ def _mount_settings(args):
     file = config.load(args.config) if args.config else None
     cli = {"store": args.store, "mountpoint": args.mountpoint, "allow_other": args.allow_other,
            "log_level": args.log_level, "log_file": args.log_file, "dirty_limit": args.dirty_limit,
-           "cache_limit": args.cache_limit,
-           # flags owned by the root-key work (issue 4), when present on this parser
-           "root_key_file": getattr(args, "root_key_file", None),
-           "passphrase_file": getattr(args, "passphrase_file", None)}
+           "cache_limit": args.cache_limit, "rotation_interval": args.rotation_interval,
+           "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file}
     return config.resolve(cli, file)
+
+
+def _obtain_root_key(args, cfg, settings=None) -> bytes:
+    """The root key: from the command line's flags, else the configuration's, else the store's source."""
+    from .store import obtain_root_key
+
+    key_file, passphrase_file = args.root_key_file, args.passphrase_file
+    if settings is not None:
+        key_file, passphrase_file = settings.root_key_file, settings.passphrase_file
+        if settings.root_key_credential:
+            from .daemon import credential_path
+            key_file = credential_path(settings.root_key_credential)
+    return obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
+
+
+def _read_key_fd(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as f:
+        key = f.read(64)
+    if len(key) != 32:
+        raise S3fuseError("the root key handed over by the mount command is not 32 bytes")
+    return key
 
 
 def cmd_mount(args) -> int:
@@ -216,13 +300,10 @@ def cmd_mount(args) -> int:
     settings = _mount_settings(args)
     options = MountOptions(allow_other=settings.allow_other, dirty_limit=settings.dirty_limit,
                            cache_limit=settings.cache_limit, readahead_kb=settings.readahead_kb,
+                           rotation_interval=settings.rotation_interval,
+                           rewrap_batch=args.rewrap_batch, rewrap_rate=args.rewrap_rate,
                            audit_path=settings.audit_path, default_sse=settings.default_sse,
-                           kms=settings.kms, backend_overrides=settings.backend,
-                           root_key_file=settings.root_key_file,
-                           root_key_credential=settings.root_key_credential,
-                           passphrase_file=settings.passphrase_file)
-    if hasattr(MountOptions, "rotation_interval") and settings.rotation_interval is not None:
-        options.rotation_interval = settings.rotation_interval  # issue 4's field
+                           kms=settings.kms, backend_overrides=settings.backend)
     if args.foreground:
         _setup_logging(settings.log_level, settings.log_file)
         ready_fd = args.ready_fd
@@ -235,7 +316,11 @@ def cmd_mount(args) -> int:
                 ready_fd = None
 
         try:
-            run_foreground(settings.store, settings.mountpoint, options, ready)
+            if args.root_key_fd is not None:
+                root_key = _read_key_fd(args.root_key_fd)
+            else:
+                root_key = _obtain_root_key(args, load_config(settings.store), settings)
+            run_foreground(settings.store, settings.mountpoint, options, ready, root_key=root_key)
         except S3fuseError as exc:
             if settings.log_file:  # on stderr the CLI's own line says it once
                 logging.getLogger("s3fuse").error("%s", exc)
@@ -246,21 +331,30 @@ def cmd_mount(args) -> int:
     # Background: check what we can here, then start the daemon and wait until it mounts.
     cfg = load_config(settings.store)
     mnt = check_mountpoint(settings.mountpoint)
+    # the key is obtained (and a passphrase asked for) here, on the user's terminal, and
+    # handed to the daemon through a pipe: never on a command line or in the environment
+    root_key = _obtain_root_key(args, cfg, settings)
     log_file = os.path.abspath(settings.log_file or os.path.join(cfg.path, "s3fuse.log"))
     r, w = os.pipe()
+    kr, kw = os.pipe()
+    os.write(kw, root_key)
+    os.close(kw)
     argv = [sys.executable, "-m", "s3fuse", "mount", cfg.path, mnt, "--foreground",
             "--log-level", settings.log_level, "--log-file", log_file, "--ready-fd", str(w),
+            "--root-key-fd", str(kr),
             "--dirty-limit-mib", str(settings.dirty_limit >> 20), "--cache-mib", str(settings.cache_limit >> 20)]
     if args.config:
         argv += ["--config", os.path.abspath(args.config)]
     if settings.allow_other:
         argv.append("--allow-other")
-    for flag in ("root_key_file", "passphrase_file"):
-        if getattr(args, flag, None):
-            argv += ["--" + flag.replace("_", "-"), os.path.abspath(getattr(args, flag))]
+    for flag, value in (("--rotation-interval", settings.rotation_interval), ("--rewrap-batch", args.rewrap_batch),
+                        ("--rewrap-rate", args.rewrap_rate)):
+        if value is not None:
+            argv += [flag, str(value)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True, cwd="/")
+                            stderr=subprocess.DEVNULL, pass_fds=(w, kr), start_new_session=True, cwd="/")
     os.close(w)
+    os.close(kr)
     with os.fdopen(r, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
     if message == "ready":
@@ -317,9 +411,99 @@ def cmd_status(args) -> int:
     mnt = os.path.realpath(args.mountpoint)
     with ControlClient(protocol.socket_path(mnt), timeout=30) as client:
         status = client.call("status")
+    versions = status.pop("master_keys", None)
+    rewrap = status.pop("rewrap", None)
+    next_rotation = status.pop("next_rotation", None)
     for key, value in status.items():
         print(f"{key}: {value}")
+    if versions is not None:
+        print("master keys (SSE-S3):")
+        for v in versions:
+            when = _when(v["retired"]) if v["state"] == "retired" else _when(v["created"])
+            print(f"  version {v['version']}: {v['state']}, {v['objects']} object(s) depend on it"
+                  f"{', retired ' if v['state'] == 'retired' else ', created '}{when}")
+    if rewrap is not None:
+        print(f"re-wrap sweep: {rewrap['state']}, {rewrap['done']} of {rewrap['total']} key slot(s) "
+              f"re-wrapped to version {rewrap['target_version']}, {rewrap['remaining']} remaining")
+        print(f"next rotation: {_when(next_rotation) if next_rotation else 'never (rotation_interval 0)'}")
     return 0
+
+
+def _when(ts) -> str:
+    import time as _time
+
+    return "unknown" if ts is None else _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(ts))
+
+
+def cmd_rotate(args) -> int:
+    with ControlClient(_socket_for(args.mountpoint), timeout=120) as client:
+        if args.pause_sweep or args.resume_sweep:
+            r = client.call("rotate.sweep", paused=bool(args.pause_sweep))
+            print(f"re-wrap sweep: {r['state']}, {r['remaining']} key slot(s) remaining")
+            return 0
+        if not args.retire_unused:
+            result = client.call("rotate")
+            print(f"master key version {result['version']} is current; the re-wrap sweep moves "
+                  f"version {result['previous']}'s key slots to it in the background")
+            return 0
+        result = client.call("rotate.retire")
+    for v in result["retired"]:
+        print(f"retired master key version {v} (key material erased)")
+    if result["kept"]:
+        reasons = "; ".join(f"version {v}: {why}" for v, why in result["kept"].items())
+        raise S3fuseError(f"not retired: {reasons}", errno.EBUSY)
+    if not result["retired"]:
+        print(f"nothing to retire: version {result['current']} is the only master key version")
+    return 0
+
+
+def cmd_rekey_root(args) -> int:
+    from . import rootkey
+    from .store import StoreLock, load_config, rekey_root
+
+    cfg = load_config(args.store)
+    lock = StoreLock(cfg)
+    lock.acquire("rekey-root")
+    try:
+        old_key = _obtain_root_key(args, cfg)
+        spec = args.new_source
+        if spec is None:
+            spec = cfg.root_key.get("source", "file")
+            if spec == "credential":
+                spec = f"credential:{cfg.root_key['name']}"
+        extra = {} if args.scrypt_log_n is None else {"scrypt_log_n": args.scrypt_log_n}
+        result = rekey_root(cfg, old_key, spec, new_key_file=args.new_key_file,
+                            new_passphrase_file=args.new_passphrase_file, **extra)
+        _audit_offline(cfg, "root:rekey", generation=result.generation, source=result.source)
+    finally:
+        lock.release()
+    new_cfg = load_config(args.store)
+    print(f"store {cfg.path}: keyring and KMS keystore sealed under the new root key "
+          f"(generation {result.generation}, {rootkey.describe(new_cfg.root_key)})")
+    if result.key_file:
+        print(f"root key: {result.key_file} (keep it secret)")
+    if cfg.root_key_file and os.path.exists(cfg.root_key_file) and cfg.root_key_file != new_cfg.root_key_file:
+        print(f"the old key file {cfg.root_key_file} opens nothing any more; delete it")
+    return 0
+
+
+def _audit_offline(cfg, op: str, **fields) -> None:
+    """Append a record while no daemon runs (the store lock is held), keeping the stored head."""
+    from .audit import AuditLog, process_name
+    from .meta import Meta
+
+    meta = Meta(cfg.meta_path)
+    try:
+        with AuditLog.open(cfg.audit_path) as audit:
+            audit.append(op, uid=os.getuid(), gid=os.getgid(), pid=os.getpid(),
+                         process=process_name(os.getpid()), **fields)
+            audit.sync()
+            if meta.get_state("clean", 1):
+                with meta.transaction():
+                    meta.set_state("audit_head", audit.head)
+                    meta.set_state("audit_seq", audit.seq)
+    finally:
+        meta.close()
 
 
 def _socket_for(mount: str | None) -> str:
@@ -474,7 +658,8 @@ def cmd_reencrypt(args) -> int:
 
 
 COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
-            "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt}
+            "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
+            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,16 @@ def _duration(value: Any) -> float:
         raise _Bad(f"must be a duration such as \"90d\", \"12h\", \"30m\" or seconds (got {_show(value)})") from None
 
 
+def _interval(value: Any) -> float:
+    """A rotation interval: a duration, or 0 / "never" for no scheduled rotation."""
+    if value == "never" or (value == 0 and not isinstance(value, bool)):
+        return 0.0
+    try:
+        return _duration(value)
+    except _Bad:
+        raise _Bad(f"must be a duration such as \"90d\" or \"12h\", seconds, or \"never\" (got {_show(value)})") from None
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         value = _string(value)
@@ -165,7 +175,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
     },
     "encryption": {
         "default_sse": _sse,
-        "rotation_interval": _duration,
+        "rotation_interval": _interval,
     },
     "cache": {
         "dirty_limit_mib": _mib,

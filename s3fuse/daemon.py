@@ -9,7 +9,6 @@ metadata, mark the store clean, exit.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import logging
 import os
@@ -17,6 +16,7 @@ import resource
 import signal
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +39,8 @@ from .meta import Meta
 from . import policy
 from .notify import Notifier
 from .policy import Policy
-from .store import StoreLock, load_config, load_keyring, load_root_key
+from .rotation import MasterKeys
+from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
 from .util import syncfs
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,16 @@ class MountOptions:
     dirty_limit: int = 64 << 20
     cache_limit: int = 32 << 20
     readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
+    # issue-4: SSE-S3 master-key rotation (None: the store's setting in store.json)
+    rotation_interval: float | None = None  # seconds between scheduled rotations; 0 = never
+    rewrap_batch: int | None = None  # key slots re-wrapped per transaction
+    rewrap_rate: float | None = None  # key slots re-wrapped per second at most; 0 = unthrottled
     # issue 6 (configuration file, docs/CONFIG.md); None keeps the store's own setting
     audit_path: str | None = None
     default_sse: str | None = None
     kms: dict | None = None  # KMS provider settings overriding the store's (consumed by the KMS providers)
     backend_overrides: dict = field(default_factory=dict)  # merged over store.json "backend"
-    root_key_file: str | None = None
-    root_key_credential: str | None = None  # a file name in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)
-    passphrase_file: str | None = None
+
 
 
 @dataclass
@@ -167,8 +170,10 @@ def _set_readahead(mountpoint: str, kb: int) -> None:
 
 
 class Daemon:
-    def __init__(self, store_path: str, mountpoint: str, options: MountOptions) -> None:
+    def __init__(self, store_path: str, mountpoint: str, options: MountOptions,
+                 root_key: bytes | None = None) -> None:
         self.cfg = load_config(store_path)
+        self._root_key = root_key
         self.mountpoint = check_mountpoint(mountpoint)
         self.options = options
         self.lock = StoreLock(self.cfg)
@@ -178,22 +183,14 @@ class Daemon:
         self._stopping = False
         self._announced_stop = False
 
-    def _root_key(self) -> bytes:
-        """The one place the daemon obtains the root key (store.obtain_root_key once issue 4 lands)."""
-        cfg = self.cfg
-        key_file = self.options.root_key_file
-        if self.options.passphrase_file:
-            raise S3fuseError("passphrase root keys are not supported by this version", errno.EINVAL)
-        if self.options.root_key_credential:
-            key_file = credential_path(self.options.root_key_credential)
-        if key_file:
-            cfg = dataclasses.replace(cfg, root_key_file=key_file)
-        return load_root_key(cfg)
-
     def open(self) -> None:
         self.lock.acquire(self.mountpoint)
-        root_key = self._root_key()
+        root_key = self._root_key if self._root_key is not None else obtain_root_key(self.cfg)
+        self._root_key = None
         keyring = load_keyring(self.cfg, root_key)
+        stale = remove_stale_key_files(self.cfg)
+        if stale:
+            log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
         self.meta = Meta(self.cfg.meta_path)
         self.backend = open_backend(self.cfg.path, {"backend": {**self.cfg.backend, **self.options.backend_overrides}})
         self.audit = AuditLog.open(self.audit_path)
@@ -206,6 +203,13 @@ class Daemon:
         self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
                                default_policy=self._default_policy(kms))
         self.admin = AdminHandlers(self)
+        o = self.options
+        self.master = MasterKeys(
+            self.cfg, root_key, self.meta, self.data, self.keys,
+            interval=self.cfg.rotation_interval if o.rotation_interval is None else o.rotation_interval,
+            batch=self.cfg.rewrap_batch if o.rewrap_batch is None else o.rewrap_batch,
+            rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
+            forget_cached_keys=self.admin._forget_cached_keys)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
 
     def _default_policy(self, kms: BuiltinKms) -> Policy:
@@ -254,7 +258,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.data.flusher)
                 nursery.start_soon(self.data.collector)
-                nursery.start_soon(self.admin.key_scheduler)
+                nursery.start_soon(self.master.scheduler, self.admin.kms_tick)
+                nursery.start_soon(self.master.sweeper)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
                 async with trio.open_nursery() as fuse:
@@ -283,11 +288,21 @@ class Daemon:
                  f"{self.meta.object_count()} objects",
                  f"{self.meta.inode_count()} inodes",
                  f"{d.dirty_bytes >> 20} MiB unflushed",
-                 f"master key v{self.keys.keyring.current}"]
-        rotation = getattr(self, "rotation_status", None)  # the key-rotation task's state, when present
-        if callable(rotation):
-            parts.append(rotation())
+                 self._rotation_status()]
         return "; ".join(parts)
+
+    def _rotation_status(self) -> str:
+        """The master key's state from what the rotation task holds (no scan of the block map)."""
+        m = self.master
+        text = f"master key v{m.keyring.current}"
+        due = m.next_rotation()
+        text += (f", next rotation {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(due))}" if due
+                 else ", no scheduled rotation")
+        if m.sweeping or m.paused:
+            done = int(self.meta.get_state("rewrap_done", 0) or 0)
+            total = int(self.meta.get_state("rewrap_total", 0) or 0)
+            text += f", re-wrap {'paused' if m.paused else 'running'} {done}/{max(done, total)}"
+        return text
 
     async def _report_status(self) -> None:
         while True:
@@ -371,6 +386,7 @@ class Daemon:
             "master_key_version": self.keys.keyring.current,
             "customer_keys": len(self.keys.customer.list(0)),
             "audit_log": self.audit_path,
+            **self.master.status(),
             **{k: v for k, v in d.stats.items()},
         }
 
@@ -398,10 +414,13 @@ def credential_path(name: str) -> str:
 
 
 def run_foreground(store_path: str, mountpoint: str, options: MountOptions,
-                   ready: Callable[[str | None], None]) -> None:
-    """Run the daemon until unmounted; raises S3fuseError for start-up failures."""
+                   ready: Callable[[str | None], None], root_key: bytes | None = None) -> None:
+    """Run the daemon until unmounted; raises S3fuseError for start-up failures.
+
+    `root_key` is the checked root key (from `store.obtain_root_key`); None: obtain it
+    here from the store's recorded source."""
     disable_core_dumps()
     bound_allocator()
-    daemon = Daemon(store_path, mountpoint, options)
+    daemon = Daemon(store_path, mountpoint, options, root_key)
     daemon.open()
     trio.run(daemon.run, ready)

@@ -25,9 +25,9 @@ import trio
 from . import format as fmt
 from .backends import Backend, NoSuchObject
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
-from .errors import BackendError, IntegrityError, S3fuseError
+from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
-from .policy import DEFAULT, SSE_KMS, Policy
+from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,17 @@ class DataStore:
         """Unwrap the data key, authenticate the header and check it against the block map."""
         wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
         try:
-            data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped, who)
+            try:
+                data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped, who)
+            except KeyUnavailable:
+                # `ref` was read before an await: the re-wrap sweep may have moved the row to a
+                # newer master key since, and the old version been retired. The row as it is now:
+                row = self.meta.db.execute("SELECT key_version, key_slot FROM blocks WHERE object_id=?",
+                                           (ref.object_id,)).fetchone()
+                if ref.mode != SSE_S3 or row is None or row[0] == ref.key_version:
+                    raise
+                wrapped = WrappedKey(ref.mode, ref.key_ref, row[0], row[1])
+                data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped, who)
         except IntegrityError as exc:
             raise self._integrity(ref, str(exc)) from None
         keys = fmt.derive_object_keys(data_key, ref.object_id)

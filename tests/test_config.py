@@ -87,7 +87,7 @@ max_connections = 4
 
 
 @pytest.mark.parametrize("value,seconds", [("90d", 90 * 86400), ("30m", 1800), ("45s", 45), ("2w", 14 * 86400),
-                                           (3600, 3600), (0.5, 0.5)])
+                                           (3600, 3600), (0.5, 0.5), ("never", 0), (0, 0)])
 def test_durations(value, seconds):
     text = f'[encryption]\nrotation_interval = {value!r}\n'.replace("'", '"')
     assert parse(text).rotation_interval == seconds
@@ -203,6 +203,7 @@ path = "{new_store}"
 mountpoint = "/nonexistent/overridden/on/the/command/line"
 [encryption]
 default_sse = "aws:kms:alias/cfg"
+rotation_interval = "12h"
 [audit]
 path = "{logs}/trail/audit.log"
 """)
@@ -212,6 +213,7 @@ path = "{logs}/trail/audit.log"
     assert os.getxattr(m.mnt / "f", "user.s3fuse.mode") == b"aws:kms"
     r = run_cli("status", m.mnt)
     assert f"audit_log: {logs}/trail/audit.log" in r.stdout
+    assert "rotation_interval: 43200.0" in r.stdout, r.stdout
     r = run_cli("audit", "verify", "--mount", m.mnt)
     assert r.returncode == 0 and f"{logs}/trail/audit.log" in r.stdout, r.stderr
     trail = Path(logs / "trail" / "audit.log").read_text()

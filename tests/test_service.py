@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TRACEBACK, init_store, wait_until
+from .conftest import REPO, S3FUSE, TRACEBACK, init_store, wait_until
 
 INSTALL = REPO / "scripts" / "install-service"
 NAME = "svc"
@@ -349,6 +349,31 @@ def test_root_key_from_a_systemd_credential(install, services, workdir):
     assert (mnt / "secret").read_bytes() == b"sealed by a key from the credential\n"
     assert s.terminate() == 0
     wait_until(lambda: not os.path.ismount(mnt), 10, "the mount to go")
+
+
+def test_store_whose_root_key_source_is_a_credential(install, services, workdir):
+    """A store created with `init --root-key credential:root-key` (store.json names the
+    credential) mounts under the unit with no root-key setting in its configuration."""
+    root = install()
+    creds = workdir("credentials")
+    os.chmod(creds, 0o700)
+    (creds / "root-key").write_bytes(os.urandom(32))
+    store = workdir("store") / "store"
+    env = dict(os.environ, CREDENTIALS_DIRECTORY=str(creds))
+    r = subprocess.run([*S3FUSE, "init", str(store), "--root-key", "credential:root-key"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not (store / "root.key").exists()
+    mnt = workdir("mnt")
+    write_config(root, store, mnt)
+    s = services(root, mnt, {"CREDENTIALS_DIRECTORY": str(creds)}).start()
+    s.wait_for("READY", "1")
+    (mnt / "f").write_bytes(b"credential store\n")
+    assert s.terminate() == 0
+    s = services(root, mnt, {"CREDENTIALS_DIRECTORY": str(creds)}).start()
+    s.wait_for("READY", "1")
+    assert (mnt / "f").read_bytes() == b"credential store\n"
+    assert s.terminate() == 0
 
 
 # -- the pure parts -------------------------------------------------------------------------------

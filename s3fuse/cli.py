@@ -667,19 +667,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except S3fuseError as exc:
-        # under the journal, an error priority: `journalctl -p err` finds why a mount failed
-        print(f"{'<3>' if _under_journal() else ''}s3fuse: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"s3fuse: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        _error_line(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return EXIT_ERROR
     except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
         logging.getLogger("s3fuse").exception("internal error")
-        print(f"s3fuse: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        _error_line(f"internal error: {exc.__class__.__name__}: {exc}")
         return EXIT_ERROR
+
+
+def _error_line(text: str) -> None:
+    # under the journal, an error priority: `journalctl -p err` finds why a mount failed
+    print(f"{'<3>' if _under_journal() else ''}s3fuse: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

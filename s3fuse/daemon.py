@@ -12,9 +12,9 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import resource
 import signal
-import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from . import policy
 from .audit import AuditLog
 from .backends import open_backend
 from .control import protocol
@@ -36,7 +37,6 @@ from .fs import Operations
 from .keys.customer import CustomerKeys
 from .keys.kms import BuiltinKms
 from .meta import Meta
-from . import policy
 from .notify import Notifier
 from .policy import Policy
 from .rotation import MasterKeys

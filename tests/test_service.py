@@ -243,7 +243,7 @@ def test_notify_lifecycle_sigterm_flushes_and_data_survives(install, services, w
     # READY=1 means the mount answers now: no polling
     assert os.path.ismount(mnt) and os.listdir(mnt) == []
     assert ready["STATUS"].startswith(f"Mounted {store} on {mnt}") and "objects" in ready["STATUS"]
-    assert "master key v" in ready["STATUS"]
+    assert "master key v1, next rotation " in ready["STATUS"], ready["STATUS"]
     for name, data in files.items():
         (mnt / name).write_bytes(data)  # left in the daemon's write buffers
     for _ in range(3):

@@ -16,6 +16,7 @@ import sys
 
 from .control import protocol
 from .control.client import ControlClient
+from .config import ConfigError
 from .errors import S3fuseError
 
 EXIT_ERROR = 1
@@ -668,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except S3fuseError as exc:
         _error_line(str(exc))
-        return EXIT_ERROR
+        # a bad configuration is a usage error: the unit does not restart on it (RestartPreventExitStatus=)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)
         return 130

@@ -153,8 +153,8 @@ def test_command_line_wins_over_the_file_and_the_file_over_defaults():
 
 # -- through the command line -------------------------------------------------------------------
 
-def _one_line_error(r, *needles: str) -> str:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+def _one_line_error(r, *needles: str, status: int = 2) -> str:
+    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert TRACEBACK not in r.stderr
@@ -227,5 +227,5 @@ def test_unknown_default_kms_key_is_a_start_error(new_store, workdir):
     mnt = workdir("mnt")
     cfg.write_text(f'[store]\npath = "{new_store}"\n[mount]\nmountpoint = "{mnt}"\n'
                    '[encryption]\ndefault_sse = "aws:kms:alias/nope"\n')
-    _one_line_error(run_cli("mount", "--config", cfg, "--foreground"), "default_sse aws:kms:alias/nope")
+    _one_line_error(run_cli("mount", "--config", cfg, "--foreground"), "default_sse aws:kms:alias/nope", status=1)
     assert not os.path.ismount(mnt)

@@ -217,7 +217,7 @@ def test_units_verify_and_a_broken_unit_does_not(install, workdir):
         assert needle in r.stderr, r.stderr
 
     d = unit_directives(units / "s3fuse@.service")
-    assert d["Type"] == ["notify"] and d["LimitCORE"] == ["0"]
+    assert d["Type"] == ["notify"] and d["LimitCORE"] == ["0"] and d["RestartPreventExitStatus"] == ["2"]
     assert d["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN"] and d["NoNewPrivileges"] == ["yes"]
     assert d["DeviceAllow"] == ["/dev/fuse rw"] and d["DevicePolicy"] == ["closed"]
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]

@@ -286,6 +286,17 @@ def _obtain_root_key(args, cfg, settings=None) -> bytes:
     return obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
 
 
+def _kms_settings(kms: dict | None) -> dict | None:
+    """The configuration's [kms] table in store.json's vocabulary: a token credential becomes its file."""
+    if not kms or "token_credential" not in kms:
+        return kms
+    from .daemon import credential_path
+
+    out = {k: v for k, v in kms.items() if k != "token_credential"}
+    out["token_file"] = credential_path(kms["token_credential"])
+    return out
+
+
 def _read_key_fd(fd: int) -> bytes:
     with os.fdopen(fd, "rb") as f:
         key = f.read(64)
@@ -304,7 +315,7 @@ def cmd_mount(args) -> int:
                            rotation_interval=settings.rotation_interval,
                            rewrap_batch=args.rewrap_batch, rewrap_rate=args.rewrap_rate,
                            audit_path=settings.audit_path, default_sse=settings.default_sse,
-                           kms=settings.kms, backend_overrides=settings.backend)
+                           kms=_kms_settings(settings.kms), backend_overrides=settings.backend)
     if args.foreground:
         _setup_logging(settings.log_level, settings.log_file)
         ready_fd = args.ready_fd

@@ -188,16 +188,22 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "level": _one_of(*LOG_LEVELS),
         "file": _abs_path,
     },
-    # Settings of the KMS provider; they override the store's. "transit" is Vault/OpenBao.
+    # Settings of the KMS, in store.json "kms"'s vocabulary (docs/TRANSIT.md), overriding the
+    # store's field by field; "transit" is the Transit engine of Vault/OpenBao.
     "kms": {
         "provider": _one_of(*KMS_PROVIDERS),
         "address": _url,
-        "mount": _name,
-        "namespace": _string,
         "token_file": _abs_path,
         "token_credential": _name,
-        "ca_file": _abs_path,
+        "mount": _name,
+        "default_key": _name,
         "timeout": _positive_number,
+        "attempts": _positive_int,
+        "backoff": _positive_number,
+        "backoff_max": _positive_number,
+        "concurrency": _positive_int,
+        "cache_ttl": _positive_number,
+        "ca_file": _abs_path,
     },
     # Connection settings of the object store, merged over store.json "backend". The
     # store's identity (type, bucket, prefix) is fixed at init and not overridable here.
@@ -212,10 +218,6 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "cache_mib": _positive_int,
     },
 }
-
-# keys of [kms] that only make sense for the transit provider
-_TRANSIT_ONLY = ("address", "mount", "namespace", "token_file", "token_credential", "ca_file", "timeout")
-
 
 @dataclass
 class FileConfig:
@@ -276,16 +278,13 @@ def parse(text: str, path: str) -> FileConfig:
             except _Bad as exc:
                 raise ConfigError(f"{path}: {section}.{key}: {exc}") from None
         if section == "kms":
-            provider = values.get("provider", "builtin")
-            stray = [k for k in _TRANSIT_ONLY if k in values and provider != "transit"]
-            if stray:
-                raise ConfigError(f"{path}: kms.{stray[0]}: only used with provider = \"transit\"")
-            if provider == "transit" and "address" not in values and not os.environ.get("VAULT_ADDR"):
+            if (values.get("provider") == "transit" and "address" not in values
+                    and not (os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR"))):
                 raise ConfigError(f"{path}: kms.address: required for provider = \"transit\" "
                                   "(or set VAULT_ADDR)")
             if "token_file" in values and "token_credential" in values:
                 raise ConfigError(f"{path}: kms.token_credential: give token_file or token_credential, not both")
-            cfg.kms = dict(values, provider=provider)
+            cfg.kms = values
         elif section == "backend":
             cfg.backend = values
         else:

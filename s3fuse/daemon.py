@@ -404,7 +404,7 @@ def credential_path(name: str) -> str:
     """A systemd credential's file ($CREDENTIALS_DIRECTORY/NAME); a clear error if it is not there."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
-        raise S3fuseError(f"the root key credential {name!r} needs $CREDENTIALS_DIRECTORY "
+        raise S3fuseError(f"the credential {name!r} needs $CREDENTIALS_DIRECTORY "
                           "(set by systemd's LoadCredential=/LoadCredentialEncrypted=)", errno.ENOKEY)
     path = os.path.join(directory, name)
     if not os.path.isfile(path):

@@ -10,6 +10,7 @@ import pytest
 
 from s3fuse import config
 from s3fuse.config import ConfigError
+from s3fuse.errors import S3fuseError
 
 from .conftest import REPO, TRACEBACK, run_cli
 
@@ -69,7 +70,9 @@ provider = "transit"
 address = "https://bao.example:8200/"
 mount = "transit"
 token_credential = "vault-token"
+default_key = "team"
 timeout = 2.5
+attempts = 3
 [backend]
 endpoint_url = "http://127.0.0.1:8333"
 region = "eu-west-1"
@@ -82,7 +85,7 @@ max_connections = 4
     assert cfg.audit_path == "/var/log/s3fuse/x/audit.log"
     assert (cfg.log_level, cfg.log_file) == ("debug", "/var/log/s3fuse/x/s3fuse.log")
     assert cfg.kms == {"provider": "transit", "address": "https://bao.example:8200", "mount": "transit",
-                       "token_credential": "vault-token", "timeout": 2.5}
+                       "token_credential": "vault-token", "default_key": "team", "timeout": 2.5, "attempts": 3}
     assert cfg.backend == {"endpoint_url": "http://127.0.0.1:8333", "region": "eu-west-1", "max_connections": 4}
 
 
@@ -107,7 +110,8 @@ def test_durations(value, seconds):
     ("[encryption]\ndefault_sse = 'SSE-C:mine'\n", "encryption.default_sse", "fingerprint"),
     ("[encryption]\nrotation_interval = '3 days'\n", "encryption.rotation_interval", "must be a duration"),
     ("[encryption]\nrotation_interval = -5\n", "encryption.rotation_interval", "must be a duration"),
-    ("[kms]\naddress = 'https://x'\n", "kms.address", "only used with provider = \"transit\""),
+    ("[kms]\nnamespace = 'team'\n", "kms.namespace", "unknown key"),
+    ("[kms]\nattempts = 0\n", "kms.attempts", "must be a positive whole number"),
     ("[kms]\nprovider = 'vault'\n", "kms.provider", "must be one of builtin, transit"),
     ("[kms]\nprovider = 'transit'\naddress = 'vault:8200'\n", "kms.address", "http:// or https:// URL"),
     ("[backend]\nbucket = 'other'\n", "backend.bucket", "unknown key"),
@@ -124,9 +128,25 @@ def test_bad_configurations_name_the_key_and_reason(text, key, reason):
 
 def test_transit_needs_an_address(monkeypatch):
     monkeypatch.delenv("VAULT_ADDR", raising=False)
+    monkeypatch.delenv("BAO_ADDR", raising=False)
     assert "kms.address: required" in error_of("[kms]\nprovider = 'transit'\n")
     monkeypatch.setenv("VAULT_ADDR", "http://127.0.0.1:8200")
     assert parse("[kms]\nprovider = 'transit'\n").kms == {"provider": "transit"}
+    assert "kms.token_credential: give token_file or token_credential" in error_of(
+        "[kms]\ntoken_file = '/t'\ntoken_credential = 't'\n")
+
+
+def test_token_credential_becomes_the_token_file(monkeypatch, tmp_path):
+    from s3fuse.cli import _kms_settings
+
+    (tmp_path / "vault-token").write_text("s.x\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    kms = parse("[kms]\nprovider = 'transit'\naddress = 'http://b:8200'\ntoken_credential = 'vault-token'\n").kms
+    assert _kms_settings(kms) == {"provider": "transit", "address": "http://b:8200",
+                                  "token_file": str(tmp_path / "vault-token")}
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(S3fuseError, match="credential 'vault-token' needs \\$CREDENTIALS_DIRECTORY"):
+        _kms_settings(kms)
 
 
 def test_syntax_error_names_the_line():

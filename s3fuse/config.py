@@ -68,6 +68,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Bad(f"must be a whole number, 0 or more (got {_show(value)})")
+    return value
+
+
 def _mib(value: Any) -> int:
     """A size in MiB, returned in bytes."""
     n = _positive_int(value)
@@ -205,19 +211,21 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "cache_ttl": _positive_number,
         "ca_file": _abs_path,
     },
-    # Connection settings of the object store, merged over store.json "backend". The
-    # store's identity (type, bucket, prefix) is fixed at init and not overridable here.
+    # Settings of an S3 store, in store.json "backend"'s vocabulary (docs/S3.md), merged over
+    # the store's. The store's identity (type, bucket, prefix) is fixed at init: not here.
     "backend": {
         "endpoint_url": _url,
         "region": _string,
         "profile": _string,
-        "max_connections": _positive_int,
-        "max_attempts": _positive_int,
-        "timeout": _positive_number,
-        "cache_dir": _abs_path,
-        "cache_mib": _positive_int,
+        "max_requests": _positive_int,
+        "retry_budget": _positive_number,
+        "cache_mib": _non_negative_int,
+        "multipart_threshold_mib": _positive_int,
+        "snapshot_interval": _positive_number,
+        "lease_seconds": _positive_number,
     },
 }
+
 
 @dataclass
 class FileConfig:

@@ -76,7 +76,8 @@ attempts = 3
 [backend]
 endpoint_url = "http://127.0.0.1:8333"
 region = "eu-west-1"
-max_connections = 4
+max_requests = 4
+cache_mib = 0
 """)
     assert (cfg.store, cfg.mountpoint, cfg.root_key_credential) == ("/srv/store", "/mnt/x", "root-key")
     assert cfg.allow_other is True and cfg.readahead_kb == 1024
@@ -86,7 +87,8 @@ max_connections = 4
     assert (cfg.log_level, cfg.log_file) == ("debug", "/var/log/s3fuse/x/s3fuse.log")
     assert cfg.kms == {"provider": "transit", "address": "https://bao.example:8200", "mount": "transit",
                        "token_credential": "vault-token", "default_key": "team", "timeout": 2.5, "attempts": 3}
-    assert cfg.backend == {"endpoint_url": "http://127.0.0.1:8333", "region": "eu-west-1", "max_connections": 4}
+    assert cfg.backend == {"endpoint_url": "http://127.0.0.1:8333", "region": "eu-west-1", "max_requests": 4,
+                           "cache_mib": 0}
 
 
 @pytest.mark.parametrize("value,seconds", [("90d", 90 * 86400), ("30m", 1800), ("45s", 45), ("2w", 14 * 86400),
@@ -115,6 +117,7 @@ def test_durations(value, seconds):
     ("[kms]\nprovider = 'vault'\n", "kms.provider", "must be one of builtin, transit"),
     ("[kms]\nprovider = 'transit'\naddress = 'vault:8200'\n", "kms.address", "http:// or https:// URL"),
     ("[backend]\nbucket = 'other'\n", "backend.bucket", "unknown key"),
+    ("[backend]\ncache_mib = -1\n", "backend.cache_mib", "must be a whole number, 0 or more"),
     ("[store]\nroot_key_credential = 'a/b'\n", "store.root_key_credential", "plain name"),
     ("[store]\nroot_key_file = '/k'\nroot_key_credential = 'k'\n", "store.root_key_credential",
      "one root-key source"),

@@ -16,6 +16,7 @@ import sys
 
 from .control import protocol
 from .control.client import ControlClient
+from .config import ConfigError
 from .errors import S3fuseError
 
 EXIT_ERROR = 1
@@ -53,16 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     _root_key_source_options(s)
     _transit_init_options(s)
 
+    # Options default to None so that a value from --config shows through (config.resolve).
     s = sub.add_parser("mount", help="mount a store")
-    s.add_argument("store", metavar="STORE")
-    s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    s.add_argument("store", metavar="STORE", nargs="?", help="the store (default: store.path of --config)")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                   help="an existing empty directory (default: mount.mountpoint of --config)")
+    s.add_argument("--config", "-c", metavar="FILE",
+                   help="read settings from this TOML file; options given here override it (docs/CONFIG.md)")
     s.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
-    s.add_argument("--allow-other", action="store_true", help="let other users use the mount (permissions apply)")
-    s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    s.add_argument("--allow-other", action="store_true", default=None,
+                   help="let other users use the mount (permissions apply)")
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     s.add_argument("--log-file", help="log here (default: stderr in the foreground, STORE/s3fuse.log otherwise)")
-    s.add_argument("--dirty-limit-mib", type=_mib, default=64 << 20, dest="dirty_limit",
+    s.add_argument("--dirty-limit-mib", type=_mib, default=None, dest="dirty_limit",
                    help="memory for unflushed writes (default 64)")
-    s.add_argument("--cache-mib", type=_mib, default=32 << 20, dest="cache_limit",
+    s.add_argument("--cache-mib", type=_mib, default=None, dest="cache_limit",
                    help="memory for decrypted segments (default 32)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _root_key_options(s)
@@ -268,9 +274,49 @@ def _mount_option(s: argparse.ArgumentParser) -> None:
                    help="the daemon to talk to (default: the only s3fuse mount)")
 
 
+def _under_journal() -> bool:
+    """Is stderr connected to systemd's journal? ($JOURNAL_STREAM names its device and inode.)"""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+# syslog priorities, which journald reads from a "<N>" line prefix (sd-daemon(3))
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """One line per event, "<priority>logger: message", no timestamp (the journal adds its own).
+
+    An exception's type and message stay on the line; the traceback is added, folded onto
+    the same line, only at debug level.
+    """
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__()
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 3 if record.levelno > logging.ERROR else 6)
+        text = f"<{priority}>{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f": {exc.__class__.__name__}: {exc}"
+            if self.tracebacks:
+                text += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return " ".join(text.splitlines())
+
+
 def _setup_logging(level: str, log_file: str | None) -> None:
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not log_file and _under_journal():
+        handler.setFormatter(JournalFormatter(tracebacks=level == "debug"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -295,10 +341,39 @@ def cmd_init(args) -> int:
     return 0
 
 
-def _obtain_root_key(args, cfg) -> bytes:
+def _mount_settings(args):
+    from . import config
+
+    file = config.load(args.config) if args.config else None
+    cli = {"store": args.store, "mountpoint": args.mountpoint, "allow_other": args.allow_other,
+           "log_level": args.log_level, "log_file": args.log_file, "dirty_limit": args.dirty_limit,
+           "cache_limit": args.cache_limit, "rotation_interval": args.rotation_interval,
+           "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file}
+    return config.resolve(cli, file)
+
+
+def _obtain_root_key(args, cfg, settings=None) -> bytes:
+    """The root key: from the command line's flags, else the configuration's, else the store's source."""
     from .store import obtain_root_key
 
-    return obtain_root_key(cfg, key_file=args.root_key_file, passphrase_file=args.passphrase_file)
+    key_file, passphrase_file = args.root_key_file, args.passphrase_file
+    if settings is not None:
+        key_file, passphrase_file = settings.root_key_file, settings.passphrase_file
+        if settings.root_key_credential:
+            from .daemon import credential_path
+            key_file = credential_path(settings.root_key_credential)
+    return obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
+
+
+def _kms_settings(kms: dict | None) -> dict | None:
+    """The configuration's [kms] table in store.json's vocabulary: a token credential becomes its file."""
+    if not kms or "token_credential" not in kms:
+        return kms
+    from .daemon import credential_path
+
+    out = {k: v for k, v in kms.items() if k != "token_credential"}
+    out["token_file"] = credential_path(kms["token_credential"])
+    return out
 
 
 def _read_key_fd(fd: int) -> bytes:
@@ -313,11 +388,15 @@ def cmd_mount(args) -> int:
     from .daemon import MountOptions, check_mountpoint, run_foreground
     from .store import load_config
 
-    options = MountOptions(allow_other=args.allow_other, dirty_limit=args.dirty_limit,
-                           cache_limit=args.cache_limit, rotation_interval=args.rotation_interval,
-                           rewrap_batch=args.rewrap_batch, rewrap_rate=args.rewrap_rate)
+    settings = _mount_settings(args)
+    options = MountOptions(allow_other=settings.allow_other, dirty_limit=settings.dirty_limit,
+                           cache_limit=settings.cache_limit, readahead_kb=settings.readahead_kb,
+                           rotation_interval=settings.rotation_interval,
+                           rewrap_batch=args.rewrap_batch, rewrap_rate=args.rewrap_rate,
+                           audit_path=settings.audit_path, default_sse=settings.default_sse,
+                           kms=_kms_settings(settings.kms), backend_overrides=settings.backend)
     if args.foreground:
-        _setup_logging(args.log_level, args.log_file)
+        _setup_logging(settings.log_level, settings.log_file)
         ready_fd = args.ready_fd
 
         def ready(error: str | None) -> None:
@@ -331,33 +410,35 @@ def cmd_mount(args) -> int:
             if args.root_key_fd is not None:
                 root_key = _read_key_fd(args.root_key_fd)
             else:
-                root_key = _obtain_root_key(args, load_config(args.store))
-            run_foreground(args.store, args.mountpoint, options, ready, root_key=root_key)
+                root_key = _obtain_root_key(args, load_config(settings.store), settings)
+            run_foreground(settings.store, settings.mountpoint, options, ready, root_key=root_key)
         except S3fuseError as exc:
-            if args.log_file:  # on stderr the CLI's own line says it once
+            if settings.log_file:  # on stderr the CLI's own line says it once
                 logging.getLogger("s3fuse").error("%s", exc)
             ready(str(exc))
             raise
         return 0
 
     # Background: check what we can here, then start the daemon and wait until it mounts.
-    cfg = load_config(args.store)
-    mnt = check_mountpoint(args.mountpoint)
+    cfg = load_config(settings.store)
+    mnt = check_mountpoint(settings.mountpoint)
     # the key is obtained (and a passphrase asked for) here, on the user's terminal, and
     # handed to the daemon through a pipe: never on a command line or in the environment
-    root_key = _obtain_root_key(args, cfg)
-    log_file = os.path.abspath(args.log_file or os.path.join(cfg.path, "s3fuse.log"))
+    root_key = _obtain_root_key(args, cfg, settings)
+    log_file = os.path.abspath(settings.log_file or os.path.join(cfg.path, "s3fuse.log"))
     r, w = os.pipe()
     kr, kw = os.pipe()
     os.write(kw, root_key)
     os.close(kw)
     argv = [sys.executable, "-m", "s3fuse", "mount", cfg.path, mnt, "--foreground",
-            "--log-level", args.log_level, "--log-file", log_file, "--ready-fd", str(w),
+            "--log-level", settings.log_level, "--log-file", log_file, "--ready-fd", str(w),
             "--root-key-fd", str(kr),
-            "--dirty-limit-mib", str(args.dirty_limit >> 20), "--cache-mib", str(args.cache_limit >> 20)]
-    if args.allow_other:
+            "--dirty-limit-mib", str(settings.dirty_limit >> 20), "--cache-mib", str(settings.cache_limit >> 20)]
+    if args.config:
+        argv += ["--config", os.path.abspath(args.config)]
+    if settings.allow_other:
         argv.append("--allow-other")
-    for flag, value in (("--rotation-interval", args.rotation_interval), ("--rewrap-batch", args.rewrap_batch),
+    for flag, value in (("--rotation-interval", settings.rotation_interval), ("--rewrap-batch", args.rewrap_batch),
                         ("--rewrap-rate", args.rewrap_rate)):
         if value is not None:
             argv += [flag, str(value)]
@@ -715,18 +796,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except S3fuseError as exc:
-        print(f"s3fuse: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        _error_line(str(exc))
+        # a bad configuration is a usage error: the unit does not restart on it (RestartPreventExitStatus=)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"s3fuse: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        _error_line(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return EXIT_ERROR
     except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
         logging.getLogger("s3fuse").exception("internal error")
-        print(f"s3fuse: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        _error_line(f"internal error: {exc.__class__.__name__}: {exc}")
         return EXIT_ERROR
+
+
+def _error_line(text: str) -> None:
+    # under the journal, an error priority: `journalctl -p err` finds why a mount failed
+    print(f"{'<3>' if _under_journal() else ''}s3fuse: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import stat
 import sys
 import time
 from collections.abc import Callable

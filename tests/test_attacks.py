@@ -25,7 +25,7 @@ import pytest
 from s3fuse import format as fmt
 from s3fuse.control import protocol
 
-from .conftest import list_objects, object_path, run_cli, wait_until
+from .conftest import object_path, run_cli, wait_until
 
 KiB = 1024
 BS = 256 * KiB  # block size of the prepared store

@@ -92,7 +92,7 @@ class AdminHandlers:
         """Where the trail is, and its current head, so `audit verify` can check the tail."""
         log = self.daemon.audit
         log.sync()
-        return {"path": self.daemon.cfg.audit_path, "head": log.head, "seq": log.seq}
+        return {"path": self.daemon.audit_path, "head": log.head, "seq": log.seq}
 
     # ---------------------------------------------------------------- KMS
     def _kms_handler(self, op: str):

@@ -16,6 +16,7 @@ import sys
 
 from .control import protocol
 from .control.client import ControlClient
+from .config import ConfigError
 from .errors import S3fuseError
 
 EXIT_ERROR = 1
@@ -52,20 +53,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest object: one per block of a file (default 4096)")
     s.add_argument("--segment-size-kib", type=int, default=64,
                    help="unit of authenticated encryption and of ranged reads (default 64)")
+    _root_key_source_options(s)
+    _transit_init_options(s)
 
+    # Options default to None so that a value from --config shows through (config.resolve).
     s = sub.add_parser("mount", help="mount a store")
-    s.add_argument("store", metavar="STORE", help="store directory, S3 state directory or s3://BUCKET/PREFIX")
-    _s3_options(s, mount=True)
-    s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    s.add_argument("store", metavar="STORE", nargs="?", help="the store: a directory, an S3 state directory or s3://BUCKET/PREFIX "
+                   "(default: store.path of --config)")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                   help="an existing empty directory (default: mount.mountpoint of --config)")
+    s.add_argument("--config", "-c", metavar="FILE",
+                   help="read settings from this TOML file; options given here override it (docs/CONFIG.md)")
+    _s3_options(s)
     s.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
-    s.add_argument("--allow-other", action="store_true", help="let other users use the mount (permissions apply)")
-    s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    s.add_argument("--allow-other", action="store_true", default=None,
+                   help="let other users use the mount (permissions apply)")
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     s.add_argument("--log-file", help="log here (default: stderr in the foreground, STORE/s3fuse.log otherwise)")
-    s.add_argument("--dirty-limit-mib", type=_mib, default=64 << 20, dest="dirty_limit",
+    s.add_argument("--dirty-limit-mib", type=_mib, default=None, dest="dirty_limit",
                    help="memory for unflushed writes (default 64)")
-    s.add_argument("--cache-mib", type=_mib, default=32 << 20, dest="cache_limit",
+    s.add_argument("--cache-mib", type=_mib, default=None, dest="cache_limit",
                    help="memory for decrypted segments (default 32)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _root_key_options(s)
+    s.add_argument("--root-key-fd", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--rotation-interval", type=_seconds, metavar="SECONDS",
+                   help="rotate the SSE-S3 master key this often (default: the store's rotation_interval, "
+                        "30 days at init; 0 = never)")
+    s.add_argument("--rewrap-batch", type=int, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument("--rewrap-rate", type=float, metavar="N", help=argparse.SUPPRESS)
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -73,6 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    s = sub.add_parser("rotate", help="rotate the SSE-S3 master key now, or retire unused versions")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--retire-unused", action="store_true",
+                   help="instead: erase old master-key versions nothing depends on any more")
+    g.add_argument("--pause-sweep", action="store_true", help="instead: hold the re-wrap sweep")
+    g.add_argument("--resume-sweep", action="store_true", help="instead: let a held re-wrap sweep go on")
+
+    s = sub.add_parser("rekey-root", help="seal the keyring and KMS keystore under a new root key "
+                                          "(store not mounted)")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--to", metavar="SOURCE", dest="new_source",
+                   help="the new root key's source: file, passphrase or credential:NAME (default: the current kind)")
+    s.add_argument("--new-key-file", metavar="PATH",
+                   help="file: the new key file (used if it exists, else created; default STORE/root-G.key); "
+                        "credential: the new key's 32 bytes when not running under systemd")
+    s.add_argument("--new-passphrase-file", metavar="PATH", help="passphrase: read the new passphrase from PATH")
+    s.add_argument("--scrypt-log-n", type=int, default=None, help=argparse.SUPPRESS)
+    _root_key_options(s)
 
     s = sub.add_parser("reencrypt", help="apply the directory's encryption setting to existing files")
     s.add_argument("path", metavar="PATH")
@@ -98,16 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = msub.add_parser("create-key", help="create a KMS key")
     s.add_argument("--alias", help="alias/NAME")
     s.add_argument("--description", default="")
+    s.add_argument("--transit", metavar="NAME", help="create Transit key NAME (derived aes256-gcm96) "
+                   "instead of a built-in key; root only")
     _mount_option(s)
     s = msub.add_parser("list", help="list KMS keys")
     _mount_option(s)
     for name, text in (("describe", "show a key"), ("enable", "enable a key"), ("disable", "disable a key"),
                        ("cancel-deletion", "cancel a scheduled deletion (the key becomes Disabled)"),
-                       ("rotate", "add a new backing-key version now"),
+                       ("rotate", "add a new backing-key version now (Transit keys: then re-wrap "
+                                  "stored data keys under it)"),
+                       ("rewrap", "Transit keys: re-wrap stored data keys under the latest version"),
                        ("disable-rotation", "stop automatic rotation")):
         s = msub.add_parser(name, help=text)
         s.add_argument("key", metavar="KEY", help="key id or alias")
         _mount_option(s)
+    s = msub.add_parser("set-min-decryption-version",
+                        help="Transit keys: refuse to decrypt data keys wrapped under older versions")
+    s.add_argument("key", metavar="KEY")
+    s.add_argument("--version", type=int, required=True)
+    _mount_option(s)
     s = msub.add_parser("schedule-deletion", help="delete a key after a waiting period (7-30 days)")
     s.add_argument("key", metavar="KEY")
     s.add_argument("--days", type=int, required=True)
@@ -128,19 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", help="only records of this key id, alias or fingerprint")
     s.add_argument("--store", help="read the audit trail of this store (default: ask the daemon)")
     _mount_option(s)
+    _add_fsck_parser(sub)
     return p
 
 
-def _s3_options(s: argparse.ArgumentParser, mount: bool = False) -> None:
+def _s3_options(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("S3 stores (STORE = s3://BUCKET/PREFIX; see docs/S3.md)")
     g.add_argument("--endpoint-url", help="S3 endpoint (default: AWS)")
     g.add_argument("--region", help="S3 region (default us-east-1)")
     g.add_argument("--profile", help="AWS profile for credentials (default: environment, shared files)")
     g.add_argument("--state-dir", help="local state directory (default /var/lib/s3fuse/BUCKET-HASH for root, "
                    "~/.local/state/s3fuse/BUCKET-HASH otherwise)")
-    if mount:
-        g.add_argument("--root-key-file", help="the store's root key, when mounting on a machine "
-                       "without its state directory")
+    # mount --root-key-file (the root-key options) also names the key of a store mounted on a
+    # machine without its state directory
 
 
 def _resolve_store(args) -> str:
@@ -172,14 +217,150 @@ def _is_s3_state_dir(path: str) -> bool:
         return False
 
 
+FSCK_EPILOG = """exit status (as e2fsck):
+  0  clean: no damage (notes about benign leftovers may be printed)
+  1  repaired: --repair fixed everything it found; no damage remains
+  4  damage remains (run with --repair, or it cannot be repaired safely)
+  8  fsck could not run (no store, store mounted, root key unreadable, ...)
+see docs/FSCK.md"""
+
+
+def _add_fsck_parser(sub) -> None:
+    s = sub.add_parser("fsck", help="check (and repair) an unmounted store",
+                       description="Check an unmounted store: metadata against the object store, every "
+                                   "object authenticated, every key reference.",
+                       epilog=FSCK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--repair", action="store_true",
+                   help="fix what is safe: collect unreferenced objects, fix counts, move damaged "
+                        "or disconnected files to /lost+found (never deletes referenced data)")
+    s.add_argument("--quick", action="store_true",
+                   help="authenticate every key slot and header, but the segments of a sample of objects only")
+    s.add_argument("--customer-key", action="append", default=[], metavar="NAME=FILE",
+                   help="an SSE-C key (32 raw bytes or base64 in FILE) to verify that key's objects too; "
+                        "repeatable")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    _root_key_options(s)
+
+
+def _root_key_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--root-key-file", metavar="PATH",
+                   help="read the root key from PATH (32 bytes or base64) instead of its recorded source")
+    s.add_argument("--passphrase-file", metavar="PATH",
+                   help="the passphrase of a passphrase-sealed store (default: ask on the terminal)")
+
+
+def _root_key_source_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--root-key", default="file", metavar="SOURCE",
+                   help="where the root key comes from: file (default: a new STORE/root.key), passphrase "
+                        "(scrypt; asked for, or --passphrase-file) or credential:NAME (systemd "
+                        "$CREDENTIALS_DIRECTORY/NAME)")
+    s.add_argument("--root-key-file", metavar="PATH",
+                   help="file: the key file to use or create; credential: the key's 32 bytes when not "
+                        "running under systemd")
+    s.add_argument("--passphrase-file", metavar="PATH", help="passphrase: read it from PATH")
+    s.add_argument("--scrypt-log-n", type=int, default=None,
+                   help="passphrase: scrypt cost, log2(N) (default 17: 128 MiB, about 0.5 s)")
+
+
+def _seconds(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return n
+
+
+def _transit_init_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("external KMS (Vault/OpenBao Transit; docs/TRANSIT.md)")
+    g.add_argument("--kms", choices=("builtin", "transit"), default=None,
+                   help="provider of bare key names in aws:kms:NAME (default builtin)")
+    g.add_argument("--vault-addr", help="Transit server URL (default: $VAULT_ADDR or $BAO_ADDR at mount)")
+    g.add_argument("--vault-token-file", help="file holding the Vault/OpenBao token "
+                   "(default: $VAULT_TOKEN or $BAO_TOKEN at mount)")
+    g.add_argument("--transit-mount", help="path of the Transit engine (default transit)")
+    g.add_argument("--transit-default-key", help="Transit key used by plain aws:kms")
+
+
+def _transit_kms_settings(args) -> dict | None:
+    """store.json "kms" from the init options; None for a built-in-only store."""
+    kms: dict = {}
+    if args.kms:
+        kms["provider"] = args.kms
+    for opt, name in (("vault_addr", "address"), ("transit_mount", "mount"),
+                      ("transit_default_key", "default_key")):
+        if getattr(args, opt):
+            kms[name] = getattr(args, opt)
+    if args.vault_token_file:
+        kms["token_file"] = os.path.abspath(args.vault_token_file)
+    if kms and args.kms is None:
+        kms["provider"] = "builtin"
+    return kms or None
+
+
+def _check_transit(kms: dict | None) -> None:
+    """At init: the Transit server must answer and accept the token (one clear line if not)."""
+    from .keys import router, transit
+
+    if not kms or not router.transit_configured(kms):
+        return
+    settings = transit.TransitSettings.from_config(kms)
+    try:
+        transit.TransitKms(settings).check_token()
+    except S3fuseError as exc:
+        raise S3fuseError(f"Transit KMS at {settings.address}: {exc}", exc.errno) from None
+
+
 def _mount_option(s: argparse.ArgumentParser) -> None:
     s.add_argument("--mount", "-m", metavar="MOUNTPOINT",
                    help="the daemon to talk to (default: the only s3fuse mount)")
 
 
+def _under_journal() -> bool:
+    """Is stderr connected to systemd's journal? ($JOURNAL_STREAM names its device and inode.)"""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+# syslog priorities, which journald reads from a "<N>" line prefix (sd-daemon(3))
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """One line per event, "<priority>logger: message", no timestamp (the journal adds its own).
+
+    An exception's type and message stay on the line; the traceback is added, folded onto
+    the same line, only at debug level.
+    """
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__()
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 3 if record.levelno > logging.ERROR else 6)
+        text = f"<{priority}>{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f": {exc.__class__.__name__}: {exc}"
+            if self.tracebacks:
+                text += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return " ".join(text.splitlines())
+
+
 def _setup_logging(level: str, log_file: str | None) -> None:
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not log_file and _under_journal():
+        handler.setFormatter(JournalFormatter(tracebacks=level == "debug"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -198,22 +379,80 @@ def cmd_init(args) -> int:
         print(f"root key: {cfg.root_key_file} (keep it secret and keep a copy: with it, the bucket alone "
               "is enough to mount the store on another machine)")
         return 0
+    from . import rootkey
+
+    kms = _transit_kms_settings(args)
+    _check_transit(kms)
+    extra = {} if args.scrypt_log_n is None else {"scrypt_log_n": args.scrypt_log_n}
     cfg = init_store(args.store, block_size=args.block_size_kib << 10,
-                     segment_size=args.segment_size_kib << 10)
+                     segment_size=args.segment_size_kib << 10, kms=kms, root_key_source=args.root_key,
+                     key_file=args.root_key_file, passphrase_file=args.passphrase_file, **extra)
     print(f"created store {cfg.path} (id {cfg.store_id.hex()})")
-    print(f"root key: {cfg.root_key_file} (keep it secret; whoever has it and the store can read everything)")
+    if cfg.root_key_file is not None:
+        print(f"root key: {cfg.root_key_file} (keep it secret; whoever has it and the store can read everything)")
+    else:
+        print(f"root key: from the {rootkey.describe(cfg.root_key)} (lose it and the store cannot be opened)")
     return 0
+
+
+def _mount_settings(args):
+    from . import config
+
+    file = config.load(args.config) if args.config else None
+    cli = {"store": args.store, "mountpoint": args.mountpoint, "allow_other": args.allow_other,
+           "log_level": args.log_level, "log_file": args.log_file, "dirty_limit": args.dirty_limit,
+           "cache_limit": args.cache_limit, "rotation_interval": args.rotation_interval,
+           "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file}
+    return config.resolve(cli, file)
+
+
+def _obtain_root_key(args, cfg, settings=None) -> bytes:
+    """The root key: from the command line's flags, else the configuration's, else the store's source."""
+    from .store import obtain_root_key
+
+    key_file, passphrase_file = args.root_key_file, args.passphrase_file
+    if settings is not None:
+        key_file, passphrase_file = settings.root_key_file, settings.passphrase_file
+        if settings.root_key_credential:
+            from .daemon import credential_path
+            key_file = credential_path(settings.root_key_credential)
+    return obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
+
+
+def _kms_settings(kms: dict | None) -> dict | None:
+    """The configuration's [kms] table in store.json's vocabulary: a token credential becomes its file."""
+    if not kms or "token_credential" not in kms:
+        return kms
+    from .daemon import credential_path
+
+    out = {k: v for k, v in kms.items() if k != "token_credential"}
+    out["token_file"] = credential_path(kms["token_credential"])
+    return out
+
+
+def _read_key_fd(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as f:
+        key = f.read(64)
+    if len(key) != 32:
+        raise S3fuseError("the root key handed over by the mount command is not 32 bytes")
+    return key
 
 
 def cmd_mount(args) -> int:
     from .daemon import MountOptions, check_mountpoint, run_foreground
     from .store import load_config
 
-    args.store = _resolve_store(args)
-    options = MountOptions(allow_other=args.allow_other, dirty_limit=args.dirty_limit,
-                           cache_limit=args.cache_limit)
+    if args.store:
+        args.store = _resolve_store(args)
+    settings = _mount_settings(args)
+    options = MountOptions(allow_other=settings.allow_other, dirty_limit=settings.dirty_limit,
+                           cache_limit=settings.cache_limit, readahead_kb=settings.readahead_kb,
+                           rotation_interval=settings.rotation_interval,
+                           rewrap_batch=args.rewrap_batch, rewrap_rate=args.rewrap_rate,
+                           audit_path=settings.audit_path, default_sse=settings.default_sse,
+                           kms=_kms_settings(settings.kms), backend_overrides=settings.backend)
     if args.foreground:
-        _setup_logging(args.log_level, args.log_file)
+        _setup_logging(settings.log_level, settings.log_file)
         ready_fd = args.ready_fd
 
         def ready(error: str | None) -> None:
@@ -224,27 +463,45 @@ def cmd_mount(args) -> int:
                 ready_fd = None
 
         try:
-            run_foreground(args.store, args.mountpoint, options, ready)
+            if args.root_key_fd is not None:
+                root_key = _read_key_fd(args.root_key_fd)
+            else:
+                root_key = _obtain_root_key(args, load_config(settings.store), settings)
+            run_foreground(settings.store, settings.mountpoint, options, ready, root_key=root_key)
         except S3fuseError as exc:
-            if args.log_file:  # on stderr the CLI's own line says it once
+            if settings.log_file:  # on stderr the CLI's own line says it once
                 logging.getLogger("s3fuse").error("%s", exc)
             ready(str(exc))
             raise
         return 0
 
     # Background: check what we can here, then start the daemon and wait until it mounts.
-    cfg = load_config(args.store)
-    mnt = check_mountpoint(args.mountpoint)
-    log_file = os.path.abspath(args.log_file or os.path.join(cfg.path, "s3fuse.log"))
+    cfg = load_config(settings.store)
+    mnt = check_mountpoint(settings.mountpoint)
+    # the key is obtained (and a passphrase asked for) here, on the user's terminal, and
+    # handed to the daemon through a pipe: never on a command line or in the environment
+    root_key = _obtain_root_key(args, cfg, settings)
+    log_file = os.path.abspath(settings.log_file or os.path.join(cfg.path, "s3fuse.log"))
     r, w = os.pipe()
+    kr, kw = os.pipe()
+    os.write(kw, root_key)
+    os.close(kw)
     argv = [sys.executable, "-m", "s3fuse", "mount", cfg.path, mnt, "--foreground",
-            "--log-level", args.log_level, "--log-file", log_file, "--ready-fd", str(w),
-            "--dirty-limit-mib", str(args.dirty_limit >> 20), "--cache-mib", str(args.cache_limit >> 20)]
-    if args.allow_other:
+            "--log-level", settings.log_level, "--log-file", log_file, "--ready-fd", str(w),
+            "--root-key-fd", str(kr),
+            "--dirty-limit-mib", str(settings.dirty_limit >> 20), "--cache-mib", str(settings.cache_limit >> 20)]
+    if args.config:
+        argv += ["--config", os.path.abspath(args.config)]
+    if settings.allow_other:
         argv.append("--allow-other")
+    for flag, value in (("--rotation-interval", settings.rotation_interval), ("--rewrap-batch", args.rewrap_batch),
+                        ("--rewrap-rate", args.rewrap_rate)):
+        if value is not None:
+            argv += [flag, str(value)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True, cwd="/")
+                            stderr=subprocess.DEVNULL, pass_fds=(w, kr), start_new_session=True, cwd="/")
     os.close(w)
+    os.close(kr)
     with os.fdopen(r, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
     if message == "ready":
@@ -301,9 +558,99 @@ def cmd_status(args) -> int:
     mnt = os.path.realpath(args.mountpoint)
     with ControlClient(protocol.socket_path(mnt), timeout=30) as client:
         status = client.call("status")
+    versions = status.pop("master_keys", None)
+    rewrap = status.pop("rewrap", None)
+    next_rotation = status.pop("next_rotation", None)
     for key, value in status.items():
         print(f"{key}: {value}")
+    if versions is not None:
+        print("master keys (SSE-S3):")
+        for v in versions:
+            when = _when(v["retired"]) if v["state"] == "retired" else _when(v["created"])
+            print(f"  version {v['version']}: {v['state']}, {v['objects']} object(s) depend on it"
+                  f"{', retired ' if v['state'] == 'retired' else ', created '}{when}")
+    if rewrap is not None:
+        print(f"re-wrap sweep: {rewrap['state']}, {rewrap['done']} of {rewrap['total']} key slot(s) "
+              f"re-wrapped to version {rewrap['target_version']}, {rewrap['remaining']} remaining")
+        print(f"next rotation: {_when(next_rotation) if next_rotation else 'never (rotation_interval 0)'}")
     return 0
+
+
+def _when(ts) -> str:
+    import time as _time
+
+    return "unknown" if ts is None else _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(ts))
+
+
+def cmd_rotate(args) -> int:
+    with ControlClient(_socket_for(args.mountpoint), timeout=120) as client:
+        if args.pause_sweep or args.resume_sweep:
+            r = client.call("rotate.sweep", paused=bool(args.pause_sweep))
+            print(f"re-wrap sweep: {r['state']}, {r['remaining']} key slot(s) remaining")
+            return 0
+        if not args.retire_unused:
+            result = client.call("rotate")
+            print(f"master key version {result['version']} is current; the re-wrap sweep moves "
+                  f"version {result['previous']}'s key slots to it in the background")
+            return 0
+        result = client.call("rotate.retire")
+    for v in result["retired"]:
+        print(f"retired master key version {v} (key material erased)")
+    if result["kept"]:
+        reasons = "; ".join(f"version {v}: {why}" for v, why in result["kept"].items())
+        raise S3fuseError(f"not retired: {reasons}", errno.EBUSY)
+    if not result["retired"]:
+        print(f"nothing to retire: version {result['current']} is the only master key version")
+    return 0
+
+
+def cmd_rekey_root(args) -> int:
+    from . import rootkey
+    from .store import StoreLock, load_config, rekey_root
+
+    cfg = load_config(args.store)
+    lock = StoreLock(cfg)
+    lock.acquire("rekey-root")
+    try:
+        old_key = _obtain_root_key(args, cfg)
+        spec = args.new_source
+        if spec is None:
+            spec = cfg.root_key.get("source", "file")
+            if spec == "credential":
+                spec = f"credential:{cfg.root_key['name']}"
+        extra = {} if args.scrypt_log_n is None else {"scrypt_log_n": args.scrypt_log_n}
+        result = rekey_root(cfg, old_key, spec, new_key_file=args.new_key_file,
+                            new_passphrase_file=args.new_passphrase_file, **extra)
+        _audit_offline(cfg, "root:rekey", generation=result.generation, source=result.source)
+    finally:
+        lock.release()
+    new_cfg = load_config(args.store)
+    print(f"store {cfg.path}: keyring and KMS keystore sealed under the new root key "
+          f"(generation {result.generation}, {rootkey.describe(new_cfg.root_key)})")
+    if result.key_file:
+        print(f"root key: {result.key_file} (keep it secret)")
+    if cfg.root_key_file and os.path.exists(cfg.root_key_file) and cfg.root_key_file != new_cfg.root_key_file:
+        print(f"the old key file {cfg.root_key_file} opens nothing any more; delete it")
+    return 0
+
+
+def _audit_offline(cfg, op: str, **fields) -> None:
+    """Append a record while no daemon runs (the store lock is held), keeping the stored head."""
+    from .audit import AuditLog, process_name
+    from .meta import Meta
+
+    meta = Meta(cfg.meta_path)
+    try:
+        with AuditLog.open(cfg.audit_path) as audit:
+            audit.append(op, uid=os.getuid(), gid=os.getgid(), pid=os.getpid(),
+                         process=process_name(os.getpid()), **fields)
+            audit.sync()
+            if meta.get_state("clean", 1):
+                with meta.transaction():
+                    meta.set_state("audit_head", audit.head)
+                    meta.set_state("audit_seq", audit.seq)
+    finally:
+        meta.close()
 
 
 def _socket_for(mount: str | None) -> str:
@@ -362,10 +709,15 @@ def cmd_kms(args) -> int:
 
     op = args.kms_command
     if op == "create-key":
-        result = _call(args, "kms.create-key", alias=args.alias, description=args.description)
+        if args.transit is not None:
+            result = _call(args, "kms.create-key", transit=args.transit)
+        else:
+            result = _call(args, "kms.create-key", alias=args.alias, description=args.description)
     elif op == "list":
         _print_table(_call(args, "kms.list"), ["id", "alias", "state", "current_version", "description"])
         return 0
+    elif op == "set-min-decryption-version":
+        result = _call(args, f"kms.{op}", key=args.key, version=args.version)
     elif op in ("schedule-deletion", "enable-rotation"):
         result = _call(args, f"kms.{op}", key=args.key, days=args.days)
     elif op == "policy":
@@ -457,27 +809,67 @@ def cmd_reencrypt(args) -> int:
     return 0
 
 
+def cmd_fsck(args) -> int:
+    """Its own exit codes (see FSCK_EPILOG): a failure to run is 8, never 1."""
+    import json
+
+    from . import fsck
+    from .keys.customer import parse_key
+
+    try:
+        keys = {}
+        for spec in args.customer_key:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise S3fuseError(f"--customer-key {spec!r}: expected NAME=FILE", errno.EINVAL)
+            with open(path, "rb") as f:
+                keys[name] = parse_key(f.read())
+        report = fsck.run(args.store, repair_it=args.repair, quick=args.quick, customer_keys=keys,
+                          progress=sys.stderr.isatty() and not args.json,
+                          key_file=args.root_key_file, passphrase_file=args.passphrase_file)
+    except (S3fuseError, OSError) as exc:
+        msg = str(exc) if isinstance(exc, S3fuseError) else f"{exc.strerror or exc}" + (
+            f": {exc.filename}" if getattr(exc, "filename", None) else "")
+        print(f"s3fuse: fsck could not run: {msg}", file=sys.stderr)
+        return fsck.EXIT_FAILED
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return report.exit_code
+    print(fsck.format_report(report, os.path.abspath(args.store), args.repair))
+    return report.exit_code
+
+
 COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
-            "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt}
+            "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
+            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "fsck": cmd_fsck}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in ("root_key_file", "passphrase_file", "new_key_file", "new_passphrase_file"):
+        if getattr(args, name, None):  # relative to where the command runs, not to the store
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     try:
         return COMMANDS[args.command](args)
     except S3fuseError as exc:
-        print(f"s3fuse: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        _error_line(str(exc))
+        # a bad configuration is a usage error: the unit does not restart on it (RestartPreventExitStatus=)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"s3fuse: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        _error_line(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return EXIT_ERROR
     except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
         logging.getLogger("s3fuse").exception("internal error")
-        print(f"s3fuse: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        _error_line(f"internal error: {exc.__class__.__name__}: {exc}")
         return EXIT_ERROR
+
+
+def _error_line(text: str) -> None:
+    # under the journal, an error priority: `journalctl -p err` finds why a mount failed
+    print(f"{'<3>' if _under_journal() else ''}s3fuse: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

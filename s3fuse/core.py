@@ -24,6 +24,7 @@ from .policy import Policy
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 def _err(code: int, message: str = "") -> S3fuseError:
@@ -142,7 +143,7 @@ class Filesystem:
         return gid, mode
 
     def _make(self, parent_ino: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
-              target: bytes | None = None) -> Inode:
+              target: bytes | None = None, checked: Policy | None = None) -> Inode:
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
@@ -155,7 +156,8 @@ class Filesystem:
         if stat.S_ISREG(mode):
             # a file takes its encryption from the nearest setting above it, once, now
             policy = self.effective_policy(parent_ino)
-            self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
+            if policy != checked:
+                self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
             sse = policy.encode()
         now = time.time_ns()
         with self.meta.transaction():
@@ -170,16 +172,31 @@ class Filesystem:
                                    nlink=parent.nlink + (1 if is_dir else 0))
         return row
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
+    async def _precheck_write(self, parent_ino: int, mode: int, caller: Caller) -> Policy | None:
+        """A network KMS's key check before a regular file is created (the loop does not wait
+        on it); -> the policy it checked, or None if `_make` checks on its own."""
+        if not stat.S_ISREG(mode):
+            return None
+        self._dir(parent_ino)
+        policy = self.effective_policy(parent_ino)
+        if policy.mode != pol.SSE_KMS or not self.keys.kms_blocks(key=policy.key):
+            return None
+        await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(parent_ino))
+        return policy
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
-        return self._make(parent, name, mode, caller, rdev=rdev)
+        checked = await self._precheck_write(parent, mode, caller)
+        return self._make(parent, name, mode, caller, rdev=rdev, checked=checked)
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
 
-    def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
-        row = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
+    async def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        mode = stat.S_IFREG | (mode & 0o7777)
+        checked = await self._precheck_write(parent, mode, caller)
+        row = self._make(parent, name, mode, caller, checked=checked)
         self.data.opened(row.id, writer=caller)
         return row
 
@@ -391,9 +408,9 @@ class Filesystem:
 
             policy = Policy.decode(row.sse) or pol.DEFAULT
             if (flags & os.O_ACCMODE) != os.O_WRONLY:
-                self.keys.check_read(self.meta.key_refs(ino), caller, path=path, policy=policy)
+                await self.keys.check_read_async(self.meta.key_refs(ino), caller, path=path, policy=policy)
             if writing:
-                self.keys.check_write(policy, caller, path=path)
+                await self.keys.check_write_async(policy, caller, path=path)
             if flags & os.O_TRUNC:
                 # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
                 await self.data.truncate(ino, 0)
@@ -410,8 +427,10 @@ class Filesystem:
     async def write(self, ino: int, off: int, buf: bytes) -> int:
         return await self.data.write(ino, off, buf)
 
-    def flush(self, ino: int) -> None:
-        err = self.data.take_error(ino)
+    def flush(self, ino: int, report: bool = True) -> None:
+        """close(2) of a handle: store the data soon; a handle opened for writing is told of
+        a write-back failure (one opened only for reading is not: it wrote nothing)."""
+        err = self.data.take_error(ino) if report else 0
         self.data.request_flush(ino)
         if err:
             raise _err(err, "an earlier write-back of this file failed")
@@ -443,15 +462,13 @@ class Filesystem:
             ino = self.meta.parent_of(ino) or ROOT_INODE
         return self.default_policy
 
-    def resolve_policy(self, value: bytes, caller: Caller) -> Policy:
+    async def resolve_policy(self, value: bytes, caller: Caller) -> Policy:
         """Turn an xattr value into a policy naming a real key; errno says why not."""
         mode, ref = pol.parse(value)
         if mode == pol.SSE_S3:
             return Policy(pol.SSE_S3)
         if mode == pol.SSE_KMS:
-            kms = self.keys._kms()
-            key_id = kms.resolve(ref) if ref else kms.default_key(caller.principal, time.time())
-            state = kms.describe(key_id)["state"]
+            key_id, state = await self.keys.resolve_kms_key(ref, caller)
             if state != "Enabled":
                 raise _err(errno.EKEYREVOKED, f"KMS key {key_id} is {state}")
             return Policy(pol.SSE_KMS, key_id)
@@ -509,6 +526,10 @@ class Filesystem:
                     return (Policy.decode(row.sse) or pol.DEFAULT).to_xattr()
             elif name in pol.READ_ONLY and stat.S_ISREG(row.mode):
                 return self._describe_encryption(row, name)
+            elif name == pol.XATTR_DAMAGE:
+                value = self.meta.get_xattr(ino, name)
+                if value is not None:
+                    return value
             raise _err(errno.ENODATA)
         value = self.meta.get_xattr(ino, name)
         if value is None:
@@ -526,7 +547,7 @@ class Filesystem:
                 raise _err(errno.EPERM, f"{name.decode(errors='replace')} is read-only")
             self._require_owner(row, caller)
             try:
-                policy = self.resolve_policy(value, caller)
+                policy = await self.resolve_policy(value, caller)
             except S3fuseError as exc:
                 log.warning("encryption setting %r on %s refused: %s", value[:80], self.meta.path_of(ino), exc)
                 raise
@@ -537,11 +558,15 @@ class Filesystem:
                 return
             if Policy.decode(row.sse) == policy:
                 return  # already so: re-encryption is resumable
-            self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(ino))
+            await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
             await self.data.reencrypt(ino, policy, caller)
             return
         if len(name) > 255 or not name:
             raise _err(errno.ERANGE)
+        if not name.startswith(_XATTR_NAMESPACES):
+            # as ext4 and tmpfs: a name outside the known namespaces is not supported (the FUSE
+            # kernel module passes any name through)
+            raise _err(errno.EOPNOTSUPP)
         if len(value) > 65536:
             raise _err(errno.E2BIG)
         with self.meta.transaction():
@@ -559,6 +584,13 @@ class Filesystem:
         if self._unsupported_xattr(name):
             raise _err(errno.EOPNOTSUPP)
         row = self._inode(ino)
+        if name == pol.XATTR_DAMAGE:  # fsck's record: the owner clears it once the file is salvaged
+            self._require_owner(row, caller)
+            with self.meta.transaction():
+                if not self.meta.remove_xattr(ino, name):
+                    raise _err(errno.ENODATA)
+                self._changed(ino, time.time_ns())
+            return
         if name.startswith(pol.RESERVED_PREFIX):
             if name != pol.XATTR_SSE or not stat.S_ISDIR(row.mode):
                 raise _err(errno.EPERM, f"{name.decode(errors='replace')} cannot be removed")

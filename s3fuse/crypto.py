@@ -16,13 +16,17 @@ store, so a slot copied to another row or object does not open.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
+import time
 from dataclasses import dataclass
+
+import trio
 
 from . import format as fmt
 from .audit import AuditLog, process_name
-from .errors import IntegrityError, KeyUnavailable, S3fuseError
+from .errors import IntegrityError, KeyUnavailable, KmsUnavailable, S3fuseError
 from .keys import customer as ssec
 from .keys.customer import CustomerKeys
 from .keys.keyring import Keyring
@@ -121,15 +125,12 @@ class KeyManager:
         if policy.mode == SSE_KMS:
             kms = self._kms()
             try:
-                data_key, blob, key_id, version = kms.generate_data_key(
-                    policy.key, self._context(object_id, inode, block), who.principal)
+                result = kms.generate_data_key(policy.key, self._context(object_id, inode, block),
+                                               who.principal)
             except S3fuseError as exc:
-                self.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=path,
-                            object_id=object_id.hex(), errno=exc.errno)
+                self._generate_denied(policy, object_id, who, path, exc)
                 raise
-            self.record("kms:GenerateDataKey", who, key_id=key_id, key_version=version, path=path,
-                        object_id=object_id.hex())
-            return data_key, WrappedKey(SSE_KMS, key_id, version, blob)
+            return self._generated(result, object_id, who, path)
         if policy.mode == SSE_C:
             key = self._customer_key(policy, who)
             verifier = ssec.new_verifier(key.material)
@@ -152,20 +153,12 @@ class KeyManager:
         if wrapped.mode == SSE_KMS:
             kms = self._kms()
             try:
-                data_key, key_id, version = kms.decrypt(
-                    wrapped.key_slot, self._context(object_id, inode, block), who.principal)
+                result = kms.decrypt(wrapped.key_slot, self._context(object_id, inode, block),
+                                     who.principal)
             except S3fuseError as exc:
-                self.record("kms:Decrypt", who, "denied", key_id=wrapped.key_ref,
-                            key_version=wrapped.key_version, path=path, object_id=object_id.hex(),
-                            errno=exc.errno)
-                if exc.errno == errno.EIO:
-                    raise IntegrityError(f"KMS ciphertext of object {object_id.hex()}: {exc}") from None
+                self._decrypt_failed(object_id, wrapped, who, path, exc)
                 raise
-            if key_id != wrapped.key_ref:
-                raise IntegrityError(f"KMS ciphertext of object {object_id.hex()} names another key")
-            self.record("kms:Decrypt", who, key_id=key_id, key_version=version, path=path,
-                        object_id=object_id.hex())
-            return data_key
+            return self._decrypted(result, object_id, wrapped, who, path)
         if wrapped.mode == SSE_C:
             key = self.customer.for_object(who.uid, wrapped.key_ref)
             if key is None:
@@ -175,6 +168,127 @@ class KeyManager:
             kek = ssec.wrapping_key(key.material, wrapped.key_ref, object_id)
             return self._unwrap(kek, wrapped.key_slot, aad, object_id)
         raise IntegrityError(f"object {object_id.hex()} has unknown mode {wrapped.mode!r}")
+
+    # ------------------------------------------------------------------ KMS results and audit
+    def _generate_denied(self, policy: Policy, object_id: bytes, who: Caller, path, exc) -> None:
+        self.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=path,
+                    object_id=object_id.hex(), errno=exc.errno)
+
+    def _generated(self, result, object_id: bytes, who: Caller, path) -> tuple[bytes, WrappedKey]:
+        data_key, blob, key_id, version = result
+        self.record("kms:GenerateDataKey", who, key_id=key_id, key_version=version, path=path,
+                    object_id=object_id.hex())
+        return data_key, WrappedKey(SSE_KMS, key_id, version, blob)
+
+    def _decrypt_failed(self, object_id: bytes, wrapped: WrappedKey, who: Caller, path, exc) -> None:
+        """Audit a refused or failed KMS decrypt; a ciphertext that does not authenticate
+        is an integrity error (raised from here), anything else the caller re-raises."""
+        self.record("kms:Decrypt", who, "denied", key_id=wrapped.key_ref,
+                    key_version=wrapped.key_version, path=path, object_id=object_id.hex(),
+                    errno=exc.errno)
+        if exc.errno == errno.EIO and not isinstance(exc, KmsUnavailable):
+            raise IntegrityError(f"KMS ciphertext of object {object_id.hex()}: {exc}") from None
+
+    def _decrypted(self, result, object_id: bytes, wrapped: WrappedKey, who: Caller, path) -> bytes:
+        data_key, key_id, version = result
+        if key_id != wrapped.key_ref:
+            raise IntegrityError(f"KMS ciphertext of object {object_id.hex()} names another key")
+        self.record("kms:Decrypt", who, key_id=key_id, key_version=version, path=path,
+                    object_id=object_id.hex())
+        return data_key
+
+    # ------------------------------------------------------------------ network KMS (Transit)
+    def kms_blocks(self, key: str | None = None, blob: bytes | None = None) -> bool:
+        """Whether a KMS call for this key (or key slot) waits on the network."""
+        kms = self.kms
+        if kms is None:
+            return False
+        if hasattr(kms, "blocks"):
+            return kms.blocks(key=key, blob=blob)
+        return getattr(kms, "blocking", False)
+
+    async def _offload(self, provider_key: str | None, blob: bytes | None, fn, *args):
+        """Run a blocking KMS call in a worker thread, bounded by the provider's limiter."""
+        kms = self._kms()
+        provider = kms.for_blob(blob) if blob is not None else kms.for_key(provider_key)
+        return await trio.to_thread.run_sync(functools.partial(fn, *args),
+                                             limiter=provider.limiter)
+
+    async def new_data_key_async(self, policy: Policy, object_id: bytes, inode: int, block: int,
+                                 who: Caller, path: str | None = None) -> tuple[bytes, WrappedKey]:
+        """`new_data_key`, with a network KMS's call in a worker thread."""
+        if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
+            return self.new_data_key(policy, object_id, inode, block, who, path)
+        kms = self._kms()
+        try:
+            result = await self._offload(policy.key, None, kms.generate_data_key, policy.key,
+                                         self._context(object_id, inode, block), who.principal)
+        except S3fuseError as exc:
+            self._generate_denied(policy, object_id, who, path, exc)
+            raise
+        return self._generated(result, object_id, who, path)
+
+    async def open_data_key_async(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey,
+                                  who: Caller, path: str | None = None) -> bytes:
+        """`open_data_key`, with a network KMS's call in a worker thread."""
+        if wrapped.mode != SSE_KMS or not self.kms_blocks(blob=wrapped.key_slot):
+            return self.open_data_key(object_id, inode, block, wrapped, who, path)
+        kms = self._kms()
+        try:
+            result = await self._offload(None, wrapped.key_slot, kms.decrypt, wrapped.key_slot,
+                                         self._context(object_id, inode, block), who.principal)
+        except S3fuseError as exc:
+            self._decrypt_failed(object_id, wrapped, who, path, exc)
+            raise
+        return self._decrypted(result, object_id, wrapped, who, path)
+
+    async def check_write_async(self, policy: Policy, who: Caller, path=None) -> None:
+        """`check_write`, with a network KMS's authorization in a worker thread."""
+        if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
+            return self.check_write(policy, who, path)
+        path = path() if callable(path) else path
+        kms = self._kms()
+        try:
+            await self._offload(policy.key, None, kms.authorize, policy.key, "encrypt", who.principal)
+        except S3fuseError as exc:
+            self.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=path,
+                        errno=exc.errno)
+            raise
+
+    async def check_read_async(self, refs: list[tuple[str, str]], who: Caller, path=None,
+                               policy: Policy | None = None) -> None:
+        """`check_read`, with a network KMS's authorizations in a worker thread."""
+        keys = [ref for mode, ref in refs if mode == SSE_KMS]
+        if policy is not None and policy.mode == SSE_KMS:
+            keys.append(policy.key)
+        remote = [k for k in dict.fromkeys(keys) if self.kms_blocks(key=k)]
+        if not remote:
+            return self.check_read(refs, who, path, policy)
+        path = path() if callable(path) else path
+        kms = self._kms()
+        for key_ref in remote:
+            try:
+                await self._offload(key_ref, None, kms.authorize, key_ref, "decrypt", who.principal)
+            except S3fuseError as exc:
+                self.record("kms:Decrypt", who, "denied", key_id=key_ref, path=path, errno=exc.errno)
+                raise
+            self.record("kms:Decrypt", who, key_id=key_ref, path=path)
+        local_refs = [(m, r) for m, r in refs if not (m == SSE_KMS and r in remote)]
+        local_policy = policy if policy is None or policy.key not in remote else None
+        self.check_read(local_refs, who, path, local_policy)
+
+    async def resolve_kms_key(self, ref: str, who: Caller) -> tuple[str, str]:
+        """A KMS key reference from an xattr -> (key id, state); blocking lookups in a thread."""
+        kms = self._kms()
+        if not ref:
+            key_id = kms.default_key(who.principal, time.time())
+        else:
+            key_id = kms.resolve(ref)
+        if self.kms_blocks(key=key_id):
+            desc = await self._offload(key_id, None, kms.describe, key_id)
+        else:
+            desc = kms.describe(key_id)
+        return key_id, desc["state"]
 
     @staticmethod
     def _unwrap(kek: bytes, slot: bytes, aad: bytes, object_id: bytes) -> bytes:

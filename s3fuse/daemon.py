@@ -12,14 +12,18 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import resource
 import signal
+import subprocess
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
+from . import policy
 from .audit import AuditLog
 from .backends import open_backend
 from .control import protocol
@@ -31,14 +35,20 @@ from .data import DataStore
 from .errors import S3fuseError
 from .fs import Operations
 from .keys.customer import CustomerKeys
-from .keys.kms import BuiltinKms
+from .keys.kms import KmsProvider
+from .keys.router import open_kms
 from .meta import Meta
+from .notify import Notifier
 from .policy import Policy
-from .store import StoreLock, load_config, load_keyring, load_root_key
+from .rotation import MasterKeys
+from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
 from .util import syncfs
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+STATUS_INTERVAL = 15.0  # seconds between STATUS= updates for `systemctl status`
 
 
 @dataclass
@@ -47,10 +57,72 @@ class MountOptions:
     dirty_limit: int = 64 << 20
     cache_limit: int = 32 << 20
     readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
+    # issue-4: SSE-S3 master-key rotation (None: the store's setting in store.json)
+    rotation_interval: float | None = None  # seconds between scheduled rotations; 0 = never
+    rewrap_batch: int | None = None  # key slots re-wrapped per transaction
+    rewrap_rate: float | None = None  # key slots re-wrapped per second at most; 0 = unthrottled
+    # issue 6 (configuration file, docs/CONFIG.md); None keeps the store's own setting
+    audit_path: str | None = None
+    default_sse: str | None = None
+    kms: dict | None = None  # KMS provider settings overriding the store's (consumed by the KMS providers)
+    backend_overrides: dict = field(default_factory=dict)  # merged over store.json "backend"
+
+
+
+@dataclass
+class _MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_entry(path: str) -> _MountEntry | None:
+    """The topmost mount on `path`, from /proc/self/mountinfo (works on dead FUSE mounts too)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if _unescape_mountinfo(fields[4]) == path:
+                found = _MountEntry(path, fields[sep + 1], _unescape_mountinfo(fields[sep + 2]))
+    return found
+
+
+def _is_dead(path: str) -> bool:
+    # statfs always reaches the daemon; stat may be answered from the kernel's attribute
+    # cache for a while after the daemon died
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def clear_stale_mount(mnt: str) -> bool:
+    """Lazily unmount a dead s3fuse mount on `mnt` (its daemon crashed); True if there was one.
+
+    Only a mount of type fuse.s3fuse whose connection is gone (ENOTCONN) is touched:
+    a live mount, or anything else mounted there, is left alone for check_mountpoint
+    to refuse.
+    """
+    entry = mount_entry(mnt)
+    if entry is None or entry.fstype != "fuse.s3fuse" or not _is_dead(mnt):
+        return False
+    res = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
+    if res.returncode != 0:
+        reason = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+        raise S3fuseError(f"{mnt} holds a dead s3fuse mount that could not be removed: {reason}", errno.EBUSY)
+    log.warning("removed the dead s3fuse mount left on %s by a daemon that did not stop cleanly", mnt)
+    return True
 
 
 def check_mountpoint(mountpoint: str) -> str:
     mnt = os.path.realpath(mountpoint)
+    clear_stale_mount(mnt)
     if not os.path.exists(mnt):
         raise S3fuseError(f"mount point {mnt} does not exist", errno.ENOENT)
     if not os.path.isdir(mnt):
@@ -99,18 +171,24 @@ def _set_readahead(mountpoint: str, kb: int) -> None:
 
 
 class Daemon:
-    def __init__(self, store_path: str, mountpoint: str, options: MountOptions) -> None:
+    def __init__(self, store_path: str, mountpoint: str, options: MountOptions,
+                 root_key: bytes | None = None) -> None:
         self.cfg = load_config(store_path)
+        self._root_key = root_key
         self.mountpoint = check_mountpoint(mountpoint)
         self.options = options
         self.lock = StoreLock(self.cfg)
         self.control_path = protocol.socket_path(self.mountpoint)
+        self.audit_path = options.audit_path or self.cfg.audit_path
+        self.notify = Notifier.from_environment()
         self._stopping = False
+        self._announced_stop = False
 
     def open(self) -> None:
         self.lock.acquire(self.mountpoint)
-        root_key = load_root_key(self.cfg)
-        self.backend = open_backend(self.cfg.path, {"backend": self.cfg.backend})
+        root_key = self._root_key if self._root_key is not None else obtain_root_key(self.cfg)
+        self._root_key = None
+        self.backend = open_backend(self.cfg.path, {"backend": {**self.cfg.backend, **self.options.backend_overrides}})
         self.s3 = None
         if self.cfg.backend.get("type") == "s3":
             # the bucket's lease first, then the newest metadata snapshot (docs/S3.md)
@@ -127,18 +205,40 @@ class Daemon:
 
     def _open_rest(self, root_key: bytes) -> None:
         keyring = load_keyring(self.cfg, root_key)
+        stale = remove_stale_key_files(self.cfg)
+        if stale:
+            log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
         self.meta = Meta(self.cfg.meta_path)
-        self.audit = AuditLog.open(self.cfg.audit_path)
-        kms = BuiltinKms.load(self.cfg.kms_path, root_key, self.cfg.store_id)
+        self.audit = AuditLog.open(self.audit_path)
+        kms = open_kms(self.cfg, root_key, self.options.kms)
         self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
         self.data = DataStore(
             self.meta, self.backend, self.keys, self.cfg.store_id, self.cfg.block_size,
             self.cfg.segment_size, dirty_limit=self.options.dirty_limit,
             cache_limit=self.options.cache_limit)
         self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
-                               default_policy=Policy(self.cfg.default_sse))
+                               default_policy=self._default_policy(kms))
         self.admin = AdminHandlers(self)
+        o = self.options
+        self.master = MasterKeys(
+            self.cfg, root_key, self.meta, self.data, self.keys,
+            interval=self.cfg.rotation_interval if o.rotation_interval is None else o.rotation_interval,
+            batch=self.cfg.rewrap_batch if o.rewrap_batch is None else o.rewrap_batch,
+            rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
+            forget_cached_keys=self.admin._forget_cached_keys)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
+
+    def _default_policy(self, kms: KmsProvider) -> Policy:
+        """The encryption of files with no directory setting above them: the file's, else the store's."""
+        if self.options.default_sse is None:
+            return Policy(self.cfg.default_sse)
+        mode, ref = policy.parse(self.options.default_sse.encode())
+        if mode == policy.SSE_KMS:
+            try:
+                return Policy(mode, kms.resolve(ref))
+            except S3fuseError as exc:
+                raise S3fuseError(f"default_sse {self.options.default_sse}: {exc}", exc.errno) from None
+        return Policy(mode, ref)
 
     async def recover(self) -> None:
         clean = self.meta.get_state("clean", 1)
@@ -156,6 +256,10 @@ class Daemon:
         await self.data.collect_garbage()
 
     async def run(self, ready: Callable[[str | None], None]) -> None:
+        if self.notify.watchdog:
+            # a system task on the same loop: if the loop hangs, the pings stop and systemd acts
+            trio.lowlevel.spawn_system_task(self._watchdog)
+        self.notify.status(f"Recovering {self.cfg.path}")
         await self.recover()
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {"fsname=s3fuse", "subtype=s3fuse"}
@@ -170,7 +274,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.data.flusher)
                 nursery.start_soon(self.data.collector)
-                nursery.start_soon(self.admin.key_scheduler)
+                nursery.start_soon(self.master.scheduler, self.admin.kms_tick)
+                nursery.start_soon(self.master.sweeper)
                 if self.s3 is not None:
                     nursery.start_soon(self.s3.lease.keep, self.backend.fence)
                     nursery.start_soon(self.s3.periodic, self.meta)
@@ -183,18 +288,76 @@ class Daemon:
                     _set_readahead(self.mountpoint, self.options.readahead_kb)
                     log.info("mounted %s on %s", self.cfg.path, self.mountpoint)
                     ready(None)
+                    self.notify.ready(self._status_line("Mounted"))
+                    nursery.start_soon(self._report_status)
                 unmounted = True
                 nursery.cancel_scope.cancel()
         finally:
-            await self._final_flush()
+            self._announce_stop()
+            stored = await self._final_flush()
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()
-            log.info("stopped; all data stored")
+            if stored:
+                log.info("stopped; all data stored")
+                self.notify.status(f"Stopped: all data of {self.cfg.path} stored, {self.mountpoint} unmounted")
+            else:
+                log.error("stopped; written data that could not be stored is lost (see above)")
+                self.notify.status(f"Stopped: some written data of {self.cfg.path} could not be stored (see the log)")
 
-    async def _final_flush(self) -> None:
+    def _status_line(self, state: str) -> str:
+        """One line for `systemctl status`: what is mounted, how much, which keys."""
+        d = self.data
+        parts = [f"{state} {self.cfg.path} on {self.mountpoint}",
+                 f"{self.meta.object_count()} objects",
+                 f"{self.meta.inode_count()} inodes",
+                 f"{d.dirty_bytes >> 20} MiB unflushed",
+                 self._rotation_status()]
+        return "; ".join(parts)
+
+    def _rotation_status(self) -> str:
+        """The master key's state from what the rotation task holds (no scan of the block map)."""
+        m = self.master
+        text = f"master key v{m.keyring.current}"
+        due = m.next_rotation()
+        text += (f", next rotation {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(due))}" if due
+                 else ", no scheduled rotation")
+        if m.sweeping or m.paused:
+            done = int(self.meta.get_state("rewrap_done", 0) or 0)
+            total = int(self.meta.get_state("rewrap_total", 0) or 0)
+            text += f", re-wrap {'paused' if m.paused else 'running'} {done}/{max(done, total)}"
+        return text
+
+    async def _report_status(self) -> None:
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            self.notify.status(self._status_line("Serving"))
+
+    async def _watchdog(self) -> None:
+        while True:
+            self.notify.ping()
+            await trio.sleep(self.notify.watchdog)
+
+    def _announce_stop(self) -> None:
+        if not self._announced_stop:
+            self._announced_stop = True
+            self.notify.stopping(f"Stopping: flushing {self.data.dirty_bytes >> 20} MiB and unmounting {self.mountpoint}")
+
+    async def _final_flush(self) -> bool:
+        """Store everything and mark the store clean; False if some data could not be stored
+        (the store then stays marked unclean, and the next mount collects what was left)."""
         with trio.CancelScope(shield=True):
+            stored = True
             try:
                 await self.data.flush_all(durable=True)
+            except S3fuseError as exc:
+                stored = False
+                lost = [fs.ino for fs in self.data.files.values() if fs.dirty]
+                log.error("final flush failed: unstored writes to inode(s) %s: %s",
+                          ",".join(map(str, lost[:20])) or "?", exc)
+            except Exception:
+                stored = False
+                log.exception("final flush failed: the next mount will recover")
+            try:
                 self.core.forget_all()
                 await self.data.collect_garbage()
                 self.audit.sync()
@@ -202,7 +365,7 @@ class Daemon:
                     # the audit trail's head, so that `audit verify` also catches a cut tail
                     self.meta.set_state("audit_head", self.audit.head)
                     self.meta.set_state("audit_seq", self.audit.seq)
-                    self.meta.set_state("clean", 1)
+                    self.meta.set_state("clean", 1 if stored else 0)
                 self.meta.close()
                 if self.s3 is not None:
                     await self.s3.finish()
@@ -210,7 +373,9 @@ class Daemon:
                 self.keys.customer.clear()
                 self.audit.close()
             except Exception:
+                stored = False
                 log.exception("final flush failed: the next mount will recover")
+            return stored
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -224,12 +389,16 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        self._announce_stop()
         # let the kernel hand us the dirty pages it still holds for this mount
         try:
             await trio.to_thread.run_sync(syncfs, self.mountpoint)
         except OSError as exc:
             log.warning("syncfs of %s failed (%s); flushing what the daemon holds", self.mountpoint, exc)
-        await self.data.flush_all(durable=True)
+        try:
+            await self.data.flush_all(durable=True)
+        except S3fuseError as exc:
+            log.error("flush before unmounting failed (tried again at the final flush): %s", exc)
         pyfuse3.terminate()
 
     # control requests
@@ -258,7 +427,8 @@ class Daemon:
             "open_files": len(d.files),
             "master_key_version": self.keys.keyring.current,
             "customer_keys": len(self.keys.customer.list(0)),
-            "audit_log": self.cfg.audit_path,
+            "audit_log": self.audit_path,
+            **self.master.status(),
             **{k: v for k, v in d.stats.items()},
             **getattr(self.backend, "stats", {}),
         }
@@ -273,11 +443,27 @@ class Daemon:
         return {"pid": os.getpid()}
 
 
+def credential_path(name: str) -> str:
+    """A systemd credential's file ($CREDENTIALS_DIRECTORY/NAME); a clear error if it is not there."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise S3fuseError(f"the credential {name!r} needs $CREDENTIALS_DIRECTORY "
+                          "(set by systemd's LoadCredential=/LoadCredentialEncrypted=)", errno.ENOKEY)
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise S3fuseError(f"no credential {name!r} in {directory} (LoadCredentialEncrypted={name}:... "
+                          "in the unit)", errno.ENOKEY)
+    return path
+
+
 def run_foreground(store_path: str, mountpoint: str, options: MountOptions,
-                   ready: Callable[[str | None], None]) -> None:
-    """Run the daemon until unmounted; raises S3fuseError for start-up failures."""
+                   ready: Callable[[str | None], None], root_key: bytes | None = None) -> None:
+    """Run the daemon until unmounted; raises S3fuseError for start-up failures.
+
+    `root_key` is the checked root key (from `store.obtain_root_key`); None: obtain it
+    here from the store's recorded source."""
     disable_core_dumps()
     bound_allocator()
-    daemon = Daemon(store_path, mountpoint, options)
+    daemon = Daemon(store_path, mountpoint, options, root_key)
     daemon.open()
     trio.run(daemon.run, ready)

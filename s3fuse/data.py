@@ -25,10 +25,9 @@ import trio
 from . import format as fmt
 from .backends import Backend, NoSuchObject
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
-from .errors import BackendError, IntegrityError, S3fuseError
-from .util import one_error
+from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
-from .policy import DEFAULT, SSE_KMS, Policy
+from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +77,22 @@ class FileState:
 
 
 class SegmentCache:
-    """LRU of decrypted segments, keyed by (object id, segment index), bounded in bytes."""
+    """LRU of decrypted segments, keyed by the block they belong to (object id, inode, block)
+    and the segment index, bounded in bytes."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._items: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+        # key: ((object id, inode, block), segment index)
+        self._items: OrderedDict[tuple[tuple[bytes, int, int], int], bytes] = OrderedDict()
 
-    def get(self, key: tuple[bytes, int]) -> bytes | None:
+    def get(self, key: tuple[tuple[bytes, int, int], int]) -> bytes | None:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
         return value
 
-    def put(self, key: tuple[bytes, int], value: bytes) -> None:
+    def put(self, key: tuple[tuple[bytes, int, int], int], value: bytes) -> None:
         if key in self._items:
             return
         self._items[key] = value
@@ -147,7 +148,10 @@ class DataStore:
         self.pending_size: dict[int, int] = {}
         self._pending_since = 0.0
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
-                      "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0}
+                      "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
+                      "flush_errors": 0}
+        self._last_failure = ""
+        self._attempted: list[bytes] = []
 
     # ------------------------------------------------------------------ files
     def state(self, ino: int) -> FileState:
@@ -271,11 +275,14 @@ class DataStore:
             return b""
         seg = self.segment_size
         first, last = boff // seg, (stop - 1) // seg
-        segs = [self.cache.get((ref.object_id, i)) for i in range(first, last + 1)]
+        # cached segments are bound to the block they were authenticated for, not just to the
+        # object: a block-map row pointed at another file's object must not find its plaintext
+        ident = (ref.object_id, ref.inode, ref.blockno)
+        segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
         while any(s is None for s in segs) and ref.object_id in self._fetching:
             # another request is fetching this object (read-ahead): wait, then look again
             await self._fetching[ref.object_id].wait()
-            segs = [self.cache.get((ref.object_id, i)) for i in range(first, last + 1)]
+            segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
         if any(s is None for s in segs):
             missing = [first + k for k, s in enumerate(segs) if s is None]
             lo, hi = missing[0], missing[-1]
@@ -289,15 +296,25 @@ class DataStore:
                 del self._fetching[ref.object_id]
                 done.set()
             for k, s in enumerate(fetched):
-                self.cache.put((ref.object_id, lo + k), s)
+                self.cache.put((ident, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
         data = segs[0] if len(segs) == 1 else b"".join(segs)
         start = boff - first * seg
         return data[start : start + (stop - boff)]
 
     async def _fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
+        try:
+            return await self._fetch_segments_of(ref, first, last, who)
+        except BackendError as exc:  # the store failed (integrity errors are logged as such)
+            log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,
+                      ref.blockno, exc)
+            raise
+
+    async def _fetch_segments_of(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
         key = ref.object_id.hex()
         opened = self._objects.get(ref.object_id)
+        if opened is not None and not self._matches(opened.header, ref):
+            opened = None  # opened for another row: this row must unwrap and authenticate for itself
         start, length = fmt.segment_range(ref.hdr_len, self.segment_size, ref.obj_length, first, last)
         expected = last - first + 1
         if opened is not None:
@@ -326,7 +343,7 @@ class DataStore:
         except NoSuchObject:
             raise self._integrity(ref, "object is missing from the store") from None
         if opened is None:
-            opened = self._open_object(ref, bufs[0], who)
+            opened = await self._open_object(ref, bufs[0], who)
         try:
             if length > THREAD_THRESHOLD:
                 return await trio.to_thread.run_sync(
@@ -336,11 +353,23 @@ class DataStore:
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
 
-    def _open_object(self, ref: BlockRef, header_bytes: bytes, who: Caller) -> _OpenObject:
+    async def _open_object(self, ref: BlockRef, header_bytes: bytes, who: Caller) -> _OpenObject:
         """Unwrap the data key, authenticate the header and check it against the block map."""
         wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
         try:
-            data_key = self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped, who)
+            try:
+                data_key = await self.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno,
+                                                               wrapped, who)
+            except KeyUnavailable:
+                # `ref` was read before an await: the re-wrap sweep may have moved the row to a
+                # newer master key since, and the old version been retired. The row as it is now:
+                row = self.meta.db.execute("SELECT key_version, key_slot FROM blocks WHERE object_id=?",
+                                           (ref.object_id,)).fetchone()
+                if ref.mode != SSE_S3 or row is None or row[0] == ref.key_version:
+                    raise
+                wrapped = WrappedKey(ref.mode, ref.key_ref, row[0], row[1])
+                data_key = await self.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno,
+                                                               wrapped, who)
         except IntegrityError as exc:
             raise self._integrity(ref, str(exc)) from None
         keys = fmt.derive_object_keys(data_key, ref.object_id)
@@ -348,17 +377,20 @@ class DataStore:
             header = fmt.parse_header(header_bytes, keys)
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
-        expected = (ref.object_id, self.store_id, ref.inode, ref.blockno, ref.mode, ref.key_ref,
-                    self.segment_size, ref.obj_length)
-        actual = (header.object_id, header.store_id, header.inode, header.block, header.mode,
-                  header.key_ref, header.segment_size, header.length)
-        if expected != actual:
+        if not self._matches(header, ref):
             raise self._integrity(ref, "header does not match the block map")
         opened = _OpenObject(keys, header)
         self._objects[ref.object_id] = opened
         if len(self._objects) > 4096:
             self._objects.popitem(last=False)
         return opened
+
+    def _matches(self, header: fmt.ObjectHeader, ref: BlockRef) -> bool:
+        """Does an authenticated header describe exactly this block-map row's object?"""
+        return ((header.object_id, header.store_id, header.inode, header.block, header.mode, header.key_ref,
+                 header.segment_size, header.length)
+                == (ref.object_id, self.store_id, ref.inode, ref.blockno, ref.mode, ref.key_ref,
+                    self.segment_size, ref.obj_length))
 
     def _integrity(self, ref: BlockRef, why: str) -> IntegrityError:
         self.stats["integrity_errors"] += 1
@@ -409,8 +441,10 @@ class DataStore:
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(buf)
         fs = self.state(ino)
-        if fs.error:
-            raise S3fuseError("an earlier write-back of this file failed", self.take_error(ino))
+        # An earlier failed write-back is not a reason to refuse this data: with the kernel's
+        # writeback cache these writes are the kernel's own write-back, and a refusal makes it
+        # drop the pages. The data is kept (within the dirty limit, below) and the error is
+        # reported at the next fsync or close.
         view = memoryview(buf)
         pos = off
         bs = self.block_size
@@ -445,6 +479,8 @@ class DataStore:
             if self._space.is_set():
                 self._space = trio.Event()
             await self._space.wait()
+            if fs.error:  # its data could not be stored: say so now rather than wait forever
+                raise S3fuseError("write-back of this file failed", self.take_error(ino))
         return len(buf)
 
     async def truncate(self, ino: int, size: int) -> None:
@@ -506,29 +542,31 @@ class DataStore:
         refs: dict[tuple[int, int], BlockRef | None] = {}
         stored_versions: dict[tuple[int, int], int] = {}
         small: list[tuple[str, list[bytes]]] = []  # objects put together in one batch
+        self._attempted = []  # every object this batch puts, even one whose put is cancelled
         try:
             try:
                 async with trio.open_nursery() as nursery:
                     for fs, blockno, blk in jobs:
-                        if len(blk.data) <= THREAD_THRESHOLD:
+                        if len(blk.data) <= THREAD_THRESHOLD and not self._remote_key(fs.policy):
                             self._store_small(fs, blockno, blk, refs, stored_versions, small)
                         else:
                             nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
                     if small:
                         nursery.start_soon(self.backend.put_many, small)
             except BaseExceptionGroup as group:
-                raise one_error(group) from None
+                raise collapse(group) from None  # one backend failure, not a group, for the callers
             if only_full and not durable:
                 self._defer(files, refs)
             else:
                 await self._commit(files, refs, sizes, durable)
         except S3fuseError as exc:
-            log.error("flush of inode(s) %s failed: %s", ",".join(str(f.ino) for f in files), exc)
-            for fs in files:
-                fs.error = exc.errno
-            # objects of a failed batch are unreferenced: the next unclean-mount sweep takes them
+            self._flush_failed(files, refs, exc)
             raise
+        self._last_failure = ""
         self.stats["flushes"] += 1
+        if not only_full:
+            for fs in files:
+                fs.error = 0  # everything it held is stored now: an earlier failure lost nothing
         for fs, blockno, blk in jobs:
             current = fs.blocks.get(blockno)
             if current is blk and blk.version == stored_versions.get((fs.ino, blockno)):
@@ -542,6 +580,27 @@ class DataStore:
                 if fs.size == fs.db_size:
                     fs.flush_requested = False
         self._space.set()
+
+    def _flush_failed(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None],
+                      exc: S3fuseError) -> None:
+        """The data stays in memory (dirty), each file remembers the error for its next
+        write, fsync or close, and the objects this batch did put are garbage."""
+        inos = ",".join(str(f.ino) for f in files)
+        failure = f"{inos}/{exc.errno}"
+        if failure != self._last_failure:  # a retry that fails the same way is not news
+            log.error("flush of inode(s) %s failed, their data is kept in memory: %s (errno %s)",
+                      inos, exc, errno.errorcode.get(exc.errno, exc.errno))
+        self._last_failure = failure
+        self.stats["flush_errors"] += 1
+        for fs in files:
+            fs.error = exc.errno
+        stored = {ref.object_id for ref in refs.values() if ref is not None} | set(self._attempted)
+        if stored:
+            with self.meta.transaction():
+                for oid in stored:
+                    self.meta.add_garbage(oid)
+            self._gc_kick.set()  # at once: on ENOSPC, the space they take is what is missing
+        self._space.set()  # writers waiting for buffer space learn of the failure
 
     def _defer(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None]) -> None:
         """Stored but not yet committed: reads find these refs in `pending` meanwhile."""
@@ -641,8 +700,13 @@ class DataStore:
             return
         header, data_key, wrapped = self._new_object(fs.ino, blockno, len(data), fs.policy, fs.writer)
         parts = fmt.encrypt_object_parts(header, data_key, data)
+        self._attempted.append(header.object_id)
         batch.append((header.object_id.hex(), parts))
         refs[(fs.ino, blockno)] = self._stored(header, wrapped, parts)
+
+    def _remote_key(self, policy: Policy) -> bool:
+        """Whether new objects under `policy` need a network KMS call (then: a task each)."""
+        return policy.mode == SSE_KMS and self.keys.kms_blocks(key=policy.key)
 
     async def _store_block(self, fs: FileState, blockno: int, blk: Block, refs: dict,
                            stored_versions: dict) -> None:
@@ -667,12 +731,16 @@ class DataStore:
 
     async def _store_snapshot(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller) -> BlockRef:
         """Seal and put one block: encryption in a worker thread when it is large, then the put."""
-        header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
+        if self._remote_key(policy):
+            header, data_key, wrapped = await self._new_object_async(ino, blockno, len(data), policy, who)
+        else:
+            header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
         if len(data) > THREAD_THRESHOLD:
             parts = await trio.to_thread.run_sync(
                 fmt.encrypt_object_parts, header, data_key, data, limiter=self._crypto_limiter)
         else:
             parts = fmt.encrypt_object_parts(header, data_key, data)
+        self._attempted.append(header.object_id)
         await self.backend.put(header.object_id.hex(), parts)
         return self._stored(header, wrapped, parts)
 
@@ -682,6 +750,16 @@ class DataStore:
         object_id = os.urandom(fmt.OBJECT_ID_LEN)
         path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
         data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path)
+        header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
+                                  wrapped.key_ref, self.segment_size, length)
+        return header, data_key, wrapped
+
+    async def _new_object_async(self, ino: int, blockno: int, length: int, policy: Policy,
+                                who: Caller) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
+        """`_new_object` for a network KMS: the data-key call runs in a worker thread."""
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        path = self.meta.path_of(ino)
+        data_key, wrapped = await self.keys.new_data_key_async(policy, object_id, ino, blockno, who, path)
         header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
                                   wrapped.key_ref, self.segment_size, length)
         return header, data_key, wrapped
@@ -753,6 +831,9 @@ class DataStore:
                 except S3fuseError as exc:
                     log.error("commit of stored blocks failed (will retry): %s", exc)
                     await trio.sleep(1)
+                except Exception:
+                    log.exception("commit of stored blocks failed unexpectedly (will retry)")
+                    await trio.sleep(1)
                 for fs in list(self.files.values()):  # closed files that are clean now
                     self._maybe_drop(fs)
                 continue
@@ -764,6 +845,12 @@ class DataStore:
                     await self._flush_locked(batch, durable=False, only_full=only_full)
             except S3fuseError:
                 await trio.sleep(1)  # back off; the error is reported to the file's next fsync/close
+            except Exception:
+                # a bug must not stop the flusher (and with it the daemon): log it, keep the data
+                log.exception("flush failed unexpectedly; its data is kept in memory")
+                for fs in batch:
+                    fs.error = fs.error or errno.EIO
+                await trio.sleep(1)
             for fs in batch:
                 self._maybe_drop(fs)
             if any(fs.dirty for fs in self.files.values()):
@@ -789,7 +876,7 @@ class DataStore:
                         for oid in ids:
                             nursery.start_soon(self._delete_object, oid)
                 except BaseExceptionGroup as group:
-                    raise one_error(group) from None
+                    raise collapse(group) from None
             except BackendError as exc:
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
                 return done
@@ -814,6 +901,23 @@ class DataStore:
                 await self.backend.delete(key)
                 removed += 1
         return removed
+
+
+def collapse(group: BaseExceptionGroup) -> BaseException:
+    """The first s3fuse error of a nursery's exception group when every error in it is one
+    (trio groups even a single failure); else the group itself."""
+    leaves = list(_leaves(group))
+    if leaves and all(isinstance(e, S3fuseError) for e in leaves):
+        return leaves[0]
+    return group
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
 
 
 def _all_zero(data: bytes | bytearray) -> bool:

@@ -38,3 +38,9 @@ class KeyUnavailable(S3fuseError):
     """The key needed for an object is not loaded or not usable."""
 
     errno = errno.ENOKEY
+
+
+class KmsUnavailable(S3fuseError):
+    """An external KMS did not answer within its retry budget (not an integrity problem)."""
+
+    errno = errno.EIO

@@ -81,12 +81,15 @@ class Operations(pyfuse3.Operations):
         self.statfs_source = statfs_source
         # open handles: reads carry no request context, so each handle remembers its opener
         self.handles: dict[int, tuple[int, Caller]] = {}
+        self._writers: set[int] = set()  # handles opened for writing: told of write-back failures
         self._next_handle = 1
 
-    def _new_handle(self, ino: int, caller: Caller) -> int:
+    def _new_handle(self, ino: int, caller: Caller, flags: int = os.O_RDWR) -> int:
         fh = self._next_handle
         self._next_handle += 1
         self.handles[fh] = (ino, caller)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writers.add(fh)
         return fh
 
     # namespace
@@ -136,7 +139,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        row = self.core.mknod(parent_inode, name, mode, rdev, _caller(ctx))
+        row = await self.core.mknod(parent_inode, name, mode, rdev, _caller(ctx))
         self.core.remember(row.id)
         return entry(row)
 
@@ -175,12 +178,12 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         caller = _caller(ctx)
         await self.core.open(inode, flags, caller)
-        return pyfuse3.FileInfo(fh=self._new_handle(inode, caller), keep_cache=True)
+        return pyfuse3.FileInfo(fh=self._new_handle(inode, caller, flags), keep_cache=True)
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         caller = _caller(ctx)
-        row = self.core.create(parent_inode, name, mode, caller)
+        row = await self.core.create(parent_inode, name, mode, caller)
         self.core.remember(row.id)
         return pyfuse3.FileInfo(fh=self._new_handle(row.id, caller), keep_cache=True), entry(row)
 
@@ -195,11 +198,12 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def flush(self, fh):
-        self.core.flush(self.handles[fh][0])
+        self.core.flush(self.handles[fh][0], report=fh in self._writers)
 
     @_translate
     async def release(self, fh):
         ino, _ = self.handles.pop(fh)
+        self._writers.discard(fh)
         self.core.release(ino)
 
     @_translate

@@ -130,6 +130,7 @@ class Meta:
             # stores made before this index existed get it on first open
             self.db.execute("CREATE INDEX IF NOT EXISTS dentries_by_inode ON dentries (inode)")
         self._in_tx = False
+        self._next_ino: int | None = None  # see _new_inode_number
         # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
         # names that do not exist, and this answers them without a query
         self._xattr_inodes: set[int] | None = None
@@ -193,14 +194,32 @@ class Meta:
         row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
         return None if row is None else Inode(*row)
 
+    def _new_inode_number(self) -> int:
+        """Never one used before while this database is open.
+
+        SQLite would hand out the number of the most recently deleted inode again, and work
+        still in flight for the deleted file (a flush storing its blocks, the kernel's cached
+        attributes) would then land on the new one. Across a restart reuse is harmless (no
+        such work survives), so the counter lives in memory; it starts past every number the
+        database mentions, stray rows included."""
+        if self._next_ino is None:
+            self._next_ino = 1 + max(
+                self.db.execute("SELECT coalesce(max(id), 0) FROM inodes").fetchone()[0],
+                self.db.execute("SELECT coalesce(max(inode), 0) FROM blocks").fetchone()[0],
+                self.db.execute("SELECT coalesce(max(inode), 0) FROM dentries").fetchone()[0])
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
     def create_inode(self, mode: int, uid: int, gid: int, nlink: int, now_ns: int,
                      rdev: int = 0, sse: bytes | None = None) -> Inode:
-        cur = self.db.execute(
-            "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, sse)"
-            " VALUES (?,?,?,?,0,?,?,?,?,?)",
-            (mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, sse),
+        ino = self._new_inode_number()
+        self.db.execute(
+            "INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, sse)"
+            " VALUES (?,?,?,?,?,0,?,?,?,?,?)",
+            (ino, mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, sse),
         )
-        return Inode(cur.lastrowid, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
+        return Inode(ino, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
 
     def update_inode(self, ino: int, **fields) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
@@ -330,6 +349,22 @@ class Meta:
                             (size % block_size, ino, size // block_size))
         stored = self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
         self.db.execute("UPDATE inodes SET stored_bytes=? WHERE id=?", (stored, ino))
+
+    def kms_slots_below(self, key_ref: str, version: int, after: bytes, limit: int) -> list[BlockRef]:
+        """Blocks wrapped under an SSE-KMS key at a version below `version`, in object-id
+        order after `after` (pages of a re-wrap)."""
+        return [BlockRef(*r) for r in self.db.execute(
+            f"SELECT {_BLOCK_COLS} FROM blocks WHERE object_id > ? AND mode = 'aws:kms' "
+            "AND key_ref = ? AND key_version < ? ORDER BY object_id LIMIT ?",
+            (after, key_ref, version, limit))]
+
+    def replace_key_slot(self, object_id: bytes, old_slot: bytes, new_slot: bytes, version: int) -> bool:
+        """Swap a block's wrapped data key if it is still `old_slot` (the block may have been
+        rewritten meanwhile) -> whether it was swapped."""
+        cur = self.db.execute("UPDATE blocks SET key_slot = ?, key_version = ? "
+                              "WHERE object_id = ? AND key_slot = ?",
+                              (new_slot, version, object_id, old_slot))
+        return cur.rowcount == 1
 
     def key_refs(self, ino: int) -> list[tuple[str, str]]:
         """The distinct (mode, key_ref) of a file's objects: the keys reading it needs."""

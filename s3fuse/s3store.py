@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 
 import trio
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 STATE_ROOT = "/var/lib/s3fuse"
 SEQ_FILE = "snapshot.seq"
-SNAPSHOT_FILES = ("meta.db", "keyring.bin", "kms.bin", "audit.log")
+SNAPSHOT_FILES = ("meta.db", "keyring.bin", "kms.bin", "audit.log")  # keyring/kms: .G.bin after rekey-root
+_SNAPSHOT_NAME = re.compile(r"meta\.db|audit\.log|(keyring|kms)(\.\d+)?\.bin")
 KEEP_SNAPSHOTS = 3
 DEFAULT_SNAPSHOT_INTERVAL = 60.0
 PROBE_RETRY_BUDGET = 5.0
@@ -214,10 +216,10 @@ class Snapshotter:
                 dst.close()
                 src.close()
             files = [("meta.db", db)]
-            for name in SNAPSHOT_FILES[1:]:
-                p = os.path.join(self.cfg.path, name)
+            # the sealed files of the current root-key generation (keyring.bin or keyring.G.bin, ...)
+            for p in (self.cfg.keyring_path, self.cfg.kms_path, os.path.join(self.cfg.path, "audit.log")):
                 if os.path.exists(p):
-                    files.append((name, p))
+                    files.append((os.path.basename(p), p))
             snapshot.pack(files, plain)
             os.unlink(db)
             snapshot.encrypt(plain, sealed, self.key, self.cfg.store_id, seq)
@@ -252,13 +254,32 @@ class Snapshotter:
                 p = self.cfg.meta_path + suffix
                 if os.path.exists(p):
                     os.unlink(p)
-            snapshot.unpack(plain, self.cfg.path, set(SNAPSHOT_FILES))
+            names = snapshot.unpack(plain, self.cfg.path, _SNAPSHOT_NAME)
+            self._adopt_generation(names)
         finally:
             for p in (sealed, plain):
                 if os.path.exists(p):
                     os.unlink(p)
         _write_seq(self.cfg.path, seq)
         self.seq = seq
+
+
+    def _adopt_generation(self, names: list[str]) -> None:
+        """A snapshot taken after `rekey-root` holds keyring.G.bin: record generation G in the
+        local store.json (and the loaded config) so that the right sealed files are opened."""
+        gen = 1
+        for name in names:
+            m = re.fullmatch(r"keyring\.(\d+)\.bin", name)
+            if m:
+                gen = int(m.group(1))
+        if gen == getattr(self.cfg, "key_generation", 1):
+            return
+        path = os.path.join(self.cfg.path, CONFIG_NAME)
+        with open(path) as f:
+            raw = json.load(f)
+        raw["key_generation"] = gen
+        atomic_write(path, (json.dumps(raw, indent=2) + "\n").encode(), mode=0o600)
+        self.cfg.key_generation = gen
 
 
 class S3Mount:

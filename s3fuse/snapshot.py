@@ -60,7 +60,7 @@ def pack(files: list[tuple[str, str]], out_path: str) -> None:
                     left -= len(buf)
 
 
-def unpack(container_path: str, dest_dir: str, allowed: set[str]) -> list[str]:
+def unpack(container_path: str, dest_dir: str, allowed) -> list[str]:
     """Write the container's files into dest_dir (temp name + rename); returns their names."""
     with open(container_path, "rb") as f:
         (count,) = struct.unpack(">I", f.read(4))
@@ -69,7 +69,8 @@ def unpack(container_path: str, dest_dir: str, allowed: set[str]) -> list[str]:
             (n,) = struct.unpack(">H", f.read(2))
             name = f.read(n).decode()
             (size,) = struct.unpack(">Q", f.read(8))
-            if name not in allowed:
+            ok = allowed.fullmatch(name) if hasattr(allowed, "fullmatch") else name in allowed
+            if not ok or "/" in name:
                 raise IntegrityError(f"snapshot holds an unexpected file {name!r}")
             entries.append((name, size))
         for name, size in entries:

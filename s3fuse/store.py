@@ -2,9 +2,12 @@
 
 Layout of a store directory (docs/FORMAT.md, "Store directory")::
 
-    store.json     configuration: store id, block and segment sizes, backend, root-key source
-    root.key       the root key (32 random bytes, mode 0600) that seals the keyring
-    keyring.bin    the SSE-S3 master keyring, sealed by the root key
+    store.json     configuration: store id, block and segment sizes, backend, root-key source,
+                   key generation, rotation settings
+    root.key       the root key (32 random bytes, mode 0600) when its source is a key file
+    keyring.bin    the SSE-S3 master keyring, sealed by the root key (keyring.G.bin after
+                   `rekey-root` moved the store to key generation G > 1)
+    kms.bin        the built-in KMS keystore, sealed by the root key (kms.G.bin likewise)
     meta.db        SQLite metadata (WAL mode: meta.db-wal, meta.db-shm beside it)
     objects/       the local object store (when the backend is local)
     lock           held with flock(2) by the one daemon that has the store mounted
@@ -14,22 +17,29 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hmac
 import json
 import os
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import rootkey
 from .backends import LocalBackend
 from .errors import StoreError
 from .keys.keyring import Keyring
 from .meta import Meta
-from .util import atomic_write
+from .util import atomic_write, fsync_dir
 
 CONFIG_NAME = "store.json"
 STORE_FORMAT = 1
 DEFAULT_BLOCK_SIZE = 4 << 20
 DEFAULT_SEGMENT_SIZE = 64 << 10
+DAY = 86400
+DEFAULT_ROTATION_INTERVAL = 30 * DAY  # SSE-S3 master key: a new version every 30 days
+DEFAULT_REWRAP_BATCH = 100  # key slots re-wrapped per transaction (about 3 ms of loop time)
+DEFAULT_REWRAP_RATE = 2000  # key slots per second at most (0: unthrottled): 100,000 in ~50 s
 
 
 @dataclass
@@ -40,19 +50,31 @@ class StoreConfig:
     segment_size: int
     default_sse: str
     backend: dict
-    root_key_file: str
+    root_key_file: str | None  # the key file when the root key's source is "file"
+    kms: dict = field(default_factory=dict)  # external KMS settings (docs/TRANSIT.md); {} = built-in only
+    root_key: dict = field(default_factory=lambda: {"source": "file", "path": "root.key"})
+    key_generation: int = 1  # names the sealed keyring and keystore files (rekey-root)
+    rotation_interval: float = DEFAULT_ROTATION_INTERVAL  # seconds; 0 = no scheduled rotation
+    rewrap_batch: int = DEFAULT_REWRAP_BATCH
+    rewrap_rate: float = DEFAULT_REWRAP_RATE
+    raw: dict = field(default_factory=dict, repr=False)  # store.json as read
 
     @property
     def meta_path(self) -> str:
         return os.path.join(self.path, "meta.db")
 
+    def sealed_path(self, name: str, generation: int | None = None) -> str:
+        """keyring.bin / kms.bin at generation 1, keyring.G.bin / kms.G.bin after."""
+        g = self.key_generation if generation is None else generation
+        return os.path.join(self.path, f"{name}.bin" if g == 1 else f"{name}.{g}.bin")
+
     @property
     def keyring_path(self) -> str:
-        return os.path.join(self.path, "keyring.bin")
+        return self.sealed_path("keyring")
 
     @property
     def kms_path(self) -> str:
-        return os.path.join(self.path, "kms.bin")
+        return self.sealed_path("kms")
 
     @property
     def audit_path(self) -> str:
@@ -60,10 +82,21 @@ class StoreConfig:
 
 
 def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
-               segment_size: int = DEFAULT_SEGMENT_SIZE, backend: dict | None = None) -> StoreConfig:
-    """Create a new store at `path` (absent or an empty directory). For a backend other
-    than the local one, `path` is the store's local state directory (docs/S3.md)."""
+               segment_size: int = DEFAULT_SEGMENT_SIZE, kms: dict | None = None,
+               root_key_source: str = "file", *, key_file: str | None = None,
+               passphrase_file: str | None = None,
+               scrypt_log_n: int = rootkey.SCRYPT_LOG_N, backend: dict | None = None) -> StoreConfig:
+    """Create a new store at `path` (absent or an empty directory).
+
+    `kms`: external KMS settings (docs/TRANSIT.md). `root_key_source` is `file`
+    (default: a new random STORE/root.key, or `key_file`, used if it exists and created
+    if not), `passphrase` (from `passphrase_file` or a prompt) or `credential:NAME` (the
+    key from $CREDENTIALS_DIRECTORY/NAME, or from `key_file` when not running under
+    systemd). `backend`: for a backend other than the local one, `path` is the store's
+    local state directory (docs/S3.md).
+    """
     path = os.path.abspath(path)
+    source, cred_name = rootkey.parse_spec(root_key_source)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise StoreError(f"{path} exists and is not a directory", errno.ENOTDIR)
@@ -72,11 +105,23 @@ def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
                              errno.ENOTEMPTY)
     if block_size % segment_size or not (4096 <= segment_size <= block_size <= 64 << 20):
         raise StoreError("block size must be a multiple of the segment size (4 KiB .. 64 MiB)")
+    if source == "passphrase":  # ask before creating anything
+        passphrase = rootkey.read_passphrase(passphrase_file, confirm=True, prompt="New passphrase: ")
+    elif source == "credential" and rootkey.credential_path(cred_name) is None and key_file is None:
+        raise StoreError(f"init with the systemd credential {cred_name!r} needs its key: run it where "
+                         f"${rootkey.CREDENTIALS_ENV} holds {cred_name}, or give --root-key-file with "
+                         "the same 32 bytes", errno.ENOKEY)
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
     store_id = uuid.uuid4().bytes
-    root_key = os.urandom(32)
-    atomic_write(os.path.join(path, "root.key"), root_key, mode=0o600)
+    if source == "file":
+        root_key, desc = _new_key_file(path, key_file or "root.key")
+    elif source == "passphrase":
+        desc = rootkey.new_passphrase_params(scrypt_log_n)
+        root_key = rootkey.derive_from_passphrase(passphrase, desc)
+    else:
+        root_key = rootkey.read_key_file(key_file) if key_file else rootkey.read_credential(cred_name)
+        desc = {"source": "credential", "name": cred_name}
     config = {
         "format": STORE_FORMAT,
         "store_id": store_id.hex(),
@@ -84,9 +129,13 @@ def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
         "segment_size": segment_size,
         "default_sse": "AES256",
         "backend": backend or {"type": "local"},
-        "root_key": {"source": "file", "path": "root.key"},
+        "root_key": desc,
+        "key_generation": 1,
+        "rotation_interval": DEFAULT_ROTATION_INTERVAL,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if kms:
+        config["kms"] = kms
     cfg = _parse_config(path, config)
     Keyring.new().save(cfg.keyring_path, root_key, store_id)
     if cfg.backend.get("type", "local") == "local":
@@ -98,11 +147,31 @@ def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
     return cfg
 
 
+def _new_key_file(store: str, key_path: str) -> tuple[bytes, dict]:
+    """A key file for the root key: used if it exists, else created with a random key."""
+    full = key_path if os.path.isabs(key_path) else os.path.join(store, key_path)
+    if os.path.exists(full):
+        key = rootkey.read_key_file(full)
+    else:
+        key = os.urandom(rootkey.KEY_LEN)
+        atomic_write(full, key, mode=0o600)
+    return key, {"source": "file", "path": key_path}
+
+
 def _parse_config(path: str, raw: dict) -> StoreConfig:
     try:
         if raw["format"] != STORE_FORMAT:
             raise StoreError(f"{path}: store format {raw['format']} is not supported")
-        key_path = raw["root_key"]["path"]
+        desc = raw["root_key"]
+        if desc.get("source", "file") not in rootkey.SOURCES:
+            raise ValueError(f"unknown root key source {desc.get('source')!r}")
+        key_file = None
+        if desc.get("source", "file") == "file":
+            key_path = desc["path"]
+            key_file = key_path if os.path.isabs(key_path) else os.path.join(path, key_path)
+        generation = int(raw.get("key_generation", 1))
+        if generation < 1:
+            raise ValueError("key_generation must be >= 1")
         return StoreConfig(
             path=path,
             store_id=bytes.fromhex(raw["store_id"]),
@@ -110,9 +179,16 @@ def _parse_config(path: str, raw: dict) -> StoreConfig:
             segment_size=int(raw["segment_size"]),
             default_sse=raw.get("default_sse", "AES256"),
             backend=raw["backend"],
-            root_key_file=key_path if os.path.isabs(key_path) else os.path.join(path, key_path),
+            root_key_file=key_file,
+            kms=dict(raw.get("kms") or {}),
+            root_key=desc,
+            key_generation=generation,
+            rotation_interval=float(raw.get("rotation_interval", DEFAULT_ROTATION_INTERVAL)),
+            rewrap_batch=max(1, int(raw.get("rewrap_batch", DEFAULT_REWRAP_BATCH))),
+            rewrap_rate=max(0.0, float(raw.get("rewrap_rate", DEFAULT_REWRAP_RATE))),
+            raw=raw,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StoreError(f"{path}/{CONFIG_NAME} is malformed ({exc})") from None
 
 
@@ -132,15 +208,59 @@ def load_config(path: str) -> StoreConfig:
     return _parse_config(path, raw)
 
 
-def load_root_key(cfg: StoreConfig) -> bytes:
+def write_config(cfg: StoreConfig, raw: dict) -> None:
+    """Replace store.json atomically (the commit point of `rekey_root`)."""
+    atomic_write(os.path.join(cfg.path, CONFIG_NAME), (json.dumps(raw, indent=2) + "\n").encode(), mode=0o600)
+
+
+def read_root_key(cfg: StoreConfig, *, key_file: str | None = None,
+                  passphrase_file: str | None = None) -> bytes:
+    """The root key from its recorded source (or `key_file`), not yet checked."""
+    source = cfg.root_key.get("source", "file")
+    if passphrase_file is not None and source != "passphrase" and key_file is None:
+        raise StoreError(f"store {cfg.path} is not sealed by a passphrase "
+                         f"(its root key is the {rootkey.describe(cfg.root_key)})", errno.EINVAL)
+    if key_file is not None:
+        return rootkey.read_key_file(key_file)
+    if source == "file":
+        return rootkey.read_key_file(cfg.root_key_file)
+    if source == "passphrase":
+        passphrase = rootkey.read_passphrase(passphrase_file, prompt=f"Passphrase for {cfg.path}: ")
+        return rootkey.derive_from_passphrase(passphrase, cfg.root_key)
+    return rootkey.read_credential(cfg.root_key["name"])
+
+
+def obtain_root_key(cfg: StoreConfig, *, key_file: str | None = None,
+                    passphrase_file: str | None = None) -> bytes:
+    """The store's root key from its source, checked against the sealed keyring.
+
+    `key_file` overrides the recorded source (any store); `passphrase_file` supplies
+    the passphrase of a passphrase store (else a terminal prompt). A key that does not
+    open the keyring is refused with one clear line (EACCES), before anything changes.
+    """
+    key = read_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
+    if cfg.backend.get("type") == "s3" and not os.path.exists(cfg.keyring_path):
+        # an S3 store on a new machine: the keyring comes with the newest metadata snapshot,
+        # which only this key opens (checked when the daemon restores it, docs/S3.md)
+        return key
     try:
-        with open(cfg.root_key_file, "rb") as f:
-            key = f.read()
-    except OSError as exc:
-        raise StoreError(f"cannot read the root key {cfg.root_key_file}: {exc.strerror}", errno.EACCES) from None
-    if len(key) != 32:
-        raise StoreError(f"root key {cfg.root_key_file} must be exactly 32 bytes")
+        load_keyring(cfg, key)
+    except StoreError as exc:
+        if not str(exc).startswith("wrong root key"):
+            raise
+        if key_file is not None:
+            what = f"wrong root key in {key_file}"
+        elif cfg.root_key.get("source") == "passphrase":
+            what = "wrong passphrase"
+        else:
+            what = f"wrong root key (from the {rootkey.describe(cfg.root_key)})"
+        raise StoreError(f"{what}: it does not open the keyring of store {cfg.path}", errno.EACCES) from None
     return key
+
+
+def load_root_key(cfg: StoreConfig) -> bytes:
+    """Kept for callers written before root-key sources: same as obtain_root_key(cfg)."""
+    return obtain_root_key(cfg)
 
 
 def load_keyring(cfg: StoreConfig, root_key: bytes) -> Keyring:
@@ -179,3 +299,98 @@ class StoreLock:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = -1
+
+
+# ---------------------------------------------------------------- rekey-root
+
+_GEN_FILE = re.compile(r"(keyring|kms)\.(\d+)\.bin|root-(\d+)\.key")
+
+
+def remove_stale_key_files(cfg: StoreConfig) -> list[str]:
+    """Sealed files and generated key files of other key generations (left by a
+    `rekey-root` that crashed before or after its commit). Call with the store locked."""
+    removed = []
+    for name in os.listdir(cfg.path):
+        m = _GEN_FILE.fullmatch(name)
+        if name in ("keyring.bin", "kms.bin"):
+            gen = 1
+        elif m is not None:
+            gen = int(m.group(2) or m.group(3))
+        else:
+            continue
+        full = os.path.join(cfg.path, name)
+        if gen == cfg.key_generation or full == cfg.root_key_file:
+            continue
+        os.unlink(full)
+        removed.append(name)
+    if removed:
+        fsync_dir(cfg.path)
+    return removed
+
+
+@dataclass
+class RekeyResult:
+    generation: int
+    source: str
+    key_file: str | None
+    removed: list[str]
+
+
+def rekey_root(cfg: StoreConfig, old_key: bytes, new_spec: str, *, new_key_file: str | None = None,
+               new_passphrase_file: str | None = None,
+               scrypt_log_n: int = rootkey.SCRYPT_LOG_N) -> RekeyResult:
+    """Seal the keyring and the KMS keystore under a new root key, atomically.
+
+    The caller holds the store lock and has checked `old_key` (obtain_root_key).
+    Generation G+1's sealed files are written beside generation G's under new names;
+    then store.json, naming the new source and generation, replaces the old one in one
+    rename: that is the commit. A crash before it leaves generation G (old key) intact,
+    after it generation G+1 (new key) complete; the other generation's files are
+    removed afterwards (or at the next mount). docs/ROTATION.md has the argument.
+    """
+    from .keys.kms import BuiltinKms
+
+    source, cred_name = rootkey.parse_spec(new_spec)
+    gen = cfg.key_generation + 1
+    keyring = load_keyring(cfg, old_key)
+    kms = BuiltinKms.load(cfg.kms_path, old_key, cfg.store_id) if os.path.exists(cfg.kms_path) else None
+    if source == "file":
+        target = new_key_file or f"root-{gen}.key"
+        full = target if os.path.isabs(target) else os.path.join(cfg.path, target)
+        if cfg.root_key_file is not None and os.path.realpath(full) == os.path.realpath(cfg.root_key_file):
+            raise StoreError("the new key file must not be the current one: give another --new-key-file",
+                             errno.EINVAL)
+        new_key, desc = _new_key_file(cfg.path, target)
+        new_file = full
+    elif source == "passphrase":
+        passphrase = rootkey.read_passphrase(new_passphrase_file, confirm=True, prompt="New passphrase: ")
+        desc = rootkey.new_passphrase_params(scrypt_log_n)
+        new_key, new_file = rootkey.derive_from_passphrase(passphrase, desc), None
+    else:
+        if new_key_file is None and rootkey.credential_path(cred_name) is None:
+            raise StoreError(f"the new root key is the systemd credential {cred_name!r}: run where "
+                             f"${rootkey.CREDENTIALS_ENV} holds it, or give --new-key-file with the same "
+                             "32 bytes", errno.ENOKEY)
+        new_key = rootkey.read_key_file(new_key_file) if new_key_file else rootkey.read_credential(cred_name)
+        desc, new_file = {"source": "credential", "name": cred_name}, None
+    if hmac.compare_digest(new_key, old_key):
+        raise StoreError("the new root key is the same as the current one", errno.EINVAL)
+    # 1. the new generation's sealed files, durable, under names nothing reads yet
+    keyring.save(cfg.sealed_path("keyring", gen), new_key, cfg.store_id)
+    if kms is not None:
+        BuiltinKms(cfg.sealed_path("kms", gen), new_key, cfg.store_id, kms._keys).save()
+    # 2. the commit: one atomic rename of store.json
+    raw = dict(cfg.raw)
+    raw["root_key"] = desc
+    raw["key_generation"] = gen
+    old_key_file = cfg.root_key_file
+    write_config(cfg, raw)
+    new_cfg = _parse_config(cfg.path, raw)
+    # 3. the old generation is garbage now; a key file s3fuse made inside the store goes too
+    removed = remove_stale_key_files(new_cfg)
+    if (old_key_file is not None and os.path.dirname(os.path.abspath(old_key_file)) == cfg.path
+            and os.path.exists(old_key_file) and old_key_file != new_cfg.root_key_file):
+        os.unlink(old_key_file)
+        fsync_dir(cfg.path)
+        removed.append(os.path.basename(old_key_file))
+    return RekeyResult(gen, source, new_file, removed)

@@ -671,3 +671,24 @@ def s3_list_keys(store: Path, sub: str = "") -> dict[str, int]:
 
 def s3_list_objects(store: Path) -> set[str]:
     return {k[len("objects/"):] for k in s3_list_keys(store, "objects/")}
+
+
+# --------------------------------------------------------------------------
+# OpenBao (Transit KMS) test server - issue 5, Transit half
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def bao(_session_base):
+    """A real OpenBao dev server with the transit engine enabled, for the whole session.
+
+    Started on first use, stopped (SIGTERM, then SIGKILL) at session end even when
+    tests fail. Tests create their own transit keys (dev mode keeps nothing)."""
+    from .baoserver import BaoServer
+
+    server = BaoServer(_session_base / "openbao")
+    try:
+        server.start()
+        server.setup_transit()
+        yield server
+    finally:
+        server.stop()

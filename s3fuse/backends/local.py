@@ -49,18 +49,29 @@ class LocalBackend(Backend):
         tmp = os.path.join(self._tmp, key)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-            for start in range(0, len(parts), 512):  # IOV_MAX is 1024
-                chunk = parts[start : start + 512]
-                want = sum(len(p) for p in chunk)
-                done = os.writev(fd, chunk)
-                if done < want:  # a short gather write: finish it piece by piece
-                    tail = memoryview(b"".join(chunk))[done:]
-                    while tail:
-                        tail = tail[os.write(fd, tail) :]
-        finally:
+            self._write_all(fd, data)
+        except BaseException:
+            # a failed put (ENOSPC, EIO) must not leave its partial copy taking up the space
             os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        os.close(fd)
         os.rename(tmp, self._path(key))
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes | list[bytes]) -> None:
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        for start in range(0, len(parts), 512):  # IOV_MAX is 1024
+            chunk = parts[start : start + 512]
+            want = sum(len(p) for p in chunk)
+            done = os.writev(fd, chunk)
+            if done < want:  # a short gather write: finish it piece by piece
+                tail = memoryview(b"".join(chunk))[done:]
+                while tail:
+                    tail = tail[os.write(fd, tail) :]
 
     async def put(self, key: str, data: bytes | list[bytes]) -> None:
         await self._run(self._put, key, data)

@@ -1,4 +1,5 @@
-"""Key administration over the control socket: customer keys (SSE-C) and the built-in KMS.
+"""Key administration over the control socket: customer keys (SSE-C), the built-in KMS, and
+the SSE-S3 master key (rotate, retire, pause or resume the re-wrap sweep).
 
 Each handler gets the peer's SO_PEERCRED identity; the KMS enforces its key policies
 against it and every action is appended to the audit trail, allowed or denied.
@@ -6,22 +7,21 @@ against it and every action is appended to the audit trail, allowed or denied.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
-
-import trio
 
 from ..crypto import Caller
 from ..errors import S3fuseError
 from .server import Peer
+from .transit_admin import TransitAdmin
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
 log = logging.getLogger(__name__)
-
-SCHEDULER_PERIOD = 60.0
 
 
 def _caller(peer: Peer) -> Caller:
@@ -39,11 +39,15 @@ class AdminHandlers:
             "key.list": self.key_list,
             "key.remove": self.key_remove,
             "audit.path": self.audit_path,
+            "rotate": self.master_rotate,
+            "rotate.retire": self.master_retire,
+            "rotate.sweep": self.master_sweep,
         }
         for op in ("create-key", "list", "describe", "enable", "disable", "schedule-deletion",
                    "cancel-deletion", "get-policy", "set-policy", "rotate", "enable-rotation",
                    "disable-rotation"):
             h[f"kms.{op}"] = self._kms_handler(op)
+        h.update(TransitAdmin(self).handlers(h))  # transit:NAME keys go to Vault/OpenBao
         return h
 
     def _forget_cached_keys(self) -> None:
@@ -88,7 +92,7 @@ class AdminHandlers:
         """Where the trail is, and its current head, so `audit verify` can check the tail."""
         log = self.daemon.audit
         log.sync()
-        return {"path": self.daemon.cfg.audit_path, "head": log.head, "seq": log.seq}
+        return {"path": self.daemon.audit_path, "head": log.head, "seq": log.seq}
 
     # ---------------------------------------------------------------- KMS
     def _kms_handler(self, op: str):
@@ -152,20 +156,45 @@ class AdminHandlers:
             return {"key_id": key}
         return {"key_id": key_id, "alias": key if key != key_id else None}
 
-    async def key_scheduler(self) -> None:
-        """Automatic KMS key rotation and deletion of keys past their waiting period."""
+    def kms_tick(self, now: float) -> None:
+        """The KMS's timers, run by the daemon's one key scheduler (rotation.MasterKeys.scheduler):
+        automatic rotation of keys that have it enabled, and deletion of keys past their waiting period."""
         kms = self.keys.kms
         if kms is None:
             return
         system = Caller(0, 0, 0)
-        while True:
-            now = time.time()
-            try:
-                for key_id in kms.rotate_due(now):
-                    self.keys.record("kms:rotate", system, key_id=key_id, trigger="schedule")
-                for key_id in kms.purge_expired(now):
-                    self._forget_cached_keys()
-                    self.keys.record("kms:delete", system, key_id=key_id, trigger="schedule")
-            except Exception:
-                log.exception("KMS key scheduler failed; will retry")
-            await trio.sleep(SCHEDULER_PERIOD)
+        for key_id in kms.rotate_due(now):
+            self.keys.record("kms:rotate", system, key_id=key_id, trigger="schedule")
+        for key_id in kms.purge_expired(now):
+            self._forget_cached_keys()
+            self.keys.record("kms:delete", system, key_id=key_id, trigger="schedule")
+
+    # ---------------------------------------------------------------- SSE-S3 master key
+    def _require_owner(self, peer: Peer) -> None:
+        if peer.uid not in (0, os.getuid()):
+            raise S3fuseError("only root or the user who mounted may rotate the master key", errno.EPERM)
+
+    async def master_rotate(self, peer: Peer, args: dict) -> dict:
+        who = _caller(peer)
+        try:
+            self._require_owner(peer)
+        except S3fuseError as exc:
+            self.keys.record("sse-s3:rotate", who, "denied", errno=exc.errno)
+            raise
+        return await self.daemon.master.rotate(who, "request")
+
+    async def master_retire(self, peer: Peer, args: dict) -> dict:
+        who = _caller(peer)
+        try:
+            self._require_owner(peer)
+        except S3fuseError as exc:
+            self.keys.record("sse-s3:retire", who, "denied", errno=exc.errno)
+            raise
+        return await self.daemon.master.retire_unused(who)
+
+    async def master_sweep(self, peer: Peer, args: dict) -> dict:
+        paused = args["paused"]
+        if not isinstance(paused, bool):
+            raise TypeError("paused must be a boolean")
+        self._require_owner(peer)
+        return self.daemon.master.set_paused(paused, _caller(peer))

@@ -158,7 +158,13 @@ class Principal:
 
 
 class KmsProvider(abc.ABC):
-    """What the filesystem needs from a KMS; `BuiltinKms` implements it, Transit can later."""
+    """What the filesystem needs from a KMS; `BuiltinKms` and `transit.TransitKms` implement it.
+
+    A provider whose calls wait on the network sets `blocking = True` and offers a trio
+    `limiter`: the filesystem then calls it from worker threads (crypto.KeyManager).
+    """
+
+    blocking: bool = False
 
     name: str
 

@@ -28,7 +28,8 @@ def test_round_trip(tmp_path, size):
     out = tmp_path / "out"
     snapshot.decrypt(str(sealed), str(out), key, SID, 7)
     assert out.read_bytes() == payload
-    assert payload[:64] not in sealed.read_bytes() or size == 0
+    if size >= 16:  # shorter strings may turn up in random ciphertext by chance
+        assert payload[:16] not in sealed.read_bytes()
 
 
 def _fails(tmp_path, sealed, key=None, sid=SID, seq=7):

@@ -188,13 +188,14 @@ class Daemon:
         self.lock.acquire(self.mountpoint)
         root_key = self._root_key if self._root_key is not None else obtain_root_key(self.cfg)
         self._root_key = None
-        self.backend = open_backend(self.cfg.path, {"backend": {**self.cfg.backend, **self.options.backend_overrides}})
+        backend_settings = {**self.cfg.backend, **self.options.backend_overrides}
+        self.backend = open_backend(self.cfg.path, {"backend": backend_settings})
         self.s3 = None
         if self.cfg.backend.get("type") == "s3":
             # the bucket's lease first, then the newest metadata snapshot (docs/S3.md)
             from .s3store import S3Mount
 
-            self.s3 = S3Mount(self.cfg, self.mountpoint, self.backend)
+            self.s3 = S3Mount(self.cfg, self.mountpoint, self.backend, backend_settings)
             self.s3.open(root_key)
         try:
             self._open_rest(root_key)

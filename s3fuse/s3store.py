@@ -285,11 +285,11 @@ class Snapshotter:
 class S3Mount:
     """The S3 side of a mount: probe, lease, state from the bucket, snapshots, deferred deletes."""
 
-    def __init__(self, cfg: StoreConfig, mountpoint: str, backend: S3Backend) -> None:
+    def __init__(self, cfg: StoreConfig, mountpoint: str, backend: S3Backend, settings: dict | None = None) -> None:
         self.cfg = cfg
         self.backend = backend
         self.s3 = backend.s3
-        b = cfg.backend
+        b = settings if settings is not None else cfg.backend  # store.json's backend + mount overrides
         self.interval = float(b.get("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL))
         self.lease = BucketLease(self.s3, mountpoint, float(b.get("lease_seconds", DEFAULT_LEASE_SECONDS)))
         self.snapshots: Snapshotter | None = None

@@ -187,6 +187,30 @@ def test_partial_reads_are_ranged_gets(mount_factory, store_backend):
     assert 0 < int(st["s3_bytes_in"]) < 1 << 20  # a few segments, not the 4 MiB object
 
 
+def test_a_read_miss_caches_the_whole_object(mount_factory, store_backend):
+    """Random reads: the first miss in an object fetches all of it into the ciphertext
+    cache, so reads elsewhere in the same object cost no further GET."""
+    m = mount_factory()
+    data = os.urandom(4 << 20)
+    (m.mnt / "f").write_bytes(data)
+    m.unmount()
+    for p in (m.store / "cache").iterdir():  # objects put were cached: start from an empty cache
+        p.unlink()
+    m.start()
+    fd = os.open(m.mnt / "f", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 2 << 20) == data[2 << 20:(2 << 20) + 4096]
+        first = status(m)
+        assert int(first["s3_bytes_in"]) >= 4 << 20, first  # the whole object came in
+        for off in (100 << 10, (3 << 20) + 123, (4 << 20) - 4096):
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.close(fd)
+    later = status(m)
+    assert int(later["s3_gets"]) == int(first["s3_gets"]), (first, later)
+    assert int(later["object_cache_hits"]) > int(first["object_cache_hits"]), (first, later)
+
+
 def test_large_objects_go_up_in_parts(workdir, mount_factory, store_backend):
     store = init_s3_store(workdir("store") / "store", extra=("--block-size-kib", "32768"))
     s3_set_backend_options(store, multipart_threshold_mib=5)

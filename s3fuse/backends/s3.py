@@ -487,6 +487,9 @@ class S3Backend(Backend):
             hit = self.cache.read(key, ranges)
             if hit is not None:
                 return hit
+        whole = self._get_whole(key, ranges)
+        if whole is not None:
+            return whole
         # ranges close together share one GET; far apart ones get their own ranged GET
         # (a header and one segment in the middle of a block: two small requests). A
         # response that turns out to be the whole object goes into the cache.
@@ -516,6 +519,23 @@ class S3Backend(Backend):
                 end = total if n is None else off + n
                 out[i] = bytes(view[off - lo:end - lo])
         return out  # type: ignore[return-value]
+
+    def _get_whole(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes] | None:
+        """With the cache on, a miss fetches the whole object (one GET, capped at what the
+        cache admits) and caches it, so later reads anywhere in it, random ones included,
+        cost no request. None if the ranges lie past the cap or the object is larger."""
+        if self.cache is None or self.cache.limit <= 0 or any(n is None for _, n in ranges):
+            return None
+        cap = self.cache.limit // 2  # the cache admits objects up to half its size
+        if max(off + n for off, n in ranges) > cap:
+            return None
+        body, total = self.s3.get(self._key(key), 0, cap)
+        self._stats["s3_gets"] += 1
+        self._stats["s3_bytes_in"] += len(body)
+        if len(body) == total:
+            self.cache.store(key, body)
+        view = memoryview(body)
+        return [bytes(view[off:off + n]) for off, n in ranges]
 
     def try_get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         """The ranges, if the object is in the cache and the bytes are in the page cache

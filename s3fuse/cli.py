@@ -371,19 +371,23 @@ def cmd_init(args) -> int:
 
     from .s3store import init_s3_store, is_s3_url
 
-    if is_s3_url(args.store):
-        cfg = init_s3_store(args.store, state_dir=args.state_dir, endpoint_url=args.endpoint_url,
-                            region=args.region, profile=args.profile,
-                            block_size=args.block_size_kib << 10, segment_size=args.segment_size_kib << 10)
-        print(f"created store {args.store} (id {cfg.store_id.hex()}), local state in {cfg.path}")
-        print(f"root key: {cfg.root_key_file} (keep it secret and keep a copy: with it, the bucket alone "
-              "is enough to mount the store on another machine)")
-        return 0
     from . import rootkey
 
     kms = _transit_kms_settings(args)
     _check_transit(kms)
     extra = {} if args.scrypt_log_n is None else {"scrypt_log_n": args.scrypt_log_n}
+    if is_s3_url(args.store):
+        cfg = init_s3_store(args.store, state_dir=args.state_dir, endpoint_url=args.endpoint_url,
+                            region=args.region, profile=args.profile,
+                            block_size=args.block_size_kib << 10, segment_size=args.segment_size_kib << 10,
+                            kms=kms, root_key_source=args.root_key, key_file=args.root_key_file,
+                            passphrase_file=args.passphrase_file, **extra)
+        print(f"created store {args.store} (id {cfg.store_id.hex()}), local state in {cfg.path}")
+        source = (cfg.root_key_file if cfg.root_key_file is not None
+                  else f"from the {rootkey.describe(cfg.root_key)}")
+        print(f"root key: {source} (keep it secret and keep a copy: with it, the bucket alone "
+              "is enough to mount the store on another machine)")
+        return 0
     cfg = init_store(args.store, block_size=args.block_size_kib << 10,
                      segment_size=args.segment_size_kib << 10, kms=kms, root_key_source=args.root_key,
                      key_file=args.root_key_file, passphrase_file=args.passphrase_file, **extra)

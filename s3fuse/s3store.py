@@ -96,9 +96,12 @@ def _write_seq(state_dir: str, seq: int) -> None:
 # -- init and finding the state directory --------------------------------------------
 
 def init_s3_store(url: str, *, state_dir: str | None, endpoint_url: str | None, region: str | None,
-                  profile: str | None, block_size: int, segment_size: int, root_key: bytes | None = None
-                  ) -> StoreConfig:
-    from .store import load_root_key
+                  profile: str | None, block_size: int, segment_size: int, kms: dict | None = None,
+                  root_key_source: str = "file", key_file: str | None = None,
+                  passphrase_file: str | None = None, **root_key_options) -> StoreConfig:
+    """Create an S3 store: the local state directory (as `init_store`, with the same root-key
+    sources and KMS settings), the public store.json in the bucket, and snapshot 0."""
+    from .store import obtain_root_key
 
     bucket, prefix = parse_s3_url(url)
     loc = S3Location(bucket, prefix, endpoint_url, region, profile)
@@ -108,7 +111,8 @@ def init_s3_store(url: str, *, state_dir: str | None, endpoint_url: str | None, 
         raise StoreError(f"{loc.url} already holds an s3fuse store (mount it, or choose another prefix)",
                          errno.EEXIST)
     cfg = init_store(os.path.abspath(state_dir or default_state_dir(loc)), block_size, segment_size,
-                     backend=loc.to_config())
+                     kms=kms, root_key_source=root_key_source, key_file=key_file,
+                     passphrase_file=passphrase_file, backend=loc.to_config(), **root_key_options)
     with open(os.path.join(cfg.path, CONFIG_NAME), "rb") as f:
         public = f.read()
     import botocore.exceptions as bex
@@ -117,7 +121,7 @@ def init_s3_store(url: str, *, state_dir: str | None, endpoint_url: str | None, 
         s3.put(loc.key(CONFIG_NAME), public, IfNoneMatch="*", ContentType="application/json")
     except bex.ClientError as exc:
         raise StoreError(f"{loc.url} already holds an s3fuse store (created meanwhile)", errno.EEXIST) from exc
-    Snapshotter(cfg, s3, load_root_key(cfg), 0).take()
+    Snapshotter(cfg, s3, obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file), 0).take()
     return cfg
 
 

@@ -83,6 +83,41 @@ def test_mount_on_a_new_machine_from_bucket_and_root_key(mount_factory, workdir,
         assert run_cli("umount", mnt3).returncode == 0
 
 
+def test_passphrase_store_moves_with_the_passphrase_alone(workdir, s3_server, store_backend):
+    """init s3://... --root-key passphrase: nothing secret in the state directory or bucket;
+    a new machine mounts from the bucket and the passphrase; a wrong one is refused."""
+    pw = workdir("pw") / "pass"
+    pw.write_text("correct horse battery staple\n")
+    url = new_s3_url()
+    state = init_s3_store(workdir("st1") / "s", url, extra=(
+        "--root-key", "passphrase", "--passphrase-file", pw, "--scrypt-log-n", "14"))
+    assert not (state / "root.key").exists()
+    assert store_config(state)["root_key"]["source"] == "passphrase"
+    data = os.urandom(300_000)
+    mnt = workdir("m1")
+    r = run_cli("mount", state, mnt, "--passphrase-file", pw)
+    assert r.returncode == 0, r.stderr
+    try:
+        (mnt / "f").write_bytes(data)
+    finally:
+        assert run_cli("umount", mnt).returncode == 0
+    shutil.rmtree(state)  # the old machine is gone
+
+    wrong = workdir("pw2") / "wrong"
+    wrong.write_text("not the passphrase\n")
+    state2, mnt2 = workdir("st2") / "s", workdir("m2")
+    args = ("mount", url, mnt2, "--state-dir", state2, "--endpoint-url", s3_server.endpoint)
+    r = run_cli(*args, "--passphrase-file", wrong)
+    assert r.returncode != 0 and TRACEBACK not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli(*args, "--passphrase-file", pw)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (mnt2 / "f").read_bytes() == data
+    finally:
+        assert run_cli("umount", mnt2).returncode == 0
+
+
 def test_wrong_root_key_fails_authentication(mount_factory, workdir, s3_server, store_backend):
     m = mount_factory()
     (m.mnt / "f").write_bytes(b"x")

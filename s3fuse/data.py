@@ -137,7 +137,8 @@ class DataStore:
         self._flush_lock = trio.Lock()
         self._crypto_limiter = trio.CapacityLimiter(crypto_threads)
         self._delete_limiter = trio.CapacityLimiter(8)
-        self._store_limiter = trio.CapacityLimiter(4)
+        # blocks stored at once: a few for a local disk; more hide a network store's latency
+        self._store_limiter = trio.CapacityLimiter(getattr(backend, "store_concurrency", 4))
         self._kick = trio.Event()
         self._space = trio.Event()
         self._gc_kick = trio.Event()

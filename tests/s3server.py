@@ -33,9 +33,11 @@ STOP_TIMEOUT = 15.0
 
 
 def weed_binary() -> str:
-    here = Path(sys.executable).parent / "weed"
-    if here.exists():
-        return str(here)
+    # the running interpreter's venv, else the repository's (scripts/bench runs under python3)
+    for here in (Path(sys.executable).parent / "weed",
+                 Path(__file__).resolve().parent.parent / ".venv" / "bin" / "weed"):
+        if here.exists():
+            return str(here)
     found = shutil.which("weed")
     if found:
         return found

@@ -180,6 +180,19 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+def write_file(p, data: bytes, fsync: bool = False) -> None:
+    """Write all of `data` with write(2) (looping over short writes), optionally fsync."""
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def list_objects(store: Path) -> set[str]:
     """Object ids in the store (files under STORE/objects, or keys under PREFIX/objects/)."""
     if store_is_s3(store):

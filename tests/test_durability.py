@@ -15,24 +15,12 @@ import sys
 
 import pytest
 
-from .conftest import count_objects
+from .conftest import count_objects, write_file
 
 # every test here runs on the local and the S3 backend (conftest.py, "S3 backend")
 BACKENDS = ("local", "s3")
 
 MiB = 1 << 20
-
-
-def write_file(p, data: bytes, fsync: bool = False) -> None:
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(p) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import count_objects, run_cli, wait_until
+from .conftest import write_file as write
 from .workload import Model, Worker
 
 FAULT_ENV = "S3FUSE_TESTING_FAULT_PLAN"
@@ -46,18 +47,6 @@ def plan(workdir, monkeypatch) -> Plan:
     p = Plan(workdir("plan") / "plan.json")
     monkeypatch.setenv(FAULT_ENV, str(p.path))
     return p
-
-
-def write(path, data: bytes, fsync: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync(path) -> int:

@@ -119,20 +119,29 @@ def test_put_enospc_fails_visibly_and_keeps_the_data(plan, mount_factory):
     assert (mnt / "f3").read_bytes() == f3
 
 
+def fsync_fails_then_succeeds(plan, path, data: bytes, faults: list[dict]) -> None:
+    """Write `data` to a new file while `faults` are planned: fsync fails with EIO; with the
+    faults gone, a second fsync of the same descriptor stores it."""
+    plan.set(faults)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+        plan.set([])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def test_a_partly_failed_flush_leaks_no_objects(plan, mount_factory):
     """Puts of half the object ids fail: the objects the batch did store are collected, so a
     clean unmount leaves no unreferenced object behind (fsck reports none)."""
     m = mount_factory()
-    plan.set([{"op": "put", "key": c, "error": "EIO"} for c in "01234567"])
     data = os.urandom(12 * (4 << 20))
-    fd = os.open(m.mnt / "big", os.O_WRONLY | os.O_CREAT, 0o644)
-    os.write(fd, data)
-    with pytest.raises(OSError) as e:
-        os.fsync(fd)
-    assert e.value.errno == errno.EIO
-    plan.set([])
-    os.fsync(fd)
-    os.close(fd)
+    fsync_fails_then_succeeds(plan, m.mnt / "big", data,
+                              [{"op": "put", "key": c, "error": "EIO"} for c in "01234567"])
     m.unmount()
     r = run_cli("fsck", m.store, "--json")
     report = json.loads(r.stdout)
@@ -291,16 +300,8 @@ def test_get_sync_and_delete_failures(plan, mount_factory):
     plan.set([])
     assert (m.mnt / "a").read_bytes() == a
     # a failing durability barrier: fsync fails, and nothing is committed that is not durable
-    plan.set([{"op": "sync", "error": "EIO"}])
     b = os.urandom(100_000)
-    fd = os.open(m.mnt / "b", os.O_WRONLY | os.O_CREAT, 0o644)
-    os.write(fd, b)
-    with pytest.raises(OSError) as e:
-        os.fsync(fd)
-    assert e.value.errno == errno.EIO
-    plan.set([])
-    os.fsync(fd)
-    os.close(fd)
+    fsync_fails_then_succeeds(plan, m.mnt / "b", b, [{"op": "sync", "error": "EIO"}])
     # a failing delete: the collector retries later; nothing is lost or leaked
     before = count_objects(m.store)
     plan.set([{"op": "delete", "error": "EIO"}])

@@ -197,6 +197,7 @@ class Filesystem:
         mode = stat.S_IFREG | (mode & 0o7777)
         checked = await self._precheck_write(parent, mode, caller)
         row = self._make(parent, name, mode, caller, checked=checked)
+        await self.data.block_pushes(row.id)  # an inode number can be reused: no stale pushes
         self.data.opened(row.id, writer=caller)
         return row
 
@@ -411,14 +412,24 @@ class Filesystem:
                 await self.keys.check_read_async(self.meta.key_refs(ino), caller, path=path, policy=policy)
             if writing:
                 await self.keys.check_write_async(policy, caller, path=path)
-            if flags & os.O_TRUNC:
-                # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:
+            # the kernel will cache this handle's writes: nothing of ours may go over them
+            await self.data.block_pushes(ino)  # until release(writer=True)
+        if flags & os.O_TRUNC and stat.S_ISREG(row.mode):
+            # libfuse negotiates atomic O_TRUNC: the kernel passes it here, not as a setattr
+            try:
                 await self.data.truncate(ino, 0)
+            except BaseException:
+                if writable:
+                    self.data.unblock_pushes(ino)
+                raise
         self.data.opened(ino, writer=caller if writing else None)
         return row
 
-    def release(self, ino: int) -> None:
-        self.data.released(ino)
+    def release(self, ino: int, writer: bool = False) -> None:
+        """`writer`: the handle was opened for writing (its access mode was not O_RDONLY)."""
+        self.data.released(ino, writer)
         self._maybe_reclaim(ino)
 
     async def read(self, ino: int, off: int, size: int, caller: Caller) -> bytes:

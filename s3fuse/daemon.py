@@ -39,6 +39,7 @@ from .keys.kms import KmsProvider
 from .keys.router import open_kms
 from .meta import Meta
 from .notify import Notifier
+from .pagecache import PageCachePusher
 from .policy import Policy
 from .rotation import MasterKeys
 from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
@@ -270,6 +271,7 @@ class Daemon:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise S3fuseError(f"could not mount on {self.mountpoint}: {exc}", errno.EIO) from None
+        self.data.pusher = PageCachePusher(pyfuse3.notify_store)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
@@ -296,6 +298,8 @@ class Daemon:
         finally:
             self._announce_stop()
             stored = await self._final_flush()
+            pusher, self.data.pusher = self.data.pusher, None
+            pusher.close()  # before the session it writes to goes away
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()
             if stored:
@@ -431,6 +435,8 @@ class Daemon:
             "audit_log": self.audit_path,
             **self.master.status(),
             **{k: v for k, v in d.stats.items()},
+            **(d.pusher.stats if d.pusher is not None else {}),
+            "pagecache_pushes_pending": d.pusher.pending if d.pusher is not None else 0,
             **getattr(self.backend, "stats", {}),
         }
 

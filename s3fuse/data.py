@@ -27,6 +27,7 @@ from .backends import Backend, NoSuchObject
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
 from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
+from .pagecache import PageCachePusher
 from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # Crypto on buffers above this size goes to a worker thread; below it the hand-off
 # costs more than the work (AES-GCM runs at several GB/s here).
 THREAD_THRESHOLD = 256 * 1024
+PAGE = 4096  # the kernel's page size, the unit of its page cache
 READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block at once
 BATCH_DELAY = 0.03
 # how long stored blocks of a streaming writer may wait for their metadata commit
@@ -70,6 +72,10 @@ class FileState:
     dirty_since: float = 0.0
     error: int = 0  # errno of a failed background flush, reported at the next fsync/close
     last_read_end: int = -1
+    # handles open for writing, plus changes under way (truncate): while any, nothing is
+    # pushed to the kernel's page cache (pagecache.py)
+    writers: int = 0
+    push_gen: int = 0  # bumped by every change: pushes of data read before it are dropped
 
     @property
     def dirty(self) -> bool:
@@ -153,6 +159,8 @@ class DataStore:
                       "flush_errors": 0}
         self._last_failure = ""
         self._attempted: list[bytes] = []
+        # set while mounted: hands the rest of a fetched segment to the kernel's page cache
+        self.pusher: PageCachePusher | None = None
 
     # ------------------------------------------------------------------ files
     def state(self, ino: int) -> FileState:
@@ -176,20 +184,40 @@ class DataStore:
         if writer is not None:
             fs.writer = writer
 
-    def released(self, ino: int) -> None:
+    async def block_pushes(self, ino: int) -> None:
+        """Stop handing this file's data to the kernel's page cache until `unblock_pushes`
+        (a handle opened for writing calls the latter at release): pushes already queued
+        are dropped, and one under way is waited for. See pagecache.py."""
+        fs = self.state(ino)
+        fs.writers += 1
+        if self.pusher is not None:
+            while self.pusher.invalidate(fs, ino):
+                await trio.to_thread.run_sync(self.pusher.wait_for, ino)
+
+    def unblock_pushes(self, ino: int) -> None:
+        fs = self.files.get(ino)
+        if fs is not None:
+            fs.writers -= 1
+            self._maybe_drop(fs)
+
+    def released(self, ino: int, writer: bool = False) -> None:
         fs = self.files.get(ino)
         if fs is None:
             return
         fs.open_count -= 1
+        if writer:
+            fs.writers -= 1
         if fs.open_count <= 0 and fs.dirty:
             fs.flush_requested = True
             self._kick.set()
         self._maybe_drop(fs)
 
     def _maybe_drop(self, fs: FileState) -> None:
-        if (fs.open_count <= 0 and not fs.dirty and not fs.error and fs.ino not in self.pending
-                and self.files.get(fs.ino) is fs):
+        if (fs.open_count <= 0 and fs.writers <= 0 and not fs.dirty and not fs.error
+                and fs.ino not in self.pending and self.files.get(fs.ino) is fs):
             del self.files[fs.ino]
+            if self.pusher is not None:
+                self.pusher.invalidate(fs, fs.ino)  # the inode number may be reused after this
 
     def request_flush(self, ino: int) -> None:
         """Store this file's data soon (close(2) calls this; it does not wait)."""
@@ -217,6 +245,8 @@ class DataStore:
                         self.meta.add_garbage(ref.object_id)
         fs = self.files.pop(ino, None)
         if fs is not None:
+            if self.pusher is not None:
+                self.pusher.invalidate(fs, ino)
             for blk in fs.blocks.values():
                 self.dirty_bytes -= len(blk.data)
             fs.blocks.clear()
@@ -246,6 +276,10 @@ class DataStore:
             return b""
         end = min(off + size, file_size)
         sequential = fs is not None and fs.last_read_end == off
+        # a random reader's misses leave the rest of their segments in the kernel's page cache
+        # (a sequential reader has the kernel's read-ahead)
+        push = (fs, fs.push_gen, off, end) if self.pusher is not None and fs is not None and not sequential \
+            else None
         parts = []
         pos = off
         bs = self.block_size
@@ -260,7 +294,7 @@ class DataStore:
                 if ref is None:
                     chunk = b""
                 else:
-                    chunk = await self._read_stored(ref, boff, n, sequential, who)
+                    chunk = await self._read_stored(ref, boff, n, sequential, who, push)
             if len(chunk) < n:
                 chunk += bytes(n - len(chunk))
             parts.append(chunk)
@@ -269,7 +303,8 @@ class DataStore:
             fs.last_read_end = end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller) -> bytes:
+    async def _read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller,
+                           push: tuple[FileState, int, int, int] | None = None) -> bytes:
         """Bytes [boff, boff+n) of a stored block, clipped to its valid length."""
         stop = min(boff + n, ref.length)
         if boff >= stop:
@@ -290,6 +325,9 @@ class DataStore:
             if sequential:
                 count = fmt.segment_count(ref.obj_length, seg)
                 hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
+            elif push is not None and getattr(self.backend, "fetches_whole_objects", False):
+                # the whole object is fetched anyway: authenticate all of it, for the page cache
+                lo, hi = 0, fmt.segment_count(ref.obj_length, seg) - 1
             done = self._fetching[ref.object_id] = trio.Event()
             try:
                 fetched = await self._fetch_segments(ref, lo, hi, who)
@@ -297,11 +335,34 @@ class DataStore:
                 del self._fetching[ref.object_id]
                 done.set()
             for k, s in enumerate(fetched):
-                self.cache.put((ident, lo + k), s)
+                if first <= lo + k <= last or push is None:
+                    self.cache.put((ident, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
+            if push is not None:
+                self._push_fetched(push, ref, lo, fetched)
         data = segs[0] if len(segs) == 1 else b"".join(segs)
         start = boff - first * seg
         return data[start : start + (stop - boff)]
+
+    def _push_fetched(self, push: tuple[FileState, int, int, int], ref: BlockRef, lo: int,
+                      fetched: list[bytes]) -> None:
+        """Queue the fetched plaintext, less the pages the current request will fill, for the
+        kernel's page cache, if the file allows it (pagecache.py says when)."""
+        fs, gen, req_start, req_end = push
+        if (self.pusher is None or fs.push_gen != gen or fs.writers > 0 or fs.dirty or fs.open_count <= 0
+                or fs.ino in self.pending or self.files.get(fs.ino) is not fs):
+            return
+        data = memoryview(fetched[0] if len(fetched) == 1 else b"".join(fetched))
+        block_start = ref.blockno * self.block_size
+        start = block_start + lo * self.segment_size
+        end = min(start + len(data), block_start + ref.length, fs.size)
+        # the request's own pages stay locked until it is answered: storing them would only wait
+        cut_lo, cut_hi = req_start // PAGE * PAGE, -(-req_end // PAGE) * PAGE
+        for a, b in ((start, min(end, cut_lo)), (max(start, cut_hi), end)):
+            if b != fs.size:
+                b = b // PAGE * PAGE  # whole pages: the kernel keeps a partial one only at EOF
+            if b > a:
+                self.pusher.push(fs, gen, a, data[a - start : b - start])
 
     async def _fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
         try:
@@ -486,6 +547,13 @@ class DataStore:
 
     async def truncate(self, ino: int, size: int) -> None:
         """Set a file's size; flushes its pending data first, so the commit is one state."""
+        await self.block_pushes(ino)
+        try:
+            await self._truncate(ino, size)
+        finally:
+            self.unblock_pushes(ino)
+
+    async def _truncate(self, ino: int, size: int) -> None:
         fs = self.state(ino)
         async with self._flush_lock:
             await self._flush_locked([fs], durable=False)

@@ -203,8 +203,9 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def release(self, fh):
         ino, _ = self.handles.pop(fh)
+        writer = fh in self._writers
         self._writers.discard(fh)
-        self.core.release(ino)
+        self.core.release(ino, writer)
 
     @_translate
     async def fsync(self, fh, datasync):

@@ -413,6 +413,8 @@ class ObjectCache:
 
 class S3Backend(Backend):
     store_concurrency = 8  # blocks the data layer stores at once: PUT latency, not the disk, limits
+    fetches_whole_objects = True  # a read miss GETs the whole object (see _get_whole)
+
     def __init__(self, loc: S3Location, cache_dir: str | None = None, cache_limit: int = DEFAULT_CACHE_LIMIT,
                  max_requests: int = DEFAULT_MAX_REQUESTS, retry_budget: float = DEFAULT_RETRY_BUDGET,
                  multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = MULTIPART_PART_SIZE) -> None:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import select
 import subprocess
 import sys
 
+from .config import ConfigError
 from .control import protocol
 from .control.client import ControlClient
-from .config import ConfigError
 from .errors import S3fuseError
 
 EXIT_ERROR = 1
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     s = sub.add_parser("rotate", help="rotate the SSE-S3 master key now, or retire unused versions")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -367,11 +369,9 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 
 
 def cmd_init(args) -> int:
-    from .store import init_store
-
-    from .s3store import init_s3_store, is_s3_url
-
     from . import rootkey
+    from .s3store import init_s3_store, is_s3_url
+    from .store import init_store
 
     kms = _transit_kms_settings(args)
     _check_transit(kms)
@@ -562,6 +562,9 @@ def cmd_status(args) -> int:
     mnt = os.path.realpath(args.mountpoint)
     with ControlClient(protocol.socket_path(mnt), timeout=30) as client:
         status = client.call("status")
+    if args.json:
+        print(json.dumps(status, indent=1, sort_keys=True))
+        return 0
     versions = status.pop("master_keys", None)
     rewrap = status.pop("rewrap", None)
     next_rotation = status.pop("next_rotation", None)

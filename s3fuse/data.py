@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 THREAD_THRESHOLD = 256 * 1024
 PAGE = 4096  # the kernel's page size, the unit of its page cache
 READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block at once
+READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
 BATCH_DELAY = 0.03
 # how long stored blocks of a streaming writer may wait for their metadata commit
 COMMIT_DELAY = 1.0
@@ -325,9 +326,16 @@ class DataStore:
             if sequential:
                 count = fmt.segment_count(ref.obj_length, seg)
                 hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
-            elif push is not None and getattr(self.backend, "fetches_whole_objects", False):
-                # the whole object is fetched anyway: authenticate all of it, for the page cache
-                lo, hi = 0, fmt.segment_count(ref.obj_length, seg) - 1
+            elif push is not None:
+                count = fmt.segment_count(ref.obj_length, seg)
+                if getattr(self.backend, "fetches_whole_objects", False):
+                    # the whole object is fetched anyway: authenticate all of it, for the page cache
+                    lo, hi = 0, count - 1
+                else:
+                    # read around the miss, as the kernel does for a page fault: a random reader
+                    # soon finds most of a file it keeps reading in the page cache
+                    around = READ_AROUND // seg
+                    lo, hi = min(lo, lo // around * around), min(count - 1, max(hi, (lo // around + 1) * around - 1))
             done = self._fetching[ref.object_id] = trio.Event()
             try:
                 fetched = await self._fetch_segments(ref, lo, hi, who)

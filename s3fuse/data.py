@@ -29,6 +29,7 @@ from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
 from .pagecache import PageCachePusher
 from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class DataStore:
         self._objects: OrderedDict[bytes, _OpenObject] = OrderedDict()
         self.dirty_bytes = 0
         self._flush_lock = trio.Lock()
-        self._crypto_limiter = trio.CapacityLimiter(crypto_threads)
+        self._crypto = WorkerPool(crypto_threads, "s3fuse-crypto")
         self._delete_limiter = trio.CapacityLimiter(8)
         # blocks stored at once: a few for a local disk; more hide a network store's latency
         self._store_limiter = trio.CapacityLimiter(getattr(backend, "store_concurrency", 4))
@@ -416,9 +417,8 @@ class DataStore:
             opened = await self._open_object(ref, bufs[0], who)
         try:
             if length > THREAD_THRESHOLD:
-                return await trio.to_thread.run_sync(
-                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], last - first + 1,
-                    limiter=self._crypto_limiter)
+                return await self._crypto.run(
+                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], last - first + 1)
             return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[-1], last - first + 1)
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
@@ -813,8 +813,7 @@ class DataStore:
         else:
             header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
         if len(data) > THREAD_THRESHOLD:
-            parts = await trio.to_thread.run_sync(
-                fmt.encrypt_object_parts, header, data_key, data, limiter=self._crypto_limiter)
+            parts = await self._crypto.run(fmt.encrypt_object_parts, header, data_key, data)
         else:
             parts = fmt.encrypt_object_parts(header, data_key, data)
         self._attempted.append(header.object_id)

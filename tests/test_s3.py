@@ -243,7 +243,9 @@ def test_a_read_miss_caches_the_whole_object(mount_factory, store_backend):
         os.close(fd)
     later = status(m)
     assert int(later["s3_gets"]) == int(first["s3_gets"]), (first, later)
-    assert int(later["object_cache_hits"]) > int(first["object_cache_hits"]), (first, later)
+    # served from the ciphertext cache, or (pushed to the page cache) never asked of the daemon
+    assert (int(later["object_cache_hits"]) > int(first["object_cache_hits"])
+            or int(later["reads"]) == int(first["reads"])), (first, later)
 
 
 def test_large_objects_go_up_in_parts(workdir, mount_factory, store_backend):

@@ -7,11 +7,11 @@ import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-import trio
-
 from ..errors import BackendError
 from ..util import syncfs
+from ..workers import WorkerPool
 from .base import Backend, NoSuchObject
+
 
 class LocalBackend(Backend):
     """Objects are files; `sync` is one syncfs(2) for every put since the last one."""
@@ -23,7 +23,7 @@ class LocalBackend(Backend):
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._max_fds = open_files
         self._tmp = os.path.join(root, ".tmp")
-        self._limiter = trio.CapacityLimiter(max_threads)
+        self._workers = WorkerPool(max_threads, "s3fuse-local")
         if not os.path.isdir(root):
             raise BackendError(f"object directory {root} does not exist", errno.ENOENT)
         os.makedirs(self._tmp, exist_ok=True)
@@ -39,7 +39,7 @@ class LocalBackend(Backend):
 
     async def _run(self, fn, *args):
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await self._workers.run(fn, *args)
         except FileNotFoundError:
             raise NoSuchObject(f"object {args[0] if args else ''} does not exist", errno.EIO) from None
         except OSError as exc:

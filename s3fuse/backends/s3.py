@@ -32,6 +32,7 @@ import trio
 
 from ..errors import BackendError, StoreError
 from ..util import one_error
+from ..workers import WorkerPool
 from .base import Backend, NoSuchObject
 
 log = logging.getLogger(__name__)
@@ -413,14 +414,12 @@ class ObjectCache:
 
 class S3Backend(Backend):
     store_concurrency = 8  # blocks the data layer stores at once: PUT latency, not the disk, limits
-    fetches_whole_objects = True  # a read miss GETs the whole object (see _get_whole)
-
     def __init__(self, loc: S3Location, cache_dir: str | None = None, cache_limit: int = DEFAULT_CACHE_LIMIT,
                  max_requests: int = DEFAULT_MAX_REQUESTS, retry_budget: float = DEFAULT_RETRY_BUDGET,
                  multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = MULTIPART_PART_SIZE) -> None:
         self.loc = loc
         self.s3 = S3Client(loc, max_requests, retry_budget, multipart_threshold, part_size)
-        self._limiter = trio.CapacityLimiter(max_requests)
+        self._workers = WorkerPool(max_requests, "s3fuse-s3")
         self.cache = ObjectCache(cache_dir, cache_limit) if cache_dir else None
         self.defer_deletes = False
         self.fenced: str | None = None
@@ -441,7 +440,7 @@ class S3Backend(Backend):
 
     async def _run(self, what: str, fn, *args):
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await self._workers.run(fn, *args)
         except NoSuchObject:
             raise
         except S3Error as exc:
@@ -522,6 +521,11 @@ class S3Backend(Backend):
                 end = total if n is None else off + n
                 out[i] = bytes(view[off - lo:end - lo])
         return out  # type: ignore[return-value]
+
+    @property
+    def fetches_whole_objects(self) -> bool:
+        """Does a read miss GET the whole object (see _get_whole)?"""
+        return self.cache is not None and self.cache.limit > 0
 
     def _get_whole(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes] | None:
         """With the cache on, a miss fetches the whole object (one GET, capped at what the

@@ -1,0 +1,75 @@
+"""A fixed set of worker threads with a cheap hand-off from the trio loop.
+
+`trio.to_thread.run_sync` is general (a thread cache, a CapacityLimiter, cancellation
+policies, context copies) and costs about 300 us per call on a small VM; the data path makes
+one such hop per object read or stored, so for small files and random reads the hop is a
+large share of the work. A `WorkerPool` does only what the data path needs: a job goes on a
+queue that its threads wait on, and the result comes back through the trio token. Measured
+here with a no-op job: about 200 us against 300 us; the rest is the cost of two thread
+wake-ups and the GIL changing hands.
+
+The pool's size bounds how many of its jobs run at once, as a CapacityLimiter would. A job
+is not cancellable once queued: like `to_thread.run_sync`'s default, the caller waits for it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import outcome
+import trio
+
+T = TypeVar("T")
+
+_IDLE_EXIT = 10.0  # seconds an idle thread waits for work before it exits
+
+
+class WorkerPool:
+    """Up to `size` threads, started on demand and ended after idling."""
+
+    def __init__(self, size: int, name: str = "s3fuse-worker") -> None:
+        if size < 1:
+            raise ValueError("a worker pool needs at least one thread")
+        self.size = size
+        self.name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in one of the pool's threads and return (or raise) its outcome."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+        with self._lock:  # the job is queued under the lock: an idle thread cannot exit past it
+            if self._idle:
+                self._idle -= 1  # that thread takes this job
+            elif self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name=self.name, daemon=True).start()
+            self._jobs.put((fn, args, task, token))
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                fn, args, task, token = self._jobs.get(timeout=_IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._threads -= 1
+                        self._idle -= 1
+                        return
+                continue
+            result = outcome.capture(fn, *args)
+            del fn, args  # a job's buffers should not outlive it in this frame
+            with self._lock:
+                self._idle += 1
+            try:
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            except trio.RunFinishedError:
+                pass  # the loop is gone: nobody is waiting any more

@@ -24,11 +24,8 @@ import trio
 
 T = TypeVar("T")
 
-_IDLE_EXIT = 10.0  # seconds an idle thread waits for work before it exits
-
-
 class WorkerPool:
-    """Up to `size` threads, started on demand and ended after idling."""
+    """Up to `size` threads, started on demand."""
 
     def __init__(self, size: int, name: str = "s3fuse-worker") -> None:
         if size < 1:
@@ -37,38 +34,35 @@ class WorkerPool:
         self.name = name
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._threads = 0
-        self._idle = 0
+        self._threads = 0  # started; they live as long as the process (daemon threads)
+        self._waiting = 0  # threads blocked on the queue, or about to take a job from it
+        self._queued = 0  # jobs put and not yet taken
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in one of the pool's threads and return (or raise) its outcome."""
         await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
-        with self._lock:  # the job is queued under the lock: an idle thread cannot exit past it
-            if self._idle:
-                self._idle -= 1  # that thread takes this job
-            elif self._threads < self.size:
+        with self._lock:
+            self._jobs.put((fn, args, task, token))
+            self._queued += 1
+            # Threads never exit, so a queued job is always taken eventually; a race between
+            # these counts can only delay a job behind a busy thread, never strand it.
+            if self._queued > self._waiting and self._threads < self.size:
                 self._threads += 1
                 threading.Thread(target=self._work, name=self.name, daemon=True).start()
-            self._jobs.put((fn, args, task, token))
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     def _work(self) -> None:
         while True:
-            try:
-                fn, args, task, token = self._jobs.get(timeout=_IDLE_EXIT)
-            except queue.Empty:
-                with self._lock:
-                    if self._jobs.empty():
-                        self._threads -= 1
-                        self._idle -= 1
-                        return
-                continue
+            with self._lock:
+                self._waiting += 1
+            fn, args, task, token = self._jobs.get()
+            with self._lock:
+                self._waiting -= 1
+                self._queued -= 1
             result = outcome.capture(fn, *args)
             del fn, args  # a job's buffers should not outlive it in this frame
-            with self._lock:
-                self._idle += 1
             try:
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:

@@ -17,7 +17,7 @@ def open_backend(store_dir: str, config: dict) -> Backend:
 def _open(store_dir: str, config: dict) -> Backend:
     """The backend a store's configuration names. For S3, `store_dir` is the local state
     directory (its cache/ holds the object cache); settings in config["backend"]:
-    cache_mib, max_requests, retry_budget (seconds), multipart_threshold_mib."""
+    cache_mib, cache_writes, max_requests, retry_budget (seconds), multipart_threshold_mib."""
     b = config.get("backend", {})
     kind = b.get("type", "local")
     if kind == "local":
@@ -31,7 +31,8 @@ def _open(store_dir: str, config: dict) -> Backend:
             cache_limit=int(b.get("cache_mib", DEFAULT_CACHE_LIMIT >> 20)) << 20,
             max_requests=int(b.get("max_requests", DEFAULT_MAX_REQUESTS)),
             retry_budget=float(b.get("retry_budget", DEFAULT_RETRY_BUDGET)),
-            multipart_threshold=int(b.get("multipart_threshold_mib", MULTIPART_THRESHOLD >> 20)) << 20)
+            multipart_threshold=int(b.get("multipart_threshold_mib", MULTIPART_THRESHOLD >> 20)) << 20,
+            cache_writes=bool(b.get("cache_writes", False)))
     raise ValueError(f"unknown backend type {kind!r}")
 
 

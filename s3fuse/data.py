@@ -337,9 +337,19 @@ class DataStore:
                     # soon finds most of a file it keeps reading in the page cache
                     around = READ_AROUND // seg
                     lo, hi = min(lo, lo // around * around), min(count - 1, max(hi, (lo // around + 1) * around - 1))
+            needed = missing[0], missing[-1]
             done = self._fetching[ref.object_id] = trio.Event()
             try:
-                fetched = await self._fetch_segments(ref, lo, hi, who)
+                try:
+                    fetched = await self._fetch_segments(ref, lo, hi, who)
+                except IntegrityError:
+                    if (lo, hi) == needed:
+                        raise
+                    # a segment fetched only for read-ahead failed (and was logged): the ones
+                    # this read needs may still be intact, so a damaged neighbour costs no more
+                    # than its own range
+                    (lo, hi), push = needed, None
+                    fetched = await self._fetch_segments(ref, lo, hi, who)
             finally:
                 del self._fetching[ref.object_id]
                 done.set()

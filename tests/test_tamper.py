@@ -274,3 +274,30 @@ def test_tampered_block_stays_eio_after_rewrite_elsewhere(prepared, store_copy, 
     assert_block_eio(m.mnt / "B", bytes(data), 1)
     m.unmount()
     assert_logged(m, [oid])
+
+
+def test_a_damaged_segment_costs_its_neighbours_nothing(prepared, store_copy, mount_factory):
+    """A random read fetches the 256 KiB around it for the page cache; a damaged segment
+    there must fail only its own range, not the intact segment the read asked for."""
+    from s3fuse import format as fmt
+
+    oid = prepared.oids["A"][1]
+    p = object_path(store_copy, oid)
+    raw = bytearray(p.read_bytes())
+    start = fmt.header_length(bytes(raw)) + 1 * (CHUNK + fmt.SEGMENT_OVERHEAD)  # segment 1
+    raw[start + 100] ^= 0x01
+    p.write_bytes(bytes(raw))
+    m = mount_factory(store=store_copy)
+    data, base = prepared.data["A"], BLOCK
+    fd = os.open(m.mnt / "A", os.O_RDONLY)
+    try:
+        for seg in (2, 0, 3):  # random reads: each first one in its 256 KiB fetches all four
+            off = base + seg * CHUNK + 4096
+            assert os.pread(fd, 4096, off) == data[off:off + 4096], f"segment {seg}"
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, base + CHUNK + 4096)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    m.unmount()
+    assert_logged(m, [oid])

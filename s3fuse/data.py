@@ -39,6 +39,8 @@ THREAD_THRESHOLD = 256 * 1024
 PAGE = 4096  # the kernel's page size, the unit of its page cache
 READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block at once
 READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
+PREFETCH_BLOCKS = 4  # over S3, a sequential reader has the next 4 blocks' objects fetched ahead
+PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a block
 BATCH_DELAY = 0.03
 # how long stored blocks of a streaming writer may wait for their metadata commit
 COMMIT_DELAY = 1.0
@@ -278,6 +280,10 @@ class DataStore:
             return b""
         end = min(off + size, file_size)
         sequential = fs is not None and fs.last_read_end == off
+        if fs is not None:
+            # noted on arrival, not on completion: the kernel's read-ahead sends several
+            # requests at once, in order, and each must see its predecessor as sequential
+            fs.last_read_end = end
         # a random reader's misses leave the rest of their segments in the kernel's page cache
         # (a sequential reader has the kernel's read-ahead)
         push = (fs, fs.push_gen, off, end) if self.pusher is not None and fs is not None and not sequential \
@@ -289,6 +295,12 @@ class DataStore:
             blockno, boff = divmod(pos, bs)
             n = min(end - pos, bs - boff)
             blk = fs.blocks.get(blockno) if fs is not None else None
+            if sequential and boff < PREFETCH_TRIGGER and hasattr(self.backend, "prefetch"):
+                # a sequential reader entering a block: have the next blocks' objects on their way
+                for ahead in range(blockno + 1, blockno + 1 + PREFETCH_BLOCKS):
+                    ref = self.block_ref(ino, ahead)
+                    if ref is not None:
+                        self.backend.prefetch(ref.object_id.hex())
             if blk is not None:
                 chunk = bytes(blk.data[boff : boff + n])
             else:
@@ -301,8 +313,6 @@ class DataStore:
                 chunk += bytes(n - len(chunk))
             parts.append(chunk)
             pos += n
-        if fs is not None:
-            fs.last_read_end = end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller,

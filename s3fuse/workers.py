@@ -53,6 +53,16 @@ class WorkerPool:
                 threading.Thread(target=self._work, name=self.name, daemon=True).start()
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` in the background; nobody waits for it, so it must handle its own
+        errors (an exception it raises is dropped)."""
+        with self._lock:
+            self._jobs.put((fn, args, None, None))
+            self._queued += 1
+            if self._queued > self._waiting and self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name=self.name, daemon=True).start()
+
     def _work(self) -> None:
         while True:
             with self._lock:
@@ -63,6 +73,8 @@ class WorkerPool:
                 self._queued -= 1
             result = outcome.capture(fn, *args)
             del fn, args  # a job's buffers should not outlive it in this frame
+            if task is None:  # submitted: nobody waits
+                continue
             try:
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:

@@ -186,7 +186,7 @@ def test_killed_daemon_is_replaced_and_recovers(mount_factory, store_backend):
 
 def test_repeated_reads_come_from_the_object_cache(mount_factory, store_backend):
     m = mount_factory()
-    s3_set_backend_options(m.store, cache_mib=16, cache_writes=True)
+    s3_set_backend_options(m.store, cache_mib=16, cache_writes_upto_kib=8 << 10)
     m.remount()
     (m.mnt / "big").write_bytes(os.urandom(40 << 20))
     fd = os.open(m.mnt / "big", os.O_RDONLY)
@@ -229,7 +229,7 @@ def test_a_read_miss_caches_the_whole_object(mount_factory, store_backend):
     data = os.urandom(4 << 20)
     (m.mnt / "f").write_bytes(data)
     m.unmount()
-    # puts are not cached by default (cache_writes): the cache starts out empty
+    # a full 4 MiB block is above cache_writes_upto_kib: the cache starts out empty
     assert list((m.store / "cache").iterdir()) == []
     m.start()
     fd = os.open(m.mnt / "f", os.O_RDONLY)
@@ -367,3 +367,35 @@ def test_daemon_that_lost_its_lease_stops_writing(mount_factory, store_backend):
     assert m.proc.poll() is None  # still up: reads of what it has keep working
     assert (m.mnt / "before").read_bytes() == b"stored while the lease was ours"
     m.kill9()  # its unflushed data cannot be stored; the other holder owns the prefix
+
+
+def test_a_sequential_read_has_the_next_objects_fetched_ahead(mount_factory, store_backend):
+    """Over S3 a sequential reader's next blocks are fetched into the object cache ahead of
+    it, in parallel; no object is fetched twice (a read waits for a prefetch under way)."""
+    m = mount_factory()
+    data = os.urandom(24 << 20)  # 6 objects
+    fd = os.open(m.mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.remount()  # the kernel's page cache and the object cache are empty (4 MiB blocks: not cached)
+    assert (m.mnt / "f").read_bytes() == data
+    st = status(m)
+    assert int(st["s3_prefetches"]) >= 1, st
+    assert int(st["s3_gets"]) == 6, st
+
+
+def test_small_objects_put_are_cached_and_full_blocks_are_not(mount_factory, store_backend):
+    """Write-through up to cache_writes_upto_kib (1 MiB): a small file reads back after a
+    remount without a GET; a write stream's 4 MiB blocks do not fill the local disk."""
+    m = mount_factory()
+    small = os.urandom(5000)
+    (m.mnt / "small").write_bytes(small)
+    (m.mnt / "big").write_bytes(os.urandom(8 << 20))
+    m.remount()
+    cached = [p.stat().st_size for p in (m.store / "cache").iterdir()]
+    assert len(cached) == 1 and cached[0] < 1 << 20, cached
+    assert (m.mnt / "small").read_bytes() == small
+    assert int(status(m)["s3_gets"]) == 0

@@ -43,6 +43,8 @@ DEFAULT_MAX_REQUESTS = 16
 DEFAULT_RETRY_BUDGET = 60.0  # seconds of retrying before a request fails with EIO
 DEFAULT_CACHE_LIMIT = 1 << 30
 RANGE_MERGE_GAP = 256 << 10  # ranges of one object closer than this are fetched in one GET
+PREFETCH_MAX = 4  # whole objects fetched ahead of sequential readers at once
+DEFAULT_CACHE_WRITES_UPTO = 1 << 20  # objects put up to this size are cached too
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                    "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "TooManyRequests"}
 
@@ -385,6 +387,10 @@ class ObjectCache:
             self._lru[key] = size
             self._evict()
 
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._lru
+
     def path_of(self, key: str) -> str | None:
         """The cache file of `key` if it is cached (and marks it used)."""
         with self._lock:
@@ -431,13 +437,18 @@ class S3Backend(Backend):
     def __init__(self, loc: S3Location, cache_dir: str | None = None, cache_limit: int = DEFAULT_CACHE_LIMIT,
                  max_requests: int = DEFAULT_MAX_REQUESTS, retry_budget: float = DEFAULT_RETRY_BUDGET,
                  multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = MULTIPART_PART_SIZE,
-                 cache_writes: bool = False) -> None:
+                 cache_writes_upto: int = DEFAULT_CACHE_WRITES_UPTO) -> None:
         self.loc = loc
-        # Objects put are cached too only when asked: a write stream would write every byte to
-        # the local disk as well as to the store (measured over SeaweedFS on the same disk:
-        # 85-103 MB/s sequential write with it, 110-122 without), and what was just written is
-        # in the kernel's page cache anyway until it is evicted or the store remounted.
-        self.cache_writes = cache_writes
+        # Objects put are cached too (write-through) only up to this size: small files then
+        # read back without a GET, while a write stream's full blocks are not written to the
+        # local disk a second time (measured over SeaweedFS on the same disk: 85-103 MB/s
+        # sequential write with every object cached, 110-122 without); what was just written
+        # is in the kernel's page cache anyway until it is evicted or the store remounted.
+        self.cache_writes_upto = cache_writes_upto
+        # whole-object GETs under way (reads and prefetches): a second reader waits for the first
+        self._whole_gets: dict[str, threading.Event] = {}
+        self._prefetches = 0
+        self._whole_lock = threading.Lock()
         self.s3 = S3Client(loc, max_requests, retry_budget, multipart_threshold, part_size)
         self._workers = WorkerPool(max_requests, "s3fuse-s3")
         self.cache = ObjectCache(cache_dir, cache_limit) if cache_dir else None
@@ -445,7 +456,8 @@ class S3Backend(Backend):
         self.fenced: str | None = None
         self._pending_deletes: list[str] = []
         self._fds: OrderedDict[str, int] = OrderedDict()  # open cache files (event loop only)
-        self._stats = {"s3_gets": 0, "s3_bytes_in": 0, "s3_puts": 0, "s3_bytes_out": 0, "s3_deletes": 0}
+        self._stats = {"s3_gets": 0, "s3_bytes_in": 0, "s3_puts": 0, "s3_bytes_out": 0, "s3_deletes": 0,
+                       "s3_prefetches": 0}
 
     @property
     def stats(self) -> dict[str, int]:
@@ -490,8 +502,10 @@ class S3Backend(Backend):
         self.s3.put(self._key(key), data)
         self._stats["s3_puts"] += 1
         self._stats["s3_bytes_out"] += len(data) if isinstance(data, (bytes, bytearray)) else sum(map(len, data))
-        if self.cache and self.cache_writes:
-            self.cache.store(key, data)
+        if self.cache and self.cache_writes_upto:
+            size = len(data) if isinstance(data, (bytes, bytearray)) else sum(map(len, data))
+            if size <= self.cache_writes_upto:
+                self.cache.store(key, data)
 
     async def put(self, key: str, data: bytes | list[bytes]) -> None:
         await self._run(f"PUT {key}", self._put, key, data)
@@ -503,6 +517,31 @@ class S3Backend(Backend):
                     nursery.start_soon(self.put, key, data)
         except BaseExceptionGroup as group:
             raise one_error(group) from None
+
+    def prefetch(self, key: str) -> None:
+        """Start fetching a whole object into the cache (a sequential reader's next blocks),
+        unless it is cached or on its way, or PREFETCH_MAX are on their way already. Never
+        blocks and never fails: after a failed prefetch the read fetches the object itself."""
+        if not self.fetches_whole_objects:
+            return
+        with self._whole_lock:
+            if key in self._whole_gets or self._prefetches >= PREFETCH_MAX or self.cache.contains(key):
+                return
+            done = self._whole_gets[key] = threading.Event()
+            self._prefetches += 1
+        self._workers.submit(self._prefetch, key, done)
+
+    def _prefetch(self, key: str, done: threading.Event) -> None:
+        try:
+            self._fetch_whole(key)
+            self._stats["s3_prefetches"] += 1
+        except Exception as exc:  # noqa: BLE001 - the read that needs it will fetch and report
+            log.debug("prefetch of object %s failed: %s", key, exc)
+        finally:
+            with self._whole_lock:
+                del self._whole_gets[key]
+                self._prefetches -= 1
+            done.set()
 
     def _get_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes]:
         if self.cache:
@@ -556,13 +595,34 @@ class S3Backend(Backend):
         cap = self.cache.limit // 2  # the cache admits objects up to half its size
         if max(off + n for off, n in ranges) > cap:
             return None
-        body, total = self.s3.get(self._key(key), 0, cap)
+        while True:
+            with self._whole_lock:
+                coming = self._whole_gets.get(key)
+                if coming is None:
+                    done = self._whole_gets[key] = threading.Event()
+                    break
+            coming.wait()  # that GET has its own timeouts and retry budget
+            hit = self.cache.read(key, ranges)
+            if hit is not None:
+                return hit
+            # it failed, or the object was too large to cache: fetch it here
+        try:
+            body = self._fetch_whole(key)
+        finally:
+            with self._whole_lock:
+                del self._whole_gets[key]
+            done.set()
+        view = memoryview(body)
+        return [bytes(view[off:off + n]) for off, n in ranges]
+
+    def _fetch_whole(self, key: str) -> bytes:
+        """GET an object (up to what the cache admits) and cache it if that was all of it."""
+        body, total = self.s3.get(self._key(key), 0, self.cache.limit // 2)
         self._stats["s3_gets"] += 1
         self._stats["s3_bytes_in"] += len(body)
         if len(body) == total:
             self.cache.store(key, body)
-        view = memoryview(body)
-        return [bytes(view[off:off + n]) for off, n in ranges]
+        return body
 
     def try_get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         """The ranges, if the object is in the cache and the bytes are in the page cache

@@ -43,22 +43,20 @@ class WorkerPool:
         await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
-        with self._lock:
-            self._jobs.put((fn, args, task, token))
-            self._queued += 1
-            # Threads never exit, so a queued job is always taken eventually; a race between
-            # these counts can only delay a job behind a busy thread, never strand it.
-            if self._queued > self._waiting and self._threads < self.size:
-                self._threads += 1
-                threading.Thread(target=self._work, name=self.name, daemon=True).start()
+        self._enqueue((fn, args, task, token))
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` in the background; nobody waits for it, so it must handle its own
         errors (an exception it raises is dropped)."""
+        self._enqueue((fn, args, None, None))
+
+    def _enqueue(self, job: tuple) -> None:
         with self._lock:
-            self._jobs.put((fn, args, None, None))
+            self._jobs.put(job)
             self._queued += 1
+            # Threads never exit, so a queued job is always taken eventually; a race between
+            # these counts can only delay a job behind a busy thread, never strand it.
             if self._queued > self._waiting and self._threads < self.size:
                 self._threads += 1
                 threading.Thread(target=self._work, name=self.name, daemon=True).start()

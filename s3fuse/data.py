@@ -39,7 +39,7 @@ THREAD_THRESHOLD = 256 * 1024
 PAGE = 4096  # the kernel's page size, the unit of its page cache
 READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block at once
 READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
-PREFETCH_BLOCKS = 4  # over S3, a sequential reader has the next 4 blocks' objects fetched ahead
+PREFETCH_BLOCKS = 8  # over S3, a sequential reader has the next 8 blocks' objects fetched ahead
 PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a block
 BATCH_DELAY = 0.03
 # how long stored blocks of a streaming writer may wait for their metadata commit

@@ -43,7 +43,7 @@ DEFAULT_MAX_REQUESTS = 16
 DEFAULT_RETRY_BUDGET = 60.0  # seconds of retrying before a request fails with EIO
 DEFAULT_CACHE_LIMIT = 1 << 30
 RANGE_MERGE_GAP = 256 << 10  # ranges of one object closer than this are fetched in one GET
-PREFETCH_MAX = 4  # whole objects fetched ahead of sequential readers at once
+PREFETCH_MAX = 8  # whole objects fetched ahead of sequential readers at once
 DEFAULT_CACHE_WRITES_UPTO = 1 << 20  # objects put up to this size are cached too
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                    "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "TooManyRequests"}

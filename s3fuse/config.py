@@ -220,6 +220,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "max_requests": _positive_int,
         "retry_budget": _positive_number,
         "cache_mib": _non_negative_int,
+        "cache_writes_upto_kib": _non_negative_int,
         "multipart_threshold_mib": _positive_int,
         "snapshot_interval": _positive_number,
         "lease_seconds": _positive_number,

@@ -78,6 +78,7 @@ endpoint_url = "http://127.0.0.1:8333"
 region = "eu-west-1"
 max_requests = 4
 cache_mib = 0
+cache_writes_upto_kib = 64
 """)
     assert (cfg.store, cfg.mountpoint, cfg.root_key_credential) == ("/srv/store", "/mnt/x", "root-key")
     assert cfg.allow_other is True and cfg.readahead_kb == 1024
@@ -88,7 +89,7 @@ cache_mib = 0
     assert cfg.kms == {"provider": "transit", "address": "https://bao.example:8200", "mount": "transit",
                        "token_credential": "vault-token", "default_key": "team", "timeout": 2.5, "attempts": 3}
     assert cfg.backend == {"endpoint_url": "http://127.0.0.1:8333", "region": "eu-west-1", "max_requests": 4,
-                           "cache_mib": 0}
+                           "cache_mib": 0, "cache_writes_upto_kib": 64}
 
 
 @pytest.mark.parametrize("value,seconds", [("90d", 90 * 86400), ("30m", 1800), ("45s", 45), ("2w", 14 * 86400),

@@ -372,8 +372,9 @@ class Mount:
 
 
 def _is_dead_mount(p: Path) -> bool:
+    # statfs always reaches the daemon; stat may be answered from the kernel's attribute cache
     try:
-        os.stat(p)
+        os.statvfs(p)
     except OSError as e:
         return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

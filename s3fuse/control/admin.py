@@ -174,22 +174,22 @@ class AdminHandlers:
         if peer.uid not in (0, os.getuid()):
             raise S3fuseError("only root or the user who mounted may rotate the master key", errno.EPERM)
 
-    async def master_rotate(self, peer: Peer, args: dict) -> dict:
+    def _owner_for(self, peer: Peer, operation: str) -> Caller:
+        """The caller, if root or the mounting user; else audit the refusal and raise EPERM."""
         who = _caller(peer)
         try:
             self._require_owner(peer)
         except S3fuseError as exc:
-            self.keys.record("sse-s3:rotate", who, "denied", errno=exc.errno)
+            self.keys.record(operation, who, "denied", errno=exc.errno)
             raise
+        return who
+
+    async def master_rotate(self, peer: Peer, args: dict) -> dict:
+        who = self._owner_for(peer, "sse-s3:rotate")
         return await self.daemon.master.rotate(who, "request")
 
     async def master_retire(self, peer: Peer, args: dict) -> dict:
-        who = _caller(peer)
-        try:
-            self._require_owner(peer)
-        except S3fuseError as exc:
-            self.keys.record("sse-s3:retire", who, "denied", errno=exc.errno)
-            raise
+        who = self._owner_for(peer, "sse-s3:retire")
         return await self.daemon.master.retire_unused(who)
 
     async def master_sweep(self, peer: Peer, args: dict) -> dict:

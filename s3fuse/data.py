@@ -724,7 +724,8 @@ class DataStore:
                       sizes: dict[int, int], durable: bool) -> None:
         """One sync, then one transaction for `refs` and everything deferred before them."""
         bs = self.block_size
-        by_ino: dict[int, dict[int, BlockRef | None]] = {ino: dict(p) for ino, p in self.pending.items()}
+        deferred = {ino: dict(p) for ino, p in self.pending.items()}  # what this commit covers
+        by_ino: dict[int, dict[int, BlockRef | None]] = {ino: dict(p) for ino, p in deferred.items()}
         replaced = []
         for (ino, blockno), ref in refs.items():
             old = by_ino.setdefault(ino, {}).get(blockno)
@@ -734,11 +735,14 @@ class DataStore:
         pending_size = dict(self.pending_size)
         if by_ino:
             await self.backend.sync()
-        # the sync may have let other tasks defer more blocks: they stay pending for next time
-        for ino, blocks in by_ino.items():
+        # The deferred blocks this commit covers leave `pending`, whether committed or
+        # superseded by a newer object in `refs` (then garbage, above: a superseded one left
+        # pending would be committed later, pointing at a deleted object). The sync may have
+        # let other tasks defer more blocks: those stay pending for next time.
+        for ino, blocks in deferred.items():
             mine = self.pending.get(ino, {})
-            for blockno in blocks:
-                if blockno in mine and mine[blockno] is blocks[blockno]:
+            for blockno, ref in blocks.items():
+                if blockno in mine and mine[blockno] is ref:
                     del mine[blockno]
             if not mine:
                 self.pending.pop(ino, None)

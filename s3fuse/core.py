@@ -60,6 +60,7 @@ class Filesystem:
             row.mtime_ns = fs.mtime_ns
             row.ctime_ns = fs.ctime_ns
             row.stored_bytes += sum(len(b.data) for b in fs.blocks.values())
+            fs.stored_reported = row.stored_bytes
         return row
 
     @staticmethod
@@ -425,6 +426,8 @@ class Filesystem:
                     self.data.unblock_pushes(ino)
                 raise
         self.data.opened(ino, writer=caller if writing else None)
+        if (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC and stat.S_ISREG(row.mode):
+            self.data.prefetch_on_open(ino, caller)
         return row
 
     def release(self, ino: int, writer: bool = False) -> None:
@@ -437,14 +440,6 @@ class Filesystem:
 
     async def write(self, ino: int, off: int, buf: bytes) -> int:
         return await self.data.write(ino, off, buf)
-
-    def flush(self, ino: int, report: bool = True) -> None:
-        """close(2) of a handle: store the data soon; a handle opened for writing is told of
-        a write-back failure (one opened only for reading is not: it wrote nothing)."""
-        err = self.data.take_error(ino) if report else 0
-        self.data.request_flush(ino)
-        if err:
-            raise _err(err, "an earlier write-back of this file failed")
 
     async def fsync(self, ino: int) -> None:
         await self.data.flush(ino, durable=True)

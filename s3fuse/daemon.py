@@ -263,20 +263,29 @@ class Daemon:
             trio.lowlevel.spawn_system_task(self._watchdog)
         self.notify.status(f"Recovering {self.cfg.path}")
         await self.recover()
-        fuse_options = set(pyfuse3.default_options)
-        fuse_options |= {"fsname=s3fuse", "subtype=s3fuse"}
+        fuse_options = {"fsname=s3fuse", "subtype=s3fuse"}
         if self.options.allow_other:
             fuse_options.add("allow_other")
+        if self.options.allow_other or os.getuid() != 0:
+            # The kernel checks modes and owners against the caller. It needs a directory's
+            # attributes for that, and drops them at every change in it, so each create or
+            # unlink costs a GETATTR of the parent. Without allow_other only the mounting user
+            # reaches the mount at all; when that is root, who passes every such check, the
+            # checks (and their round trips) are left out, as gocryptfs does.
+            fuse_options |= set(pyfuse3.default_options)
         try:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise S3fuseError(f"could not mount on {self.mountpoint}: {exc}", errno.EIO) from None
-        self.data.pusher = PageCachePusher(pyfuse3.notify_store)
+        self.data.pusher = PageCachePusher(
+            pyfuse3.notify_store, lambda ino: pyfuse3.invalidate_inode(ino, attr_only=True))
+        self.data.attrs_changed = self.data.pusher.attrs_changed
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.data.flusher)
                 nursery.start_soon(self.data.collector)
+                nursery.start_soon(self.data.prefetcher)
                 nursery.start_soon(self.master.scheduler, self.admin.kms_tick)
                 nursery.start_soon(self.master.sweeper)
                 if self.s3 is not None:
@@ -299,6 +308,7 @@ class Daemon:
             self._announce_stop()
             stored = await self._final_flush()
             pusher, self.data.pusher = self.data.pusher, None
+            self.data.attrs_changed = None
             pusher.close()  # before the session it writes to goes away
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()

@@ -13,11 +13,13 @@ bounded LRU (memory only: plaintext never touches the disk).
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -32,6 +34,9 @@ from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
+# set in a task that fetches ahead of any read: its failures are not logged, since the read
+# that needs the data fetches it again and reports what it finds
+_SPECULATIVE = contextvars.ContextVar("s3fuse_speculative", default=False)
 
 # Crypto on buffers above this size goes to a worker thread; below it the hand-off
 # costs more than the work (AES-GCM runs at several GB/s here).
@@ -41,6 +46,10 @@ READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block
 READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
 PREFETCH_BLOCKS = 8  # over S3, a sequential reader has the next 8 blocks' objects fetched ahead
 PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a block
+# a file up to this size opened for reading is fetched at once, while the kernel returns from
+# open(2) and sends its first read: the fetch's latency overlaps that round trip
+PREFETCH_ON_OPEN = 256 * 1024
+PREFETCH_ON_OPEN_TASKS = 8  # such fetches under way at once; more opens fetch on read
 BATCH_DELAY = 0.03
 # how long stored blocks of a streaming writer may wait for their metadata commit
 COMMIT_DELAY = 1.0
@@ -80,6 +89,9 @@ class FileState:
     # pushed to the kernel's page cache (pagecache.py)
     writers: int = 0
     push_gen: int = 0  # bumped by every change: pushes of data read before it are dropped
+    # st_blocks (in bytes) the kernel was last told, or the stored value it may cache: if a
+    # commit stores another, its cached attributes are invalidated (see `attrs_changed`)
+    stored_reported: int = 0
 
     @property
     def dirty(self) -> bool:
@@ -154,6 +166,8 @@ class DataStore:
         self._gc_kick = trio.Event()
         self._loading: dict[tuple[int, int], trio.Event] = {}
         self._fetching: dict[bytes, trio.Event] = {}  # objects being fetched for reads
+        self._prefetch_nursery: trio.Nursery | None = None  # set while `prefetcher` runs
+        self._prefetches = 0  # open-time fetches under way
         # stored but not yet committed blocks of streaming writers: ino -> blockno -> ref
         self.pending: dict[int, dict[int, BlockRef | None]] = {}
         self.pending_size: dict[int, int] = {}
@@ -165,6 +179,9 @@ class DataStore:
         self._attempted: list[bytes] = []
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache
         self.pusher: PageCachePusher | None = None
+        # set while mounted: told of inodes whose attributes changed without a kernel request
+        # (st_blocks after a commit), so that the kernel drops what it caches of them
+        self.attrs_changed: Callable[[list[int]], None] | None = None
 
     # ------------------------------------------------------------------ files
     def state(self, ino: int) -> FileState:
@@ -174,7 +191,7 @@ class DataStore:
             if row is None:
                 raise S3fuseError(f"inode {ino} does not exist", errno.ENOENT)
             fs = FileState(ino, row.size, row.size, row.mtime_ns, row.ctime_ns,
-                           policy=Policy.decode(row.sse) or DEFAULT)
+                           policy=Policy.decode(row.sse) or DEFAULT, stored_reported=row.stored_bytes)
             self.files[ino] = fs
         return fs
 
@@ -211,7 +228,8 @@ class DataStore:
         fs.open_count -= 1
         if writer:
             fs.writers -= 1
-        if fs.open_count <= 0 and fs.dirty:
+        if fs.dirty and (fs.open_count <= 0 or (writer and fs.writers <= 0)):
+            # the last close, or the last writer's: store the data soon
             fs.flush_requested = True
             self._kick.set()
         self._maybe_drop(fs)
@@ -222,13 +240,6 @@ class DataStore:
             del self.files[fs.ino]
             if self.pusher is not None:
                 self.pusher.invalidate(fs, fs.ino)  # the inode number may be reused after this
-
-    def request_flush(self, ino: int) -> None:
-        """Store this file's data soon (close(2) calls this; it does not wait)."""
-        fs = self.files.get(ino)
-        if fs is not None and fs.dirty:
-            fs.flush_requested = True
-            self._kick.set()
 
     def take_error(self, ino: int) -> int:
         fs = self.files.get(ino)
@@ -265,6 +276,41 @@ class DataStore:
                 fs.ctime_ns = ctime_ns
 
     # ------------------------------------------------------------------ reads
+    def prefetch_on_open(self, ino: int, who: Caller) -> None:
+        """A file was opened for reading by `who` (its key checks passed): if it is small and
+        stored, fetch and authenticate it now, into the segment cache, so that its first read
+        finds it there or waits for this fetch instead of starting its own."""
+        if self._prefetch_nursery is None or self._prefetches >= PREFETCH_ON_OPEN_TASKS:
+            return
+        fs = self.files.get(ino)
+        if fs is None or fs.blocks or not 0 < fs.size <= PREFETCH_ON_OPEN:
+            return
+        ref = self.block_ref(ino, 0)
+        if ref is None or ref.object_id in self._fetching:
+            return
+        if self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None:
+            return
+        self._prefetches += 1
+        self._prefetch_nursery.start_soon(self._prefetch, ref, min(fs.size, ref.length), who)
+
+    async def _prefetch(self, ref: BlockRef, length: int, who: Caller) -> None:
+        _SPECULATIVE.set(True)  # this task's own context
+        try:
+            await self._read_stored(ref, 0, length, False, who)
+        except (S3fuseError, OSError):
+            pass  # the read fetches again, and reports
+        finally:
+            self._prefetches -= 1
+
+    async def prefetcher(self) -> None:
+        """Runs the open-time fetches (`prefetch_on_open`) while the filesystem is mounted."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._prefetch_nursery = nursery
+                await trio.sleep_forever()
+        finally:
+            self._prefetch_nursery = None
+
     async def read(self, ino: int, off: int, size: int, who: Caller = SYSTEM) -> bytes:
         self.stats["reads"] += 1
         self.stats["bytes_read"] += size
@@ -397,7 +443,8 @@ class DataStore:
         try:
             return await self._fetch_segments_of(ref, first, last, who)
         except BackendError as exc:  # the store failed (integrity errors are logged as such)
-            log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,
+            if not _SPECULATIVE.get():
+                log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,
                       ref.blockno, exc)
             raise
 
@@ -483,9 +530,10 @@ class DataStore:
                     self.segment_size, ref.obj_length))
 
     def _integrity(self, ref: BlockRef, why: str) -> IntegrityError:
-        self.stats["integrity_errors"] += 1
         msg = f"object {ref.object_id.hex()} (inode {ref.inode}, block {ref.blockno}): {why}"
-        log.error("integrity error: %s", msg)
+        if not _SPECULATIVE.get():
+            self.stats["integrity_errors"] += 1
+            log.error("integrity error: %s", msg)
         return IntegrityError(msg)
 
     async def _load_block(self, ref: BlockRef, who: Caller) -> bytearray:
@@ -733,6 +781,7 @@ class DataStore:
                 replaced.append(old.object_id)
             by_ino[ino][blockno] = ref
         pending_size = dict(self.pending_size)
+        changed: list[int] = []  # inodes whose st_blocks the kernel may hold a stale value of
         if by_ino:
             await self.backend.sync()
         # The deferred blocks this commit covers leave `pending`, whether committed or
@@ -775,12 +824,17 @@ class DataStore:
                 stored = self.meta.db.execute(
                     "SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
                 fields = {"size": size, "stored_bytes": stored}
+                if fs is None or fs.stored_reported != stored:
+                    changed.append(ino)
                 if fs is not None:
+                    fs.stored_reported = stored
                     # times as they are now: setattr may have changed them while we stored
                     fields.update(mtime_ns=fs.mtime_ns, ctime_ns=fs.ctime_ns)
                     fs.db_size = size
                 self.meta.update_inode(ino, **fields)
         self._gc_kick.set()
+        if changed and self.attrs_changed is not None:
+            self.attrs_changed(changed)
         if durable:
             await trio.to_thread.run_sync(self.meta.sync)
 

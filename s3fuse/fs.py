@@ -23,7 +23,12 @@ from .meta import Inode
 
 log = logging.getLogger(__name__)
 
-ATTR_TIMEOUT = 1.0
+# How long the kernel may trust the attributes and names it was given. Every change of a
+# name or attribute goes through the kernel, which updates or drops what it caches, except
+# st_blocks after a background flush: the data path invalidates those (DataStore.attrs_changed).
+# So the timeout can be long, as in S3QL, and a file that is stat'ed or opened again costs
+# no LOOKUP or GETATTR round trip.
+ATTR_TIMEOUT = 300.0
 # Reported as st_blksize: tools size their I/O by it, and larger requests are cheaper here.
 IO_BLOCK = 128 * 1024
 
@@ -196,9 +201,13 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         return await self.core.write(self.handles[fh][0], off, buf)
 
-    @_translate
     async def flush(self, fh):
-        self.core.flush(self.handles[fh][0], report=fh in self._writers)
+        # ENOSYS: the kernel then never sends FLUSH again, saving a round trip per close(2).
+        # With the write-back cache it still writes a file's dirty pages to us before close
+        # returns (failures of those writes are close's errors); our own store of the data
+        # happens later in the background, as ext4's delayed allocation does, and a failure
+        # of it is reported by the file's next write or fsync (DataStore.take_error).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_translate
     async def release(self, fh):

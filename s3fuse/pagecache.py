@@ -21,11 +21,15 @@ that is already under way.
 
 Pushes run in one worker thread of their own: storing a page waits for its lock, which a read
 the event loop has not answered yet may hold, so the event loop must never make this call.
+The same thread tells the kernel to drop cached attributes that changed without a request
+of its own (st_blocks after a background flush): a notification is a write to the FUSE
+device, which need not cost the event loop a system call.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -46,10 +50,15 @@ class PageCachePusher:
 
     `store(ino, offset, data)` is the kernel call (pyfuse3.notify_store). Pushes are best
     effort: when the queue holds `max_queued` bytes, new ones are dropped.
+    `drop_attrs(ino)` (pyfuse3.invalidate_inode with attr_only) makes the kernel forget an
+    inode's cached attributes.
     """
 
-    def __init__(self, store: Callable[[int, int, memoryview], None], max_queued: int = 32 << 20) -> None:
+    def __init__(self, store: Callable[[int, int, memoryview], None],
+                 drop_attrs: Callable[[int], None] | None = None, max_queued: int = 32 << 20) -> None:
         self._store = store
+        self._drop_attrs = drop_attrs
+        self._stale_attrs: collections.deque[int] = collections.deque()
         self._max_queued = max_queued
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -74,6 +83,15 @@ class PageCachePusher:
             self._queue.append((fs, gen, offset, data))
             self._queued_bytes += len(data)
             self._changed.notify_all()
+
+    def attrs_changed(self, inos: list[int]) -> None:
+        """The kernel's cached attributes of `inos` are stale: have them dropped. Never blocks."""
+        if self._drop_attrs is None:
+            return
+        with self._lock:
+            if not self._closed:
+                self._stale_attrs.extend(inos)
+                self._changed.notify_all()
 
     def invalidate(self, fs: Pushable | None, ino: int) -> bool:
         """The file is about to change: cancel its queued pushes. True if a push of this
@@ -100,6 +118,7 @@ class PageCachePusher:
         with self._lock:
             self._closed = True
             self._queue.clear()
+            self._stale_attrs.clear()
             self._queued_bytes = 0
             self._changed.notify_all()
         self._thread.join(timeout)
@@ -108,10 +127,18 @@ class PageCachePusher:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._closed:
+                while not self._queue and not self._stale_attrs and not self._closed:
                     self._changed.wait()
                 if self._closed:
                     return
+                stale = list(self._stale_attrs)
+                self._stale_attrs.clear()
+            if stale:
+                self._drop_stale(stale)
+                continue
+            with self._lock:
+                if not self._queue:
+                    continue
                 fs, gen, offset, data = self._queue.popleft()
                 self._queued_bytes -= len(data)
                 if fs.push_gen != gen:
@@ -127,3 +154,12 @@ class PageCachePusher:
                 with self._lock:
                     self._busy_ino = None
                     self._changed.notify_all()
+
+    def _drop_stale(self, inos: list[int]) -> None:
+        for ino in inos:
+            try:
+                self._drop_attrs(ino)
+            except OSError as exc:
+                # ENOENT: the kernel does not hold the inode, so it caches nothing of it
+                if exc.errno != errno.ENOENT:
+                    log.debug("dropping the kernel's attributes of inode %d failed: %s", ino, exc)

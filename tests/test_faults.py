@@ -2,8 +2,8 @@
 (s3fuse/backends/faulty.py, enabled by S3FUSE_TESTING_FAULT_PLAN), a real ENOSPC from a small
 tmpfs, and kill -9 in a loop under a mixed workload checked against a model.
 
-Required: fsynced data survives; unsynced data is never silently dropped (write, fsync or
-close fails, and the data stays readable until it can be stored); the daemon stays up; the
+Required: fsynced data survives; unsynced data is never silently dropped (a write that
+waits for buffer space, or a later fsync, fails; the data stays readable until it can be stored); the daemon stays up; the
 log names the cause; a hanging put does not stall other files."""
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_put_enospc_fails_visibly_and_keeps_the_data(plan, mount_factory):
         os.close(fd)
     except OSError as exc:  # the background retry may have failed meanwhile: reported again
         assert exc.errno == errno.ENOSPC
-    # a write-back in the background (no fsync) fails: the next fsync and close say so
+    # a write-back in the background (no fsync) fails: the next fsync says so
     write(mnt / "f3", f3)
     ino3 = os.stat(mnt / "f3").st_ino
     wait_until(lambda: f"flush of inode(s) {ino3}" in m.log_text() or f",{ino3}" in m.log_text(), 30,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import list_objects, py_as, run_as
+from .conftest import list_objects, py_as, run_as, wait_until
 
 # every test here runs on the local and the S3 backend (conftest.py, "S3 backend")
 BACKENDS = ("local", "s3")
@@ -58,6 +58,14 @@ def write_file(p, data: bytes, mode=0o644) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
+    finally:
+        os.close(fd)
+
+
+def fsync_path(p) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -1306,6 +1314,30 @@ def test_times_persist(mounted):
 # =========================================================================
 # sizes and blocks
 # =========================================================================
+
+def test_blocks_follow_the_stored_data(subdir):
+    """The kernel keeps attributes for minutes (fs.ATTR_TIMEOUT), so st_blocks reported while
+    data was unflushed must be corrected once the flush stores it: an overwritten block is
+    counted twice until then, and only once after."""
+    p = subdir / "f"
+    write_file(p, random.Random(3).randbytes(MiB))
+    fsync_path(p)
+    assert os.stat(p).st_blocks == MiB // 512
+    reader = os.open(p, os.O_RDONLY)  # the kernel drops st_blocks at each close: none below
+    try:
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 65536, 0)
+        finally:
+            os.close(fd)
+        dirty = os.stat(p).st_blocks  # the old object and the rewritten block, both
+        assert dirty > MiB // 512
+        os.fsync(reader)  # stores the block: the old object is gone
+        wait_until(lambda: os.stat(p).st_blocks == MiB // 512, 10, "st_blocks to drop back to 1 MiB")
+    finally:
+        os.close(reader)
+    assert os.stat(p).st_size == MiB
+
 
 def test_size_and_blocks(subdir):
     p = subdir / "f"

@@ -8,11 +8,14 @@ reference and open handle are all gone (pyfuse3's lookup-count rules).
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
+import sqlite3
 import stat
 import time
+from dataclasses import dataclass, field
 
 from . import policy as pol
 from .crypto import Caller, KeyManager
@@ -25,6 +28,20 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+NAME_READAHEAD = 16  # files fetched ahead of a reader that opens a directory's files in order
+
+
+@dataclass(eq=False)
+class _Walk:
+    """Opens-for-reading in one directory, in readdir (cursor) order so far."""
+
+    last: int  # cursor of the last file opened
+    opens: int = 0  # in order, after the first
+    upto: int = 0  # cursor of the last entry looked at for fetching ahead
+    done: bool = False  # the directory has no entries past `upto`
+    ahead: collections.deque = field(default_factory=collections.deque)  # cursors being fetched
 
 
 def _err(code: int, message: str = "") -> S3fuseError:
@@ -41,6 +58,7 @@ class Filesystem:
         self.default_policy = default_policy
         self.lookups: dict[int, int] = {}
         self._policies: dict[int, Policy] = {}  # directory -> effective encryption setting
+        self._walks: dict[int, _Walk] = {}  # directory -> a reader opening its files in order
 
     # ------------------------------------------------------------------ helpers
     def _inode(self, ino: int) -> Inode:
@@ -149,8 +167,6 @@ class Filesystem:
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
             raise _err(errno.ENOENT)
-        if self.meta.lookup(parent_ino, name) is not None:
-            raise _err(errno.EEXIST)
         gid, mode = self._new_owner(parent, caller, mode)
         is_dir = stat.S_ISDIR(mode)
         sse = None
@@ -164,7 +180,10 @@ class Filesystem:
         with self.meta.transaction():
             row = self.meta.create_inode(mode, caller.uid, gid, 2 if is_dir else 1, now, rdev,
                                          sse=sse)
-            self.meta.add_entry(parent_ino, name, row.id)
+            try:
+                self.meta.add_entry(parent_ino, name, row.id)
+            except sqlite3.IntegrityError:  # the name is taken (one query less than asking first)
+                raise _err(errno.EEXIST) from None
             if target is not None:
                 self.meta.set_symlink(row.id, target)
                 row.size = len(target)
@@ -428,7 +447,42 @@ class Filesystem:
         self.data.opened(ino, writer=caller if writing else None)
         if (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC and stat.S_ISREG(row.mode):
             self.data.prefetch_on_open(ino, caller)
+            self._read_ahead_names(ino, caller)
         return row
+
+    def _read_ahead_names(self, ino: int, caller: Caller) -> None:
+        """A reader that opens a directory's files in readdir order (cp -r, tar -c, rsync,
+        grep -r, find | xargs cat) has the next small files fetched before it opens them, as
+        a sequential read of one file has its next blocks fetched. Only for SSE-S3 objects:
+        a KMS data-key use is audited under the caller that reads, and an SSE-C key is the
+        caller's own, so those are fetched when their file is opened, not before."""
+        here = self.meta.entry_of(ino)
+        if here is None:
+            return
+        parent, cursor = here
+        walk = self._walks.pop(parent, None)
+        if walk is None or cursor <= walk.last:  # a first open here, or not in order: watch
+            walk = _Walk(cursor)
+        walk.last = cursor
+        while walk.ahead and walk.ahead[0] <= cursor:
+            walk.ahead.popleft()
+        if len(walk.ahead) <= NAME_READAHEAD // 2 and walk.opens > 0 and not walk.done:
+            rows = self.meta.first_blocks_after(parent, max(cursor, walk.upto), NAME_READAHEAD)
+            walk.done = len(rows) < NAME_READAHEAD
+            for cur, child, mode, size, ref in rows:
+                if not self.data.can_prefetch():
+                    walk.done = False  # the rest when fetches have finished
+                    break
+                walk.upto = cur
+                if stat.S_ISREG(mode) and ref is not None and ref.mode == pol.SSE_S3:
+                    if self.data.prefetch(child, size, ref, caller):
+                        walk.ahead.append(cur)
+                        self.data.stats["prefetches_ahead"] += 1
+        walk.opens += 1
+        self._walks[parent] = walk
+        if len(self._walks) > 64:
+            del self._walks[next(iter(self._walks))]
+
 
     def release(self, ino: int, writer: bool = False) -> None:
         """`writer`: the handle was opened for writing (its access mode was not O_RDONLY)."""

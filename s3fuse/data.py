@@ -49,7 +49,7 @@ PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a b
 # a file up to this size opened for reading is fetched at once, while the kernel returns from
 # open(2) and sends its first read: the fetch's latency overlaps that round trip
 PREFETCH_ON_OPEN = 256 * 1024
-PREFETCH_ON_OPEN_TASKS = 8  # such fetches under way at once; more opens fetch on read
+PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at once
 BATCH_DELAY = 0.03
 # how long stored blocks of a streaming writer may wait for their metadata commit
 COMMIT_DELAY = 1.0
@@ -174,7 +174,7 @@ class DataStore:
         self._pending_since = 0.0
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
-                      "flush_errors": 0}
+                      "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0}
         self._last_failure = ""
         self._attempted: list[bytes] = []
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache
@@ -280,18 +280,29 @@ class DataStore:
         """A file was opened for reading by `who` (its key checks passed): if it is small and
         stored, fetch and authenticate it now, into the segment cache, so that its first read
         finds it there or waits for this fetch instead of starting its own."""
-        if self._prefetch_nursery is None or self._prefetches >= PREFETCH_ON_OPEN_TASKS:
-            return
         fs = self.files.get(ino)
-        if fs is None or fs.blocks or not 0 < fs.size <= PREFETCH_ON_OPEN:
-            return
-        ref = self.block_ref(ino, 0)
-        if ref is None or ref.object_id in self._fetching:
-            return
+        if fs is not None and not fs.blocks:
+            self.prefetch(ino, fs.size, self.block_ref(ino, 0), who)
+
+    def can_prefetch(self) -> bool:
+        return self._prefetch_nursery is not None and self._prefetches < PREFETCH_TASKS
+
+    def prefetch(self, ino: int, size: int, ref: BlockRef | None, who: Caller) -> bool:
+        """Fetch a small file's stored block `ref` into the segment cache in the background,
+        unless it is too big, unflushed, cached, being fetched, or enough fetches are under
+        way. -> whether a fetch was started."""
+        if (not self.can_prefetch() or ref is None or not 0 < size <= PREFETCH_ON_OPEN
+                or ref.object_id in self._fetching):
+            return False
+        fs = self.files.get(ino)
+        if fs is not None and (fs.blocks or fs.size != size) or ino in self.pending:
+            return False  # newer data than `ref` exists
         if self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None:
-            return
+            return False
         self._prefetches += 1
-        self._prefetch_nursery.start_soon(self._prefetch, ref, min(fs.size, ref.length), who)
+        self.stats["prefetches"] += 1
+        self._prefetch_nursery.start_soon(self._prefetch, ref, min(size, ref.length), who)
+        return True
 
     async def _prefetch(self, ref: BlockRef, length: int, who: Caller) -> None:
         _SPECULATIVE.set(True)  # this task's own context
@@ -394,6 +405,8 @@ class DataStore:
                     around = READ_AROUND // seg
                     lo, hi = min(lo, lo // around * around), min(count - 1, max(hi, (lo // around + 1) * around - 1))
             needed = missing[0], missing[-1]
+            if not _SPECULATIVE.get():
+                self.stats["read_fetches"] += 1  # a reader that waits for the store itself
             done = self._fetching[ref.object_id] = trio.Event()
             try:
                 try:

@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 ROOT_INODE = 1
+# inode rows kept in memory (about 4 MiB at most): getattr, open, create and the data path
+# read the same few rows again and again, and a dictionary lookup costs a tenth of a query
+INODE_CACHE = 16384
 # up to this many inodes with xattrs are remembered in memory (a few MiB at most)
 XATTR_SET_LIMIT = 100_000
 _ALWAYS_ASK: set[int] = set()
@@ -114,6 +117,7 @@ class BlockRef:
 
 
 _INODE_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, stored_bytes, sse"
+_INODE_INDEX = {name.strip(): i for i, name in enumerate(_INODE_COLS.split(","))}
 _BLOCK_COLS = "inode, blockno, object_id, length, obj_length, hdr_len, mode, key_ref, key_version, key_slot"
 
 
@@ -130,6 +134,10 @@ class Meta:
             # stores made before this index existed get it on first open
             self.db.execute("CREATE INDEX IF NOT EXISTS dentries_by_inode ON dentries (inode)")
         self._in_tx = False
+        # Inode rows as the database holds them (this connection's view, uncommitted changes
+        # included): every change of the inodes table goes through this class and updates
+        # it, and a rollback empties it.
+        self._rows: dict[int, tuple] = {}
         self._next_ino: int | None = None  # see _new_inode_number
         # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
         # names that do not exist, and this answers them without a query
@@ -164,6 +172,7 @@ class Meta:
             yield self.db
         except BaseException:
             self._in_tx = False
+            self._rows.clear()
             self.db.execute("ROLLBACK")
             raise
         self._in_tx = False
@@ -191,8 +200,19 @@ class Meta:
 
     # inodes
     def inode(self, ino: int) -> Inode | None:
-        row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
-        return None if row is None else Inode(*row)
+        """A fresh copy of an inode's row (callers may change it), or None."""
+        row = self._rows.get(ino)
+        if row is None:
+            row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
+            if row is None:
+                return None
+            self._remember(ino, row)
+        return Inode(*row)
+
+    def _remember(self, ino: int, row: tuple) -> None:
+        if len(self._rows) >= INODE_CACHE:
+            del self._rows[next(iter(self._rows))]  # the longest held
+        self._rows[ino] = row
 
     def _new_inode_number(self) -> int:
         """Never one used before while this database is open.
@@ -219,11 +239,19 @@ class Meta:
             " VALUES (?,?,?,?,?,0,?,?,?,?,?)",
             (ino, mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, sse),
         )
-        return Inode(ino, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
+        row = (ino, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
+        self._remember(ino, row)
+        return Inode(*row)
 
     def update_inode(self, ino: int, **fields) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE inodes SET {cols} WHERE id=?", (*fields.values(), ino))
+        row = self._rows.get(ino)
+        if row is not None:
+            new = list(row)
+            for name, value in fields.items():
+                new[_INODE_INDEX[name]] = value
+            self._rows[ino] = tuple(new)
 
     def delete_inode(self, ino: int) -> None:
         """Remove an inode with everything it owns; its objects become garbage."""
@@ -232,6 +260,7 @@ class Meta:
         self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        self._rows.pop(ino, None)
 
     def orphan_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
@@ -272,6 +301,19 @@ class Meta:
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (parent, cursor, limit),
         ).fetchall()
+
+    def entry_of(self, ino: int) -> tuple[int, int] | None:
+        """(parent, cursor) of one directory entry of an inode."""
+        return self.db.execute("SELECT parent, id FROM dentries WHERE inode=? LIMIT 1", (ino,)).fetchone()
+
+    def first_blocks_after(self, parent: int, cursor: int, limit: int) -> list[tuple]:
+        """(cursor, inode, mode, size, block 0's BlockRef or None) of the entries after `cursor`."""
+        rows = self.db.execute(
+            f"SELECT d.id, d.inode, i.mode, i.size, {', '.join('b.' + c.strip() for c in _BLOCK_COLS.split(','))}"
+            " FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " LEFT JOIN blocks b ON b.inode = d.inode AND b.blockno = 0"
+            " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?", (parent, cursor, limit)).fetchall()
+        return [(r[0], r[1], r[2], r[3], BlockRef(*r[4:]) if r[4] is not None else None) for r in rows]
 
     # symlinks
     def set_symlink(self, ino: int, target: bytes) -> None:
@@ -348,7 +390,7 @@ class Meta:
             self.db.execute("UPDATE blocks SET length=min(length, ?) WHERE inode=? AND blockno=?",
                             (size % block_size, ino, size // block_size))
         stored = self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
-        self.db.execute("UPDATE inodes SET stored_bytes=? WHERE id=?", (stored, ino))
+        self.update_inode(ino, stored_bytes=stored)
 
     def kms_slots_below(self, key_ref: str, version: int, after: bytes, limit: int) -> list[BlockRef]:
         """Blocks wrapped under an SSE-KMS key at a version below `version`, in object-id

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import re
+import functools
 from dataclasses import dataclass
 
 import msgpack
@@ -58,14 +59,26 @@ class Policy:
         return f"SSE-C:{self.key}".encode()
 
     def encode(self) -> bytes:
-        return msgpack.packb([self.mode, self.key, self.name])
+        return _encode(self)
 
     @classmethod
     def decode(cls, blob: bytes | None) -> "Policy | None":
         if blob is None:
             return None
-        mode, key, name = msgpack.unpackb(blob)
-        return cls(mode, key, name)
+        return _decode(blob)
+
+
+# Every file's row carries its policy, and open, create and the data path read it each time:
+# a store uses a handful of distinct ones, so the (immutable) results are memoised.
+@functools.lru_cache(maxsize=256)
+def _encode(policy: Policy) -> bytes:
+    return msgpack.packb([policy.mode, policy.key, policy.name])
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(blob: bytes) -> Policy:
+    mode, key, name = msgpack.unpackb(blob)
+    return Policy(mode, key, name)
 
 
 DEFAULT = Policy(SSE_S3)

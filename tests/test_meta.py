@@ -28,3 +28,48 @@ def test_xattr_shortcut_answers_like_the_database(tmp_path, monkeypatch):
     again = Meta(str(tmp_path / "m.db"))
     assert again.get_xattr(6, b"user.b") == b"w"
     assert again._xattr_inodes is meta_mod._ALWAYS_ASK
+
+
+def test_inode_rows_held_in_memory_answer_like_the_database(tmp_path, monkeypatch):
+    """Meta.inode serves rows from memory: after creates, updates, truncates, deletes and a
+    rolled-back transaction, and past the cache's bound, it still gives what a query gives."""
+    import random
+    import sqlite3
+    import stat
+
+    import pytest
+
+    monkeypatch.setattr(meta_mod, "INODE_CACHE", 8)
+    m = Meta.create(str(tmp_path / "m.db"), 0, 0, time.time_ns())
+    fresh = sqlite3.connect(str(tmp_path / "m.db"), isolation_level=None)  # committed rows only
+    rng = random.Random(5)
+    inos = []
+
+    def agree() -> None:
+        for ino in inos + [1, 10_000]:
+            row = fresh.execute(f"SELECT {meta_mod._INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
+            assert m.inode(ino) == (None if row is None else meta_mod.Inode(*row)), ino
+
+    for step in range(300):
+        action = rng.choice(["create", "update", "update", "truncate", "delete", "rollback"])
+        with m.transaction():
+            if action == "create" or not inos:
+                inos.append(m.create_inode(stat.S_IFREG | 0o644, 0, 0, 1, step).id)
+            elif action == "update":
+                m.update_inode(rng.choice(inos), size=rng.randrange(1 << 20), mtime_ns=step)
+            elif action == "truncate":
+                m.truncate_blocks(rng.choice(inos), 0, 4096)
+            elif action == "delete":
+                m.delete_inode(inos.pop(rng.randrange(len(inos))))
+        if action == "rollback":
+            ino = rng.choice(inos)
+            with pytest.raises(RuntimeError), m.transaction():
+                m.update_inode(ino, nlink=7, uid=99)
+                assert m.inode(ino).uid == 99  # the transaction sees its own change
+                raise RuntimeError("abandoned")
+        agree()
+        if inos:
+            row = m.inode(inos[0])
+            row.size = -1  # a caller's copy: changing it changes nothing held
+            assert m.inode(inos[0]).size != -1
+    assert len(m._rows) <= 8

@@ -50,7 +50,12 @@ PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a b
 # open(2) and sends its first read: the fetch's latency overlaps that round trip
 PREFETCH_ON_OPEN = 256 * 1024
 PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at once
-BATCH_DELAY = 0.03
+BATCH_DELAY = 0.03  # a streaming writer's full blocks are stored this soon
+# Closed files wait this long, so that the closes of a burst of small files share one put batch,
+# one sync and one commit: each sync is a journal commit of the disk under the store, which
+# holds up the metadata database's writes meanwhile (creating 5,000 small files: 30% less CPU
+# per file than with 30 ms). fsync, truncate and memory pressure do not wait.
+CLOSE_BATCH_DELAY = 0.25
 # how long stored blocks of a streaming writer may wait for their metadata commit
 COMMIT_DELAY = 1.0
 
@@ -162,6 +167,7 @@ class DataStore:
         # blocks stored at once: a few for a local disk; more hide a network store's latency
         self._store_limiter = trio.CapacityLimiter(getattr(backend, "store_concurrency", 4))
         self._kick = trio.Event()
+        self._sealed_waiting = False  # full blocks of a streaming writer may be waiting: hurry
         self._space = trio.Event()
         self._gc_kick = trio.Event()
         self._loading: dict[tuple[int, int], trio.Event] = {}
@@ -616,6 +622,7 @@ class DataStore:
             self.dirty_bytes += len(data) - before
             if boff + n == bs and len(data) == bs:
                 blk.sealed = True
+                self._sealed_waiting = True
                 self._kick.set()
             pos += n
             view = view[n:]
@@ -977,8 +984,7 @@ class DataStore:
                 await self._kick.wait()
             pressure = self.dirty_bytes > self.dirty_limit // 2
             if not pressure:
-                # let closes that arrive together share one put batch, one sync and one commit
-                await trio.sleep(BATCH_DELAY)
+                await trio.sleep(BATCH_DELAY if self._sealed_waiting else CLOSE_BATCH_DELAY)
             self._kick = trio.Event()
             now = time.monotonic()
             batch = [fs for fs in self.files.values() if fs.dirty and (
@@ -1020,6 +1026,8 @@ class DataStore:
                 await trio.sleep(1)
             for fs in batch:
                 self._maybe_drop(fs)
+            if self._sealed_waiting:
+                self._sealed_waiting = any(b.sealed for fs in self.files.values() for b in fs.blocks.values())
             if any(fs.dirty for fs in self.files.values()):
                 self._kick.set()
 

@@ -31,6 +31,7 @@ _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 NAME_READAHEAD = 16  # files fetched ahead of a reader that opens a directory's files in order
+PLACES_HELD = 65536  # (directory, cursor) of entries readdir returned, for that read-ahead
 
 
 @dataclass(eq=False)
@@ -59,6 +60,8 @@ class Filesystem:
         self.lookups: dict[int, int] = {}
         self._policies: dict[int, Policy] = {}  # directory -> effective encryption setting
         self._walks: dict[int, _Walk] = {}  # directory -> a reader opening its files in order
+        # inode -> (directory, cursor) of an entry readdir returned lately: saves opens a query
+        self._places: dict[int, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ helpers
     def _inode(self, ino: int) -> Inode:
@@ -366,6 +369,11 @@ class Filesystem:
     def readdir(self, ino: int, cursor: int, limit: int = 256) -> list[tuple[int, bytes, Inode]]:
         """Entries after `cursor` as (next cursor, name, attributes)."""
         rows = self.meta.entries_after(ino, cursor, limit)
+        places = self._places
+        for r in rows:
+            places[r[2]] = (ino, r[0])
+        while len(places) > PLACES_HELD:
+            del places[next(iter(places))]
         return [(r[0], r[1], self.with_overlay(Inode(*r[2:]))) for r in rows]
 
     # ------------------------------------------------------------------ attributes
@@ -419,6 +427,7 @@ class Filesystem:
     # ------------------------------------------------------------------ files
     async def open(self, ino: int, flags: int, caller: Caller) -> Inode:
         row = self._inode(ino)
+        first = None
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
@@ -429,7 +438,13 @@ class Filesystem:
 
             policy = Policy.decode(row.sse) or pol.DEFAULT
             if (flags & os.O_ACCMODE) != os.O_WRONLY:
-                await self.keys.check_read_async(self.meta.key_refs(ino), caller, path=path, policy=policy)
+                if row.size <= self.block_size:
+                    # one block at most: its row gives the keys, and what to fetch (one query)
+                    first = self.meta.block(ino, 0)
+                    refs = [] if first is None else [(first.mode, first.key_ref)]
+                else:
+                    refs = self.meta.key_refs(ino)
+                await self.keys.check_read_async(refs, caller, path=path, policy=policy)
             if writing:
                 await self.keys.check_write_async(policy, caller, path=path)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
@@ -446,7 +461,7 @@ class Filesystem:
                 raise
         self.data.opened(ino, writer=caller if writing else None)
         if (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC and stat.S_ISREG(row.mode):
-            self.data.prefetch_on_open(ino, caller)
+            self.data.prefetch_on_open(ino, caller, first)
             self._read_ahead_names(ino, caller)
         return row
 
@@ -456,7 +471,7 @@ class Filesystem:
         a sequential read of one file has its next blocks fetched. Only for SSE-S3 objects:
         a KMS data-key use is audited under the caller that reads, and an SSE-C key is the
         caller's own, so those are fetched when their file is opened, not before."""
-        here = self.meta.entry_of(ino)
+        here = self._places.get(ino) or self.meta.entry_of(ino)
         if here is None:
             return
         parent, cursor = here

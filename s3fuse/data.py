@@ -282,13 +282,20 @@ class DataStore:
                 fs.ctime_ns = ctime_ns
 
     # ------------------------------------------------------------------ reads
-    def prefetch_on_open(self, ino: int, who: Caller) -> None:
+    def prefetch_on_open(self, ino: int, who: Caller, first: BlockRef | None) -> None:
         """A file was opened for reading by `who` (its key checks passed): if it is small and
         stored, fetch and authenticate it now, into the segment cache, so that its first read
-        finds it there or waits for this fetch instead of starting its own."""
+        finds it there or waits for this fetch instead of starting its own. `first` is block
+        0's committed row, if the caller has it."""
         fs = self.files.get(ino)
-        if fs is not None and not fs.blocks:
-            self.prefetch(ino, fs.size, self.block_ref(ino, 0), who)
+        if fs is None or fs.blocks or not 0 < fs.size <= PREFETCH_ON_OPEN:
+            return
+        pending = self.pending.get(ino)
+        if pending is not None and 0 in pending:
+            first = pending[0]
+        elif first is None:
+            first = self.meta.block(ino, 0)
+        self.prefetch(ino, fs.size, first, who)
 
     def can_prefetch(self) -> bool:
         return self._prefetch_nursery is not None and self._prefetches < PREFETCH_TASKS

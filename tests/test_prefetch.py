@@ -98,3 +98,21 @@ def test_kms_files_are_not_fetched_ahead(mounted):
     assert after["prefetches_ahead"] == before["prefetches_ahead"]
     # each file was still fetched at its own open (or read), once
     assert after["prefetches"] - before["prefetches"] + after["read_fetches"] - before["read_fetches"] >= 20
+
+
+def test_a_sequential_reader_has_the_next_blocks_read_ahead(mounted):
+    """Entering a block, a sequential reader has the next blocks' objects read ahead (over S3
+    into the object cache, from a local store into the kernel's page cache); what it reads
+    is the file."""
+    data = random.Random(4).randbytes(5 * (4 << 20) + 123)
+    write_file(mounted.mnt / "big", data)
+    mounted.remount()
+    before = status(mounted)
+    got = bytearray()
+    with open(mounted.mnt / "big", "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            got += chunk
+    assert got == data
+    after = status(mounted)
+    key = "objects_read_ahead" if "objects_read_ahead" in after else "s3_prefetches"
+    assert after[key] - before.get(key, 0) >= 3, (key, after[key])

@@ -489,10 +489,10 @@ class Filesystem:
                     walk.done = False  # the rest when fetches have finished
                     break
                 walk.upto = cur
-                if stat.S_ISREG(mode) and ref is not None and ref.mode == pol.SSE_S3:
-                    if self.data.prefetch(child, size, ref, caller):
-                        walk.ahead.append(cur)
-                        self.data.stats["prefetches_ahead"] += 1
+                if (stat.S_ISREG(mode) and ref is not None and ref.mode == pol.SSE_S3
+                        and self.data.prefetch(child, size, ref, caller)):
+                    walk.ahead.append(cur)
+                    self.data.stats["prefetches_ahead"] += 1
         walk.opens += 1
         self._walks[parent] = walk
         if len(self._walks) > 64:

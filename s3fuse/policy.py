@@ -14,8 +14,8 @@ never re-encrypts. Values:
 from __future__ import annotations
 
 import errno
-import re
 import functools
+import re
 from dataclasses import dataclass
 
 import msgpack

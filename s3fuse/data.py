@@ -53,7 +53,7 @@ PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at
 BATCH_DELAY = 0.03  # a streaming writer's full blocks are stored this soon
 # Closed files wait this long, so that the closes of a burst of small files share one put batch,
 # one sync and one commit: each sync is a journal commit of the disk under the store, which
-# holds up the metadata database's writes meanwhile (creating 5,000 small files: 30% less CPU
+# holds up the metadata database's writes meanwhile (creating 5,000 small files: about 20% less CPU
 # per file than with 30 ms). fsync, truncate and memory pressure do not wait.
 CLOSE_BATCH_DELAY = 0.25
 # how long stored blocks of a streaming writer may wait for their metadata commit
@@ -327,7 +327,7 @@ class DataStore:
             self._prefetches -= 1
 
     async def prefetcher(self) -> None:
-        """Runs the open-time fetches (`prefetch_on_open`) while the filesystem is mounted."""
+        """Runs the fetches of `prefetch` (at open, and ahead of a reader) while mounted."""
         try:
             async with trio.open_nursery() as nursery:
                 self._prefetch_nursery = nursery

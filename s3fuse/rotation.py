@@ -169,6 +169,9 @@ class MasterKeys:
         self._keyring_mtime = time.time()
 
     async def rotate(self, who: Caller, trigger: str = "request") -> dict:
+        # what was written before the rotation is stored under the old version (and re-wrapped
+        # by the sweep), whatever the flusher's timing
+        await self.data.flush_all(durable=False)
         async with self._lock:
             old = self.keyring.current
             new = self.keyring.rotated()

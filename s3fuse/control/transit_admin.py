@@ -110,6 +110,9 @@ class TransitAdmin:
                 if op == "describe":
                     return await self._run(transit.describe, key_id)
                 if op == "rotate":
+                    # what was written before the rotation is stored under the old version and
+                    # then re-wrapped, not stored under the new one by chance of timing
+                    await self.daemon.data.flush_all(durable=False)
                     result = await self._run(transit.rotate, key_id, p)
                     if args.get("rewrap", True):
                         result = {**result, "rewrap": await self._rewrap(key_id, who)}

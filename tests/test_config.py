@@ -233,7 +233,9 @@ path = "{logs}/trail/audit.log"
 """)
     m.extra_args = ["--config", str(cfg)]
     m.start()
-    (m.mnt / "f").write_bytes(b"x" * 1000)
+    with open(m.mnt / "f", "wb") as f:
+        f.write(b"x" * 1000)
+        os.fsync(f.fileno())  # stored now: its data key is generated (and audited) before the checks
     assert os.getxattr(m.mnt / "f", "user.s3fuse.mode") == b"aws:kms"
     r = run_cli("status", m.mnt)
     assert f"audit_log: {logs}/trail/audit.log" in r.stdout

@@ -235,6 +235,7 @@ path = "{logs}/trail/audit.log"
     m.start()
     with open(m.mnt / "f", "wb") as f:
         f.write(b"x" * 1000)
+        f.flush()
         os.fsync(f.fileno())  # stored now: its data key is generated (and audited) before the checks
     assert os.getxattr(m.mnt / "f", "user.s3fuse.mode") == b"aws:kms"
     r = run_cli("status", m.mnt)

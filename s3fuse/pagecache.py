@@ -20,7 +20,9 @@ the same lock just before it reaches the kernel, and the change waits for a push
 that is already under way.
 
 Pushes run in one worker thread of their own: storing a page waits for its lock, which a read
-the event loop has not answered yet may hold, so the event loop must never make this call.
+the event loop has not answered yet may hold, so the event loop must never make this call,
+with one exception: `store_now`, a whole small file at its only OPEN, when no READ of it can
+be under way (data.DataStore._push_on_open).
 The same thread tells the kernel to drop cached attributes that changed without a request
 of its own (st_blocks after a background flush): a notification is a write to the FUSE
 device, which need not cost the event loop a system call.
@@ -68,7 +70,7 @@ class PageCachePusher:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="s3fuse-pagecache", daemon=True)
         self._thread.start()
-        self.stats = {"pagecache_bytes_pushed": 0, "pagecache_pushes_dropped": 0}
+        self.stats = {"pagecache_bytes_pushed": 0, "pagecache_pushes_dropped": 0, "pagecache_opens_served": 0}
 
     # ------------------------------------------------------------------ event loop side
     def push(self, fs: Pushable, gen: int, offset: int, data: memoryview) -> None:
@@ -83,6 +85,18 @@ class PageCachePusher:
             self._queue.append((fs, gen, offset, data))
             self._queued_bytes += len(data)
             self._changed.notify_all()
+
+    def store_now(self, ino: int, data: memoryview) -> None:
+        """Store a whole small file's data at once, from the event loop, while its only
+        OPEN is being answered (data.DataStore.push_on_open says why that cannot wait on a
+        page lock). Best effort: a failure costs only the READ that the kernel then sends."""
+        try:
+            self._store(ino, 0, data)
+            with self._lock:
+                self.stats["pagecache_bytes_pushed"] += len(data)
+                self.stats["pagecache_opens_served"] += 1
+        except OSError as exc:
+            log.debug("page-cache store at open of inode %d failed: %s", ino, exc)
 
     def attrs_changed(self, inos: list[int]) -> None:
         """The kernel's cached attributes of `inos` are stale: have them dropped. Never blocks."""

@@ -116,3 +116,38 @@ def test_a_sequential_reader_has_the_next_blocks_read_ahead(mounted):
     after = status(mounted)
     key = "objects_read_ahead" if "objects_read_ahead" in after else "s3_prefetches"
     assert after[key] - before.get(key, 0) >= 3, (key, after[key])
+
+
+def test_files_fetched_ahead_are_read_without_a_read_request(mounted):
+    """A small file whose plaintext was fetched ahead is handed to the kernel's page cache at
+    its open (data._push_on_open): the reader's read is answered by the kernel, and is the file."""
+    files = make_files(mounted.mnt / "d", 60, seed=5)
+    mounted.remount()
+    d = mounted.mnt / "d"
+    before = status(mounted)
+    assert read_in_order(d, sorted(files)) == files
+    after = status(mounted)
+    served = after["pagecache_opens_served"] - before["pagecache_opens_served"]
+    reads = after["reads"] - before["reads"]
+    assert served >= 40, f"only {served} of 60 opens found their file fetched ahead"
+    assert reads <= 60 - served + 5, f"{reads} READ requests although {served} files were in the page cache"
+
+
+def test_an_open_never_hands_over_data_older_than_another_handle_wrote(mounted):
+    """The data handed to the kernel at an open are the stored ones; a handle open for writing
+    may hold newer ones in the kernel's page cache (not yet written back). With another handle
+    open nothing is handed over, so a reader sees the writer's bytes."""
+    files = make_files(mounted.mnt / "d", 30, seed=6)
+    mounted.remount()
+    d = mounted.mnt / "d"
+    names = sorted(files)
+    assert read_in_order(d, names[:3]) == {n: files[n] for n in names[:3]}  # the rest: fetched ahead
+    for name in names[3:20]:
+        with open(d / name, "r+b", buffering=0) as w:
+            w.write(b"NEW")  # in the kernel's page cache, dirty
+            with open(d / name, "rb") as r:
+                got = r.read()
+            assert got[:3] == b"NEW" and got[3:] == files[name][3:], name
+        files[name] = b"NEW" + files[name][3:]
+    # after the writers closed, opens may hand data over again: still the new bytes
+    assert read_in_order(d, names) == files

@@ -88,7 +88,7 @@ class PageCachePusher:
 
     def store_now(self, ino: int, data: memoryview) -> None:
         """Store a whole small file's data at once, from the event loop, while its only
-        OPEN is being answered (data.DataStore.push_on_open says why that cannot wait on a
+        OPEN is being answered (data.DataStore._push_on_open says why that cannot wait on a
         page lock). Best effort: a failure costs only the READ that the kernel then sends."""
         try:
             self._store(ino, 0, data)

@@ -184,7 +184,8 @@ class DataStore:
         self._pending_since = 0.0
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
-                      "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0}
+                      "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
+                      "blocks_read_ahead": 0}
         self._last_failure = ""
         self._attempted: list[bytes] = []
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache
@@ -327,6 +328,21 @@ class DataStore:
         self.pusher.store_now(fs.ino, memoryview(data)[: fs.size])
         return True
 
+    def _decrypt_ahead(self, fs: FileState | None, blockno: int, who: Caller) -> None:
+        """A sequential reader entering a block has the next one fetched and authenticated into
+        the segment cache meanwhile, so that its first read there finds it (or waits for a fetch
+        already under way) instead of only then starting the fetch and the whole block's
+        decryption."""
+        if fs is None or blockno in fs.blocks or blockno * self.block_size >= fs.size or not self.can_prefetch():
+            return
+        ref = self.block_ref(fs.ino, blockno)
+        if (ref is None or ref.object_id in self._fetching
+                or self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None):
+            return
+        self._prefetches += 1
+        self.stats["blocks_read_ahead"] += 1
+        self._prefetch_nursery.start_soon(self._prefetch, ref, ref.length, who)
+
     def can_prefetch(self) -> bool:
         return self._prefetch_nursery is not None and self._prefetches < PREFETCH_TASKS
 
@@ -395,12 +411,14 @@ class DataStore:
             blockno, boff = divmod(pos, bs)
             n = min(end - pos, bs - boff)
             blk = fs.blocks.get(blockno) if fs is not None else None
-            if sequential and boff < PREFETCH_TRIGGER and hasattr(self.backend, "prefetch"):
-                # a sequential reader entering a block: have the next blocks' objects on their way
-                for ahead in range(blockno + 1, blockno + 1 + PREFETCH_BLOCKS):
-                    ref = self.block_ref(ino, ahead)
-                    if ref is not None:
-                        self.backend.prefetch(ref.object_id.hex())
+            if sequential and boff < PREFETCH_TRIGGER:
+                if hasattr(self.backend, "prefetch"):
+                    # a sequential reader entering a block: have the next blocks' objects on their way
+                    for ahead in range(blockno + 1, blockno + 1 + PREFETCH_BLOCKS):
+                        ref = self.block_ref(ino, ahead)
+                        if ref is not None:
+                            self.backend.prefetch(ref.object_id.hex())
+                self._decrypt_ahead(fs, blockno + 1, who)
             if blk is not None:
                 chunk = bytes(blk.data[boff : boff + n])
             else:

@@ -102,8 +102,8 @@ def test_kms_files_are_not_fetched_ahead(mounted):
 
 def test_a_sequential_reader_has_the_next_blocks_read_ahead(mounted):
     """Entering a block, a sequential reader has the next blocks' objects read ahead (over S3
-    into the object cache, from a local store into the kernel's page cache); what it reads
-    is the file."""
+    into the object cache, from a local store into the kernel's page cache) and the next block
+    decrypted into the segment cache; what it reads is the file."""
     data = random.Random(4).randbytes(5 * (4 << 20) + 123)
     write_file(mounted.mnt / "big", data)
     mounted.remount()
@@ -116,6 +116,8 @@ def test_a_sequential_reader_has_the_next_blocks_read_ahead(mounted):
     after = status(mounted)
     key = "objects_read_ahead" if "objects_read_ahead" in after else "s3_prefetches"
     assert after[key] - before.get(key, 0) >= 3, (key, after[key])
+    # and the next block was fetched and authenticated ahead of the reader (data._decrypt_ahead)
+    assert after["blocks_read_ahead"] - before["blocks_read_ahead"] >= 3, after["blocks_read_ahead"]
 
 
 def test_files_fetched_ahead_are_read_without_a_read_request(mounted):

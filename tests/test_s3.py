@@ -399,3 +399,26 @@ def test_small_objects_put_are_cached_and_full_blocks_are_not(mount_factory, sto
     assert len(cached) == 1 and cached[0] < 1 << 20, cached
     assert (m.mnt / "small").read_bytes() == small
     assert int(status(m)["s3_gets"]) == 0
+
+
+def test_object_cache_keeps_exact_bytes_whether_filled_directly_or_not(tmp_path):
+    """Cache files written with O_DIRECT (padded to whole blocks, then cut to size) and the
+    usual way read back byte for byte, at sizes on and off block boundaries. No server needed."""
+    import random
+
+    from s3fuse.backends.s3 import DIRECT_BUFFER, ObjectCache
+
+    cache = ObjectCache(str(tmp_path / "cache"), 64 << 20)
+    rng = random.Random(7)
+    objects = {f"k{i}": [rng.randbytes(n) for n in sizes] for i, sizes in enumerate(
+        [[1], [4096], [4095, 2], [1 << 20, 4113], [DIRECT_BUFFER], [DIRECT_BUFFER, 1]])}
+    for key, parts in objects.items():
+        cache.store(key, parts)
+    # the one larger than a buffer went the usual way, the rest directly (unless this
+    # filesystem refuses O_DIRECT: then all went the usual way, as they must)
+    assert cache.direct_fills == (len(objects) - 1 if cache._direct_ok else 0)
+    for key, parts in objects.items():
+        whole = b"".join(parts)
+        assert os.path.getsize(tmp_path / "cache" / key) == len(whole)
+        assert cache.read(key, [(0, None)]) == [whole]
+        assert cache.read(key, [(len(whole) // 2, None), (0, 1)]) == [whole[len(whole) // 2:], whole[:1]]

@@ -504,6 +504,9 @@ class S3Backend(Backend):
         self._whole_gets: dict[str, threading.Event] = {}
         self._prefetches = 0
         self._whole_lock = threading.Lock()
+        # objects a prefetch just fetched, handed to the read that wants them without reading
+        # them back from the cache file; at most PREFETCH_MAX, the oldest dropped beyond that
+        self._fresh: OrderedDict[str, bytes] = OrderedDict()
         self.s3 = S3Client(loc, max_requests, retry_budget, multipart_threshold, part_size)
         self._workers = WorkerPool(max_requests, "s3fuse-s3")
         self.cache = ObjectCache(cache_dir, cache_limit) if cache_dir else None
@@ -512,7 +515,7 @@ class S3Backend(Backend):
         self._pending_deletes: list[str] = []
         self._fds: OrderedDict[str, int] = OrderedDict()  # open cache files (event loop only)
         self._stats = {"s3_gets": 0, "s3_bytes_in": 0, "s3_puts": 0, "s3_bytes_out": 0, "s3_deletes": 0,
-                       "s3_prefetches": 0}
+                       "s3_prefetches": 0, "s3_prefetch_handoffs": 0}
 
     @property
     def stats(self) -> dict[str, int]:
@@ -588,8 +591,12 @@ class S3Backend(Backend):
 
     def _prefetch(self, key: str, done: threading.Event) -> None:
         try:
-            self._fetch_whole(key)
+            body = self._fetch_whole(key)
             self._stats["s3_prefetches"] += 1
+            with self._whole_lock:
+                self._fresh[key] = body
+                while len(self._fresh) > PREFETCH_MAX:
+                    self._fresh.popitem(last=False)
         except Exception as exc:  # noqa: BLE001 - the read that needs it will fetch and report
             log.debug("prefetch of object %s failed: %s", key, exc)
         finally:
@@ -598,7 +605,20 @@ class S3Backend(Backend):
                 self._prefetches -= 1
             done.set()
 
+    def _take_fresh(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes] | None:
+        """The ranges from an object a prefetch just fetched (and cached), if it is held."""
+        with self._whole_lock:
+            body = self._fresh.pop(key, None)
+        if body is None:
+            return None
+        self._stats["s3_prefetch_handoffs"] += 1
+        view = memoryview(body)
+        return [bytes(view[off:] if n is None else view[off:off + n]) for off, n in ranges]
+
     def _get_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes]:
+        fresh = self._take_fresh(key, ranges)
+        if fresh is not None:
+            return fresh
         if self.cache:
             hit = self.cache.read(key, ranges)
             if hit is not None:
@@ -657,7 +677,7 @@ class S3Backend(Backend):
                     done = self._whole_gets[key] = threading.Event()
                     break
             coming.wait()  # that GET has its own timeouts and retry budget
-            hit = self.cache.read(key, ranges)
+            hit = self._take_fresh(key, ranges) or self.cache.read(key, ranges)
             if hit is not None:
                 return hit
             # it failed, or the object was too large to cache: fetch it here
@@ -733,6 +753,8 @@ class S3Backend(Backend):
 
     async def delete(self, key: str) -> None:
         self._forget_fd(key)
+        with self._whole_lock:
+            self._fresh.pop(key, None)
         if self.defer_deletes:
             if self.cache:
                 self.cache.drop(key)

@@ -336,12 +336,8 @@ class DataStore:
         if fs is None or blockno in fs.blocks or blockno * self.block_size >= fs.size or not self.can_prefetch():
             return
         ref = self.block_ref(fs.ino, blockno)
-        if (ref is None or ref.object_id in self._fetching
-                or self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None):
-            return
-        self._prefetches += 1
-        self.stats["blocks_read_ahead"] += 1
-        self._prefetch_nursery.start_soon(self._prefetch, ref, ref.length, who)
+        if ref is not None and self._start_fetch(ref, ref.length, who):
+            self.stats["blocks_read_ahead"] += 1
 
     def can_prefetch(self) -> bool:
         return self._prefetch_nursery is not None and self._prefetches < PREFETCH_TASKS
@@ -350,17 +346,24 @@ class DataStore:
         """Fetch a small file's stored block `ref` into the segment cache in the background,
         unless it is too big, unflushed, cached, being fetched, or enough fetches are under
         way. -> whether a fetch was started."""
-        if (not self.can_prefetch() or ref is None or not 0 < size <= PREFETCH_ON_OPEN
-                or ref.object_id in self._fetching):
+        if ref is None or not 0 < size <= PREFETCH_ON_OPEN:
             return False
         fs = self.files.get(ino)
         if fs is not None and (fs.blocks or fs.size != size) or ino in self.pending:
             return False  # newer data than `ref` exists
-        if self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None:
+        if not self._start_fetch(ref, min(size, ref.length), who):
+            return False
+        self.stats["prefetches"] += 1
+        return True
+
+    def _start_fetch(self, ref: BlockRef, length: int, who: Caller) -> bool:
+        """Fetch `ref` into the segment cache in a background task, unless it is cached, being
+        fetched, or enough fetches are under way. -> whether a fetch was started."""
+        if (not self.can_prefetch() or ref.object_id in self._fetching
+                or self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None):
             return False
         self._prefetches += 1
-        self.stats["prefetches"] += 1
-        self._prefetch_nursery.start_soon(self._prefetch, ref, min(size, ref.length), who)
+        self._prefetch_nursery.start_soon(self._prefetch, ref, length, who)
         return True
 
     async def _prefetch(self, ref: BlockRef, length: int, who: Caller) -> None:

@@ -205,6 +205,22 @@ def test_repeated_reads_come_from_the_object_cache(mount_factory, store_backend)
     assert int(st["object_cache_bytes"]) <= 16 << 20
 
 
+def test_a_sequential_read_of_objects_larger_than_the_cache_admits(mount_factory, store_backend):
+    """With a 4 MiB cache an object over 2 MiB is fetched ahead only in part: that part must
+    never answer a read (it would be short), so the reads fetch for themselves and are right."""
+    m = mount_factory()
+    s3_set_backend_options(m.store, cache_mib=4)
+    m.remount()
+    data = os.urandom(3 * (4 << 20) + 5)
+    (m.mnt / "f").write_bytes(data)
+    m.remount()
+    with open(m.mnt / "f", "rb", buffering=0) as f:
+        got = b"".join(iter(lambda: f.read(1 << 20), b""))
+    assert got == data
+    st = status(m)
+    assert int(st["s3_prefetches"]) >= 1 and int(st["s3_prefetch_handoffs"]) == 0, st
+
+
 def test_partial_reads_are_ranged_gets(mount_factory, store_backend):
     m = mount_factory()
     s3_set_backend_options(m.store, cache_mib=0)

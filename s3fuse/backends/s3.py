@@ -400,9 +400,8 @@ class ObjectCache:
         filling the cache costs no page-cache copy (on this VM the buffered write of what a
         cold sequential read fetched took 17% of all CPU; with this, 3 A/B rounds of a cold
         1 GiB read over SeaweedFS: system CPU 2.7-4.4 -> 1.5-1.8 s, 183-204 -> 201-228 MB/s).
-        False: not possible here (object
-        larger than a buffer, all buffers busy, or the filesystem refuses O_DIRECT); then the
-        caller writes the usual way."""
+        False: not possible here (object larger than a buffer, all buffers busy, or the
+        filesystem refuses O_DIRECT); then the caller writes the usual way."""
         if size > DIRECT_BUFFER or not self._direct_ok:
             return False
         with self._lock:
@@ -591,12 +590,13 @@ class S3Backend(Backend):
 
     def _prefetch(self, key: str, done: threading.Event) -> None:
         try:
-            body = self._fetch_whole(key)
+            body, whole = self._fetch_whole(key)
             self._stats["s3_prefetches"] += 1
-            with self._whole_lock:
-                self._fresh[key] = body
-                while len(self._fresh) > PREFETCH_MAX:
-                    self._fresh.popitem(last=False)
+            if whole:  # a part of an object too large to cache must not answer a read
+                with self._whole_lock:
+                    self._fresh[key] = body
+                    while len(self._fresh) > PREFETCH_MAX:
+                        self._fresh.popitem(last=False)
         except Exception as exc:  # noqa: BLE001 - the read that needs it will fetch and report
             log.debug("prefetch of object %s failed: %s", key, exc)
         finally:
@@ -682,7 +682,7 @@ class S3Backend(Backend):
                 return hit
             # it failed, or the object was too large to cache: fetch it here
         try:
-            body = self._fetch_whole(key)
+            body, _ = self._fetch_whole(key)
         finally:
             with self._whole_lock:
                 del self._whole_gets[key]
@@ -690,14 +690,16 @@ class S3Backend(Backend):
         view = memoryview(body)
         return [bytes(view[off:off + n]) for off, n in ranges]
 
-    def _fetch_whole(self, key: str) -> bytes:
-        """GET an object (up to what the cache admits) and cache it if that was all of it."""
+    def _fetch_whole(self, key: str) -> tuple[bytes, bool]:
+        """GET an object (up to what the cache admits) and cache it if that was all of it.
+        -> (the bytes, whether they are the whole object)"""
         body, total = self.s3.get(self._key(key), 0, self.cache.limit // 2)
         self._stats["s3_gets"] += 1
         self._stats["s3_bytes_in"] += len(body)
-        if len(body) == total:
+        whole = len(body) == total
+        if whole:
             self.cache.store(key, body)
-        return body
+        return body, whole
 
     def try_get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         """The ranges, if the object is in the cache and the bytes are in the page cache

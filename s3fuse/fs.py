@@ -36,6 +36,7 @@ IO_BLOCK = 128 * 1024
 def _translate(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        self.requests += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -82,6 +83,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, core: Filesystem, statfs_source=None) -> None:
         super().__init__()
+        self.requests = 0  # FUSE requests handled: the daemon trims its heap when this stands still
         self.core = core
         self.statfs_source = statfs_source
         # open handles: reads carry no request context, so each handle remembers its opener

@@ -1,0 +1,44 @@
+"""Memory: what a burst of work took from the heap goes back to the kernel once the mount is
+quiet (daemon.trim_heap_when_idle), so the daemon's resident size follows what it holds live
+rather than the highest it ever reached."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from .conftest import run_cli, wait_until
+
+MiB = 1 << 20
+
+
+def status(m) -> dict:
+    r = run_cli("status", m.mnt, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def vm_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def test_an_idle_daemon_gives_back_the_heap_a_burst_of_writes_used(mounted):
+    first = status(mounted)
+    pid = first["pid"]
+    chunk = os.urandom(MiB)
+    with open(mounted.mnt / "big", "wb") as f:
+        for _ in range(160):  # well over the 64 MiB write-back buffer
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    peak = vm_kib(pid, "VmHWM")
+    wait_until(lambda: status(mounted)["heap_trims"] > first["heap_trims"], timeout=60,
+               what="the daemon to trim its heap once the writes were over")
+    resident = vm_kib(pid, "VmRSS")
+    # the buffers the writes filled are free now and no longer resident
+    assert resident <= peak - 32 * 1024, (
+        f"resident {resident // 1024} MiB after the trim, peak was {peak // 1024} MiB")
+    with open(mounted.mnt / "big", "rb") as f:
+        assert f.read(MiB) == chunk

@@ -422,7 +422,8 @@ def test_object_cache_keeps_exact_bytes_whether_filled_directly_or_not(tmp_path)
     usual way read back byte for byte, at sizes on and off block boundaries. No server needed."""
     import random
 
-    from s3fuse.backends.s3 import DIRECT_BUFFER, ObjectCache
+    from s3fuse.backends.direct import DIRECT_BUFFER
+    from s3fuse.backends.s3 import ObjectCache
 
     cache = ObjectCache(str(tmp_path / "cache"), 64 << 20)
     rng = random.Random(7)
@@ -432,7 +433,7 @@ def test_object_cache_keeps_exact_bytes_whether_filled_directly_or_not(tmp_path)
         cache.store(key, parts)
     # the one larger than a buffer went the usual way, the rest directly (unless this
     # filesystem refuses O_DIRECT: then all went the usual way, as they must)
-    assert cache.direct_fills == (len(objects) - 1 if cache._direct_ok else 0)
+    assert cache.direct.writes == (len(objects) - 1 if cache.direct.ok else 0)
     for key, parts in objects.items():
         whole = b"".join(parts)
         assert os.path.getsize(tmp_path / "cache" / key) == len(whole)

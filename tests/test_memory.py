@@ -21,7 +21,7 @@ def status(m) -> dict:
 
 def vm_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
 def test_an_idle_daemon_gives_back_the_heap_a_burst_of_writes_used(mounted):

@@ -55,7 +55,7 @@ STATUS_INTERVAL = 15.0  # seconds between STATUS= updates for `systemctl status`
 @dataclass
 class MountOptions:
     allow_other: bool = False
-    dirty_limit: int = 64 << 20
+    dirty_limit: int = 48 << 20
     cache_limit: int = 32 << 20
     readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
     # issue-4: SSE-S3 master-key rotation (None: the store's setting in store.json)
@@ -167,6 +167,22 @@ def bound_allocator() -> None:
 
 
 HEAP_IDLE_SECONDS = 2.0
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap_usage() -> dict[str, int]:
+    """glibc's heap: bytes in use and bytes free but still held (for `s3fuse status`)."""
+    fn = getattr(_libc, "mallinfo2", None)
+    if fn is None:  # not glibc, or glibc < 2.33
+        return {}
+    fn.restype = _Mallinfo2
+    info = fn()
+    return {"heap_in_use": info.uordblks + info.hblkhd, "heap_free": info.fordblks}
 
 
 async def trim_heap_when_idle(requests: Callable[[], int], busy: Callable[[], bool],
@@ -487,6 +503,7 @@ class Daemon:
             **{k: v for k, v in d.stats.items()},
             **(d.pusher.stats if d.pusher is not None else {}),
             "pagecache_pushes_pending": d.pusher.pending if d.pusher is not None else 0,
+            **heap_usage(),
             **getattr(self.backend, "stats", {}),
         }
 

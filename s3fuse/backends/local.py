@@ -32,7 +32,7 @@ class LocalBackend(Backend):
         self._workers = WorkerPool(max_threads, "s3fuse-local")
         self._advised: dict[str, bool] = {}  # objects recently read ahead (`prefetch`), bounded
         self.stats = {"objects_read_ahead": 0, "direct_puts": 0}
-        self._direct = DirectWriter(buffers=4)  # one per large put in flight (DataStore stores 4 at once)
+        self._direct = DirectWriter(buffers=2)  # more puts at once fall back to buffered writes
         if not os.path.isdir(root):
             raise BackendError(f"object directory {root} does not exist", errno.ENOENT)
         os.makedirs(self._tmp, exist_ok=True)

@@ -326,7 +326,7 @@ def load(path: str) -> FileConfig:
 
 DEFAULTS = {
     "allow_other": False,
-    "dirty_limit": 48 << 20,
+    "dirty_limit": 64 << 20,
     "cache_limit": 32 << 20,
     "readahead_kb": 8192,
     "log_level": "info",

@@ -55,7 +55,7 @@ STATUS_INTERVAL = 15.0  # seconds between STATUS= updates for `systemctl status`
 @dataclass
 class MountOptions:
     allow_other: bool = False
-    dirty_limit: int = 48 << 20
+    dirty_limit: int = 64 << 20
     cache_limit: int = 32 << 20
     readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
     # issue-4: SSE-S3 master-key rotation (None: the store's setting in store.json)

@@ -99,3 +99,29 @@ def test_the_local_store_keeps_exact_bytes_of_objects_written_directly_or_not(tm
     assert backend.stats["direct_puts"] == (large if backend._direct.ok else 0)
     assert large == 4
     assert os.listdir(os.path.join(root, ".tmp")) == []
+
+
+def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
+    """When writes outrun the store, the decrypted segments kept for readers give way (down
+    to a quarter of their limit), so that both are not at their limits at once; the data
+    written is all stored and reads back."""
+
+    async def main():
+        meta, data, ino = _store(tmp_path)
+        data.dirty_limit = 2 * BLOCK
+        data.cache.limit = 8 * SEGMENT
+        for i in range(8):
+            data.cache.put(((b"o" * 16, 99, i), 0), os.urandom(SEGMENT))
+        assert data.cache.used == 8 * SEGMENT
+        data.opened(ino, writer=SYSTEM)
+        payload = os.urandom(6 * BLOCK)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(data.flusher)
+            for off in range(0, len(payload), BLOCK // 2):
+                await data.write(ino, off, payload[off:off + BLOCK // 2])
+            await data.flush(ino, durable=True)
+            nursery.cancel_scope.cancel()
+        assert data.cache.used <= data.cache.limit // 4
+        assert await data.read(ino, 0, len(payload)) == payload
+
+    trio.run(main)

@@ -29,7 +29,7 @@ def test_an_idle_daemon_gives_back_the_heap_a_burst_of_writes_used(mounted):
     pid = first["pid"]
     chunk = os.urandom(MiB)
     with open(mounted.mnt / "big", "wb") as f:
-        for _ in range(160):  # well over the 48 MiB write-back buffer
+        for _ in range(160):  # well over the 64 MiB write-back buffer
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())

@@ -154,8 +154,8 @@ def bound_allocator() -> None:
     system CPU (381-448 -> 440-507 MB/s). With one arena per thread, each would keep its own
     high-water mark and RSS would grow with the thread count; with two, the write path's
     buffers (loop thread) and ciphertext (worker threads) fragmented two heaps, and the 4 GiB
-    write of scripts/bench peaked at 262-311 MiB. One arena, plus `trim_heap_when_idle`, kept
-    it at 232 MiB.
+    write of scripts/bench peaked at 262-311 MiB. With one arena, `trim_heap_when_idle` and
+    O_DIRECT object writes, 223-284 MiB over four full runs (184 MiB on a fresh daemon).
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
     try:

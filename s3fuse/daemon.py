@@ -283,6 +283,7 @@ class Daemon:
             rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
             forget_cached_keys=self.admin._forget_cached_keys)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
+        self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
 
     def _default_policy(self, kms: KmsProvider) -> Policy:
         """The encryption of files with no directory setting above them: the file's, else the store's."""
@@ -341,7 +342,7 @@ class Daemon:
                 nursery.start_soon(self.data.collector)
                 nursery.start_soon(self.data.prefetcher)
                 nursery.start_soon(trim_heap_when_idle, lambda: self.ops.requests,
-                                   lambda: self.data.dirty_bytes > 0, self.data.stats)
+                                   lambda: self.data.dirty_bytes > 0, self.heap_stats)
                 nursery.start_soon(self.master.scheduler, self.admin.kms_tick)
                 nursery.start_soon(self.master.sweeper)
                 if self.s3 is not None:
@@ -504,6 +505,7 @@ class Daemon:
             **(d.pusher.stats if d.pusher is not None else {}),
             "pagecache_pushes_pending": d.pusher.pending if d.pusher is not None else 0,
             **heap_usage(),
+            **self.heap_stats,
             **getattr(self.backend, "stats", {}),
         }
 

@@ -189,7 +189,7 @@ class DataStore:
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
                       "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
-                      "blocks_read_ahead": 0, "heap_trims": 0}
+                      "blocks_read_ahead": 0}
         self._last_failure = ""
         self._attempted: list[bytes] = []
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache

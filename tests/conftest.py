@@ -198,7 +198,13 @@ def list_objects(store: Path) -> set[str]:
     if store_is_s3(store):
         return s3_list_objects(store)
     out = set()
-    for dirpath, _dirs_, files in os.walk(Path(store) / "objects"):
+    root = Path(store) / "objects"
+    for dirpath, _dirs_, files in os.walk(root):
+        if Path(dirpath).name == ".free":
+            # deleted objects' files, kept for reuse (backends/local.py): never objects, and
+            # emptied when they were deleted
+            assert all((Path(dirpath) / f).stat().st_size == 0 for f in files), "a recycled file kept data"
+            continue
         for f in files:
             out.add(f)
     return out
@@ -206,7 +212,7 @@ def list_objects(store: Path) -> set[str]:
 
 def object_path(store: Path, oid: str) -> Path:
     for dirpath, _dirs_, files in os.walk(Path(store) / "objects"):
-        if oid in files:
+        if oid in files and Path(dirpath).name != ".free":
             return Path(dirpath) / oid
     raise FileNotFoundError(f"object {oid} not found under {store}/objects")
 

@@ -101,6 +101,65 @@ def test_the_local_store_keeps_exact_bytes_of_objects_written_directly_or_not(tm
     assert os.listdir(os.path.join(root, ".tmp")) == []
 
 
+def test_deleted_objects_are_recycled_for_later_puts(tmp_path, monkeypatch):
+    """A deleted object's file leaves the object namespace at once and is emptied (no
+    ciphertext stays behind); a later put writes into that same inode instead of allocating
+    one and reads back byte for byte. The kept files are bounded, never listed as objects,
+    and a new backend on the same directory finds them again."""
+    import pytest
+
+    from s3fuse.backends import local
+    from s3fuse.backends.base import NoSuchObject
+
+    root = str(tmp_path / "objects")
+    LocalBackend.create(root)
+    backend = LocalBackend(root)
+    free = os.path.join(root, ".free")
+    key = lambda i: f"{i:02x}" + "cd" * 15  # noqa: E731 - object keys like the real ones
+    body = {i: os.urandom(4096 + i) for i in range(8)}
+    body[7] = os.urandom(local.DIRECT_MIN + 1)  # a large one is emptied too
+    ino = lambda i: os.stat(os.path.join(root, key(i)[:2], key(i))).st_ino  # noqa: E731
+
+    async def main():
+        for i in (0, 1, 2, 7):
+            await backend.put(key(i), body[i])
+        freed = {ino(0), ino(1), ino(7)}
+        for i in (0, 1, 7):
+            await backend.delete(key(i))
+            assert await backend.head(key(i)) is None
+            with pytest.raises(NoSuchObject):
+                await backend.get(key(i))
+        assert backend.stats["objects_recycled"] == 3
+        assert sorted(os.listdir(free)) == sorted(key(i) for i in (0, 1, 7))
+        assert all(os.path.getsize(os.path.join(free, n)) == 0 for n in os.listdir(free))
+        assert [k async for k in backend.list()] == [key(2)]
+
+        for i in (3, 4, 5):
+            await backend.put(key(i), [body[i][:100], body[i][100:]])
+        assert {ino(3), ino(4), ino(5)} == freed  # the same inodes, written anew
+        assert backend.stats["puts_recycled"] == 3 and os.listdir(free) == []
+        for i in (2, 3, 4, 5):
+            assert await backend.get(key(i)) == body[i]
+        await backend.put(key(6), body[6])  # nothing left to reuse: a new file
+        assert ino(6) not in freed and await backend.get(key(6)) == body[6]
+
+        monkeypatch.setattr(local, "RECYCLE_MAX", 1)
+        await backend.delete(key(3))
+        await backend.delete(key(4))  # over the bound: unlinked
+        assert os.listdir(free) == [key(3)]
+        assert sorted([k async for k in backend.list()]) == [key(2), key(5), key(6)]
+
+    trio.run(main)
+    again = LocalBackend(root)
+    kept = os.stat(os.path.join(free, key(3))).st_ino
+
+    async def reuse():
+        await again.put(key(8), body[2])
+        assert ino(8) == kept and await again.get(key(8)) == body[2]
+
+    trio.run(reuse)
+
+
 def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
     """When writes outrun the store, the decrypted segments kept for readers give way (down
     to a quarter of their limit), so that both are not at their limits at once; the data

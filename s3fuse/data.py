@@ -171,7 +171,6 @@ class DataStore:
         self.dirty_bytes = 0
         self._flush_lock = trio.Lock()
         self._crypto = WorkerPool(crypto_threads, "s3fuse-crypto")
-        self._delete_limiter = trio.CapacityLimiter(8)
         # blocks stored at once: a few for a local disk; more hide a network store's latency
         self._store_limiter = trio.CapacityLimiter(getattr(backend, "store_concurrency", 4))
         self._kick = trio.Event()
@@ -1116,22 +1115,18 @@ class DataStore:
                 return done
             try:
                 try:
-                    async with trio.open_nursery() as nursery:
-                        for oid in ids:
-                            nursery.start_soon(self._delete_object, oid)
+                    await self.backend.delete_many([oid.hex() for oid in ids])
                 except BaseExceptionGroup as group:
                     raise collapse(group) from None
             except BackendError as exc:
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
                 return done
+            for oid in ids:
+                self._objects.pop(oid, None)
             with self.meta.transaction():
                 self.meta.forget_garbage(ids)
             done += len(ids)
 
-    async def _delete_object(self, oid: bytes) -> None:
-        async with self._delete_limiter:
-            await self.backend.delete(oid.hex())
-        self._objects.pop(oid, None)
 
     async def sweep_unreferenced(self) -> int:
         """After an unclean stop: delete objects that were put but never committed."""

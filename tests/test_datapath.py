@@ -144,8 +144,7 @@ def test_deleted_objects_are_recycled_for_later_puts(tmp_path, monkeypatch):
         assert ino(6) not in freed and await backend.get(key(6)) == body[6]
 
         monkeypatch.setattr(local, "RECYCLE_MAX", 1)
-        await backend.delete(key(3))
-        await backend.delete(key(4))  # over the bound: unlinked
+        await backend.delete_many([key(3), key(4), key(9)])  # key(4) is over the bound: unlinked
         assert os.listdir(free) == [key(3)]
         assert sorted([k async for k in backend.list()]) == [key(2), key(5), key(6)]
 

@@ -50,6 +50,20 @@ class Backend(abc.ABC):
     async def delete(self, key: str) -> None:
         """Delete an object; deleting a missing object is not an error."""
 
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete several objects, a few at a time; backends may batch them."""
+        import trio
+
+        limit = trio.CapacityLimiter(8)
+
+        async def one(key: str) -> None:
+            async with limit:
+                await self.delete(key)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+
     @abc.abstractmethod
     async def head(self, key: str) -> int | None:
         """The object's size, or None if it does not exist."""

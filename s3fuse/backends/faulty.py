@@ -132,6 +132,11 @@ class FaultyBackend(Backend):
         await self._fault("delete", key)
         await self.inner.delete(key)
 
+    async def delete_many(self, keys) -> None:
+        for key in keys:
+            await self._fault("delete", key)
+        await self.inner.delete_many(keys)
+
     async def head(self, key):
         await self._fault("head", key)
         return await self.inner.head(key)

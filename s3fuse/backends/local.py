@@ -252,6 +252,18 @@ class LocalBackend(Backend):
         self.forget_fd(key)
         await self._run(self._delete, key)
 
+    def _delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self._delete(key)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        # one thread hand-off for the batch: the collector deletes up to 256 objects at once,
+        # and a hand-off each cost more CPU on the event loop than the deletes themselves
+        for key in keys:
+            self.forget_fd(key)
+        if keys:
+            await self._run(self._delete_many, keys)
+
     def _head(self, key: str) -> int | None:
         try:
             return os.stat(self._path(key)).st_size

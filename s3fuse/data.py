@@ -932,7 +932,7 @@ class DataStore:
         return self.meta.block(ino, blockno)
 
     def _store_small(self, fs: FileState, blockno: int, blk: Block, refs: dict, stored_versions: dict,
-                     batch: list[tuple[str, list[bytes]]]) -> None:
+                     batch: list[tuple[str, bytearray]]) -> None:
         """Encrypt a small block on the loop (cheaper than a thread hop) and queue its put."""
         stored_versions[(fs.ino, blockno)] = blk.version
         data = bytes(blk.data)
@@ -940,10 +940,10 @@ class DataStore:
             refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
             return
         header, data_key, wrapped = self._new_object(fs.ino, blockno, len(data), fs.policy, fs.writer)
-        parts = fmt.encrypt_object_parts(header, data_key, data)
+        blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
         self._attempted.append(header.object_id)
-        batch.append((header.object_id.hex(), parts))
-        refs[(fs.ino, blockno)] = self._stored(header, wrapped, parts)
+        batch.append((header.object_id.hex(), blob))
+        refs[(fs.ino, blockno)] = self._stored(header, wrapped, header_len, len(blob))
 
     def _remote_key(self, policy: Policy) -> bool:
         """Whether new objects under `policy` need a network KMS call (then: a task each)."""
@@ -977,12 +977,12 @@ class DataStore:
         else:
             header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
         if len(data) > THREAD_THRESHOLD:
-            parts = await self._crypto.run(fmt.encrypt_object_parts, header, data_key, data)
+            blob, header_len = await self._crypto.run(fmt.encrypt_object_buffer, header, data_key, data)
         else:
-            parts = fmt.encrypt_object_parts(header, data_key, data)
+            blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
         self._attempted.append(header.object_id)
-        await self.backend.put(header.object_id.hex(), parts)
-        return self._stored(header, wrapped, parts)
+        await self.backend.put(header.object_id.hex(), blob)
+        return self._stored(header, wrapped, header_len, len(blob))
 
     def _new_object(self, ino: int, blockno: int, length: int, policy: Policy,
                     who: Caller) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
@@ -1004,12 +1004,12 @@ class DataStore:
                                   wrapped.key_ref, self.segment_size, length)
         return header, data_key, wrapped
 
-    def _stored(self, header: fmt.ObjectHeader, wrapped: WrappedKey, parts: list[bytes]) -> BlockRef:
+    def _stored(self, header: fmt.ObjectHeader, wrapped: WrappedKey, header_len: int, size: int) -> BlockRef:
         """The block-map row of an object that was (or is about to be) put."""
         self.stats["objects_put"] += 1
-        self.stats["bytes_put"] += sum(len(p) for p in parts)
+        self.stats["bytes_put"] += size
         return BlockRef(header.inode, header.block, header.object_id, header.length, header.length,
-                        len(parts[0]), wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
+                        header_len, wrapped.mode, wrapped.key_ref, wrapped.key_version, wrapped.key_slot)
 
     async def reencrypt(self, ino: int, policy: Policy, who: Caller) -> int:
         """Store every block of a file again under `policy`, switching all at once.

@@ -170,31 +170,39 @@ def encrypt_object(
     random: RandomSource = os.urandom,
 ) -> bytes:
     """Encode a whole object. `len(plaintext)` must equal `header.length`."""
-    return b"".join(encrypt_object_parts(header, data_key, plaintext, random))
+    return bytes(encrypt_object_buffer(header, data_key, plaintext, random)[0])
 
 
-def encrypt_object_parts(
+def encrypt_object_buffer(
     header: ObjectHeader,
     data_key: bytes,
     plaintext: bytes | bytearray | memoryview,
     random: RandomSource = os.urandom,
-) -> list[bytes]:
-    """The object as a list of byte strings (header, then nonce and ciphertext of each
-    segment), to be written with one gather write instead of being joined in memory."""
+) -> tuple[bytearray, int]:
+    """The object in one buffer, each segment encrypted straight into its place, and the
+    header's length. The same bytes as `encrypt_object`, without a buffer per segment or the
+    join: for a 4 MiB block that is 64 allocations and a 4 MiB copy fewer, and a bytearray
+    is what the S3 client sends with one `sendall` (bytes it would wrap in a file object
+    and send in 16 KiB reads)."""
     if len(plaintext) != header.length:
         raise ValueError("plaintext length does not match the header")
     keys = derive_object_keys(data_key, header.object_id)
-    parts = [encode_header(header, keys)]
+    head = encode_header(header, keys)
     size = header.segment_size
     count = header.segment_count
-    view = memoryview(plaintext)
+    out = bytearray(object_size(len(head), size, header.length))
+    out[: len(head)] = head
+    src, dst = memoryview(plaintext), memoryview(out)
+    pos = len(head)
     for i in range(count):
         nonce = random(NONCE_LEN)
-        chunk = view[i * size : (i + 1) * size]
-        aad = _segment_aad(header.object_id, i, i == count - 1)
-        parts.append(nonce)
-        parts.append(keys.segment.encrypt(nonce, chunk, aad))
-    return parts
+        chunk = src[i * size : (i + 1) * size]
+        dst[pos : pos + NONCE_LEN] = nonce
+        pos += NONCE_LEN
+        end = pos + len(chunk) + TAG_LEN
+        keys.segment.encrypt_into(nonce, chunk, _segment_aad(header.object_id, i, i == count - 1), dst[pos:end])
+        pos = end
+    return out, len(head)
 
 
 def segment_range(header_len: int, segment_size: int, length: int, first: int, last: int) -> tuple[int, int]:

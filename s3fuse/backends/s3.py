@@ -225,8 +225,10 @@ class S3Client:
         body = data if isinstance(data, (bytes, bytearray)) else b"".join(data)
         if len(body) > self.multipart_threshold and not extra:
             return self._put_multipart(key, memoryview(body))
+        # a bytearray goes out in one sendall; bytes botocore would wrap in a file object and
+        # send in 16 KiB reads (a copy and a system call each) after an Expect: 100-continue
         return self.call(f"PUT {key}", self.client.put_object, Bucket=self.loc.bucket, Key=key,
-                         Body=bytes(body), **extra)
+                         Body=body if isinstance(body, bytearray) else bytearray(body), **extra)
 
     def put_file(self, key: str, path: str, if_absent: bool = False) -> None:
         """Upload a local file, in parts when it is large (memory: one part at a time).
@@ -246,9 +248,9 @@ class S3Client:
             self._multipart(key, size, part)
 
     def _put_multipart(self, key: str, body: memoryview) -> dict:
-        return self._multipart(key, len(body), lambda i: bytes(body[i * self.part_size:(i + 1) * self.part_size]))
+        return self._multipart(key, len(body), lambda i: bytearray(body[i * self.part_size:(i + 1) * self.part_size]))
 
-    def _multipart(self, key: str, size: int, part: Callable[[int], bytes]) -> dict:
+    def _multipart(self, key: str, size: int, part: Callable[[int], bytes | bytearray]) -> dict:
         b = self.loc.bucket
         self.multipart_puts += 1
         up = self.call(f"create multipart {key}", self.client.create_multipart_upload, Bucket=b, Key=key)
@@ -256,8 +258,10 @@ class S3Client:
         try:
             parts = []
             for i in range((size + self.part_size - 1) // self.part_size):
+                body = part(i)
                 res = self.call(f"upload part {i + 1} of {key}", self.client.upload_part, Bucket=b, Key=key,
-                                UploadId=uid, PartNumber=i + 1, Body=part(i))
+                                UploadId=uid, PartNumber=i + 1,
+                                Body=body if isinstance(body, bytearray) else bytearray(body))  # see `put`
                 parts.append({"PartNumber": i + 1, "ETag": res["ETag"]})
             return self.call(f"complete multipart {key}", self.client.complete_multipart_upload, Bucket=b,
                              Key=key, UploadId=uid, MultipartUpload={"Parts": parts})

@@ -1127,7 +1127,6 @@ class DataStore:
                 self.meta.forget_garbage(ids)
             done += len(ids)
 
-
     async def sweep_unreferenced(self) -> int:
         """After an unclean stop: delete objects that were put but never committed."""
         removed = 0

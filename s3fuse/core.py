@@ -14,7 +14,6 @@ import logging
 import os
 import sqlite3
 import stat
-import time
 from dataclasses import dataclass, field
 
 from . import policy as pol
@@ -23,6 +22,7 @@ from .data import DataStore
 from .errors import S3fuseError
 from .meta import ROOT_INODE, Inode, Meta
 from .policy import Policy
+from .util import now_ns
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Filesystem:
             if policy != checked:
                 self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
             sse = policy.encode()
-        now = time.time_ns()
+        now = now_ns()
         with self.meta.transaction():
             row = self.meta.create_inode(mode, caller.uid, gid, 2 if is_dir else 1, now, rdev,
                                          sse=sse)
@@ -245,7 +245,7 @@ class Filesystem:
             raise _err(errno.ENOENT)
         if self.meta.lookup(new_parent, new_name) is not None:
             raise _err(errno.EEXIST)
-        now = time.time_ns()
+        now = now_ns()
         with self.meta.transaction():
             self.meta.add_entry(new_parent, new_name, ino)
             self._changed(ino, now, nlink=row.nlink + 1)
@@ -270,7 +270,7 @@ class Filesystem:
         row = self._inode(ino)
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
-        now = time.time_ns()
+        now = now_ns()
         with self.meta.transaction():
             self._unlink_entry(parent, name, row, now)
             self._touch_dir(parent, now)
@@ -290,7 +290,7 @@ class Filesystem:
             raise _err(errno.ENOTDIR)
         if self.meta.has_entries(ino):
             raise _err(errno.ENOTEMPTY)
-        now = time.time_ns()
+        now = now_ns()
         with self.meta.transaction():
             self._unlink_entry(parent, name, row, now)
             self._touch_dir(parent, now)
@@ -332,7 +332,7 @@ class Filesystem:
         dst_dir = dst is not None and stat.S_ISDIR(dst.mode)
         if exchange and dst_dir and self._is_ancestor(dst_ino, old_parent):
             raise _err(errno.EINVAL)
-        now = time.time_ns()
+        now = now_ns()
         with self.meta.transaction():
             if exchange:
                 self.meta.set_entry_inode(old_parent, old_name, dst_ino)
@@ -385,13 +385,13 @@ class Filesystem:
                 and gid is None and atime_ns is None):
             # The kernel's write-back cache sends the times of its writes at close: the
             # flush that is coming commits them, so no transaction is needed now.
-            now = time.time_ns()
+            now = now_ns()
             if mtime_ns is not None:
                 fs.mtime_ns = mtime_ns
             fs.ctime_ns = ctime_ns if ctime_ns is not None else now
             return self.attr(ino)
         row = self._inode(ino)
-        now = time.time_ns()
+        now = now_ns()
         if size is not None:
             if not stat.S_ISREG(row.mode):
                 raise _err(errno.EINVAL)
@@ -628,7 +628,7 @@ class Filesystem:
                 raise
             if stat.S_ISDIR(row.mode):
                 with self.meta.transaction():
-                    self._changed(ino, time.time_ns(), sse=policy.encode())
+                    self._changed(ino, now_ns(), sse=policy.encode())
                 self._policies.clear()
                 return
             if Policy.decode(row.sse) == policy:
@@ -646,7 +646,7 @@ class Filesystem:
             raise _err(errno.E2BIG)
         with self.meta.transaction():
             self.meta.set_xattr(ino, name, value)
-            self._changed(ino, time.time_ns())
+            self._changed(ino, now_ns())
 
     def listxattr(self, ino: int) -> list[bytes]:
         row = self._inode(ino)
@@ -664,7 +664,7 @@ class Filesystem:
             with self.meta.transaction():
                 if not self.meta.remove_xattr(ino, name):
                     raise _err(errno.ENODATA)
-                self._changed(ino, time.time_ns())
+                self._changed(ino, now_ns())
             return
         if name.startswith(pol.RESERVED_PREFIX):
             if name != pol.XATTR_SSE or not stat.S_ISDIR(row.mode):
@@ -673,10 +673,10 @@ class Filesystem:
             if row.sse is None:
                 raise _err(errno.ENODATA)
             with self.meta.transaction():
-                self._changed(ino, time.time_ns(), sse=None)
+                self._changed(ino, now_ns(), sse=None)
             self._policies.clear()
             return
         with self.meta.transaction():
             if not self.meta.remove_xattr(ino, name):
                 raise _err(errno.ENODATA)
-            self._changed(ino, time.time_ns())
+            self._changed(ino, now_ns())

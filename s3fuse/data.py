@@ -31,6 +31,7 @@ from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
 from .pagecache import PageCachePusher
 from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
+from .util import now_ns
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -689,7 +690,7 @@ class DataStore:
             view = view[n:]
         if pos > fs.size:
             fs.size = pos
-        now = time.time_ns()
+        now = now_ns()
         fs.mtime_ns = fs.ctime_ns = now
         if not fs.dirty_since:
             fs.dirty_since = time.monotonic()
@@ -727,7 +728,7 @@ class DataStore:
                 self.dirty_bytes -= len(partial.data) - size % bs
                 del partial.data[size % bs :]
                 partial.version += 1
-            now = time.time_ns()
+            now = now_ns()
             with self.meta.transaction():
                 if size < fs.db_size:
                     self.meta.truncate_blocks(ino, size, bs)
@@ -1035,9 +1036,9 @@ class DataStore:
             with self.meta.transaction():
                 for ref in new_refs:
                     self.meta.put_block(ref)
-                self.meta.update_inode(ino, sse=policy.encode(), ctime_ns=time.time_ns())
+                self.meta.update_inode(ino, sse=policy.encode(), ctime_ns=now_ns())
             fs.policy, fs.writer = policy, who
-            fs.ctime_ns = time.time_ns()
+            fs.ctime_ns = now_ns()
         self._gc_kick.set()
         self._maybe_drop(fs)
         return len(new_refs)

@@ -1033,12 +1033,13 @@ class DataStore:
                     for ref in new_refs:
                         self.meta.add_garbage(ref.object_id)
                 raise
+            now = now_ns()
             with self.meta.transaction():
                 for ref in new_refs:
                     self.meta.put_block(ref)
-                self.meta.update_inode(ino, sse=policy.encode(), ctime_ns=now_ns())
+                self.meta.update_inode(ino, sse=policy.encode(), ctime_ns=now)
             fs.policy, fs.writer = policy, who
-            fs.ctime_ns = now_ns()
+            fs.ctime_ns = now  # the same instant as the row, not a second reading
         self._gc_kick.set()
         self._maybe_drop(fs)
         return len(new_refs)

@@ -105,7 +105,8 @@ def test_deleted_objects_are_recycled_for_later_puts(tmp_path, monkeypatch):
     """A deleted object's file leaves the object namespace at once and is emptied (no
     ciphertext stays behind); a later put writes into that same inode instead of allocating
     one and reads back byte for byte. The kept files are bounded, never listed as objects,
-    and a new backend on the same directory finds them again."""
+    and a new backend on the same directory finds them again, emptying any that a crash
+    left with contents."""
     import pytest
 
     from s3fuse.backends import local
@@ -149,12 +150,18 @@ def test_deleted_objects_are_recycled_for_later_puts(tmp_path, monkeypatch):
         assert sorted([k async for k in backend.list()]) == [key(2), key(5), key(6)]
 
     trio.run(main)
+    # a crash between moving an object into .free/ and emptying it leaves its ciphertext there
+    with open(os.path.join(free, key(10)), "wb") as f:
+        f.write(os.urandom(3 * 4096))
     again = LocalBackend(root)
-    kept = os.stat(os.path.join(free, key(3))).st_ino
+    assert all(os.path.getsize(os.path.join(free, n)) == 0 for n in os.listdir(free))
+    kept = {os.stat(os.path.join(free, n)).st_ino for n in (key(3), key(10))}
 
     async def reuse():
         await again.put(key(8), body[2])
-        assert ino(8) == kept and await again.get(key(8)) == body[2]
+        await again.put(key(11), body[1])
+        assert {ino(8), ino(11)} == kept
+        assert await again.get(key(8)) == body[2] and await again.get(key(11)) == body[1]
 
     trio.run(reuse)
 

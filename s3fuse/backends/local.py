@@ -51,7 +51,28 @@ class LocalBackend(Backend):
         os.makedirs(self._free, mode=0o700, exist_ok=True)
         # names of empty files in .free/; deque's append and pop are atomic, so worker
         # threads share it without a lock and never take the same file twice
-        self._recycled: deque[str] = deque(os.listdir(self._free))
+        self._recycled: deque[str] = deque(self._spares())
+
+    def _spares(self) -> list[str]:
+        """The files a previous run left in `.free/`, each made empty (a crash between moving
+        an object there and emptying it leaves one that is not): puts write into them as
+        they are."""
+        names = os.listdir(self._free)
+        for name in names:
+            path = os.path.join(self._free, name)
+            if os.stat(path).st_size:
+                self._empty(path)
+        return names
+
+    @staticmethod
+    def _empty(path: str) -> None:
+        # Through a descriptor that is closed at once, not truncate(2) on the name: ext4
+        # marks a file emptied by truncation, and the next close of that file starts its
+        # write-back ("auto_da_alloc", for programs that replace a file by truncating it).
+        # That close would otherwise be the next put's, in a worker thread: 73 us per
+        # small object (py-spy), against 5 us without the mark. Closed here, with nothing
+        # to write back, the mark costs nothing.
+        os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
 
     @staticmethod
     def create(root: str) -> None:
@@ -107,7 +128,7 @@ class LocalBackend(Backend):
                 return None
             path = os.path.join(self._free, name)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                fd = os.open(path, os.O_WRONLY)  # empty (`_empty`): no O_TRUNC, no mark
             except FileNotFoundError:
                 continue  # removed by hand: take the next
             self.stats["puts_recycled"] += 1
@@ -240,7 +261,7 @@ class LocalBackend(Backend):
                 # emptied: no ciphertext stays behind, and the inode waits for the next put
                 spare = os.path.join(self._free, key)
                 os.rename(path, spare)
-                os.truncate(spare, 0)
+                self._empty(spare)
                 self._recycled.append(key)
                 self.stats["objects_recycled"] += 1
             else:

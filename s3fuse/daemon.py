@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import policy
+from . import fuseloop, policy
 from .audit import AuditLog
 from .backends import open_backend
 from .control import protocol
@@ -351,6 +351,7 @@ class Daemon:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
                 async with trio.open_nursery() as fuse:
+                    fuseloop.install()
                     fuse.start_soon(pyfuse3.main)
                     # the kernel applies its read-ahead cap when INIT completes, which a stat waits for
                     await trio.to_thread.run_sync(os.stat, self.mountpoint)
@@ -506,6 +507,8 @@ class Daemon:
             "pagecache_pushes_pending": d.pusher.pending if d.pusher is not None else 0,
             **heap_usage(),
             **self.heap_stats,
+            "fuse_waits_fast": fuseloop.wait_readable.fast,
+            "fuse_waits_slow": fuseloop.wait_readable.slow,
             **getattr(self.backend, "stats", {}),
         }
 

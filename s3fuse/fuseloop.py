@@ -123,7 +123,8 @@ class _Trio(types.SimpleNamespace):
 
 def install() -> None:
     """Point pyfuse3 at the tuned view of trio. Call before `pyfuse3.main`."""
-    pyfuse3.trio = _Trio(Lock=ReadLock, lowlevel=_Lowlevel(wait_readable=wait_readable))  # type: ignore[attr-defined]
+    view = _Trio(Lock=ReadLock, lowlevel=_Lowlevel(wait_readable=wait_readable))
+    pyfuse3.trio = view  # type: ignore[attr-defined]
 
 
 def installed() -> bool:

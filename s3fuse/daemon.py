@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import fuseloop, policy
+from . import defaults, fuseloop, policy
 from .audit import AuditLog
 from .backends import open_backend
 from .control import protocol
@@ -54,15 +54,15 @@ STATUS_INTERVAL = 15.0  # seconds between STATUS= updates for `systemctl status`
 
 @dataclass
 class MountOptions:
-    allow_other: bool = False
-    dirty_limit: int = 64 << 20
-    cache_limit: int = 32 << 20
-    readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
-    # issue-4: SSE-S3 master-key rotation (None: the store's setting in store.json)
+    allow_other: bool = defaults.ALLOW_OTHER
+    dirty_limit: int = defaults.DIRTY_LIMIT
+    cache_limit: int = defaults.CACHE_LIMIT
+    readahead_kb: int = defaults.READAHEAD_KB
+    # SSE-S3 master-key rotation (None: the store's setting in store.json)
     rotation_interval: float | None = None  # seconds between scheduled rotations; 0 = never
     rewrap_batch: int | None = None  # key slots re-wrapped per transaction
     rewrap_rate: float | None = None  # key slots re-wrapped per second at most; 0 = unthrottled
-    # issue 6 (configuration file, docs/CONFIG.md); None keeps the store's own setting
+    # from the configuration file (docs/CONFIG.md); None keeps the store's own setting
     audit_path: str | None = None
     default_sse: str | None = None
     kms: dict | None = None  # KMS provider settings overriding the store's (consumed by the KMS providers)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import defaults
 from . import format as fmt
 from .backends import Backend, NoSuchObject
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
@@ -165,8 +166,8 @@ class DataStore:
         store_id: bytes,
         block_size: int,
         segment_size: int,
-        dirty_limit: int = 128 << 20,
-        cache_limit: int = 64 << 20,
+        dirty_limit: int = defaults.DIRTY_LIMIT,
+        cache_limit: int = defaults.CACHE_LIMIT,
         flush_delay: float = 2.0,
         crypto_threads: int = 2,
     ) -> None:

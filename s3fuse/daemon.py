@@ -328,6 +328,7 @@ class Daemon:
             # reaches the mount at all; when that is root, who passes every such check, the
             # checks (and their round trips) are left out, as gocryptfs does.
             fuse_options |= set(pyfuse3.default_options)
+        fuseloop.install()  # before init, which may create pyfuse3's lock
         try:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
@@ -351,7 +352,6 @@ class Daemon:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
                 async with trio.open_nursery() as fuse:
-                    fuseloop.install()
                     fuse.start_soon(pyfuse3.main)
                     # the kernel applies its read-ahead cap when INIT completes, which a stat waits for
                     await trio.to_thread.run_sync(os.stat, self.mountpoint)
@@ -509,6 +509,8 @@ class Daemon:
             **self.heap_stats,
             "fuse_waits_fast": fuseloop.wait_readable.fast,
             "fuse_waits_slow": fuseloop.wait_readable.slow,
+            "fuse_lock_free": fuseloop.lock_counts.free,
+            "fuse_lock_waited": fuseloop.lock_counts.waited,
             **getattr(self.backend, "stats", {}),
         }
 

@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 
+from . import __version__
 from .config import ConfigError
 from .control import protocol
 from .control.client import ControlClient
@@ -43,6 +45,7 @@ def _mib(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="s3fuse", description="An encrypted object filesystem with S3's server-side-encryption model.")
+    p.add_argument("--version", action="version", version=f"s3fuse {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -172,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("audit", help="print the audit trail, or verify its hash chain")
     s.add_argument("action", nargs="?", choices=("verify",), help="verify: check the hash chain")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
-    s.add_argument("--key", help="only records of this key id, alias or fingerprint")
+    s.add_argument("--key", help="only records of this key id, alias or fingerprint (an alias "
+                   "matches every key it has named, as the trail shows, and the one it names now)")
     s.add_argument("--store", help="read the audit trail of this store (default: ask the daemon)")
     _mount_option(s)
     _add_fsck_parser(sub)
@@ -762,7 +766,13 @@ def cmd_audit(args) -> int:
             raise S3fuseError(f"audit trail {path}: {result.reason}", errno.EBADMSG)
         print(f"audit trail {path}: {result.records} records, hash chain intact")
         return 0
-    records = audit.follow(path, key=args.key) if args.follow else audit.read(path, key=args.key)
+    key = args.key
+    if key is not None and key.startswith("alias/") and not args.store:
+        try:  # the key the alias names now; the trail shows those it named before
+            key = audit.KeyFilter(key, (_call(args, "kms.describe", key=key)["id"],))
+        except S3fuseError:
+            pass
+    records = audit.follow(path, key=key) if args.follow else audit.read(path, key=key)
     try:
         for record in records:
             print(json.dumps(record, separators=(",", ":")), flush=True)
@@ -857,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, None):  # relative to where the command runs, not to the store
             setattr(args, name, os.path.abspath(getattr(args, name)))
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a reader gone is handled, not at the interpreter's exit
+        return status
     except S3fuseError as exc:
         _error_line(str(exc))
         # a bad configuration is a usage error: the unit does not restart on it (RestartPreventExitStatus=)
@@ -865,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as exc:
         _error_line(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return EXIT_ERROR
@@ -872,6 +886,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("s3fuse").exception("internal error")
         _error_line(f"internal error: {exc.__class__.__name__}: {exc}")
         return EXIT_ERROR
+
+
+def _reader_gone() -> int:
+    """Stdout's reader went away (`s3fuse ... | head`): stop quietly with the status a
+    tool killed by SIGPIPE has, as `cat` and `ls` do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _error_line(text: str) -> None:

@@ -379,7 +379,11 @@ class Filesystem:
     # ------------------------------------------------------------------ attributes
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                      mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+                      mtime_ns: int | None = None, ctime_ns: int | None = None,
+                      caller: Caller | None = None) -> Inode:
+        """`caller`: who changes the size by path (no open handle); such a size change
+        passes the key checks of an open for writing. A handle's (ftruncate) passed them
+        at open."""
         fs = self.data.overlay(ino)
         if (fs is not None and fs.dirty and size is None and mode is None and uid is None
                 and gid is None and atime_ns is None):
@@ -395,6 +399,9 @@ class Filesystem:
         if size is not None:
             if not stat.S_ISREG(row.mode):
                 raise _err(errno.EINVAL)
+            if caller is not None:
+                policy = Policy.decode(row.sse) or pol.DEFAULT
+                await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
             await self.data.truncate(ino, size)
         fields: dict[str, int] = {}
         if mode is not None:

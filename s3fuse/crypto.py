@@ -326,7 +326,9 @@ class KeyManager:
         """
         if policy is not None and policy.mode != SSE_S3:
             if policy.mode == SSE_C:
-                refs = [*refs, ("SSE-C-policy", policy.key)]
+                # first: a loaded key of the file's key name that is not its key is
+                # EKEYREJECTED, which the objects' verifiers alone cannot tell from ENOKEY
+                refs = [("SSE-C-policy", policy.key), *refs]
             else:
                 refs = [*refs, (SSE_KMS, policy.key)]
         if all(mode == SSE_S3 for mode, _ in refs):

@@ -137,6 +137,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            caller=_caller(ctx) if fh is None and fields.update_size else None,
         )
         return entry(row)
 

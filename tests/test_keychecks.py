@@ -15,7 +15,8 @@ import errno
 import json
 import os
 
-from .conftest import UNPRIV_PYTHON, run_as
+from .conftest import UNPRIV_PYTHON, run_as, run_cli
+from .test_cli import assert_cli_error
 from .test_sse import (ALICE, ALLOW_OTHER, BOB, add_key, audit_records, cli_ok, errno_of,
                        kms_create, owned_dir, read_file, setfattr_ok, write_file)
 
@@ -172,3 +173,23 @@ def test_audit_by_alias_finds_the_uses_of_the_key(mount_factory):
     out = cli_ok("audit", "--store", m.store, "--key", "alias/team")
     offline = [json.loads(line) for line in out.splitlines()]
     assert [r["seq"] for r in offline] == [r["seq"] for r in by_id]
+
+
+def test_a_root_key_others_may_read_is_refused(workdir, mount_factory):
+    m = mount_factory()
+    (m.mnt / "f").write_bytes(b"kept")
+    m.unmount()
+    key = m.store / "root.key"
+    mnt = workdir("mnt")
+    for mode, who in ((0o644, "its group and others"), (0o604, "others"), (0o640, "its group")):
+        key.chmod(mode)
+        r = run_cli("mount", m.store, mnt)
+        assert_cli_error(r, f"mount with root.key mode {mode:o}")
+        assert f"readable by {who}" in r.stderr and f"chmod 600 {key}" in r.stderr, r.stderr
+        assert not os.path.ismount(mnt)
+        # the same for a key file given explicitly
+        r = run_cli("fsck", m.store, "--root-key-file", key)
+        assert r.returncode == 8 and "chmod 600" in r.stderr, r.stderr
+    key.chmod(0o600)
+    m.start()
+    assert (m.mnt / "f").read_bytes() == b"kept"

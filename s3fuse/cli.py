@@ -43,6 +43,19 @@ def _mib(value: str) -> int:
     return n << 20
 
 
+POLICY_HELP = """\
+Get or set who may use and administer a KMS key. The policy is JSON with up to three
+sections, each a list of uids ("*": everyone) and of gids (primary or supplementary):
+
+  {"encrypt": {"uids": [1000], "gids": []},    create and write files under the key
+   "decrypt": {"uids": [1000, 1001], "gids": [100]},   open its files for reading
+   "admin":   {"uids": [1000]}}    enable, disable, schedule deletion, rotate, set the policy
+
+A section or list left out grants nobody but root; root passes every policy. Example:
+  echo '{"decrypt": {"uids": ["*"]}, "admin": {"uids": [1000]}}' | s3fuse kms policy set alias/team
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="s3fuse", description="An encrypted object filesystem with S3's server-side-encryption model.")
     p.add_argument("--version", action="version", version=f"s3fuse {__version__}")
@@ -94,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    s.add_argument("--verbose", "-v", action="store_true",
+                   help="also print every counter (the summary comes first)")
 
     s = sub.add_parser("rotate", help="rotate the SSE-S3 master key now, or retire unused versions")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -166,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key", metavar="KEY")
     s.add_argument("--days", type=int, required=True)
     _mount_option(s)
-    s = msub.add_parser("policy", help="get or set a key policy (JSON)")
+    s = msub.add_parser("policy", help="get or set a key policy (JSON)", description=POLICY_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("action", choices=("get", "set"))
     s.add_argument("key", metavar="KEY")
     s.add_argument("--file", help="set: read the policy JSON from this file instead of stdin")
@@ -572,8 +588,24 @@ def cmd_status(args) -> int:
     versions = status.pop("master_keys", None)
     rewrap = status.pop("rewrap", None)
     next_rotation = status.pop("next_rotation", None)
-    for key, value in status.items():
+    summary = {
+        "store": status.get("store"),
+        "mountpoint": status.get("mountpoint"),
+        "pid": status.get("pid"),
+        "files": f"{status.get('inodes')} inodes, {status.get('objects')} objects, "
+                 f"{status.get('open_files')} open",
+        "unflushed": _mib_text(status.get("dirty_bytes")),
+        "cache": f"{_mib_text(status.get('cache_bytes'))} of decrypted segments",
+        "keys": f"master key version {status.get('master_key_version')}, "
+                f"{status.get('customer_keys')} customer key(s) loaded",
+        "audit_log": status.get("audit_log"),
+    }
+    for key, value in summary.items():
         print(f"{key}: {value}")
+    if args.verbose:
+        print("counters:")
+        for key, value in status.items():
+            print(f"{key}: {value}")
     if versions is not None:
         print("master keys (SSE-S3):")
         for v in versions:
@@ -584,7 +616,13 @@ def cmd_status(args) -> int:
         print(f"re-wrap sweep: {rewrap['state']}, {rewrap['done']} of {rewrap['total']} key slot(s) "
               f"re-wrapped to version {rewrap['target_version']}, {rewrap['remaining']} remaining")
         print(f"next rotation: {_when(next_rotation) if next_rotation else 'never (rotation_interval 0)'}")
+    if not args.verbose:
+        print(f"({len(status)} counters: s3fuse status --verbose, or --json)")
     return 0
+
+
+def _mib_text(n) -> str:
+    return "?" if not isinstance(n, int) else f"{n / (1 << 20):.1f} MiB"
 
 
 def _when(ts) -> str:
@@ -692,10 +730,14 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
     if not rows:
         print("(none)")
         return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column)
+        return "-" if value is None else str(value)  # no alias, no version: "-", not "None"
+
+    widths = {c: max(len(c), *(len(cell(r, c)) for r in rows)) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns))
     for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+        print("  ".join(cell(r, c).ljust(widths[c]) for c in columns))
 
 
 def cmd_key(args) -> int:

@@ -31,7 +31,7 @@ def test_write_read_remount(mount_factory, store_backend):
 
 
 def status(m) -> dict[str, str]:
-    r = run_cli("status", m.mnt)
+    r = run_cli("status", m.mnt, "--verbose")
     assert r.returncode == 0, r.stderr
     return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 
-from . import __version__
+from . import __version__, defaults, durations
 from .config import ConfigError
 from .control import protocol
 from .control.client import ControlClient
@@ -25,7 +25,7 @@ from .errors import S3fuseError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = defaults.LOG_LEVELS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", metavar="STORE", help="directory to create the store in (new or empty), "
                    "or s3://BUCKET/PREFIX")
     _s3_options(s)
-    s.add_argument("--block-size-kib", type=int, default=4096,
-                   help="largest object: one per block of a file (default 4096)")
-    s.add_argument("--segment-size-kib", type=int, default=64,
-                   help="unit of authenticated encryption and of ranged reads (default 64)")
+    s.add_argument("--block-size-kib", type=int, default=defaults.BLOCK_SIZE >> 10,
+                   help=f"largest object: one per block of a file (default {defaults.BLOCK_SIZE >> 10})")
+    s.add_argument("--segment-size-kib", type=int, default=defaults.SEGMENT_SIZE >> 10,
+                   help="unit of authenticated encryption and of ranged reads "
+                        f"(default {defaults.SEGMENT_SIZE >> 10})")
     _root_key_source_options(s)
     _transit_init_options(s)
 
@@ -88,21 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     s.add_argument("--log-file", help="log here (default: stderr in the foreground, STORE/s3fuse.log otherwise)")
     s.add_argument("--dirty-limit-mib", type=_mib, default=None, dest="dirty_limit",
-                   help="memory for unflushed writes (default 64)")
+                   help=f"memory for unflushed writes (default {defaults.DIRTY_LIMIT >> 20})")
     s.add_argument("--cache-mib", type=_mib, default=None, dest="cache_limit",
-                   help="memory for decrypted segments (default 32)")
+                   help=f"memory for decrypted segments (default {defaults.CACHE_LIMIT >> 20})")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _root_key_options(s)
     s.add_argument("--root-key-fd", type=int, help=argparse.SUPPRESS)
-    s.add_argument("--rotation-interval", type=_seconds, metavar="SECONDS",
-                   help="rotate the SSE-S3 master key this often (default: the store's rotation_interval, "
-                        "30 days at init; 0 = never)")
+    s.add_argument("--rotation-interval", type=_interval, metavar="DURATION",
+                   help="rotate the SSE-S3 master key this often: seconds, or e.g. 90d, 12h "
+                        "(default: the store's rotation_interval, 30 days at init; 0 or never = never)")
     s.add_argument("--rewrap-batch", type=int, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--rewrap-rate", type=float, metavar="N", help=argparse.SUPPRESS)
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
-    s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the daemon (default 600)")
+    s.add_argument("--timeout", type=_duration, default=defaults.UMOUNT_TIMEOUT, metavar="DURATION",
+                   help=f"how long to wait for the daemon: seconds, or e.g. 10m (default {defaults.UMOUNT_TIMEOUT:g})")
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -285,14 +287,18 @@ def _root_key_source_options(s: argparse.ArgumentParser) -> None:
                    help="passphrase: scrypt cost, log2(N) (default 17: 128 MiB, about 0.5 s)")
 
 
-def _seconds(value: str) -> float:
+def _interval(value: str) -> float:
     try:
-        n = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return n
+        return durations.parse_interval(value)
+    except durations.DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(value: str) -> float:
+    try:
+        return durations.parse_positive(value)
+    except durations.DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _transit_init_options(s: argparse.ArgumentParser) -> None:

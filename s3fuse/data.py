@@ -32,7 +32,7 @@ from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
 from .pagecache import PageCachePusher
 from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
-from .util import now_ns
+from .util import now_ns, one_error
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -826,7 +826,7 @@ class DataStore:
                     if small:
                         nursery.start_soon(self._put_small, small, failed)
             except BaseExceptionGroup as group:
-                raise collapse(group) from None  # one backend failure, not a group, for the callers
+                raise one_error(group, S3fuseError) from None  # one backend failure, not a group, for the callers
             stored = [fs for fs in files if fs.ino not in failed]
             mine = {k: ref for k, ref in refs.items() if k[0] not in failed}
             if only_full and not durable:
@@ -901,7 +901,7 @@ class DataStore:
         try:
             await self.backend.put_many(items)
         except BaseExceptionGroup as group:
-            raise collapse(group) from None
+            raise one_error(group, S3fuseError) from None
 
     def _flush_failed(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None],
                       exc: S3fuseError) -> None:
@@ -1253,7 +1253,7 @@ class DataStore:
                 try:
                     await self.backend.delete_many([oid.hex() for oid in ids])
                 except BaseExceptionGroup as group:
-                    raise collapse(group) from None
+                    raise one_error(group, S3fuseError) from None
             except BackendError as exc:
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
                 return done
@@ -1275,23 +1275,6 @@ class DataStore:
                 await self.backend.delete(key)
                 removed += 1
         return removed
-
-
-def collapse(group: BaseExceptionGroup) -> BaseException:
-    """The first s3fuse error of a nursery's exception group when every error in it is one
-    (trio groups even a single failure); else the group itself."""
-    leaves = list(_leaves(group))
-    if leaves and all(isinstance(e, S3fuseError) for e in leaves):
-        return leaves[0]
-    return group
-
-
-def _leaves(exc: BaseException):
-    if isinstance(exc, BaseExceptionGroup):
-        for e in exc.exceptions:
-            yield from _leaves(e)
-    else:
-        yield exc
 
 
 def _all_zero(data: bytes | bytearray) -> bool:

@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 
-from . import defaults, durations
+from . import __version__, defaults, durations
 from .config import ConfigError
 from .control import protocol
 from .control.client import ControlClient
@@ -42,8 +43,22 @@ def _mib(value: str) -> int:
     return n << 20
 
 
+POLICY_HELP = """\
+Get or set who may use and administer a KMS key. The policy is JSON with up to three
+sections, each a list of uids ("*": everyone) and of gids (primary or supplementary):
+
+  {"encrypt": {"uids": [1000], "gids": []},    create and write files under the key
+   "decrypt": {"uids": [1000, 1001], "gids": [100]},   open its files for reading
+   "admin":   {"uids": [1000]}}    enable, disable, schedule deletion, rotate, set the policy
+
+A section or list left out grants nobody but root; root passes every policy. Example:
+  echo '{"decrypt": {"uids": ["*"]}, "admin": {"uids": [1000]}}' | s3fuse kms policy set alias/team
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="s3fuse", description="An encrypted object filesystem with S3's server-side-encryption model.")
+    p.add_argument("--version", action="version", version=f"s3fuse {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -94,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    s.add_argument("--verbose", "-v", action="store_true",
+                   help="also print every counter (the summary comes first)")
 
     s = sub.add_parser("rotate", help="rotate the SSE-S3 master key now, or retire unused versions")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -166,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key", metavar="KEY")
     s.add_argument("--days", type=int, required=True)
     _mount_option(s)
-    s = msub.add_parser("policy", help="get or set a key policy (JSON)")
+    s = msub.add_parser("policy", help="get or set a key policy (JSON)", description=POLICY_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("action", choices=("get", "set"))
     s.add_argument("key", metavar="KEY")
     s.add_argument("--file", help="set: read the policy JSON from this file instead of stdin")
@@ -175,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("audit", help="print the audit trail, or verify its hash chain")
     s.add_argument("action", nargs="?", choices=("verify",), help="verify: check the hash chain")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
-    s.add_argument("--key", help="only records of this key id, alias or fingerprint")
+    s.add_argument("--key", help="only records of this key id, alias or fingerprint (an alias "
+                   "matches every key it has named, as the trail shows, and the one it names now)")
     s.add_argument("--store", help="read the audit trail of this store (default: ask the daemon)")
     _mount_option(s)
     _add_fsck_parser(sub)
@@ -575,8 +594,24 @@ def cmd_status(args) -> int:
     versions = status.pop("master_keys", None)
     rewrap = status.pop("rewrap", None)
     next_rotation = status.pop("next_rotation", None)
-    for key, value in status.items():
+    summary = {
+        "store": status.get("store"),
+        "mountpoint": status.get("mountpoint"),
+        "pid": status.get("pid"),
+        "files": f"{status.get('inodes')} inodes, {status.get('objects')} objects, "
+                 f"{status.get('open_files')} open",
+        "unflushed": _mib_text(status.get("dirty_bytes")),
+        "cache": f"{_mib_text(status.get('cache_bytes'))} of decrypted segments",
+        "keys": f"master key version {status.get('master_key_version')}, "
+                f"{status.get('customer_keys')} customer key(s) loaded",
+        "audit_log": status.get("audit_log"),
+    }
+    for key, value in summary.items():
         print(f"{key}: {value}")
+    if args.verbose:
+        print("counters:")
+        for key, value in status.items():
+            print(f"{key}: {value}")
     if versions is not None:
         print("master keys (SSE-S3):")
         for v in versions:
@@ -587,7 +622,13 @@ def cmd_status(args) -> int:
         print(f"re-wrap sweep: {rewrap['state']}, {rewrap['done']} of {rewrap['total']} key slot(s) "
               f"re-wrapped to version {rewrap['target_version']}, {rewrap['remaining']} remaining")
         print(f"next rotation: {_when(next_rotation) if next_rotation else 'never (rotation_interval 0)'}")
+    if not args.verbose:
+        print(f"({len(status)} counters: s3fuse status --verbose, or --json)")
     return 0
+
+
+def _mib_text(n) -> str:
+    return "?" if not isinstance(n, int) else f"{n / (1 << 20):.1f} MiB"
 
 
 def _when(ts) -> str:
@@ -695,10 +736,14 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
     if not rows:
         print("(none)")
         return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column)
+        return "-" if value is None else str(value)  # no alias, no version: "-", not "None"
+
+    widths = {c: max(len(c), *(len(cell(r, c)) for r in rows)) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns))
     for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+        print("  ".join(cell(r, c).ljust(widths[c]) for c in columns))
 
 
 def cmd_key(args) -> int:
@@ -780,7 +825,13 @@ def cmd_audit(args) -> int:
             raise S3fuseError(f"audit trail {path}: {result.reason}", errno.EBADMSG)
         print(f"audit trail {path}: {result.records} records, hash chain intact")
         return 0
-    records = audit.follow(path, key=args.key) if args.follow else audit.read(path, key=args.key)
+    key = args.key
+    if key is not None and key.startswith("alias/") and not args.store:
+        try:  # the key the alias names now; the trail shows those it named before
+            key = audit.KeyFilter(key, (_call(args, "kms.describe", key=key)["id"],))
+        except S3fuseError:
+            pass
+    records = audit.follow(path, key=key) if args.follow else audit.read(path, key=key)
     try:
         for record in records:
             print(json.dumps(record, separators=(",", ":")), flush=True)
@@ -875,7 +926,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, None):  # relative to where the command runs, not to the store
             setattr(args, name, os.path.abspath(getattr(args, name)))
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a reader gone is handled, not at the interpreter's exit
+        return status
     except S3fuseError as exc:
         _error_line(str(exc))
         # a bad configuration is a usage error: the unit does not restart on it (RestartPreventExitStatus=)
@@ -883,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as exc:
         _error_line(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return EXIT_ERROR
@@ -890,6 +945,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("s3fuse").exception("internal error")
         _error_line(f"internal error: {exc.__class__.__name__}: {exc}")
         return EXIT_ERROR
+
+
+def _reader_gone() -> int:
+    """Stdout's reader went away (`s3fuse ... | head`): stop quietly with the status a
+    tool killed by SIGPIPE has, as `cat` and `ls` do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _error_line(text: str) -> None:

@@ -974,6 +974,26 @@ class DataStore:
                 out.append(self.describe(fs.ino))
         return sorted(out)
 
+    def renew_prepared(self, key_id: str) -> None:
+        """A KMS key was rotated: the data keys that opens made under it are made again under
+        its new version (the old one stays if that fails), so that data is stored under the
+        version current when it is stored, as without them. Not for a network KMS, whose
+        call would hold up the loop."""
+        if self.keys.kms_blocks(key=key_id):
+            return
+        for fs in self.files.values():
+            grant = fs.grant
+            if grant is None or not grant.prepared or fs.policy.mode != SSE_KMS or fs.policy.key != key_id:
+                continue
+            for block in list(grant.prepared):
+                object_id = os.urandom(fmt.OBJECT_ID_LEN)
+                try:
+                    data_key, wrapped = self.keys.new_data_key(fs.policy, object_id, fs.ino, block, fs.writer,
+                                                               self.describe(fs.ino))
+                except S3fuseError:
+                    continue
+                grant.prepared[block] = (object_id, data_key, wrapped)
+
     def failing(self) -> list[dict]:
         """Files whose data could not be stored yet: inode, path, bytes held, why."""
         return [{"inode": fs.ino, "path": self.describe(fs.ino), "reason": fs.failure,

@@ -153,6 +153,8 @@ class AdminHandlers:
             fields["alias"] = result.get("alias")
         self.keys.record(f"kms:{op}", who, **fields)
         result = result if isinstance(result, dict) else kms.describe(key)
+        if op == "rotate":
+            self.daemon.data.renew_prepared(kms.resolve(key))
         if op in ("disable", "schedule-deletion", "set-policy"):
             # files opened for writing before the change are still stored under the key
             result = {**result, "waiting": self.daemon.data.waiting_for_key(SSE_KMS, kms.resolve(key))}
@@ -178,6 +180,7 @@ class AdminHandlers:
         system = Caller(0, 0, 0)
         for key_id in kms.rotate_due(now):
             self.keys.record("kms:rotate", system, key_id=key_id, trigger="schedule")
+            self.daemon.data.renew_prepared(key_id)
         for key_id in kms.purge_expired(now):
             self._forget_cached_keys()
             self.keys.record("kms:delete", system, key_id=key_id, trigger="schedule")

@@ -70,6 +70,9 @@ class AdminHandlers:
             raise
         self.keys.record("ssec:AddKey", who, fingerprint=key.fingerprint, key_name=name,
                          scope="global" if is_global else f"uid {key.owner_uid}")
+        recovery = self.daemon.recovery
+        if recovery.problems:  # kept data may have waited for this key
+            await recovery.restore(self.daemon.data, self.daemon.meta)
         return key.describe()
 
     async def key_list(self, peer: Peer, args: dict) -> list:

@@ -357,8 +357,42 @@ def _parse(line: bytes) -> dict | None:
     return record
 
 
-def _matches(record: dict, key: str | None) -> bool:
-    return key is None or any(record.get(name) == key for name in MATCH_FIELDS)
+class KeyFilter:
+    """The records `--key K` selects: those whose key_id, alias, key_name or fingerprint
+    equals K. For an alias K, also those of every key id a record shows carrying K (the
+    key's creation and administration through the alias name both), and of `ids` (the
+    key the alias names now): records of a key's use name only its id. An alias thus
+    matches every key it named at any time, not only the one it names now."""
+
+    def __init__(self, key: str, ids: tuple[str, ...] = ()) -> None:
+        self.names = {key, *ids}
+        self.alias = key if key.startswith("alias/") else None
+
+    def learn(self, record: dict) -> None:
+        if self.alias is not None and record.get("alias") == self.alias:
+            key_id = record.get("key_id")
+            if isinstance(key_id, str):
+                self.names.add(key_id)
+
+    def __call__(self, record: dict) -> bool:
+        self.learn(record)
+        return any(record.get(name) in self.names for name in MATCH_FIELDS)
+
+
+def _filter(path: str, key: "str | KeyFilter | None") -> "KeyFilter | None":
+    """A filter for `key`; for an alias, one that knows every key id the log shows
+    carrying it, so records written before the first such record match too."""
+    if key is None:
+        return None
+    matcher = key if isinstance(key, KeyFilter) else KeyFilter(key)
+    if matcher.alias is not None:
+        for record in read(path):
+            matcher.learn(record)
+    return matcher
+
+
+def _matches(record: dict, key: "KeyFilter | None") -> bool:
+    return key is None or key(record)
 
 
 def _open_for_reading(path: str) -> BinaryIO:
@@ -368,14 +402,14 @@ def _open_for_reading(path: str) -> BinaryIO:
         raise AuditError(f"cannot read the audit log {path}: {exc.strerror}", exc.errno) from None
 
 
-def read(path: str, key: str | None = None) -> Iterator[dict]:
-    """The records of the log, in order; with `key`, only those whose key_id, alias,
-    key_name or fingerprint equals it.
+def read(path: str, key: "str | KeyFilter | None" = None) -> Iterator[dict]:
+    """The records of the log, in order; with `key`, only those `KeyFilter` selects.
 
     A trailing partial line is skipped (it may be a record being written); any
     other malformed line raises AuditError. This does not check the chain: see
     `verify`.
     """
+    key = _filter(path, key)
     with _open_for_reading(path) as f:
         for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
@@ -388,7 +422,7 @@ def read(path: str, key: str | None = None) -> Iterator[dict]:
                 yield record
 
 
-def follow(path: str, key: str | None = None, poll: float = DEFAULT_POLL, *,
+def follow(path: str, key: "str | KeyFilter | None" = None, poll: float = DEFAULT_POLL, *,
            existing: bool = True, sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
     """Yield the log's records as they are appended, like `tail -f`, until KeyboardInterrupt.
 
@@ -403,6 +437,7 @@ def follow(path: str, key: str | None = None, poll: float = DEFAULT_POLL, *,
     quietly; a log that shrinks or is replaced while followed raises AuditError,
     since the daemon only ever appends.
     """
+    key = _filter(path, key)
     with _open_for_reading(path) as f:
         ino = os.fstat(f.fileno()).st_ino
         pending = b""

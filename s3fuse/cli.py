@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 
+from . import __version__, defaults, durations
 from .config import ConfigError
 from .control import protocol
 from .control.client import ControlClient
@@ -23,7 +25,7 @@ from .errors import S3fuseError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = defaults.LOG_LEVELS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,8 +43,22 @@ def _mib(value: str) -> int:
     return n << 20
 
 
+POLICY_HELP = """\
+Get or set who may use and administer a KMS key. The policy is JSON with up to three
+sections, each a list of uids ("*": everyone) and of gids (primary or supplementary):
+
+  {"encrypt": {"uids": [1000], "gids": []},    create and write files under the key
+   "decrypt": {"uids": [1000, 1001], "gids": [100]},   open its files for reading
+   "admin":   {"uids": [1000]}}    enable, disable, schedule deletion, rotate, set the policy
+
+A section or list left out grants nobody but root; root passes every policy. Example:
+  echo '{"decrypt": {"uids": ["*"]}, "admin": {"uids": [1000]}}' | s3fuse kms policy set alias/team
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="s3fuse", description="An encrypted object filesystem with S3's server-side-encryption model.")
+    p.add_argument("--version", action="version", version=f"s3fuse {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -50,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", metavar="STORE", help="directory to create the store in (new or empty), "
                    "or s3://BUCKET/PREFIX")
     _s3_options(s)
-    s.add_argument("--block-size-kib", type=int, default=4096,
-                   help="largest object: one per block of a file (default 4096)")
-    s.add_argument("--segment-size-kib", type=int, default=64,
-                   help="unit of authenticated encryption and of ranged reads (default 64)")
+    s.add_argument("--block-size-kib", type=int, default=defaults.BLOCK_SIZE >> 10,
+                   help=f"largest object: one per block of a file (default {defaults.BLOCK_SIZE >> 10})")
+    s.add_argument("--segment-size-kib", type=int, default=defaults.SEGMENT_SIZE >> 10,
+                   help="unit of authenticated encryption and of ranged reads "
+                        f"(default {defaults.SEGMENT_SIZE >> 10})")
     _root_key_source_options(s)
     _transit_init_options(s)
 
@@ -72,15 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     s.add_argument("--log-file", help="log here (default: stderr in the foreground, STORE/s3fuse.log otherwise)")
     s.add_argument("--dirty-limit-mib", type=_mib, default=None, dest="dirty_limit",
-                   help="memory for unflushed writes (default 64)")
+                   help=f"memory for unflushed writes (default {defaults.DIRTY_LIMIT >> 20})")
     s.add_argument("--cache-mib", type=_mib, default=None, dest="cache_limit",
-                   help="memory for decrypted segments (default 32)")
+                   help=f"memory for decrypted segments (default {defaults.CACHE_LIMIT >> 20})")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _root_key_options(s)
     s.add_argument("--root-key-fd", type=int, help=argparse.SUPPRESS)
-    s.add_argument("--rotation-interval", type=_seconds, metavar="SECONDS",
-                   help="rotate the SSE-S3 master key this often (default: the store's rotation_interval, "
-                        "30 days at init; 0 = never)")
+    s.add_argument("--rotation-interval", type=_interval, metavar="DURATION",
+                   help="rotate the SSE-S3 master key this often: seconds, or e.g. 90d, 12h "
+                        "(default: the store's rotation_interval, 30 days at init; 0 or never = never)")
     s.add_argument("--rewrap-batch", type=int, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--rewrap-rate", type=float, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--s3-api", metavar="HOST:PORT", dest="s3_api",
@@ -88,11 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
-    s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the daemon (default 600)")
+    s.add_argument("--timeout", type=_duration, default=defaults.UMOUNT_TIMEOUT, metavar="DURATION",
+                   help=f"how long to wait for the daemon: seconds, or e.g. 10m (default {defaults.UMOUNT_TIMEOUT:g})")
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    s.add_argument("--verbose", "-v", action="store_true",
+                   help="also print every counter (the summary comes first)")
 
     s = sub.add_parser("rotate", help="rotate the SSE-S3 master key now, or retire unused versions")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -185,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key", metavar="KEY")
     s.add_argument("--days", type=int, required=True)
     _mount_option(s)
-    s = msub.add_parser("policy", help="get or set a key policy (JSON)")
+    s = msub.add_parser("policy", help="get or set a key policy (JSON)", description=POLICY_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("action", choices=("get", "set"))
     s.add_argument("key", metavar="KEY")
     s.add_argument("--file", help="set: read the policy JSON from this file instead of stdin")
@@ -194,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("audit", help="print the audit trail, or verify its hash chain")
     s.add_argument("action", nargs="?", choices=("verify",), help="verify: check the hash chain")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
-    s.add_argument("--key", help="only records of this key id, alias or fingerprint")
+    s.add_argument("--key", help="only records of this key id, alias or fingerprint (an alias "
+                   "matches every key it has named, as the trail shows, and the one it names now)")
     s.add_argument("--store", help="read the audit trail of this store (default: ask the daemon)")
     _mount_option(s)
     _add_fsck_parser(sub)
@@ -287,14 +309,18 @@ def _root_key_source_options(s: argparse.ArgumentParser) -> None:
                    help="passphrase: scrypt cost, log2(N) (default 17: 128 MiB, about 0.5 s)")
 
 
-def _seconds(value: str) -> float:
+def _interval(value: str) -> float:
     try:
-        n = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return n
+        return durations.parse_interval(value)
+    except durations.DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(value: str) -> float:
+    try:
+        return durations.parse_positive(value)
+    except durations.DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _transit_init_options(s: argparse.ArgumentParser) -> None:
@@ -594,8 +620,24 @@ def cmd_status(args) -> int:
     versions = status.pop("master_keys", None)
     rewrap = status.pop("rewrap", None)
     next_rotation = status.pop("next_rotation", None)
-    for key, value in status.items():
+    summary = {
+        "store": status.get("store"),
+        "mountpoint": status.get("mountpoint"),
+        "pid": status.get("pid"),
+        "files": f"{status.get('inodes')} inodes, {status.get('objects')} objects, "
+                 f"{status.get('open_files')} open",
+        "unflushed": _mib_text(status.get("dirty_bytes")),
+        "cache": f"{_mib_text(status.get('cache_bytes'))} of decrypted segments",
+        "keys": f"master key version {status.get('master_key_version')}, "
+                f"{status.get('customer_keys')} customer key(s) loaded",
+        "audit_log": status.get("audit_log"),
+    }
+    for key, value in summary.items():
         print(f"{key}: {value}")
+    if args.verbose:
+        print("counters:")
+        for key, value in status.items():
+            print(f"{key}: {value}")
     if versions is not None:
         print("master keys (SSE-S3):")
         for v in versions:
@@ -606,7 +648,13 @@ def cmd_status(args) -> int:
         print(f"re-wrap sweep: {rewrap['state']}, {rewrap['done']} of {rewrap['total']} key slot(s) "
               f"re-wrapped to version {rewrap['target_version']}, {rewrap['remaining']} remaining")
         print(f"next rotation: {_when(next_rotation) if next_rotation else 'never (rotation_interval 0)'}")
+    if not args.verbose:
+        print(f"({len(status)} counters: s3fuse status --verbose, or --json)")
     return 0
+
+
+def _mib_text(n) -> str:
+    return "?" if not isinstance(n, int) else f"{n / (1 << 20):.1f} MiB"
 
 
 def _when(ts) -> str:
@@ -714,10 +762,14 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
     if not rows:
         print("(none)")
         return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column)
+        return "-" if value is None else str(value)  # no alias, no version: "-", not "None"
+
+    widths = {c: max(len(c), *(len(cell(r, c)) for r in rows)) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns))
     for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+        print("  ".join(cell(r, c).ljust(widths[c]) for c in columns))
 
 
 def cmd_key(args) -> int:
@@ -849,7 +901,13 @@ def cmd_audit(args) -> int:
             raise S3fuseError(f"audit trail {path}: {result.reason}", errno.EBADMSG)
         print(f"audit trail {path}: {result.records} records, hash chain intact")
         return 0
-    records = audit.follow(path, key=args.key) if args.follow else audit.read(path, key=args.key)
+    key = args.key
+    if key is not None and key.startswith("alias/") and not args.store:
+        try:  # the key the alias names now; the trail shows those it named before
+            key = audit.KeyFilter(key, (_call(args, "kms.describe", key=key)["id"],))
+        except S3fuseError:
+            pass
+    records = audit.follow(path, key=key) if args.follow else audit.read(path, key=key)
     try:
         for record in records:
             print(json.dumps(record, separators=(",", ":")), flush=True)
@@ -945,7 +1003,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, None):  # relative to where the command runs, not to the store
             setattr(args, name, os.path.abspath(getattr(args, name)))
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a reader gone is handled, not at the interpreter's exit
+        return status
     except S3fuseError as exc:
         _error_line(str(exc))
         # a bad configuration is a usage error: the unit does not restart on it (RestartPreventExitStatus=)
@@ -953,6 +1013,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s3fuse: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as exc:
         _error_line(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return EXIT_ERROR
@@ -960,6 +1022,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("s3fuse").exception("internal error")
         _error_line(f"internal error: {exc.__class__.__name__}: {exc}")
         return EXIT_ERROR
+
+
+def _reader_gone() -> int:
+    """Stdout's reader went away (`s3fuse ... | head`): stop quietly with the status a
+    tool killed by SIGPIPE has, as `cat` and `ls` do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _error_line(text: str) -> None:

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import policy
+from . import defaults, durations, policy
 from .errors import S3fuseError
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = defaults.LOG_LEVELS
 KMS_PROVIDERS = ("builtin", "transit")
 BACKEND_TYPES = ("local", "s3")
 
@@ -82,42 +82,20 @@ def _mib(value: Any) -> int:
     return n << 20
 
 
-def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise _Bad(f"must be a positive number (got {_show(value)})")
-    if value <= 0:
-        raise _Bad(f"must be a positive number (got {value})")
-    return float(value)
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
 def _duration(value: Any) -> float:
-    """Seconds: a positive number, or a string such as "90d", "12h", "30m", "45s"."""
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if not m:
-            raise _Bad(f"must be a duration such as \"90d\", \"12h\", \"30m\" or seconds (got {value!r})")
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        if seconds <= 0:
-            raise _Bad(f"must be longer than zero (got {value!r})")
-        return seconds
+    """Seconds, longer than zero: a number, or a string such as "90d", "12h", "30m", "45s"."""
     try:
-        return _positive_number(value)
-    except _Bad:
-        raise _Bad(f"must be a duration such as \"90d\", \"12h\", \"30m\" or seconds (got {_show(value)})") from None
+        return durations.parse_positive(value)
+    except durations.DurationError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _interval(value: Any) -> float:
     """A rotation interval: a duration, or 0 / "never" for no scheduled rotation."""
-    if value == "never" or (value == 0 and not isinstance(value, bool)):
-        return 0.0
     try:
-        return _duration(value)
-    except _Bad:
-        raise _Bad(f"must be a duration such as \"90d\" or \"12h\", seconds, or \"never\" (got {_show(value)})") from None
+        return durations.parse_interval(value)
+    except durations.DurationError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -203,12 +181,12 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "token_credential": _name,
         "mount": _name,
         "default_key": _name,
-        "timeout": _positive_number,
+        "timeout": _duration,
         "attempts": _positive_int,
-        "backoff": _positive_number,
-        "backoff_max": _positive_number,
+        "backoff": _duration,
+        "backoff_max": _duration,
         "concurrency": _positive_int,
-        "cache_ttl": _positive_number,
+        "cache_ttl": _duration,
         "ca_file": _abs_path,
     },
     # The S3 API endpoint in the daemon (docs/S3API.md)
@@ -228,12 +206,12 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "region": _string,
         "profile": _string,
         "max_requests": _positive_int,
-        "retry_budget": _positive_number,
+        "retry_budget": _duration,
         "cache_mib": _non_negative_int,
         "cache_writes_upto_kib": _non_negative_int,
         "multipart_threshold_mib": _positive_int,
-        "snapshot_interval": _positive_number,
-        "lease_seconds": _positive_number,
+        "snapshot_interval": _duration,
+        "lease_seconds": _duration,
     },
 }
 
@@ -339,13 +317,7 @@ def load(path: str) -> FileConfig:
 
 # -- merging with the command line --------------------------------------------------------------
 
-DEFAULTS = {
-    "allow_other": False,
-    "dirty_limit": 64 << 20,
-    "cache_limit": 32 << 20,
-    "readahead_kb": 8192,
-    "log_level": "info",
-}
+DEFAULTS = defaults.MOUNT
 
 
 @dataclass

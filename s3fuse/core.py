@@ -45,6 +45,14 @@ class _Walk:
     ahead: collections.deque = field(default_factory=collections.deque)  # cursors being fetched
 
 
+class NotStoredYet(Exception):
+    """A KMS file with no object yet: its key version is the KMS key's current one."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(key_id)
+        self.key_id = key_id
+
+
 def _err(code: int, message: str = "") -> S3fuseError:
     return S3fuseError(message or os.strerror(code), code)
 
@@ -387,7 +395,11 @@ class Filesystem:
     # ------------------------------------------------------------------ attributes
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                      mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+                      mtime_ns: int | None = None, ctime_ns: int | None = None,
+                      caller: Caller | None = None) -> Inode:
+        """`caller`: who changes the size by path (no open handle); such a size change
+        passes the key checks of an open for writing. A handle's (ftruncate) passed them
+        at open."""
         fs = self.data.overlay(ino)
         if (fs is not None and fs.dirty and size is None and mode is None and uid is None
                 and gid is None and atime_ns is None):
@@ -403,6 +415,9 @@ class Filesystem:
         if size is not None:
             if not stat.S_ISREG(row.mode):
                 raise _err(errno.EINVAL)
+            if caller is not None:
+                policy = Policy.decode(row.sse) or pol.DEFAULT
+                await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
             await self.data.truncate(ino, size)
         fields: dict[str, int] = {}
         if mode is not None:
@@ -575,9 +590,25 @@ class Filesystem:
             return ",".join(sorted({r for _, r, _ in versions} or {policy.key})).encode()
         if name == pol.XATTR_KMS_VERSION and mode == pol.SSE_KMS and versions:
             return ",".join(str(v) for _, _, v in versions).encode()
+        if name == pol.XATTR_KMS_VERSION and mode == pol.SSE_KMS:
+            raise NotStoredYet(policy.key)
         if name == pol.XATTR_FINGERPRINT and mode == pol.SSE_C:
             return policy.key.encode()
         raise _err(errno.ENODATA)
+
+    async def kms_version_xattr(self, ino: int) -> bytes:
+        """`user.s3fuse.kms-key-version`: its objects' versions; for a file with nothing
+        stored yet, the version of its KMS key that a store now would use."""
+        try:
+            return self.getxattr(ino, pol.XATTR_KMS_VERSION)
+        except NotStoredYet as pending:
+            try:
+                desc = await self.keys.describe_kms_key(pending.key_id)
+            except S3fuseError as exc:
+                raise _err(exc.errno or errno.EIO, str(exc)) from None
+            if desc.get("current_version") is None:
+                raise _err(errno.ENODATA) from None
+            return str(desc["current_version"]).encode()
 
     def _require_owner(self, row: Inode, caller: Caller) -> None:
         if caller.uid not in (0, row.uid):

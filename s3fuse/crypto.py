@@ -296,6 +296,13 @@ class KeyManager:
         local_policy = policy if policy is None or policy.key not in remote else None
         self.check_read(local_refs, who, path, local_policy)
 
+    async def describe_kms_key(self, key_id: str) -> dict:
+        """A KMS key's description; a network KMS's lookup in a worker thread."""
+        kms = self._kms()
+        if self.kms_blocks(key=key_id):
+            return await self._offload(key_id, None, kms.describe, key_id)
+        return kms.describe(key_id)
+
     async def resolve_kms_key(self, ref: str, who: Caller) -> tuple[str, str]:
         """A KMS key reference from an xattr -> (key id, state); blocking lookups in a thread."""
         kms = self._kms()
@@ -345,7 +352,9 @@ class KeyManager:
         """
         if policy is not None and policy.mode != SSE_S3:
             if policy.mode == SSE_C:
-                refs = [*refs, ("SSE-C-policy", policy.key)]
+                # first: a loaded key of the file's key name that is not its key is
+                # EKEYREJECTED, which the objects' verifiers alone cannot tell from ENOKEY
+                refs = [("SSE-C-policy", policy.key), *refs]
             else:
                 refs = [*refs, (SSE_KMS, policy.key)]
         if all(mode == SSE_S3 for mode, _ in refs):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from . import fuseloop, policy
+from . import defaults, fuseloop, policy
 from .audit import AuditLog
 from .backends import open_backend
 from .control import protocol
@@ -56,15 +56,15 @@ STATUS_INTERVAL = 15.0  # seconds between STATUS= updates for `systemctl status`
 
 @dataclass
 class MountOptions:
-    allow_other: bool = False
-    dirty_limit: int = 64 << 20
-    cache_limit: int = 32 << 20
-    readahead_kb: int = 8192  # two blocks: keeps several 1 MiB reads in flight
-    # issue-4: SSE-S3 master-key rotation (None: the store's setting in store.json)
+    allow_other: bool = defaults.ALLOW_OTHER
+    dirty_limit: int = defaults.DIRTY_LIMIT
+    cache_limit: int = defaults.CACHE_LIMIT
+    readahead_kb: int = defaults.READAHEAD_KB
+    # SSE-S3 master-key rotation (None: the store's setting in store.json)
     rotation_interval: float | None = None  # seconds between scheduled rotations; 0 = never
     rewrap_batch: int | None = None  # key slots re-wrapped per transaction
     rewrap_rate: float | None = None  # key slots re-wrapped per second at most; 0 = unthrottled
-    # issue 6 (configuration file, docs/CONFIG.md); None keeps the store's own setting
+    # from the configuration file (docs/CONFIG.md); None keeps the store's own setting
     audit_path: str | None = None
     default_sse: str | None = None
     kms: dict | None = None  # KMS provider settings overriding the store's (consumed by the KMS providers)
@@ -335,6 +335,7 @@ class Daemon:
             # reaches the mount at all; when that is root, who passes every such check, the
             # checks (and their round trips) are left out, as gocryptfs does.
             fuse_options |= set(pyfuse3.default_options)
+        fuseloop.install()  # before init, which may create pyfuse3's lock
         try:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
@@ -360,7 +361,6 @@ class Daemon:
                 if self.options.s3_api is not None:
                     await nursery.start(self.s3api.serve)
                 async with trio.open_nursery() as fuse:
-                    fuseloop.install()
                     fuse.start_soon(pyfuse3.main)
                     # the kernel applies its read-ahead cap when INIT completes, which a stat waits for
                     await trio.to_thread.run_sync(os.stat, self.mountpoint)
@@ -519,6 +519,8 @@ class Daemon:
             **self.heap_stats,
             "fuse_waits_fast": fuseloop.wait_readable.fast,
             "fuse_waits_slow": fuseloop.wait_readable.slow,
+            "fuse_lock_free": fuseloop.lock_counts.free,
+            "fuse_lock_waited": fuseloop.lock_counts.waited,
             **getattr(self.backend, "stats", {}),
         }
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import defaults
 from . import format as fmt
 from .backends import Backend, NoSuchObject
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
@@ -31,7 +32,7 @@ from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
 from .pagecache import PageCachePusher
 from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
-from .util import now_ns
+from .util import now_ns, one_error
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ CLOSE_BATCH_DELAY = 0.25
 FLUSH_BATCH = 256
 # how long stored blocks of a streaming writer may wait for their metadata commit
 COMMIT_DELAY = 1.0
+# a file whose store keeps failing for a reason of its own is retried alone, after this
+# long, doubling up to the maximum: the files it was batched with never wait for it
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+# a writer that finds the write-back buffer full of data that cannot be stored waits at most
+# this long for space, then gets ENOSPC (its data was never accepted)
+SPACE_WAIT = 30.0
 
 
 @dataclass(eq=False)
@@ -94,6 +102,11 @@ class FileState:
     flush_requested: bool = False
     dirty_since: float = 0.0
     error: int = 0  # errno of a failed background flush, reported at the next fsync/close
+    # a store of this file failed for a reason of its own: retried alone, not before retry_at
+    # (monotonic), with a delay that doubles per failure; `failure` says why, for status
+    retry_delay: float = 0.0
+    retry_at: float = 0.0
+    failure: str = ""
     last_read_end: int = -1
     # handles open for writing, plus changes under way (truncate): while any, nothing is
     # pushed to the kernel's page cache (pagecache.py)
@@ -153,8 +166,8 @@ class DataStore:
         store_id: bytes,
         block_size: int,
         segment_size: int,
-        dirty_limit: int = 128 << 20,
-        cache_limit: int = 64 << 20,
+        dirty_limit: int = defaults.DIRTY_LIMIT,
+        cache_limit: int = defaults.CACHE_LIMIT,
         flush_delay: float = 2.0,
         crypto_threads: int = 2,
     ) -> None:
@@ -191,7 +204,9 @@ class DataStore:
                       "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
                       "blocks_read_ahead": 0}
         self._last_failure = ""
-        self._attempted: list[bytes] = []
+        # objects a batch puts, by inode, even one whose put is cancelled: garbage if it fails
+        self._attempted: dict[int, list[bytes]] = {}
+        self.space_wait = SPACE_WAIT
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache
         self.pusher: PageCachePusher | None = None
         # set while mounted: told of inodes whose attributes changed without a kernel request
@@ -694,6 +709,7 @@ class DataStore:
         fs.mtime_ns = fs.ctime_ns = now
         if not fs.dirty_since:
             fs.dirty_since = time.monotonic()
+        deadline = None
         while self.dirty_bytes > self.dirty_limit:
             # A writer the store cannot keep up with: plaintext kept for readers gives way
             # (a quarter stays), so that the daemon's memory is what the write-back buffer
@@ -703,9 +719,17 @@ class DataStore:
             self._kick.set()
             if self._space.is_set():
                 self._space = trio.Event()
-            await self._space.wait()
+            if deadline is None:
+                deadline = trio.current_time() + self.space_wait
+            with trio.move_on_at(deadline):
+                await self._space.wait()
             if fs.error:  # its data could not be stored: say so now rather than wait forever
                 raise S3fuseError("write-back of this file failed", self.take_error(ino))
+            if trio.current_time() >= deadline and self.dirty_bytes > self.dirty_limit:
+                # the buffer is held by data the store refuses: this write is kept (it is
+                # in the buffer already), but the writer hears of the shortage now
+                raise S3fuseError("the write-back buffer is full of data that cannot be stored yet",
+                                  errno.ENOSPC)
         return len(buf)
 
     async def truncate(self, ino: int, size: int) -> None:
@@ -761,62 +785,129 @@ class DataStore:
             self._maybe_drop(fs)
 
     async def _flush_locked(self, files: list[FileState], durable: bool, only_full: bool = False) -> None:
+        """`_flush_batch`, raising the failure of a file that could not be stored (for callers
+        that flush one file: fsync, truncate, re-encryption)."""
+        failed = await self._flush_batch(files, durable, only_full)
+        if failed:
+            raise next(iter(failed.values()))
+
+    async def _flush_batch(self, files: list[FileState], durable: bool,
+                           only_full: bool = False) -> dict[int, S3fuseError]:
         """Store the dirty blocks of `files`, then commit (or, for sealed blocks of a streaming
-        writer, defer the commit so that one sync and one transaction cover many blocks)."""
+        writer, defer the commit so that one sync and one transaction cover many blocks).
+
+        Batching is an optimisation only: a failure that belongs to one file (its key, its
+        object's put) leaves that file dirty and is returned for it (inode -> error), while
+        the others are stored and committed. A shared failure (the sync barrier, the
+        commit) fails them all and is raised."""
         jobs = []  # (fs, blockno, block); the job records the version it stored
-        sizes = {}
-        for fs in files:
-            sizes[fs.ino] = fs.size
-            for blockno, blk in list(fs.blocks.items()):
-                if only_full and not blk.sealed:
-                    continue
-                jobs.append((fs, blockno, blk))
         refs: dict[tuple[int, int], BlockRef | None] = {}
         stored_versions: dict[tuple[int, int], int] = {}
-        small: list[tuple[str, list[bytes]]] = []  # objects put together in one batch
-        self._attempted = []  # every object this batch puts, even one whose put is cancelled
+        small: dict[int, list[tuple[str, bytearray]]] = {}  # objects put together in one batch
+        failed: dict[int, S3fuseError] = {}
+        self._attempted = {}  # every object this batch puts, even one whose put is cancelled
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    for fs, blockno, blk in jobs:
-                        if len(blk.data) <= THREAD_THRESHOLD and not self._remote_key(fs.policy):
-                            self._store_small(fs, blockno, blk, refs, stored_versions, small)
-                        else:
-                            nursery.start_soon(self._store_block, fs, blockno, blk, refs, stored_versions)
+                    for fs in files:
+                        try:
+                            for blockno, blk in list(fs.blocks.items()):
+                                if only_full and not blk.sealed:
+                                    continue
+                                jobs.append((fs, blockno, blk))
+                                if len(blk.data) <= THREAD_THRESHOLD and not self._remote_key(fs.policy):
+                                    self._store_small(fs, blockno, blk, refs, stored_versions,
+                                                      small.setdefault(fs.ino, []))
+                                else:
+                                    nursery.start_soon(self._store_block_of, fs, blockno, blk, refs,
+                                                       stored_versions, failed)
+                        except S3fuseError as exc:  # its key: this file's failure only
+                            failed.setdefault(fs.ino, exc)
                     if small:
-                        nursery.start_soon(self.backend.put_many, small)
+                        nursery.start_soon(self._put_small, small, failed)
             except BaseExceptionGroup as group:
-                raise collapse(group) from None  # one backend failure, not a group, for the callers
+                raise one_error(group, S3fuseError) from None  # one backend failure, not a group, for the callers
+            stored = [fs for fs in files if fs.ino not in failed]
+            mine = {k: ref for k, ref in refs.items() if k[0] not in failed}
             if only_full and not durable:
-                self._defer(files, refs)
-            else:
-                await self._commit(files, refs, sizes, durable)
+                self._defer(stored, mine)
+            elif stored or not files:
+                await self._commit(stored, mine, {fs.ino: fs.size for fs in stored}, durable)
         except S3fuseError as exc:
             self._flush_failed(files, refs, exc)
             raise
-        self._last_failure = ""
-        self.stats["flushes"] += 1
-        if not only_full:
-            for fs in files:
+        for fs in files:
+            exc = failed.get(fs.ino)
+            if exc is not None:
+                self._file_failed(fs, {k: r for k, r in refs.items() if k[0] == fs.ino}, exc)
+        if stored:
+            self._last_failure = ""
+            self.stats["flushes"] += 1
+        for fs in stored:
+            if not only_full:
                 fs.error = 0  # everything it held is stored now: an earlier failure lost nothing
+            if fs.retry_delay:
+                log.info("inode %d is stored now, after earlier failures", fs.ino)
+            fs.retry_delay = fs.retry_at = 0.0
+            fs.failure = ""
         for fs, blockno, blk in jobs:
+            if fs.ino in failed:
+                continue
             current = fs.blocks.get(blockno)
             if current is blk and blk.version == stored_versions.get((fs.ino, blockno)):
                 del fs.blocks[blockno]
                 self.dirty_bytes -= len(blk.data)
             elif blk.superseded:  # replaced by a copy while it was stored
                 self.dirty_bytes -= len(blk.data)
-        for fs in files:
+        for fs in stored:
             if not fs.blocks:
                 fs.dirty_since = 0.0
                 if fs.size == fs.db_size:
                     fs.flush_requested = False
         self._space.set()
+        return failed
+
+    async def _store_block_of(self, fs: FileState, blockno: int, blk: Block, refs: dict,
+                              stored_versions: dict, failed: dict[int, S3fuseError]) -> None:
+        """`_store_block`, its failure recorded as this file's own."""
+        try:
+            await self._store_block(fs, blockno, blk, refs, stored_versions)
+        except S3fuseError as exc:
+            failed.setdefault(fs.ino, exc)
+
+    async def _put_small(self, small: dict[int, list[tuple[str, bytearray]]],
+                         failed: dict[int, S3fuseError]) -> None:
+        """The small objects of a batch in one call; if that fails, each file's objects on
+        their own, so that the failure is pinned on the files whose puts fail."""
+        items = [item for ino, its in small.items() if ino not in failed for item in its]
+        if not items:
+            return
+        try:
+            await self._put_many(items)
+            return
+        except S3fuseError as exc:
+            if len(small) == 1:
+                failed.setdefault(next(iter(small)), exc)
+                return
+        for ino, its in small.items():
+            if ino in failed:
+                continue
+            try:
+                await self._put_many(its)
+            except S3fuseError as exc:
+                failed.setdefault(ino, exc)
+
+    async def _put_many(self, items: list[tuple[str, bytearray]]) -> None:
+        try:
+            await self.backend.put_many(items)
+        except BaseExceptionGroup as group:
+            raise one_error(group, S3fuseError) from None
 
     def _flush_failed(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None],
                       exc: S3fuseError) -> None:
-        """The data stays in memory (dirty), each file remembers the error for its next
-        write, fsync or close, and the objects this batch did put are garbage."""
+        """A shared failure (sync, commit): the data stays in memory (dirty), each file
+        remembers the error for its next write or fsync, and the objects this batch did put
+        are garbage. The flusher retries the whole batch."""
         inos = ",".join(str(f.ino) for f in files)
         failure = f"{inos}/{exc.errno}"
         if failure != self._last_failure:  # a retry that fails the same way is not news
@@ -826,13 +917,47 @@ class DataStore:
         self.stats["flush_errors"] += 1
         for fs in files:
             fs.error = exc.errno
-        stored = {ref.object_id for ref in refs.values() if ref is not None} | set(self._attempted)
-        if stored:
+            fs.failure = str(exc)
+        attempted = {oid for oids in self._attempted.values() for oid in oids}
+        self._garbage({ref.object_id for ref in refs.values() if ref is not None} | attempted)
+
+    def _file_failed(self, fs: FileState, refs: dict[tuple[int, int], BlockRef | None],
+                     exc: S3fuseError) -> None:
+        """One file could not be stored for a reason of its own: its data stays in memory, the
+        error goes to its next write or fsync, it is retried alone with backoff, and the
+        objects it did put are garbage."""
+        reason = f"{exc} (errno {errno.errorcode.get(exc.errno, exc.errno)})"
+        if reason != fs.failure:  # a retry that fails the same way is not news
+            log.error("storing inode %d (%s) failed, its data is kept in memory and retried: %s",
+                      fs.ino, self.describe(fs.ino), reason)
+        fs.failure = reason
+        self.stats["flush_errors"] += 1
+        fs.error = exc.errno
+        fs.retry_delay = min(RETRY_MAX, fs.retry_delay * 2 or RETRY_FIRST)
+        fs.retry_at = time.monotonic() + fs.retry_delay
+        self._garbage({ref.object_id for ref in refs.values() if ref is not None}
+                      | set(self._attempted.get(fs.ino, ())))
+
+    def _garbage(self, oids: set[bytes]) -> None:
+        if oids:
             with self.meta.transaction():
-                for oid in stored:
+                for oid in oids:
                     self.meta.add_garbage(oid)
             self._gc_kick.set()  # at once: on ENOSPC, the space they take is what is missing
         self._space.set()  # writers waiting for buffer space learn of the failure
+
+    def describe(self, ino: int) -> str:
+        """A file's path for messages (or why there is none)."""
+        try:
+            return self.meta.path_of(ino)
+        except Exception:  # noqa: BLE001 - a message must not fail
+            return "unlinked"
+
+    def failing(self) -> list[dict]:
+        """Files whose data could not be stored yet: inode, path, bytes held, why."""
+        return [{"inode": fs.ino, "path": self.describe(fs.ino), "reason": fs.failure,
+                 "bytes": sum(len(b.data) for b in fs.blocks.values())}
+                for fs in self.files.values() if fs.dirty and fs.failure]
 
     def _defer(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None]) -> None:
         """Stored but not yet committed: reads find these refs in `pending` meanwhile."""
@@ -942,7 +1067,7 @@ class DataStore:
             return
         header, data_key, wrapped = self._new_object(fs.ino, blockno, len(data), fs.policy, fs.writer)
         blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
-        self._attempted.append(header.object_id)
+        self._attempted.setdefault(fs.ino, []).append(header.object_id)
         batch.append((header.object_id.hex(), blob))
         refs[(fs.ino, blockno)] = self._stored(header, wrapped, header_len, len(blob))
 
@@ -981,7 +1106,7 @@ class DataStore:
             blob, header_len = await self._crypto.run(fmt.encrypt_object_buffer, header, data_key, data)
         else:
             blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
-        self._attempted.append(header.object_id)
+        self._attempted.setdefault(ino, []).append(header.object_id)
         await self.backend.put(header.object_id.hex(), blob)
         return self._stored(header, wrapped, header_len, len(blob))
 
@@ -1056,17 +1181,20 @@ class DataStore:
                 await trio.sleep(BATCH_DELAY if self._sealed_waiting else CLOSE_BATCH_DELAY)
             self._kick = trio.Event()
             now = time.monotonic()
-            batch = [fs for fs in self.files.values() if fs.dirty and (
+            # files failing for reasons of their own are retried alone, when their backoff is due
+            retry = [fs for fs in self.files.values() if fs.retry_delay and fs.dirty and fs.retry_at <= now]
+            healthy = [fs for fs in self.files.values() if not fs.retry_delay]
+            batch = [fs for fs in healthy if fs.dirty and (
                 fs.flush_requested or (fs.dirty_since and now - fs.dirty_since >= self.flush_delay))]
             only_full = False
             if not batch:
-                full = [fs for fs in self.files.values() if any(b.sealed for b in fs.blocks.values())]
+                full = [fs for fs in healthy if any(b.sealed for b in fs.blocks.values())]
                 if full:
                     batch, only_full = full, True
                 elif pressure:
-                    batch = sorted((fs for fs in self.files.values() if fs.blocks),
+                    batch = sorted((fs for fs in healthy if fs.blocks),
                                    key=lambda f: -sum(len(b.data) for b in f.blocks.values()))[:1]
-            if not batch and self._pending_since and now - self._pending_since >= COMMIT_DELAY:
+            if not batch and not retry and self._pending_since and now - self._pending_since >= COMMIT_DELAY:
                 try:
                     async with self._flush_lock:
                         await self._commit([], {}, {}, durable=False)
@@ -1080,26 +1208,32 @@ class DataStore:
                     self._maybe_drop(fs)
                 continue
             backlog = len(batch) > FLUSH_BATCH
-            if not batch:
-                continue
             batch = batch[:FLUSH_BATCH]
-            try:
-                async with self._flush_lock:
-                    await self._flush_locked(batch, durable=False, only_full=only_full)
-            except S3fuseError:
-                await trio.sleep(1)  # back off; the error is reported to the file's next fsync/close
-            except Exception:
-                # a bug must not stop the flusher (and with it the daemon): log it, keep the data
-                log.exception("flush failed unexpectedly; its data is kept in memory")
-                for fs in batch:
-                    fs.error = fs.error or errno.EIO
-                await trio.sleep(1)
-            for fs in batch:
-                self._maybe_drop(fs)
+            for group, full in ([(batch, only_full)] if batch else []) + [([fs], False) for fs in retry]:
+                if not await self._flush_in_background(group, full):
+                    await trio.sleep(1)  # a shared failure: back off, then the batch again
             if self._sealed_waiting:
                 self._sealed_waiting = any(b.sealed for fs in self.files.values() for b in fs.blocks.values())
-            if any(fs.dirty for fs in self.files.values()):
+            if any(fs.dirty and not fs.retry_delay for fs in self.files.values()):
                 self._kick.set()
+
+    async def _flush_in_background(self, batch: list[FileState], only_full: bool) -> bool:
+        """One flush of the flusher; -> False after a shared failure (the caller backs off)."""
+        ok = True
+        try:
+            async with self._flush_lock:
+                await self._flush_batch(batch, durable=False, only_full=only_full)
+        except S3fuseError:
+            ok = False  # the error is reported to each file's next write or fsync
+        except Exception:
+            # a bug must not stop the flusher (and with it the daemon): log it, keep the data
+            log.exception("flush failed unexpectedly; its data is kept in memory")
+            for fs in batch:
+                fs.error = fs.error or errno.EIO
+            ok = False
+        for fs in batch:
+            self._maybe_drop(fs)
+        return ok
 
     async def collector(self) -> None:
         """Deletes objects that the metadata no longer references."""
@@ -1119,7 +1253,7 @@ class DataStore:
                 try:
                     await self.backend.delete_many([oid.hex() for oid in ids])
                 except BaseExceptionGroup as group:
-                    raise collapse(group) from None
+                    raise one_error(group, S3fuseError) from None
             except BackendError as exc:
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
                 return done
@@ -1141,23 +1275,6 @@ class DataStore:
                 await self.backend.delete(key)
                 removed += 1
         return removed
-
-
-def collapse(group: BaseExceptionGroup) -> BaseException:
-    """The first s3fuse error of a nursery's exception group when every error in it is one
-    (trio groups even a single failure); else the group itself."""
-    leaves = list(_leaves(group))
-    if leaves and all(isinstance(e, S3fuseError) for e in leaves):
-        return leaves[0]
-    return group
-
-
-def _leaves(exc: BaseException):
-    if isinstance(exc, BaseExceptionGroup):
-        for e in exc.exceptions:
-            yield from _leaves(e)
-    else:
-        yield exc
 
 
 def _all_zero(data: bytes | bytearray) -> bool:

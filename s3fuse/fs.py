@@ -20,6 +20,7 @@ from .core import Filesystem
 from .crypto import Caller
 from .errors import S3fuseError
 from .meta import Inode
+from .policy import XATTR_KMS_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            caller=_caller(ctx) if fh is None and fields.update_size else None,
         )
         return entry(row)
 
@@ -278,6 +280,8 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         # hot path, kept off the generic wrapper: ls -l probes two absent names per file
         try:
+            if name == XATTR_KMS_VERSION:  # may ask a network KMS
+                return await self.core.kms_version_xattr(inode)
             return self.core.getxattr(inode, name)
         except S3fuseError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None

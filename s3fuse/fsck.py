@@ -395,7 +395,7 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     if quick:
         n = min(len(present), max(QUICK_SAMPLE, len(present) // 100))
         full = set(random.sample(range(len(present)), n))
-    counters = {"done": 0, "bytes": 0, "unverifiable": 0}
+    counters = {"done": 0, "bytes": 0, "unverifiable": 0, "damaged": 0, "whole": 0}
     work = iter(enumerate(present))
 
     async def worker() -> None:
@@ -408,7 +408,10 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
                            f"{ctx.path(ref.inode)}, block {ref.blockno}): {why}", inode=ref.inode,
                            object_id=ref.object_id.hex())
             elif kind is not None:
+                counters["damaged"] += 1
                 _object_damage(ctx, report, ref, kind, why, quarantined)
+            elif i in full:
+                counters["whole"] += 1
             counters["done"] += 1
             if progress is not None:
                 progress(counters["done"], len(present))
@@ -416,8 +419,10 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     async with trio.open_nursery() as nursery:
         for _ in range(4):
             nursery.start_soon(worker)
-    report.counts["objects_authenticated"] = len(present) - counters["unverifiable"]
-    report.counts["objects_fully_authenticated"] = len(full)
+    # a damaged object is counted apart, never as authenticated
+    report.counts["objects_authenticated"] = len(present) - counters["unverifiable"] - counters["damaged"]
+    report.counts["objects_fully_authenticated"] = counters["whole"]
+    report.counts["objects_damaged"] = counters["damaged"]
     report.counts["bytes_authenticated"] = counters["bytes"]
     report.counts["objects_unverifiable"] = counters["unverifiable"]
 
@@ -750,7 +755,8 @@ def format_report(report: Report, store: str, repaired: bool) -> str:
         f"{store}: {c.get('inodes', 0)} inodes ({c.get('directories', 0)} directories, {c.get('files', 0)} files), "
         f"{c.get('objects_referenced', 0)} objects referenced, {c.get('objects_in_store', 0)} in the store; "
         f"{c.get('objects_fully_authenticated', 0)} fully authenticated "
-        f"({c.get('bytes_authenticated', 0) / (1 << 20):.1f} MiB), {c.get('objects_unverifiable', 0)} unverifiable")
+        f"({c.get('bytes_authenticated', 0) / (1 << 20):.1f} MiB), {c.get('objects_damaged', 0)} damaged, "
+        f"{c.get('objects_unverifiable', 0)} unverifiable")
     damage = [f for f in report.findings if f.severity == DAMAGE]
     notes = [f for f in report.findings if f.severity == NOTE]
     fixed = sum(f.repaired for f in report.findings)

@@ -7,10 +7,8 @@ pyfuse3 reaches trio only through its module global ``pyfuse3.trio`` (which is h
         await trio.lowlevel.wait_readable(fd)   # yields even when a request is queued
     read, handle, reply
 
-Each of those yields is a pass through trio's scheduler, an ``epoll_wait`` and a few dozen
-microseconds of Python. A null filesystem on pyfuse3 costs 400-460 us of daemon CPU per
-small-file create (six requests: its clock is not the coarse one, so the kernel adds a
-SETATTR); s3fuse, with five requests, spends about 300 us more in its own handlers.
+Each of those yields is a pass through trio's scheduler and an ``epoll_wait``: a large share
+of the daemon's CPU per small request.
 
 `install` gives pyfuse3 a view of trio that differs in two places:
 
@@ -22,9 +20,12 @@ SETATTR); s3fuse, with five requests, spends about 300 us more in its own handle
   the control socket, timers) and cancellation still get their turn under a steady stream
   of requests.
 
-Everything else is trio itself. Measured on 5,000 creates of 4 KiB files (six interleaved
-pairs of runs on a fresh mount): daemon main-thread user CPU 646 -> 564 us per file,
-1,027 -> 1,114 files/s.
+Everything else is trio itself (docs/BENCH.md has the measurements).
+
+`install` must run before ``pyfuse3.init``: pyfuse3 3.4.0 creates its lock in ``init``,
+later versions on the first request, both through ``pyfuse3.trio``. pyproject.toml pins the
+versions this is verified on; `lock_counts` and `wait_readable` count both paths, and a
+mounted test checks that both are taken.
 """
 
 from __future__ import annotations
@@ -39,9 +40,19 @@ _ABNORMAL = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 #: How many requests in a row may skip trio's scheduler before one wait goes through it.
 #: Results of worker threads (object fetches) reach their tasks only in a scheduler pass, so
-#: a long run would hold them up behind a stream of queued reads. During small-file creates
-#: runs are short anyway: 43% of waits take the fast path with a bound of 4, as with 16.
+#: a long run would hold them up behind a stream of queued reads.
 FAST_PATH_RUN = 4
+
+
+class _LockCounts:
+    """Statistics of every `ReadLock`: acquisitions without a checkpoint, and after waiting."""
+
+    def __init__(self) -> None:
+        self.free = 0
+        self.waited = 0
+
+
+lock_counts = _LockCounts()
 
 
 class ReadLock:
@@ -60,7 +71,9 @@ class ReadLock:
         task = trio.lowlevel.current_task()
         if self._owner is None:
             self._owner = task
+            lock_counts.free += 1
             return
+        lock_counts.waited += 1
         await self._lot.park()  # release() hands the lock over before it wakes us
         assert self._owner is task
 
@@ -123,7 +136,8 @@ class _Trio(types.SimpleNamespace):
 
 
 def install() -> None:
-    """Point pyfuse3 at the tuned view of trio. Call before `pyfuse3.main`."""
+    """Point pyfuse3 at the tuned view of trio. Call before `pyfuse3.init`, which may create
+    the lock."""
     view = _Trio(Lock=ReadLock, lowlevel=_Lowlevel(wait_readable=wait_readable))
     pyfuse3.trio = view  # type: ignore[attr-defined]
 

@@ -73,9 +73,18 @@ def parse_key_bytes(data: bytes, where: str) -> bytes:
                      f"it has {len(data)}", errno.EINVAL)
 
 
-def read_key_file(path: str) -> bytes:
+def read_key_file(path: str, *, private: bool = True) -> bytes:
+    """A key file's key. With `private`, refuse a file that group or others may read, as
+    ssh does with private keys (a systemd credential's privacy is systemd's to keep)."""
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if private and mode & 0o044:
+                who = " and ".join(w for bit, w in ((0o040, "its group"), (0o004, "others"))
+                                   if mode & bit)
+                raise StoreError(f"the root key {path} is readable by {who} (mode {mode & 0o777:04o}): "
+                                 f"make it private with `chmod 600 {path}` (and keep a copy "
+                                 "offline if others may have read it)", errno.EACCES)
             data = f.read(4096)
     except OSError as exc:
         raise StoreError(f"cannot read the root key {path}: {exc.strerror}", exc.errno or errno.EACCES) from None
@@ -96,7 +105,7 @@ def read_credential(name: str) -> bytes:
     if not os.path.exists(path):
         raise StoreError(f"the systemd credential {name!r} is not in ${CREDENTIALS_ENV} ({path})",
                          errno.ENOKEY)
-    return read_key_file(path)
+    return read_key_file(path, private=False)
 
 
 # ---------------------------------------------------------------- passphrases

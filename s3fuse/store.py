@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import rootkey
+from . import defaults, rootkey
 from .backends import LocalBackend
 from .errors import StoreError
 from .keys.keyring import Keyring
@@ -34,12 +34,12 @@ from .util import atomic_write, fsync_dir
 
 CONFIG_NAME = "store.json"
 STORE_FORMAT = 1
-DEFAULT_BLOCK_SIZE = 4 << 20
-DEFAULT_SEGMENT_SIZE = 64 << 10
-DAY = 86400
-DEFAULT_ROTATION_INTERVAL = 30 * DAY  # SSE-S3 master key: a new version every 30 days
-DEFAULT_REWRAP_BATCH = 100  # key slots re-wrapped per transaction (about 3 ms of loop time)
-DEFAULT_REWRAP_RATE = 2000  # key slots per second at most (0: unthrottled): 100,000 in ~50 s
+DEFAULT_BLOCK_SIZE = defaults.BLOCK_SIZE
+DEFAULT_SEGMENT_SIZE = defaults.SEGMENT_SIZE
+DAY = defaults.DAY
+DEFAULT_ROTATION_INTERVAL = defaults.ROTATION_INTERVAL
+DEFAULT_REWRAP_BATCH = defaults.REWRAP_BATCH
+DEFAULT_REWRAP_RATE = defaults.REWRAP_RATE
 
 
 @dataclass

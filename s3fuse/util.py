@@ -59,10 +59,12 @@ def now_ns() -> int:
     return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
 
-def one_error(group: BaseExceptionGroup) -> BaseException:
-    """The first error of a nursery's exception group when every error in it is an ordinary
-    Exception (concurrent puts failing alike: report one, with its errno); else the group.
-    trio nurseries always raise groups, which `except S3fuseError` would not catch."""
+def one_error(group: BaseExceptionGroup,
+              kind: type[BaseException] = Exception) -> BaseException:
+    """The first error of a nursery's exception group when every error in it is a `kind`
+    (concurrent puts failing alike: report one, with its errno); else the group itself.
+    trio nurseries always raise groups, even of one error, which `except S3fuseError`
+    would not catch."""
     leaves: list[BaseException] = []
 
     def walk(g: BaseExceptionGroup) -> None:
@@ -70,6 +72,6 @@ def one_error(group: BaseExceptionGroup) -> BaseException:
             walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
 
     walk(group)
-    if leaves and all(isinstance(e, Exception) for e in leaves):
+    if leaves and all(isinstance(e, kind) for e in leaves):
         return leaves[0]
     return group

@@ -238,7 +238,7 @@ path = "{logs}/trail/audit.log"
         f.flush()
         os.fsync(f.fileno())  # stored now: its data key is generated (and audited) before the checks
     assert os.getxattr(m.mnt / "f", "user.s3fuse.mode") == b"aws:kms"
-    r = run_cli("status", m.mnt)
+    r = run_cli("status", m.mnt, "--verbose")
     assert f"audit_log: {logs}/trail/audit.log" in r.stdout
     assert "rotation_interval: 43200.0" in r.stdout, r.stdout
     r = run_cli("audit", "verify", "--mount", m.mnt)

@@ -151,7 +151,8 @@ def test_clean_store_is_clean(prepared, store, mount_factory):
     c = report["counts"]
     assert c["objects_referenced"] == c["objects_in_store"] > 0
     assert c["objects_unverifiable"] == 1
-    assert c["objects_fully_authenticated"] == c["objects_referenced"]
+    # an object fsck could not verify is not counted as authenticated
+    assert c["objects_fully_authenticated"] == c["objects_referenced"] - 1
     # with the customer key, SSE-C objects are verified too
     keyfile = store.parent / "ssec.key"
     keyfile.write_bytes(base64.b64encode(prepared.ssec_key))
@@ -208,6 +209,13 @@ def test_damaged_object_is_quarantined(prepared, store, mount_factory, how):
     else:  # a segment appended: reads never look there, fsck does
         p.write_bytes(raw + raw[-1000:])
     kind = "missing-object" if how == "missing" else "corrupt-object"
+    if how != "missing":  # a damaged object is counted apart, not as authenticated
+        c = fsck(store)[1]["counts"]
+        assert c["objects_damaged"] == 1, c
+        good = c["objects_referenced"] - 1 - c["objects_unverifiable"]
+        assert c["objects_fully_authenticated"] == good, c
+        text = run_cli("fsck", store).stdout
+        assert f"{good} fully authenticated" in text and "1 damaged" in text, text
     fixed = check_damaged_then_repair(store, {kind})
     assert any(f["object_id"] == oid and f["kind"] == kind for f in fixed["findings"])
     m = mount_factory(store=store)

@@ -412,7 +412,7 @@ def test_non_admin_cannot_administer(kms):
 
 
 @pytest.mark.parametrize("policy", [
-    None, [], {}, {"encrypt": {}, "decrypt": {}},
+    None, [],
     {"encrypt": {}, "decrypt": {}, "admin": {}, "extra": {}},
     {"encrypt": [], "decrypt": {}, "admin": {}},
     {"encrypt": {"users": [1]}, "decrypt": {}, "admin": {}},
@@ -447,7 +447,20 @@ def test_policy_is_normalised_and_copied(kms):
 def test_create_with_policy(kms):
     d = kms.create_key(ALICE, now=T0, policy=pol({"uids": ["*"]}, {"gids": [2000]}))
     raises(errno.EACCES, kms.disable, d["id"], ALICE)
-    raises(errno.EINVAL, kms.create_key, ALICE, now=T0, policy={"encrypt": {}})
+    raises(errno.EINVAL, kms.create_key, ALICE, now=T0, policy={"encrypt": {}, "other": {}})
+
+
+def test_a_section_left_out_is_nobody_but_root(kms):
+    kid = kms.create_key(ALICE, now=T0)["id"]
+    kms.set_policy(kid, {"decrypt": {"uids": [BOB.uid]}}, ALICE)
+    assert kms.get_policy(kid) == {"encrypt": {"uids": [], "gids": []},
+                                   "decrypt": {"uids": [BOB.uid], "gids": []},
+                                   "admin": {"uids": [], "gids": []}}
+    kms.authorize(kid, "decrypt", BOB)
+    raises(errno.EACCES, kms.authorize, kid, "encrypt", ALICE)
+    raises(errno.EACCES, kms.disable, kid, ALICE)
+    kms.authorize(kid, "encrypt", ROOT)
+    kms.disable(kid, ROOT)
 
 
 # --------------------------------------------------------------------------

@@ -108,12 +108,14 @@ def test_wrong_key_file(workdir, mount_factory):
 
     wrong = d / "wrong.key"
     wrong.write_bytes(os.urandom(32))
+    wrong.chmod(0o600)
     r = run_cli("mount", store, mnt, "--root-key-file", wrong)
     assert_cli_error(r, "mount with a wrong key file")
     assert "wrong root key" in r.stderr and str(wrong) in r.stderr
 
     short = d / "short.key"
     short.write_bytes(os.urandom(31))
+    short.chmod(0o600)
     r = run_cli("mount", store, mnt, "--root-key-file", short)
     assert_cli_error(r, "mount with a 31-byte key file")
     assert "32 bytes" in r.stderr
@@ -132,6 +134,7 @@ def test_wrong_key_file(workdir, mount_factory):
     b64 = d / "good.b64"
     import base64
     b64.write_text(base64.b64encode(good).decode() + "\n")
+    b64.chmod(0o600)
     m.extra_args = ["--root-key-file", str(b64)]
     m.start()
     check_files(m.mnt, files)
@@ -263,6 +266,7 @@ def test_rekey_root_crash_leaves_exactly_one_key(workdir, mount_factory, monkeyp
     old_key = storemod.obtain_root_key(cfg)
     old_copy = workdir("old") / "old.key"
     old_copy.write_bytes(old_key)
+    old_copy.chmod(0o600)
     new_file = workdir("new") / "new.key"
 
     class Crash(Exception):

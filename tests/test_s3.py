@@ -31,7 +31,7 @@ def test_write_read_remount(mount_factory, store_backend):
 
 
 def status(m) -> dict[str, str]:
-    r = run_cli("status", m.mnt)
+    r = run_cli("status", m.mnt, "--verbose")
     assert r.returncode == 0, r.stderr
     return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
 
@@ -124,6 +124,7 @@ def test_wrong_root_key_fails_authentication(mount_factory, workdir, s3_server, 
     m.unmount()
     bad = workdir("keys") / "bad.key"
     bad.write_bytes(os.urandom(32))
+    bad.chmod(0o600)
     r = run_cli("mount", _url(m.store), workdir("mnt"), "--state-dir", workdir("st") / "s",
                 "--endpoint-url", s3_server.endpoint, "--root-key-file", bad)
     assert r.returncode != 0

@@ -11,7 +11,8 @@ rewrites it at the moment it chooses::
                {"op": "put", "hang": true}]}
 
 `op` is one of put, get, delete, head, list, sync ("*" for all); `key` (optional) a prefix of
-the object key; `error` an errno name, raised as a BackendError naming the fault; `delay`
+the object key; `min_size` (optional, puts only) the least size of the object, which singles
+out one file's objects by their size, since object keys are random; `error` an errno name, raised as a BackendError naming the fault; `delay`
 seconds to wait before the operation; `hang` waits until the plan no longer says so (then the
 operation runs, or fails if the new plan says so). Each injected error or hang is recorded as
 a line `OP KEY WHAT` in PLAN.hits, so that a test can wait for the fault to have happened. An absent or empty plan file injects nothing.
@@ -70,8 +71,9 @@ class FaultyBackend(Backend):
             self._stamp = stamp
         return self._rules
 
-    def _matching(self, op: str, key: str) -> list[dict]:
-        return [r for r in self._load() if r.get("op") in (op, "*") and key.startswith(r.get("key", ""))]
+    def _matching(self, op: str, key: str, size: int = 0) -> list[dict]:
+        return [r for r in self._load() if r.get("op") in (op, "*") and key.startswith(r.get("key", ""))
+                and size >= r.get("min_size", 0)]
 
     def _hit(self, op: str, key: str, what: str) -> None:
         """Append `op key what` to PLAN.hits, so that a test can wait for a fault to happen."""
@@ -81,13 +83,13 @@ class FaultyBackend(Backend):
         except OSError:
             pass
 
-    async def _fault(self, op: str, key: str = "") -> None:
-        rules = self._matching(op, key)
+    async def _fault(self, op: str, key: str = "", size: int = 0) -> None:
+        rules = self._matching(op, key, size)
         if any(r.get("hang") for r in rules):
             self._hit(op, key, "hang")
         while any(r.get("hang") for r in rules):
             await trio.sleep(_POLL)
-            rules = self._matching(op, key)
+            rules = self._matching(op, key, size)
         for r in rules:
             if r.get("delay"):
                 await trio.sleep(float(r["delay"]))
@@ -103,12 +105,12 @@ class FaultyBackend(Backend):
 
     # ------------------------------------------------------------------ Backend
     async def put(self, key, data) -> None:
-        await self._fault("put", key)
+        await self._fault("put", key, _size(data))
         await self.inner.put(key, data)
 
     async def put_many(self, items) -> None:
-        for key, _ in items[:1]:
-            await self._fault("put", key)
+        for key, data in items:
+            await self._fault("put", key, _size(data))
         await self.inner.put_many(items)
 
     async def get(self, key, offset=0, length=None) -> bytes:
@@ -152,3 +154,7 @@ class FaultyBackend(Backend):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+def _size(data) -> int:
+    return sum(map(len, data)) if isinstance(data, list) else len(data)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import random
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import BackendError, StoreError
+from ..retry import Backoff
 from ..util import one_error
 from ..workers import WorkerPool
 from .base import Backend, NoSuchObject
@@ -85,22 +85,11 @@ class S3Location:
         return f"{self.prefix}/{name}" if self.prefix else name
 
 
-class RetryPolicy:
-    """Exponential backoff with full jitter, bounded by a total time budget."""
+class RetryPolicy(Backoff):
+    """Full-jitter backoff bounded by a total time budget (s3fuse/retry.py)."""
 
     def __init__(self, budget: float = DEFAULT_RETRY_BUDGET, base: float = 0.1, cap: float = 5.0) -> None:
-        self.budget, self.base, self.cap = budget, base, cap
-
-    def delays(self):
-        """Sleep lengths between attempts; ends when the budget is spent."""
-        spent, attempt = 0.0, 0
-        while True:
-            delay = random.uniform(0, min(self.cap, self.base * (2 ** attempt)))
-            if spent + delay > self.budget:
-                return
-            spent += delay
-            attempt += 1
-            yield delay
+        super().__init__(base, cap, budget=budget)
 
 
 class S3Error(BackendError):
@@ -134,22 +123,26 @@ def make_client(loc: S3Location, max_requests: int = DEFAULT_MAX_REQUESTS,
                 connect_timeout: float = 5, read_timeout: float = 30):
     """A botocore S3 client: credentials from the usual AWS sources (environment, shared
     credentials file, profile), no retries of its own, a pool as large as our limiter."""
-    import boto3
-    import botocore.config
-    import botocore.exceptions as bex
-
     try:
-        session = boto3.session.Session(profile_name=loc.profile)
-    except bex.ProfileNotFound:
-        raise StoreError(f"AWS profile {loc.profile!r} is not configured", errno.EINVAL) from None
+        import botocore.config
+        import botocore.exceptions as bex
+        import botocore.session
+    except ImportError:
+        raise StoreError("the S3 backend needs botocore: pip install 's3fuse[s3]' "
+                         "(scripts/bootstrap installs it)", errno.ENOPKG) from None
+
     config = botocore.config.Config(
         retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=max_requests,
         connect_timeout=connect_timeout, read_timeout=read_timeout,
         s3={"addressing_style": "path"},
         # our objects authenticate themselves (AEAD); skip the extra CRC pass per request
         request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return session.client("s3", endpoint_url=loc.endpoint_url, region_name=loc.region or "us-east-1",
-                          config=config)
+    try:
+        session = botocore.session.Session(profile=loc.profile)
+        return session.create_client("s3", endpoint_url=loc.endpoint_url,
+                                     region_name=loc.region or "us-east-1", config=config)
+    except bex.ProfileNotFound:
+        raise StoreError(f"AWS profile {loc.profile!r} is not configured", errno.EINVAL) from None
 
 
 def describe_probe_error(loc: S3Location, exc: Exception) -> str:

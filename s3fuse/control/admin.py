@@ -138,11 +138,18 @@ class AdminHandlers:
             else:
                 raise TypeError(f"unknown KMS operation {op}")
         except S3fuseError as exc:
-            self.keys.record(f"kms:{op}", who, "denied", **self._key_fields(key), errno=exc.errno)
+            fields = self._key_fields(key)
+            if op == "create-key" and isinstance(args.get("alias"), str):
+                fields["alias"] = args["alias"]
+            self.keys.record(f"kms:{op}", who, "denied", **fields, errno=exc.errno)
             raise
         if op in ("disable", "schedule-deletion"):
             self._forget_cached_keys()
-        self.keys.record(f"kms:{op}", who, **self._key_fields(key))
+        fields = self._key_fields(key)
+        if op == "create-key":
+            # the one record that ties a key id to its alias (`audit --key ALIAS` reads it)
+            fields["alias"] = result.get("alias")
+        self.keys.record(f"kms:{op}", who, **fields)
         return result if isinstance(result, dict) else kms.describe(key)
 
     def _key_fields(self, key: str | None) -> dict:

@@ -119,7 +119,8 @@ class ControlServer:
             pass
 
     async def _dispatch(self, peer: Peer, message: dict) -> dict:
-        if message.get("v") != protocol.VERSION:
+        version = message.get("v")
+        if type(version) is not int or version != protocol.VERSION:  # not True, not 1.0
             return protocol.error(errno.EPROTO, f"unsupported protocol version {message.get('v')!r}")
         op, args = message.get("op"), message.get("args", {})
         handler = self.handlers.get(op) if isinstance(op, str) else None

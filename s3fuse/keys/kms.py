@@ -294,14 +294,15 @@ def _is_id(value: Any) -> bool:
 
 
 def validate_policy(policy: Any) -> dict[str, dict[str, list]]:
-    """Check a policy's shape and return it normalised: every section with sorted, unique lists."""
-    if not isinstance(policy, dict) or set(policy) != set(POLICY_SECTIONS):
+    """Check a policy's shape and return it normalised: every section with sorted, unique
+    lists. A section left out is empty: nobody but root."""
+    if not isinstance(policy, dict) or not set(policy) <= set(POLICY_SECTIONS):
         sections = ", ".join(POLICY_SECTIONS)
-        raise _error(f"a key policy must be a dict with exactly the sections {sections}",
-                     errno.EINVAL)
+        raise _error(f"a key policy must be a dict with only the sections {sections} "
+                     "(a section left out: nobody but root)", errno.EINVAL)
     out: dict[str, dict[str, list]] = {}
     for section in POLICY_SECTIONS:
-        body = policy[section]
+        body = policy.get(section, {})
         if not isinstance(body, dict) or not set(body) <= {"uids", "gids"}:
             raise _error(
                 f"policy section {section!r} must be a dict with only 'uids' and 'gids'",

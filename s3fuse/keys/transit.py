@@ -44,7 +44,6 @@ import http.client
 import json
 import logging
 import os
-import random
 import re
 import ssl
 import struct
@@ -55,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import KmsUnavailable, S3fuseError
+from ..retry import full_jitter
 from .kms import KEY_LEN, KmsProvider, Principal, canonical_context, policy_allows, validate_policy
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,7 @@ class TransitClient:
 
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff before retry number `attempt` (1-based)."""
-        cap = min(self.settings.backoff_max, self.settings.backoff * (2 ** (attempt - 1)))
-        return random.uniform(0, cap)
+        return full_jitter(attempt, self.settings.backoff, self.settings.backoff_max)
 
     def request(self, method: str, path: str, body: dict | None = None,
                 idempotent: bool = True, attempts: int | None = None) -> tuple[int, dict]:

@@ -1,0 +1,86 @@
+"""What a newcomer's walk-through of the README tripped over: the command line's manners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from s3fuse import __version__
+from s3fuse.audit import AuditLog
+
+from .conftest import S3FUSE, TRACEBACK, init_store, run_cli
+from .test_sse import cli_ok
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"s3fuse {__version__}"
+
+
+@pytest.mark.parametrize("records", [3, 3000])  # flushed at the end / while printing
+def test_a_closed_pipe_ends_the_command_quietly(workdir, records):
+    store = init_store(workdir("s") / "store")
+    with AuditLog.open(str(store / "audit.log")) as log:
+        for i in range(records):
+            log.append("kms:Decrypt", uid=1000 + i, path=f"/f{i}")
+    # `s3fuse audit --store STORE | head`, with the reader gone before the first line
+    proc = subprocess.Popen([*S3FUSE, "audit", "--store", str(store)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    rc = proc.wait(timeout=60)
+    assert err == "" and TRACEBACK not in err, err
+    assert rc == 141, rc  # as a tool killed by SIGPIPE (128 + 13), like cat or ls
+
+
+def test_status_summary_first_counters_on_request(mounted):
+    r = run_cli("status", mounted.mnt)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) <= 16, r.stdout
+    kv = dict(line.split(": ", 1) for line in lines if ": " in line)
+    assert int(kv["pid"]) == mounted.pid and "inodes" in kv["files"], r.stdout
+    assert "fuse_waits_fast" not in r.stdout and "--verbose" in lines[-1], r.stdout
+    v = run_cli("status", mounted.mnt, "--verbose")
+    assert v.returncode == 0, v.stderr
+    assert v.stdout.startswith("\n".join(lines[:8])), v.stdout  # the same summary first
+    assert "fuse_waits_fast: " in v.stdout and len(v.stdout.splitlines()) > 30, v.stdout
+
+
+def test_kms_walkthrough_manners(mounted):
+    mnt = mounted.mnt
+    # a key without an alias lists as "-", not "None"
+    r = run_cli("kms", "create-key", "-m", mnt)
+    assert r.returncode == 0, r.stderr
+    listing = run_cli("kms", "list", "-m", mnt).stdout
+    assert "None" not in listing and " - " in listing, listing
+    # policy set --help describes the JSON; a policy with some sections means nobody else
+    # but root in the others
+    h = run_cli("kms", "policy", "--help").stdout
+    for word in ('"encrypt"', '"decrypt"', '"admin"', '"uids"', '"gids"', "nobody but root"):
+        assert word in h, h
+    r = run_cli("kms", "create-key", "--alias", "alias/walk", "-m", mnt)
+    assert r.returncode == 0, r.stderr
+    cli_ok("kms", "policy", "set", "alias/walk", "-m", mnt, input='{"decrypt": {"uids": [1000]}}')
+    pol = json.loads(run_cli("kms", "policy", "get", "alias/walk", "-m", mnt).stdout)
+    assert pol == {"encrypt": {"uids": [], "gids": []}, "decrypt": {"uids": [1000], "gids": []},
+                   "admin": {"uids": [], "gids": []}}
+    # kms-key-version of a file not stored yet: the version it will be stored under
+    d = mnt / "team"
+    os.mkdir(d)
+    os.setxattr(d, "user.s3fuse.sse", b"aws:kms:alias/walk")
+    fd = os.open(d / "new", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.getxattr(d / "new", "user.s3fuse.kms-key-version") == b"1"
+        r = run_cli("kms", "rotate", "alias/walk", "-m", mnt)
+        assert r.returncode == 0, r.stderr
+        assert os.getxattr(d / "new", "user.s3fuse.kms-key-version") == b"2"
+        os.write(fd, b"stored under version 2")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert os.getxattr(d / "new", "user.s3fuse.kms-key-version") == b"2"

@@ -194,9 +194,9 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "listen": _string,
         "tls_cert": _abs_path,
         "tls_key": _abs_path,
-        "header_timeout": _positive_number,
-        "body_timeout": _positive_number,
-        "idle_timeout": _positive_number,
+        "header_timeout": _duration,
+        "body_timeout": _duration,
+        "idle_timeout": _duration,
         "connections_per_client": _positive_int,
     },
     # Settings of an S3 store, in store.json "backend"'s vocabulary (docs/S3.md), merged over

@@ -289,7 +289,7 @@ class Daemon:
         self.s3api = S3Service(
             self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
             self.cfg.store_id, self.mountpoint, self.options.s3_api,
-            invalidate_entry=lambda parent, name: pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True))
+            invalidate_entry=_invalidate_entry)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
 
     def _default_policy(self, kms: KmsProvider) -> Policy:
@@ -532,6 +532,21 @@ class Daemon:
         self._require_owner(peer)
         await self.data.flush_all(durable=True)
         return {"pid": os.getpid()}
+
+
+async def _invalidate_entry(parent: int, name: bytes) -> None:
+    """Have the kernel forget one entry (and its negative lookup), and wait until it has. The
+    call blocks until the kernel can take the directory's lock, which a request being answered
+    on this loop may hold: so in a thread, never on the loop."""
+    def call() -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except (FileNotFoundError, OSError) as exc:  # not cached: nothing to forget
+            if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
+                log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
+
+    with trio.move_on_after(10):
+        await trio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
 def credential_path(name: str) -> str:

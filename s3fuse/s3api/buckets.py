@@ -103,7 +103,7 @@ async def create(ctx, bucket: str) -> Response:
         ctx.core.mkdir(ROOT_INODE, raw, 0o755, ctx.who)
     except S3fuseError as exc:
         raise from_errno(exc.errno, str(exc), "bucket") from None
-    ctx.ns.changed_entry(ROOT_INODE, raw)
+    await ctx.ns.changed_entry(ROOT_INODE, raw)
     return Response(200, [("location", f"/{bucket}")])
 
 
@@ -112,7 +112,7 @@ async def delete(ctx, bucket: str) -> Response:
     if ctx.core.meta.has_entries(row.id):
         raise S3Error("BucketNotEmpty", "the bucket you tried to delete is not empty", bucketName=bucket)
     root = ctx.core.attr(ROOT_INODE)
-    ctx.ns.remove(root, bucket.encode(), row, ctx.who)
+    await ctx.ns.remove(root, bucket.encode(), row, ctx.who)
     return Response(204)
 
 

@@ -66,10 +66,11 @@ class Namespace:
         self._invalidate_entry = invalidate_entry
 
     # ---------------------------------------------------------------- kernel caches
-    def changed_entry(self, parent: int, name: bytes) -> None:
-        """An entry of `parent` was added, replaced or removed behind the kernel's back."""
+    async def changed_entry(self, parent: int, name: bytes) -> None:
+        """An entry of `parent` was added, replaced or removed behind the kernel's back: the
+        kernel has forgotten it when this returns (before the request is answered)."""
         if self._invalidate_entry is not None:
-            self._invalidate_entry(parent, name)
+            await self._invalidate_entry(parent, name)
         self.changed_attrs(parent)
 
     def changed_attrs(self, ino: int) -> None:
@@ -119,7 +120,7 @@ class Namespace:
         return self.core.meta.path_of(ino)
 
     # ---------------------------------------------------------------- changes
-    def make_parents(self, bucket: Inode, parts: list[bytes], who: Caller) -> Inode:
+    async def make_parents(self, bucket: Inode, parts: list[bytes], who: Caller) -> Inode:
         """The directory for the last segment, creating the ones missing (as mkdir -p)."""
         cur = bucket
         for i, name in enumerate(parts[:-1]):
@@ -133,7 +134,7 @@ class Namespace:
                     row = self.core.mkdir(cur.id, name, 0o755, who)
                 except S3fuseError as exc:
                     raise from_errno(exc.errno, str(exc)) from None
-                self.changed_entry(cur.id, name)
+                await self.changed_entry(cur.id, name)
             elif not stat.S_ISDIR(row.mode):
                 prefix = b"/".join(parts[: i + 1]).decode("utf-8", "replace")
                 raise S3Error("InvalidRequest", f"the key's prefix {prefix!r} is an object (a file), so no "
@@ -147,7 +148,7 @@ class Namespace:
         if (existing is not None and parent.mode & stat.S_ISVTX and who.uid not in (0, parent.uid, existing.uid)):
             raise S3Error("AccessDenied", f"{self.path(parent.id)} is sticky and the object is not yours")
 
-    def remove(self, parent: Inode, name: bytes, row: Inode, who: Caller) -> None:
+    async def remove(self, parent: Inode, name: bytes, row: Inode, who: Caller) -> None:
         self.check_may_replace(parent, who, row)
         try:
             if stat.S_ISDIR(row.mode):
@@ -156,9 +157,9 @@ class Namespace:
                 self.core.unlink(parent.id, name)
         except S3fuseError as exc:
             raise from_errno(exc.errno, str(exc)) from None
-        self.changed_entry(parent.id, name)
+        await self.changed_entry(parent.id, name)
 
-    def prune_empty(self, bucket: Inode, parts: list[bytes], who: Caller) -> None:
+    async def prune_empty(self, bucket: Inode, parts: list[bytes], who: Caller) -> None:
         """After a delete: directories left empty go too, up to the bucket, as an S3 prefix
         exists only while something is under it."""
         for depth in range(len(parts) - 1, 0, -1):
@@ -174,7 +175,7 @@ class Namespace:
                 self.core.rmdir(parent.id, parts[depth - 1])
             except S3fuseError:
                 return
-            self.changed_entry(parent.id, parts[depth - 1])
+            await self.changed_entry(parent.id, parts[depth - 1])
 
     def temp_name(self) -> bytes:
         return TEMP_PREFIX + os.urandom(12).hex().encode()

@@ -434,7 +434,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
         except S3fuseError:
             pass
         raise
-    ns.changed_entry(parent.id, name)
+    await ns.changed_entry(parent.id, name)
     import trio
     await trio.to_thread.run_sync(core.meta.sync)  # the rename is durable before the 200
     row = core.attr(ino)
@@ -451,7 +451,7 @@ async def put(ctx, bucket: str, key: str) -> Response:
     reader = BodyReader(ctx)
     if marker:
         return await _put_marker(ctx, b, parts, reader)
-    parent = ctx.ns.make_parents(b, parts, ctx.who)
+    parent = await ctx.ns.make_parents(b, parts, ctx.who)
     existing = ctx.ns.child(parent.id, parts[-1])
     if existing is not None and stat.S_ISDIR(existing.mode):
         raise S3Error("InvalidRequest", f"the key {key[:200]!r} is a directory (it has keys under it): "
@@ -485,7 +485,7 @@ async def _put_marker(ctx, b: Inode, parts: list[bytes], reader: BodyReader) -> 
     async for piece in reader.pieces():
         raise S3Error("InvalidRequest", "a key ending in '/' is a directory marker and cannot have data")
     reader.finish()
-    parent = ctx.ns.make_parents(b, parts, ctx.who)
+    parent = await ctx.ns.make_parents(b, parts, ctx.who)
     existing = ctx.ns.child(parent.id, parts[-1])
     if existing is None:
         ctx.ns.check_may_replace(parent, ctx.who, None)
@@ -493,7 +493,7 @@ async def _put_marker(ctx, b: Inode, parts: list[bytes], reader: BodyReader) -> 
             ctx.core.mkdir(parent.id, parts[-1], 0o755, ctx.who)
         except S3fuseError as exc:
             raise from_errno(exc.errno, str(exc)) from None
-        ctx.ns.changed_entry(parent.id, parts[-1])
+        await ctx.ns.changed_entry(parent.id, parts[-1])
     elif not stat.S_ISDIR(existing.mode):
         raise S3Error("InvalidRequest", "an object (a file) of that name exists: it cannot also be a directory")
     return Response(200, [("etag", '"d41d8cd98f00b204e9800998ecf8427e"')])
@@ -501,7 +501,7 @@ async def _put_marker(ctx, b: Inode, parts: list[bytes], reader: BodyReader) -> 
 
 # ---------------------------------------------------------------- deleting
 
-def _delete_one(ctx, b: Inode, key: str) -> None:
+async def _delete_one(ctx, b: Inode, key: str) -> None:
     parts, marker = split_key(key)
     try:
         parent, row = ctx.ns.walk(b, parts, ctx.who)
@@ -516,13 +516,13 @@ def _delete_one(ctx, b: Inode, key: str) -> None:
             return  # a prefix with keys under it is not an object
     elif marker:
         return
-    ctx.ns.remove(parent, parts[-1], row, ctx.who)
-    ctx.ns.prune_empty(b, parts, ctx.who)
+    await ctx.ns.remove(parent, parts[-1], row, ctx.who)
+    await ctx.ns.prune_empty(b, parts, ctx.who)
 
 
 async def delete(ctx, bucket: str, key: str) -> Response:
     b = ctx.ns.bucket(bucket, ctx.who)
-    _delete_one(ctx, b, key)
+    await _delete_one(ctx, b, key)
     return Response(204)
 
 
@@ -542,7 +542,7 @@ async def delete_many(ctx, bucket: str) -> Response:
     for obj in objects:
         key = obj.findtext("Key") or ""
         try:
-            _delete_one(ctx, b, key)
+            await _delete_one(ctx, b, key)
             if not quiet:
                 out.append(el("Deleted", ("Key", key)))
         except (S3Error, S3fuseError) as exc:

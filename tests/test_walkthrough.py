@@ -11,7 +11,7 @@ import pytest
 from s3fuse import __version__
 from s3fuse.audit import AuditLog
 
-from .conftest import S3FUSE, TRACEBACK, init_store, run_cli
+from .conftest import REPO, S3FUSE, TRACEBACK, init_store, run_cli
 from .test_sse import cli_ok
 
 
@@ -84,3 +84,23 @@ def test_kms_walkthrough_manners(mounted):
     finally:
         os.close(fd)
     assert os.getxattr(d / "new", "user.s3fuse.kms-key-version") == b"2"
+
+
+def test_bootstrap_makes_a_venv_other_users_can_run(workdir):
+    """A python3 first on PATH that other users cannot reach (pyenv under /root) is not the
+    one the venv is made with: its `s3fuse` would be root's alone."""
+    hidden = workdir("py") / "private"  # under directories everyone may traverse
+    (hidden / "bin").mkdir(parents=True)
+    (hidden / "bin" / "python3").symlink_to("/usr/bin/python3")
+    hidden.chmod(0o700)
+    env = {**os.environ, "PATH": f"{hidden / 'bin'}:{os.environ['PATH']}"}
+    env.pop("PYTHON", None)
+    r = subprocess.run([str(REPO / "scripts" / "bootstrap"), "--print-python"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "/usr/bin/python3", r
+    hidden.chmod(0o755)  # reachable by everyone: used as found
+    r = subprocess.run([str(REPO / "scripts" / "bootstrap"), "--print-python"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == str(hidden / "bin" / "python3"), r
+    # and apt waits for a lock another apt run holds, rather than failing at once
+    assert "DPkg::Lock::Timeout" in (REPO / "scripts" / "bootstrap").read_text()

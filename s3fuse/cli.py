@@ -563,9 +563,27 @@ def _fusermount(mountpoint: str, lazy: bool = False) -> None:
         raise S3fuseError(f"could not unmount {mountpoint}: {msg}", errno.EBUSY)
 
 
+def _umount_socket(mnt: str) -> str:
+    """The control socket of the s3fuse mount at `mnt`, once the caller may unmount it."""
+    from .control import mounts
+
+    entry = mounts.entry_at(mnt)
+    if entry is None:
+        raise S3fuseError(f"{mnt} is not a mount point", errno.EINVAL)
+    if not entry.is_s3fuse:
+        raise S3fuseError(f"{mnt} is not an s3fuse mount (it is a {entry.fstype} mount)", errno.EINVAL)
+    if os.getuid() not in (0, entry.uid):
+        raise S3fuseError(f"{mnt} was mounted by {entry.owner()}: only that user or root may "
+                          "unmount it", errno.EPERM)
+    for path in mounts.socket_candidates(mnt, entry.uid):
+        if os.path.exists(path):
+            return path
+    return protocol.socket_path(mnt)  # none: the daemon is gone (a stale mount, below)
+
+
 def cmd_umount(args) -> int:
     mnt = os.path.realpath(args.mountpoint)
-    path = protocol.socket_path(mnt)
+    path = _umount_socket(mnt)
     try:
         with ControlClient(path, timeout=args.timeout) as client:
             pid = client.call("unmount")["pid"]
@@ -585,8 +603,7 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
-    mnt = os.path.realpath(args.mountpoint)
-    with ControlClient(protocol.socket_path(mnt), timeout=30) as client:
+    with ControlClient(_socket_for(args.mountpoint), timeout=30) as client:
         status = client.call("status")
     if args.json:
         print(json.dumps(status, indent=1, sort_keys=True))
@@ -709,22 +726,11 @@ def _audit_offline(cfg, op: str, **fields) -> None:
 
 
 def _socket_for(mount: str | None) -> str:
-    """The control socket of a mount: a root daemon's or the caller's own."""
-    if mount is not None:
-        for uid in {0, os.getuid()}:
-            path = protocol.socket_path(mount, uid)
-            if os.path.exists(path):
-                return path
-        raise S3fuseError(f"no s3fuse daemon serves {os.path.realpath(mount)}", errno.ENOTCONN)
-    found = []
-    for uid in {0, os.getuid()}:
-        rdir = protocol.runtime_dir(uid)
-        if os.path.isdir(rdir):
-            found += [os.path.join(rdir, n) for n in os.listdir(rdir) if n.endswith(".sock")]
-    if len(found) != 1:
-        raise S3fuseError("no s3fuse mount found" if not found else
-                          "several s3fuse mounts: name one with --mount MOUNTPOINT", errno.ENOTCONN)
-    return found[0]
+    """The control socket of the daemon of the mount `mount` is on; with none given, of
+    the mount holding the current directory, else the caller's only mount (mounts.resolve)."""
+    from .control import mounts
+
+    return mounts.socket_of(mounts.resolve(mount))
 
 
 def _call(args, op: str, **params):

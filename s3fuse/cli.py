@@ -766,6 +766,7 @@ def cmd_key(args) -> int:
     else:
         result = _call(args, "key.remove", name=args.name)
         print(f"removed {result['name']} ({result['fingerprint']})")
+        _print_waiting(result.get("waiting"))
     return 0
 
 
@@ -797,8 +798,18 @@ def cmd_kms(args) -> int:
             result = _call(args, "kms.set-policy", key=args.key, policy=policy)
     else:
         result = _call(args, f"kms.{op}", key=args.key)
+    waiting = result.pop("waiting", None) if isinstance(result, dict) else None
     print(json.dumps(result, indent=2, sort_keys=True))
+    _print_waiting(waiting)
     return 0
+
+
+def _print_waiting(paths: list[str] | None) -> None:
+    """Files opened for writing before a key was withdrawn: still stored under it."""
+    if paths:
+        print(f"{len(paths)} file(s) opened for writing before this change are still waiting to be "
+              f"stored under this key (their data is stored under it, as accepted): {', '.join(paths)}",
+              file=sys.stderr)
 
 
 def cmd_audit(args) -> int:

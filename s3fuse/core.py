@@ -229,8 +229,23 @@ class Filesystem:
         checked = await self._precheck_write(parent, mode, caller)
         row = self._make(parent, name, mode, caller, checked=checked)
         await self.data.block_pushes(row.id)  # an inode number can be reused: no stale pushes
-        self.data.opened(row.id, writer=caller)
+        self.data.opened(row.id, writer=caller, grant=await self._grant_at_create(row, caller))
         return row
+
+    async def _grant_at_create(self, row: Inode, caller: Caller):
+        """The key a new file's writes will be stored under (crypto.WriteGrant); the caller's
+        check passed in `_make`. If the key cannot be prepared after all (a KMS that failed
+        in between), the file's data asks for a key when it is stored, as without a grant."""
+        policy = Policy.decode(row.sse) or pol.DEFAULT
+        if policy.mode == pol.SSE_S3:
+            return None
+        try:
+            return await self.keys.grant_write_async(policy, caller, row.id,
+                                                     path=lambda: self.meta.path_of(row.id))
+        except S3fuseError as exc:
+            log.warning("could not prepare the key of new inode %d (%s): it is asked for at its store",
+                        row.id, exc)
+            return None
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
         if len(target) > 4096:
@@ -442,7 +457,7 @@ class Filesystem:
     # ------------------------------------------------------------------ files
     async def open(self, ino: int, flags: int, caller: Caller) -> Inode:
         row = self._inode(ino)
-        first = None
+        first = grant = None
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
@@ -461,7 +476,8 @@ class Filesystem:
                     refs = self.meta.key_refs(ino)
                 await self.keys.check_read_async(refs, caller, path=path, policy=policy)
             if writing:
-                await self.keys.check_write_async(policy, caller, path=path)
+                # the key this open's writes will be stored under, fixed now that the check passes
+                grant = await self.keys.grant_write_async(policy, caller, ino, path=path)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             # the kernel will cache this handle's writes: nothing of ours may go over them
@@ -474,7 +490,7 @@ class Filesystem:
                 if writable:
                     self.data.unblock_pushes(ino)
                 raise
-        self.data.opened(ino, writer=caller if writing else None)
+        self.data.opened(ino, writer=caller if writing else None, grant=grant)
         if (flags & os.O_ACCMODE) != os.O_WRONLY and not flags & os.O_TRUNC and stat.S_ISREG(row.mode):
             self.data.prefetch_on_open(ino, caller, first)
             self._read_ahead_names(ino, caller)

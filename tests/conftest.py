@@ -1,7 +1,9 @@
 """Shared fixtures for the s3fuse test suite.
 
-Every test here mounts the real filesystem (``python -m s3fuse mount ...``) on a
-real FUSE mount and drives it with real syscalls and tools.  Nothing is mocked.
+Mounted tests mount the real filesystem (``python -m s3fuse mount ...``) on a real FUSE
+mount and drive it with real syscalls and tools; pure tests need no mount. Nothing is mocked.
+A test whose FUSE device, SeaweedFS or OpenBao is missing is an error under CI (env CI set)
+and a skip with the reason otherwise (``missing``).
 
 Fixtures:
 
@@ -47,34 +49,54 @@ UNPRIV_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sy
 
 
 # --------------------------------------------------------------------------
-# environment check: without /dev/fuse the suite fails, it never skips
+# what the tests need from the machine: FUSE for the mounts, SeaweedFS for S3, OpenBao for
+# Transit. Pure tests need none of them. A missing one is an error under CI (env CI set,
+# as .ci/run sets it) and a skip with the reason in a plain local run.
 # --------------------------------------------------------------------------
+
+FUSE_DEVICE = os.environ.get("S3FUSE_TEST_FUSE_DEVICE", "/dev/fuse")
+
+
+def missing(what: str) -> None:
+    """A test cannot run here: fail it under CI, skip it with the reason otherwise."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (an error because CI is set)", pytrace=False)
+    pytest.skip(f"{what} (a failure under CI)")
+
 
 def _fuse_problem() -> str | None:
     try:
-        st = os.stat("/dev/fuse")
+        st = os.stat(FUSE_DEVICE)
     except FileNotFoundError:
-        return "/dev/fuse does not exist"
+        return f"{FUSE_DEVICE} does not exist"
     if not stat.S_ISCHR(st.st_mode):
-        return "/dev/fuse is not a character device"
+        return f"{FUSE_DEVICE} is not a character device"
     try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
+        fd = os.open(FUSE_DEVICE, os.O_RDWR)
     except OSError as e:
-        return f"/dev/fuse cannot be opened: {e}"
+        return f"{FUSE_DEVICE} cannot be opened: {e}"
     os.close(fd)
     if shutil.which("fusermount3") is None:
         return "fusermount3 is not installed (apt-get install fuse3)"
     return None
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _require_fuse():
-    problem = _fuse_problem()
-    if problem:
-        pytest.exit(
-            f"s3fuse tests need a working FUSE device and mount a real filesystem: {problem}",
-            returncode=1,
-        )
+_FUSE: dict = {}
+
+
+def require_fuse() -> None:
+    """Called by everything that mounts: the mount fixtures, `Mount.start` and
+    `run_cli("mount", ...)`."""
+    if "problem" not in _FUSE:
+        _FUSE["problem"] = _fuse_problem()
+    if _FUSE["problem"]:
+        missing(f"this test mounts a real filesystem and needs FUSE: {_FUSE['problem']}")
+
+
+@pytest.fixture(scope="session")
+def fuse() -> None:
+    """Depend on this (the mount fixtures do) for a test that mounts."""
+    require_fuse()
 
 
 # --------------------------------------------------------------------------
@@ -142,6 +164,8 @@ def s3fuse_cmd():
 
 
 def run_cli(*args, timeout: float = 120.0, **kw) -> subprocess.CompletedProcess:
+    if args and args[0] == "mount":
+        require_fuse()
     return subprocess.run(
         [*S3FUSE, *map(str, args)],
         capture_output=True,
@@ -248,6 +272,7 @@ class Mount:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "Mount":
+        require_fuse()
         assert self.proc is None or self.proc.poll() is not None, "already running"
         assert not os.path.ismount(self.mnt), f"{self.mnt} is still mounted"
         self.generation += 1
@@ -423,7 +448,7 @@ class MountFactory:
 
 
 @pytest.fixture
-def mount_factory(_dirs, store_backend):
+def mount_factory(_dirs, store_backend, fuse):
     f = MountFactory(_dirs, store_backend)
     try:
         yield f
@@ -432,7 +457,7 @@ def mount_factory(_dirs, store_backend):
 
 
 @pytest.fixture(scope="module")
-def module_mount_factory(_dirs, store_backend):
+def module_mount_factory(_dirs, store_backend, fuse):
     f = MountFactory(_dirs, store_backend)
     try:
         yield f
@@ -618,7 +643,7 @@ def _start_s3_server():
         try:
             srv = SeaweedServer(base).start()
         except RuntimeError as exc:
-            pytest.exit(f"the S3 tests need a SeaweedFS server: {exc}", returncode=1)
+            missing(f"the S3 tests need a SeaweedFS server: {exc}")
         os.environ.update(srv.env())  # the daemons and CLI find credentials the usual way
         srv.create_bucket(S3_TEST_BUCKET)
         _S3["server"] = srv
@@ -707,7 +732,10 @@ def bao(_session_base):
 
     server = BaoServer(_session_base / "openbao")
     try:
-        server.start()
+        try:
+            server.start()
+        except RuntimeError as exc:
+            missing(f"the Transit tests need an OpenBao server: {exc}")
         server.setup_transit()
         yield server
     finally:

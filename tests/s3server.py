@@ -33,6 +33,11 @@ STOP_TIMEOUT = 15.0
 
 
 def weed_binary() -> str:
+    override = os.environ.get("S3FUSE_TEST_WEED")  # another build, or none (tests of the harness)
+    if override:
+        if not os.access(override, os.X_OK):
+            raise RuntimeError(f"S3FUSE_TEST_WEED={override} is not an executable")
+        return override
     # the running interpreter's venv, else the repository's (scripts/bench runs under python3)
     for here in (Path(sys.executable).parent / "weed",
                  Path(__file__).resolve().parent.parent / ".venv" / "bin" / "weed"):

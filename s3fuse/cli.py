@@ -190,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--file", help="set: read the policy JSON from this file instead of stdin")
     _mount_option(s)
 
+    s = sub.add_parser("sse", help="set or show a directory's or file's encryption (user.s3fuse.sse), "
+                       "with the reason when a setting is refused")
+    ssub = s.add_subparsers(dest="sse_command", metavar="ACTION", parser_class=_Parser)
+    ssub.required = True
+    t = ssub.add_parser("set", help="set the encryption of a directory (files created below it) or "
+                        "re-encrypt a file")
+    t.add_argument("path", metavar="PATH")
+    t.add_argument("value", metavar="VALUE", help="AES256, aws:kms, aws:kms:KEY, SSE-C:NAME or SSE-C:FINGERPRINT")
+    t = ssub.add_parser("get", help="the effective setting (a file: also its actual encryption)")
+    t.add_argument("path", metavar="PATH")
+
     s = sub.add_parser("audit", help="print the audit trail, or verify its hash chain")
     s.add_argument("action", nargs="?", choices=("verify",), help="verify: check the hash chain")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
@@ -863,6 +874,36 @@ def _stored_audit_head(store: str) -> tuple[str | None, int | None]:
     return rows.get("audit_head"), rows.get("audit_seq")
 
 
+def cmd_sse(args) -> int:
+    from .policy import READ_ONLY, XATTR_SSE
+
+    path = args.path
+    if args.sse_command == "set":
+        try:
+            os.setxattr(path, XATTR_SSE, args.value.encode())
+        except OSError as exc:
+            raise S3fuseError(f"{path}: {_sse_refusal(path) or exc.strerror}", exc.errno) from None
+    print(f"{path}: {os.getxattr(path, XATTR_SSE).decode()}")
+    if os.path.isfile(path):
+        for name in READ_ONLY:  # what its stored data is actually encrypted with
+            try:
+                value = os.getxattr(path, name).decode()
+            except OSError:
+                continue
+            print(f"  {name.decode().rsplit('.', 1)[-1]}: {value}")
+    return 0
+
+
+def _sse_refusal(path: str) -> str | None:
+    """The daemon's reason for refusing our last setting on `path` (the errno alone says little)."""
+    try:
+        ino = os.stat(path).st_ino
+        with ControlClient(_socket_for(path), timeout=30) as client:
+            return client.call("sse.why", inode=ino)["reason"]
+    except (S3fuseError, OSError):
+        return None
+
+
 def cmd_reencrypt(args) -> int:
     from .policy import XATTR_SSE
 
@@ -922,7 +963,7 @@ def cmd_fsck(args) -> int:
 
 
 COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
-            "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
+            "key": cmd_key, "kms": cmd_kms, "sse": cmd_sse, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
             "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "fsck": cmd_fsck}
 
 

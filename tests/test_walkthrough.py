@@ -142,3 +142,32 @@ def test_status_and_umount_of_another_users_mount(mount_factory):
     assert "is not a mount point" in r.stderr or "is not an s3fuse mount" in r.stderr, r.stderr
     r = cli("status", "/")
     assert r.returncode == 1 and "is not on an s3fuse mount" in r.stderr, r.stderr
+
+
+def test_sse_set_and_get_say_why(mount_factory):
+    m = mount_factory(extra_args=["--allow-other"])
+    d = m.mnt / "team"
+    os.mkdir(d)
+    os.chmod(d, 0o777)
+    r = cli("sse", "set", d, "AES128")
+    assert r.returncode == 1 and r.stderr == (
+        f"s3fuse: {d}: unknown encryption setting 'AES128' (use AES256, aws:kms[:KEY] or SSE-C:KEY)\n"), r.stderr
+    r = cli("sse", "set", d, "SSE-C:nokey")
+    assert r.returncode == 1 and "no customer key named 'nokey' is loaded" in r.stderr, r.stderr
+    r = cli("sse", "set", d, "AES256", uid=ALICE)
+    assert r.returncode == 1 and "only the owner or root" in r.stderr, r.stderr
+    r = cli("sse", "set", d, "aws:kms")
+    assert r.returncode == 0, r.stderr
+    key_id = r.stdout.strip().split("aws:kms:", 1)[1]
+    assert r.stdout == f"{d}: aws:kms:{key_id}\n"
+    assert cli_ok("sse", "get", d) == f"{d}: aws:kms:{key_id}\n"
+    (d / "f").write_bytes(b"x")
+    out = cli_ok("sse", "get", d / "f", uid=ALICE)
+    assert f"{d / 'f'}: aws:kms:{key_id}" in out and f"kms-key-id: {key_id}" in out and "mode: aws:kms" in out, out
+    # setfattr keeps working, with its bare errno
+    r = subprocess.run(["setfattr", "-n", "user.s3fuse.sse", "-v", "AES128", str(d)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Invalid argument" in r.stderr, r.stderr
+    r = subprocess.run(["setfattr", "-n", "user.s3fuse.sse", "-v", "AES256", str(d)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and cli_ok("sse", "get", d) == f"{d}: AES256\n"

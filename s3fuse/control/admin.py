@@ -40,6 +40,7 @@ class AdminHandlers:
             "key.list": self.key_list,
             "key.remove": self.key_remove,
             "audit.path": self.audit_path,
+            "sse.why": self.sse_why,
             "rotate": self.master_rotate,
             "rotate.retire": self.master_retire,
             "rotate.sweep": self.master_sweep,
@@ -95,6 +96,14 @@ class AdminHandlers:
         log = self.daemon.audit
         log.sync()
         return {"path": self.daemon.audit_path, "head": log.head, "seq": log.seq}
+
+    async def sse_why(self, peer: Peer, args: dict) -> dict:
+        """Why the caller's last encryption setting on this inode was refused (or null):
+        setxattr(2) carries only an errno. Each uid sees only its own refusals."""
+        inode = args["inode"]
+        if not isinstance(inode, int) or isinstance(inode, bool) or inode < 1:
+            raise TypeError("inode must be a positive integer")
+        return {"reason": self.daemon.core.refusal(peer.uid, inode)}
 
     # ---------------------------------------------------------------- KMS
     def _kms_handler(self, op: str):

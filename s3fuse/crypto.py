@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -79,6 +79,35 @@ def supplementary_groups(pid: int) -> tuple[int, ...]:
 SYSTEM = Caller(0, 0, os.getpid())
 
 
+@dataclass(eq=False)
+class WriteGrant:
+    """What the writes to one file are stored under, fixed when the file was opened for
+    writing (create, open for writing, O_TRUNC) while the caller's key check passed, as S3
+    checks a PUT's key when the request arrives: a key removed, disabled or denied later
+    affects new opens only, never data `write()` already accepted.
+
+    SSE-C: a private copy of the customer key, in memory only, wiped when the file has no
+    handle open for writing and nothing left to store. SSE-KMS: a data key made at the
+    open for block 0's next object (the KMS context binds object and block, so it cannot
+    be made for blocks not yet known); later blocks ask the KMS when they are stored."""
+
+    policy: Policy
+    customer: bytearray | None = field(default=None, repr=False)
+    fingerprint: str = ""  # of the customer key (SSE-C)
+    # block -> (object id, data key, wrapped key) made at the open, each used for one object
+    prepared: dict[int, tuple[bytes, bytes, "WrappedKey"]] = field(default_factory=dict, repr=False)
+
+    def take(self, block: int) -> tuple[bytes, bytes, "WrappedKey"] | None:
+        return self.prepared.pop(block, None)
+
+    def wipe(self) -> None:
+        if self.customer is not None:
+            for i in range(len(self.customer)):
+                self.customer[i] = 0
+            self.customer = None
+        self.prepared.clear()
+
+
 class KeyManager:
     def __init__(self, store_id: bytes, keyring: Keyring, kms: KmsProvider | None = None,
                  customer: CustomerKeys | None = None, audit: AuditLog | None = None) -> None:
@@ -134,7 +163,7 @@ class KeyManager:
 
     # ------------------------------------------------------------------ new objects
     def new_data_key(self, policy: Policy, object_id: bytes, inode: int, block: int, who: Caller,
-                     path: str | None = None) -> tuple[bytes, WrappedKey]:
+                     path: str | None = None, grant: WriteGrant | None = None) -> tuple[bytes, WrappedKey]:
         if policy.mode == SSE_S3:
             data_key = os.urandom(fmt.DATA_KEY_LEN)
             version = self.keyring.current
@@ -151,11 +180,14 @@ class KeyManager:
                 raise
             return self._generated(result, object_id, who, path)
         if policy.mode == SSE_C:
-            key = self._customer_key(policy, who)
-            verifier = ssec.new_verifier(key.material)
+            if grant is not None and grant.customer is not None and grant.policy == policy:
+                material = grant.customer  # the key the data was accepted under
+            else:
+                material = self._customer_key(policy, who).material
+            verifier = ssec.new_verifier(material)
             data_key = os.urandom(fmt.DATA_KEY_LEN)
             aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_C, verifier)
-            slot = fmt.wrap_data_key(ssec.wrapping_key(key.material, verifier, object_id), data_key, aad)
+            slot = fmt.wrap_data_key(ssec.wrapping_key(material, verifier, object_id), data_key, aad)
             return data_key, WrappedKey(SSE_C, verifier, 0, slot)
         raise S3fuseError(f"unknown encryption mode {policy.mode!r}", errno.EINVAL)
 
@@ -234,10 +266,11 @@ class KeyManager:
                                              limiter=provider.limiter)
 
     async def new_data_key_async(self, policy: Policy, object_id: bytes, inode: int, block: int,
-                                 who: Caller, path: str | None = None) -> tuple[bytes, WrappedKey]:
+                                 who: Caller, path: str | None = None,
+                                 grant: WriteGrant | None = None) -> tuple[bytes, WrappedKey]:
         """`new_data_key`, with a network KMS's call in a worker thread."""
         if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
-            return self.new_data_key(policy, object_id, inode, block, who, path)
+            return self.new_data_key(policy, object_id, inode, block, who, path, grant)
         kms = self._kms()
         try:
             result = await self._offload(policy.key, None, kms.generate_data_key, policy.key,
@@ -260,6 +293,29 @@ class KeyManager:
             self._decrypt_failed(object_id, wrapped, who, path, exc)
             raise
         return self._decrypted(result, object_id, wrapped, who, path)
+
+    def grant_write(self, policy: Policy, who: Caller, inode: int, path=None) -> WriteGrant | None:
+        """`check_write`, keeping what later stores of the file's data need (see WriteGrant):
+        None for SSE-S3, whose master key is the store's own."""
+        if policy.mode == SSE_S3:
+            return None
+        if policy.mode == SSE_C:
+            key = self._customer_key(policy, who)
+            return WriteGrant(policy, bytearray(key.material), key.fingerprint)
+        path = path() if callable(path) else path
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        data_key, wrapped = self.new_data_key(policy, object_id, inode, 0, who, path)
+        return WriteGrant(policy, prepared={0: (object_id, data_key, wrapped)})
+
+    async def grant_write_async(self, policy: Policy, who: Caller, inode: int,
+                                path=None) -> WriteGrant | None:
+        """`grant_write`, with a network KMS's call in a worker thread."""
+        if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
+            return self.grant_write(policy, who, inode, path)
+        path = path() if callable(path) else path
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        data_key, wrapped = await self.new_data_key_async(policy, object_id, inode, 0, who, path)
+        return WriteGrant(policy, prepared={0: (object_id, data_key, wrapped)})
 
     async def check_write_async(self, policy: Policy, who: Caller, path=None) -> None:
         """`check_write`, with a network KMS's authorization in a worker thread."""

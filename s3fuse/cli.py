@@ -850,6 +850,8 @@ def cmd_presign(args) -> int:
     # the file may not exist yet (a presigned PUT): its directory names the mount
     path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(args.path))),
                         os.path.basename(args.path))
+    from .control import mounts
+
     entry = mounts.resolve(os.path.dirname(path))
     with ControlClient(mounts.socket_of(entry), timeout=60) as client:
         result = client.call("s3.presign", path=os.path.relpath(path, entry.mountpoint), method=args.method,

@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -52,6 +52,10 @@ class Caller:
     gid: int
     pid: int = 0
     groups: tuple[int, ...] = ()
+    # an S3 API request: the access key it was signed with (audited), and an SSE-C key
+    # that came with it, usable by this request only
+    access_key_id: str | None = None
+    request_key: ssec.CustomerKey | None = None
 
     @property
     def principal(self) -> Principal:
@@ -75,6 +79,35 @@ def supplementary_groups(pid: int) -> tuple[int, ...]:
 SYSTEM = Caller(0, 0, os.getpid())
 
 
+@dataclass(eq=False)
+class WriteGrant:
+    """What the writes to one file are stored under, fixed when the file was opened for
+    writing (create, open for writing, O_TRUNC) while the caller's key check passed, as S3
+    checks a PUT's key when the request arrives: a key removed, disabled or denied later
+    affects new opens only, never data `write()` already accepted.
+
+    SSE-C: a private copy of the customer key, in memory only, wiped when the file has no
+    handle open for writing and nothing left to store. SSE-KMS: a data key made at the
+    open for block 0's next object (the KMS context binds object and block, so it cannot
+    be made for blocks not yet known); later blocks ask the KMS when they are stored."""
+
+    policy: Policy
+    customer: bytearray | None = field(default=None, repr=False)
+    fingerprint: str = ""  # of the customer key (SSE-C)
+    # block -> (object id, data key, wrapped key) made at the open, each used for one object
+    prepared: dict[int, tuple[bytes, bytes, "WrappedKey"]] = field(default_factory=dict, repr=False)
+
+    def take(self, block: int) -> tuple[bytes, bytes, "WrappedKey"] | None:
+        return self.prepared.pop(block, None)
+
+    def wipe(self) -> None:
+        if self.customer is not None:
+            for i in range(len(self.customer)):
+                self.customer[i] = 0
+            self.customer = None
+        self.prepared.clear()
+
+
 class KeyManager:
     def __init__(self, store_id: bytes, keyring: Keyring, kms: KmsProvider | None = None,
                  customer: CustomerKeys | None = None, audit: AuditLog | None = None) -> None:
@@ -89,6 +122,8 @@ class KeyManager:
         if self.audit is None:
             return
         try:
+            if who.access_key_id is not None:
+                fields["access_key_id"] = who.access_key_id
             self.audit.append(op, outcome, uid=who.uid, gid=who.gid, pid=who.pid,
                               process=process_name(who.pid) if who.pid else None, **fields)
         except Exception:
@@ -103,11 +138,24 @@ class KeyManager:
         return {"store": self.store_id.hex(), "object": object_id.hex(),
                 "inode": str(inode), "block": str(block)}
 
+    def find_customer_key(self, who: Caller, ref: str) -> ssec.CustomerKey | None:
+        """A customer key `who` may use, by name or fingerprint: the request's own first."""
+        rk = who.request_key
+        if rk is not None and (rk.fingerprint == ref or rk.name == ref):
+            return rk
+        return self.customer.find(who.uid, ref)
+
+    def customer_key_for_object(self, who: Caller, recorded: str) -> ssec.CustomerKey | None:
+        rk = who.request_key
+        if rk is not None and ssec.matches(rk.material, recorded):
+            return rk
+        return self.customer.for_object(who.uid, recorded)
+
     def _customer_key(self, policy: Policy, who: Caller) -> ssec.CustomerKey:
-        key = self.customer.find(who.uid, policy.key)
+        key = self.find_customer_key(who, policy.key)
         if key is not None:
             return key
-        if policy.name and self.customer.find(who.uid, policy.name) is not None:
+        if policy.name and self.find_customer_key(who, policy.name) is not None:
             raise S3fuseError(f"the loaded key {policy.name!r} is not the key this file or directory "
                               f"was set up with (fingerprint {policy.key})", errno.EKEYREJECTED)
         raise KeyUnavailable(f"customer key {policy.name or policy.key} is not loaded for uid {who.uid}",
@@ -115,7 +163,7 @@ class KeyManager:
 
     # ------------------------------------------------------------------ new objects
     def new_data_key(self, policy: Policy, object_id: bytes, inode: int, block: int, who: Caller,
-                     path: str | None = None) -> tuple[bytes, WrappedKey]:
+                     path: str | None = None, grant: WriteGrant | None = None) -> tuple[bytes, WrappedKey]:
         if policy.mode == SSE_S3:
             data_key = os.urandom(fmt.DATA_KEY_LEN)
             version = self.keyring.current
@@ -132,11 +180,14 @@ class KeyManager:
                 raise
             return self._generated(result, object_id, who, path)
         if policy.mode == SSE_C:
-            key = self._customer_key(policy, who)
-            verifier = ssec.new_verifier(key.material)
+            if grant is not None and grant.customer is not None and grant.policy == policy:
+                material = grant.customer  # the key the data was accepted under
+            else:
+                material = self._customer_key(policy, who).material
+            verifier = ssec.new_verifier(material)
             data_key = os.urandom(fmt.DATA_KEY_LEN)
             aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_C, verifier)
-            slot = fmt.wrap_data_key(ssec.wrapping_key(key.material, verifier, object_id), data_key, aad)
+            slot = fmt.wrap_data_key(ssec.wrapping_key(material, verifier, object_id), data_key, aad)
             return data_key, WrappedKey(SSE_C, verifier, 0, slot)
         raise S3fuseError(f"unknown encryption mode {policy.mode!r}", errno.EINVAL)
 
@@ -160,7 +211,7 @@ class KeyManager:
                 raise
             return self._decrypted(result, object_id, wrapped, who, path)
         if wrapped.mode == SSE_C:
-            key = self.customer.for_object(who.uid, wrapped.key_ref)
+            key = self.customer_key_for_object(who, wrapped.key_ref)
             if key is None:
                 raise KeyUnavailable(f"no loaded customer key of uid {who.uid} matches object "
                                      f"{object_id.hex()}", errno.ENOKEY)
@@ -213,10 +264,11 @@ class KeyManager:
                                              limiter=provider.limiter)
 
     async def new_data_key_async(self, policy: Policy, object_id: bytes, inode: int, block: int,
-                                 who: Caller, path: str | None = None) -> tuple[bytes, WrappedKey]:
+                                 who: Caller, path: str | None = None,
+                                 grant: WriteGrant | None = None) -> tuple[bytes, WrappedKey]:
         """`new_data_key`, with a network KMS's call in a worker thread."""
         if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
-            return self.new_data_key(policy, object_id, inode, block, who, path)
+            return self.new_data_key(policy, object_id, inode, block, who, path, grant)
         kms = self._kms()
         try:
             result = await self._offload(policy.key, None, kms.generate_data_key, policy.key,
@@ -239,6 +291,29 @@ class KeyManager:
             self._decrypt_failed(object_id, wrapped, who, path, exc)
             raise
         return self._decrypted(result, object_id, wrapped, who, path)
+
+    def grant_write(self, policy: Policy, who: Caller, inode: int, path=None) -> WriteGrant | None:
+        """`check_write`, keeping what later stores of the file's data need (see WriteGrant):
+        None for SSE-S3, whose master key is the store's own."""
+        if policy.mode == SSE_S3:
+            return None
+        if policy.mode == SSE_C:
+            key = self._customer_key(policy, who)
+            return WriteGrant(policy, bytearray(key.material), key.fingerprint)
+        path = path() if callable(path) else path
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        data_key, wrapped = self.new_data_key(policy, object_id, inode, 0, who, path)
+        return WriteGrant(policy, prepared={0: (object_id, data_key, wrapped)})
+
+    async def grant_write_async(self, policy: Policy, who: Caller, inode: int,
+                                path=None) -> WriteGrant | None:
+        """`grant_write`, with a network KMS's call in a worker thread."""
+        if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
+            return self.grant_write(policy, who, inode, path)
+        path = path() if callable(path) else path
+        object_id = os.urandom(fmt.OBJECT_ID_LEN)
+        data_key, wrapped = await self.new_data_key_async(policy, object_id, inode, 0, who, path)
+        return WriteGrant(policy, prepared={0: (object_id, data_key, wrapped)})
 
     async def check_write_async(self, policy: Policy, who: Caller, path=None) -> None:
         """`check_write`, with a network KMS's authorization in a worker thread."""
@@ -344,7 +419,7 @@ class KeyManager:
                 self._customer_key(policy, who)
                 continue
             if mode == SSE_C:
-                if self.customer.for_object(who.uid, key_ref) is None:
+                if self.customer_key_for_object(who, key_ref) is None:
                     raise KeyUnavailable(f"no loaded customer key of uid {who.uid} opens {path or 'this file'}",
                                          errno.ENOKEY)
             elif mode == SSE_KMS:

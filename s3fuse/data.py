@@ -27,7 +27,7 @@ import trio
 from . import defaults
 from . import format as fmt
 from .backends import Backend, NoSuchObject
-from .crypto import SYSTEM, Caller, KeyManager, WrappedKey
+from .crypto import SYSTEM, Caller, KeyManager, WrappedKey, WriteGrant
 from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
 from .pagecache import PageCachePusher
@@ -97,6 +97,8 @@ class FileState:
     ctime_ns: int
     policy: Policy = DEFAULT  # encryption of this file's new objects
     writer: Caller = SYSTEM  # whose key access stores this file's data (the last writer)
+    # the key the last writer's open fixed for storing its data (crypto.WriteGrant)
+    grant: WriteGrant | None = None
     blocks: dict[int, Block] = field(default_factory=dict)
     open_count: int = 0
     flush_requested: bool = False
@@ -229,11 +231,15 @@ class DataStore:
         """Unflushed size and times of a file, if it has any, for getattr."""
         return self.files.get(ino)
 
-    def opened(self, ino: int, writer: Caller | None = None) -> None:
+    def opened(self, ino: int, writer: Caller | None = None, grant: WriteGrant | None = None) -> None:
         fs = self.state(ino)
         fs.open_count += 1
         if writer is not None:
             fs.writer = writer
+            if grant is not None or fs.policy.mode == SSE_S3:
+                if fs.grant is not None and fs.grant is not grant:
+                    fs.grant.wipe()
+                fs.grant = grant
 
     async def block_pushes(self, ino: int) -> None:
         """Stop handing this file's data to the kernel's page cache until `unblock_pushes`
@@ -268,6 +274,8 @@ class DataStore:
         if (fs.open_count <= 0 and fs.writers <= 0 and not fs.dirty and not fs.error
                 and fs.ino not in self.pending and self.files.get(fs.ino) is fs):
             del self.files[fs.ino]
+            if fs.grant is not None:
+                fs.grant.wipe()
             if self.pusher is not None:
                 self.pusher.invalidate(fs, fs.ino)  # the inode number may be reused after this
 
@@ -290,6 +298,8 @@ class DataStore:
                         self.meta.add_garbage(ref.object_id)
         fs = self.files.pop(ino, None)
         if fs is not None:
+            if fs.grant is not None:
+                fs.grant.wipe()
             if self.pusher is not None:
                 self.pusher.invalidate(fs, ino)
             for blk in fs.blocks.values():
@@ -952,6 +962,37 @@ class DataStore:
         except Exception:  # noqa: BLE001 - a message must not fail
             return "unlinked"
 
+    def waiting_for_key(self, mode: str, ref: str) -> list[str]:
+        """Paths of files with data not yet stored under a customer key (by fingerprint) or a
+        KMS key (by id): what `key remove` and `kms disable` name."""
+        out = []
+        for fs in self.files.values():
+            if not (fs.dirty or fs.ino in self.pending) or fs.policy.mode != mode:
+                continue
+            if (fs.grant.fingerprint if fs.grant is not None and mode != SSE_KMS else fs.policy.key) == ref:
+                out.append(self.describe(fs.ino))
+        return sorted(out)
+
+    def renew_prepared(self, key_id: str) -> None:
+        """A KMS key was rotated: the data keys that opens made under it are made again under
+        its new version (the old one stays if that fails), so that data is stored under the
+        version current when it is stored, as without them. Not for a network KMS, whose
+        call would hold up the loop."""
+        if self.keys.kms_blocks(key=key_id):
+            return
+        for fs in self.files.values():
+            grant = fs.grant
+            if grant is None or not grant.prepared or fs.policy.mode != SSE_KMS or fs.policy.key != key_id:
+                continue
+            for block in list(grant.prepared):
+                object_id = os.urandom(fmt.OBJECT_ID_LEN)
+                try:
+                    data_key, wrapped = self.keys.new_data_key(fs.policy, object_id, fs.ino, block, fs.writer,
+                                                               self.describe(fs.ino))
+                except S3fuseError:
+                    continue
+                grant.prepared[block] = (object_id, data_key, wrapped)
+
     def failing(self) -> list[dict]:
         """Files whose data could not be stored yet: inode, path, bytes held, why."""
         return [{"inode": fs.ino, "path": self.describe(fs.ino), "reason": fs.failure,
@@ -1064,7 +1105,7 @@ class DataStore:
         if _all_zero(data):
             refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
             return
-        header, data_key, wrapped = self._new_object(fs.ino, blockno, len(data), fs.policy, fs.writer)
+        header, data_key, wrapped = self._new_object(fs.ino, blockno, len(data), fs.policy, fs.writer, fs.grant)
         blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
         self._attempted.setdefault(fs.ino, []).append(header.object_id)
         batch.append((header.object_id.hex(), blob))
@@ -1091,16 +1132,17 @@ class DataStore:
                     refs[(fs.ino, blockno)] = None  # all zeros: a hole costs no object
                     return
                 refs[(fs.ino, blockno)] = await self._store_snapshot(
-                    fs.ino, blockno, data, fs.policy, fs.writer)
+                    fs.ino, blockno, data, fs.policy, fs.writer, fs.grant)
             finally:
                 blk.inflight = False
 
-    async def _store_snapshot(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller) -> BlockRef:
+    async def _store_snapshot(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller,
+                              grant: WriteGrant | None = None) -> BlockRef:
         """Seal and put one block: encryption in a worker thread when it is large, then the put."""
         if self._remote_key(policy):
-            header, data_key, wrapped = await self._new_object_async(ino, blockno, len(data), policy, who)
+            header, data_key, wrapped = await self._new_object_async(ino, blockno, len(data), policy, who, grant)
         else:
-            header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who)
+            header, data_key, wrapped = self._new_object(ino, blockno, len(data), policy, who, grant)
         if len(data) > THREAD_THRESHOLD:
             blob, header_len = await self._crypto.run(fmt.encrypt_object_buffer, header, data_key, data)
         else:
@@ -1109,22 +1151,31 @@ class DataStore:
         await self.backend.put(header.object_id.hex(), blob)
         return self._stored(header, wrapped, header_len, len(blob))
 
-    def _new_object(self, ino: int, blockno: int, length: int, policy: Policy,
-                    who: Caller) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
+    def _new_object(self, ino: int, blockno: int, length: int, policy: Policy, who: Caller,
+                    grant: WriteGrant | None = None) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
         """A fresh object id, data key and header. Runs on the loop: KMS and audit live there."""
-        object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
-        data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path)
+        prepared = _prepared(grant, policy, blockno)
+        if prepared is not None:
+            object_id, data_key, wrapped = prepared
+        else:
+            object_id = os.urandom(fmt.OBJECT_ID_LEN)
+            path = self.meta.path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
+            data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path, grant)
         header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
                                   wrapped.key_ref, self.segment_size, length)
         return header, data_key, wrapped
 
-    async def _new_object_async(self, ino: int, blockno: int, length: int, policy: Policy,
-                                who: Caller) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
+    async def _new_object_async(self, ino: int, blockno: int, length: int, policy: Policy, who: Caller,
+                                grant: WriteGrant | None = None) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
         """`_new_object` for a network KMS: the data-key call runs in a worker thread."""
-        object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        path = self.meta.path_of(ino)
-        data_key, wrapped = await self.keys.new_data_key_async(policy, object_id, ino, blockno, who, path)
+        prepared = _prepared(grant, policy, blockno)
+        if prepared is not None:
+            object_id, data_key, wrapped = prepared
+        else:
+            object_id = os.urandom(fmt.OBJECT_ID_LEN)
+            path = self.meta.path_of(ino)
+            data_key, wrapped = await self.keys.new_data_key_async(policy, object_id, ino, blockno, who, path,
+                                                                   grant)
         header = fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
                                   wrapped.key_ref, self.segment_size, length)
         return header, data_key, wrapped
@@ -1163,6 +1214,9 @@ class DataStore:
                     self.meta.put_block(ref)
                 self.meta.update_inode(ino, sse=policy.encode(), ctime_ns=now)
             fs.policy, fs.writer = policy, who
+            if fs.grant is not None:  # made for the old setting
+                fs.grant.wipe()
+                fs.grant = None
             fs.ctime_ns = now  # the same instant as the row, not a second reading
         self._gc_kick.set()
         self._maybe_drop(fs)
@@ -1279,3 +1333,11 @@ class DataStore:
 def _all_zero(data: bytes | bytearray) -> bool:
     """True for a block of zeros (checked cheaply: most blocks fail at the last byte)."""
     return not data[-1:].strip(b"\0") and data == bytes(len(data))
+
+
+def _prepared(grant: WriteGrant | None, policy: Policy, blockno: int):
+    """The data key a file's open made for this block, if any (used for one object only:
+    a second object under it would repeat its nonces)."""
+    if grant is None or grant.policy != policy:
+        return None
+    return grant.take(blockno)

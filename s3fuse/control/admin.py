@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..crypto import Caller
+from ..policy import SSE_C, SSE_KMS
 from ..errors import S3fuseError
 from .server import Peer
 from .transit_admin import TransitAdmin
@@ -39,6 +40,7 @@ class AdminHandlers:
             "key.list": self.key_list,
             "key.remove": self.key_remove,
             "audit.path": self.audit_path,
+            "sse.why": self.sse_why,
             "rotate": self.master_rotate,
             "rotate.retire": self.master_retire,
             "rotate.sweep": self.master_sweep,
@@ -86,13 +88,22 @@ class AdminHandlers:
             raise
         self._forget_cached_keys()
         self.keys.record("ssec:RemoveKey", who, fingerprint=key.fingerprint, key_name=name)
-        return key.describe()
+        # files opened for writing before the removal are still stored under the key
+        return {**key.describe(), "waiting": self.daemon.data.waiting_for_key(SSE_C, key.fingerprint)}
 
     async def audit_path(self, peer: Peer, args: dict) -> dict:
         """Where the trail is, and its current head, so `audit verify` can check the tail."""
         log = self.daemon.audit
         log.sync()
         return {"path": self.daemon.audit_path, "head": log.head, "seq": log.seq}
+
+    async def sse_why(self, peer: Peer, args: dict) -> dict:
+        """Why the caller's last encryption setting on this inode was refused (or null):
+        setxattr(2) carries only an errno. Each uid sees only its own refusals."""
+        inode = args["inode"]
+        if not isinstance(inode, int) or isinstance(inode, bool) or inode < 1:
+            raise TypeError("inode must be a positive integer")
+        return {"reason": self.daemon.core.refusal(peer.uid, inode)}
 
     # ---------------------------------------------------------------- KMS
     def _kms_handler(self, op: str):
@@ -150,7 +161,13 @@ class AdminHandlers:
             # the one record that ties a key id to its alias (`audit --key ALIAS` reads it)
             fields["alias"] = result.get("alias")
         self.keys.record(f"kms:{op}", who, **fields)
-        return result if isinstance(result, dict) else kms.describe(key)
+        result = result if isinstance(result, dict) else kms.describe(key)
+        if op == "rotate":
+            self.daemon.data.renew_prepared(kms.resolve(key))
+        if op in ("disable", "schedule-deletion", "set-policy"):
+            # files opened for writing before the change are still stored under the key
+            result = {**result, "waiting": self.daemon.data.waiting_for_key(SSE_KMS, kms.resolve(key))}
+        return result
 
     def _key_fields(self, key: str | None) -> dict:
         """Audit fields naming a key by its id (and the alias it was given by), so that
@@ -172,6 +189,7 @@ class AdminHandlers:
         system = Caller(0, 0, 0)
         for key_id in kms.rotate_due(now):
             self.keys.record("kms:rotate", system, key_id=key_id, trigger="schedule")
+            self.daemon.data.renew_prepared(key_id)
         for key_id in kms.purge_expired(now):
             self._forget_cached_keys()
             self.keys.record("kms:delete", system, key_id=key_id, trigger="schedule")

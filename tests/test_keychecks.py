@@ -257,3 +257,24 @@ def test_keyring_generation_record_matches_documented_vector():
     k = Keyring({1: bytes(range(32)), 2: bytes(range(32, 64))}, 2, {1: 0, 2: 0})
     line = f"keyring generation record: {keygen.record_value(k, bytes([0xa0]) * 16)}\n"
     assert line in open(FORMAT_MD).read()
+
+
+def test_kms_key_quota_per_uid(mount_factory):
+    from .test_sse import cli
+
+    m = mount_factory(extra_args=ALLOW_OTHER, start=False)
+    cfg_path = m.store / "store.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["kms"] = {"key_quota": 2}
+    cfg_path.write_text(json.dumps(cfg))
+    m.start()
+    for _ in range(2):
+        cli_ok("kms", "create-key", "-m", m.mnt, uid=ALICE)
+    r = cli("kms", "create-key", "-m", m.mnt, uid=ALICE)
+    assert r.returncode == 1 and "quota" in r.stderr and "key_quota" in r.stderr, r.stderr
+    cli_ok("kms", "create-key", "-m", m.mnt, uid=BOB)
+    cli_ok("kms", "create-key", "-m", m.mnt)  # root has no quota
+    r = cli("kms", "create-key", "--description", "d" * 1025, "-m", m.mnt, uid=BOB)
+    assert r.returncode == 1 and "1024" in r.stderr, r.stderr
+    recs = [r for r in audit_records(m.mnt) if r["op"] == "kms:create-key"]
+    assert [r["outcome"] for r in recs if r["uid"] == ALICE] == ["allowed", "allowed", "denied"]

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the store's rotation_interval, 30 days at init; 0 or never = never)")
     s.add_argument("--rewrap-batch", type=int, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--rewrap-rate", type=float, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument("--s3-api", metavar="HOST:PORT", dest="s3_api",
+                   help="also serve the store as an S3 endpoint here (docs/S3API.md)")
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -149,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = ksub.add_parser("remove", help="forget a key")
     s.add_argument("name", metavar="NAME")
     _mount_option(s)
+
+    s3k = sub.add_parser("s3-key", help="access keys of the S3 API (docs/S3API.md)")
+    s3sub = s3k.add_subparsers(dest="s3key_command", metavar="ACTION", parser_class=_Parser)
+    s3sub.required = True
+    s = s3sub.add_parser("add", help="create an access key id and secret for a uid")
+    s.add_argument("--uid", type=int, default=None, help="the uid requests act as (default: yours)")
+    s.add_argument("--allow-root", action="store_true", help="allow a key for uid 0")
+    s.add_argument("--json", action="store_true", help='print {"AccessKeyId": ..., "SecretAccessKey": ...}')
+    _mount_option(s)
+    s = s3sub.add_parser("list", help="access key ids and their uids (never secrets)")
+    _mount_option(s)
+    s = s3sub.add_parser("remove", help="delete an access key")
+    s.add_argument("id", metavar="ID")
+    _mount_option(s)
+
+    s = sub.add_parser("presign", help="print a presigned S3 URL for a file of the mount")
+    s.add_argument("path", metavar="PATH")
+    s.add_argument("--expires", type=int, default=3600, metavar="SECONDS", help="1-604800 (default 3600)")
+    s.add_argument("--method", choices=("GET", "PUT"), default="GET")
+    s.add_argument("--access-key", metavar="ID", help="sign with this key (default: your newest)")
 
     kms = sub.add_parser("kms", help="the built-in KMS (SSE-KMS keys, policies, rotation)")
     msub = kms.add_subparsers(dest="kms_command", metavar="ACTION", parser_class=_Parser)
@@ -443,7 +465,8 @@ def _mount_settings(args):
     cli = {"store": args.store, "mountpoint": args.mountpoint, "allow_other": args.allow_other,
            "log_level": args.log_level, "log_file": args.log_file, "dirty_limit": args.dirty_limit,
            "cache_limit": args.cache_limit, "rotation_interval": args.rotation_interval,
-           "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file}
+           "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file,
+           "s3_api": args.s3_api}
     return config.resolve(cli, file)
 
 
@@ -491,7 +514,8 @@ def cmd_mount(args) -> int:
                            rotation_interval=settings.rotation_interval,
                            rewrap_batch=args.rewrap_batch, rewrap_rate=args.rewrap_rate,
                            audit_path=settings.audit_path, default_sse=settings.default_sse,
-                           kms=_kms_settings(settings.kms), backend_overrides=settings.backend)
+                           kms=_kms_settings(settings.kms), backend_overrides=settings.backend,
+                           s3_api=_s3api_settings(settings.s3api))
     if args.foreground:
         _setup_logging(settings.log_level, settings.log_file)
         ready_fd = args.ready_fd
@@ -535,6 +559,8 @@ def cmd_mount(args) -> int:
         argv += ["--config", os.path.abspath(args.config)]
     if settings.allow_other:
         argv.append("--allow-other")
+    if args.s3_api:
+        argv += ["--s3-api", args.s3_api]
     for flag, value in (("--rotation-interval", settings.rotation_interval), ("--rewrap-batch", args.rewrap_batch),
                         ("--rewrap-rate", args.rewrap_rate)):
         if value is not None:
@@ -781,6 +807,59 @@ def cmd_key(args) -> int:
     return 0
 
 
+def _s3api_settings(table: dict | None):
+    if table is None:
+        return None
+    from .s3api.server import Limits
+    from .s3api.service import Settings, parse_listen
+
+    host, port = parse_listen(table["listen"])
+    limits = Limits()
+    for name, attr in (("header_timeout", "header_timeout"), ("body_timeout", "body_timeout"),
+                       ("idle_timeout", "idle_timeout"), ("connections_per_client", "per_client")):
+        if name in table:
+            setattr(limits, attr, table[name])
+    return Settings(host, port, table.get("tls_cert"), table.get("tls_key"), limits)
+
+
+def cmd_s3_key(args) -> int:
+    import json
+
+    if args.s3key_command == "add":
+        params = {"allow_root": args.allow_root}
+        if args.uid is not None:
+            params["uid"] = args.uid
+        result = _call(args, "s3key.add", **params)
+        if args.json:
+            print(json.dumps({"AccessKeyId": result["AccessKeyId"], "SecretAccessKey": result["SecretAccessKey"]}))
+        else:
+            print(f"AccessKeyId     {result['AccessKeyId']}")
+            print(f"SecretAccessKey {result['SecretAccessKey']}")
+            print(f"uid             {result['uid']}")
+            if result.get("endpoint"):
+                print(f"endpoint        {result['endpoint']}")
+    elif args.s3key_command == "list":
+        _print_table(_call(args, "s3key.list"), ["AccessKeyId", "uid", "gid", "created"])
+    else:
+        result = _call(args, "s3key.remove", id=args.id)
+        print(f"removed {result['AccessKeyId']}")
+    return 0
+
+
+def cmd_presign(args) -> int:
+    # the file may not exist yet (a presigned PUT): its directory names the mount
+    path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(args.path))),
+                        os.path.basename(args.path))
+    from .control import mounts
+
+    entry = mounts.resolve(os.path.dirname(path))
+    with ControlClient(mounts.socket_of(entry), timeout=60) as client:
+        result = client.call("s3.presign", path=os.path.relpath(path, entry.mountpoint), method=args.method,
+                             expires=args.expires, access_key=args.access_key)
+    print(result["url"])
+    return 0
+
+
 def cmd_kms(args) -> int:
     import json
 
@@ -964,7 +1043,8 @@ def cmd_fsck(args) -> int:
 
 COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
             "key": cmd_key, "kms": cmd_kms, "sse": cmd_sse, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
-            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "fsck": cmd_fsck}
+            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "fsck": cmd_fsck,
+            "s3-key": cmd_s3_key, "presign": cmd_presign}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -175,7 +175,8 @@ class Filesystem:
         return gid, mode
 
     def _make(self, parent_ino: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
-              target: bytes | None = None, checked: Policy | None = None) -> Inode:
+              target: bytes | None = None, checked: Policy | None = None,
+              policy: Policy | None = None) -> Inode:
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
@@ -185,7 +186,8 @@ class Filesystem:
         sse = None
         if stat.S_ISREG(mode):
             # a file takes its encryption from the nearest setting above it, once, now
-            policy = self.effective_policy(parent_ino)
+            # (or from the request that made it: an S3 PUT's SSE headers)
+            policy = policy or self.effective_policy(parent_ino)
             if policy != checked:
                 self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
             sse = policy.encode()
@@ -226,10 +228,16 @@ class Filesystem:
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
 
-    async def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+    async def create(self, parent: int, name: bytes, mode: int, caller: Caller,
+                     policy: Policy | None = None) -> Inode:
+        """`policy`: the new file's encryption, instead of its directory's (checked here)."""
         mode = stat.S_IFREG | (mode & 0o7777)
-        checked = await self._precheck_write(parent, mode, caller)
-        row = self._make(parent, name, mode, caller, checked=checked)
+        if policy is None:
+            checked = await self._precheck_write(parent, mode, caller)
+        else:
+            await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(parent))
+            checked = policy
+        row = self._make(parent, name, mode, caller, checked=checked, policy=policy)
         await self.data.block_pushes(row.id)  # an inode number can be reused: no stale pushes
         self.data.opened(row.id, writer=caller, grant=await self._grant_at_create(row, caller))
         return row
@@ -719,7 +727,7 @@ class Filesystem:
 
     def listxattr(self, ino: int) -> list[bytes]:
         row = self._inode(ino)
-        names = self.meta.list_xattrs(ino)
+        names = [n for n in self.meta.list_xattrs(ino) if not n.startswith(pol.HIDDEN_PREFIX)]
         if stat.S_ISDIR(row.mode) and row.sse is not None:
             names.append(pol.XATTR_SSE)
         return names

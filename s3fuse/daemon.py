@@ -43,6 +43,8 @@ from .pagecache import PageCachePusher
 from .policy import Policy
 from .rotation import MasterKeys
 from .keys import generation as keygen
+from .s3api.credentials import AccessKeys
+from .s3api.service import S3Service
 from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
 from .util import syncfs
 
@@ -68,6 +70,7 @@ class MountOptions:
     default_sse: str | None = None
     kms: dict | None = None  # KMS provider settings overriding the store's (consumed by the KMS providers)
     backend_overrides: dict = field(default_factory=dict)  # merged over store.json "backend"
+    s3_api: object | None = None  # s3api.service.Settings: serve the S3 API (docs/S3API.md)
 
 
 
@@ -289,6 +292,10 @@ class Daemon:
             rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
             forget_cached_keys=self.admin._forget_cached_keys)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
+        self.s3api = S3Service(
+            self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
+            self.cfg.store_id, self.mountpoint, self.options.s3_api,
+            invalidate_entry=_invalidate_entry)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
 
     def _default_policy(self, kms: KmsProvider) -> Policy:
@@ -357,6 +364,8 @@ class Daemon:
                     nursery.start_soon(self.s3.periodic, self.meta)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
+                if self.options.s3_api is not None:
+                    await nursery.start(self.s3api.serve)
                 async with trio.open_nursery() as fuse:
                     fuse.start_soon(pyfuse3.main)
                     # the kernel applies its read-ahead cap when INIT completes, which a stat waits for
@@ -487,6 +496,7 @@ class Daemon:
             "flush": self._flush,
             "unmount": self._unmount,
             **self.admin.handlers(),
+            **self.s3api.handlers(),
         }
 
     def _require_owner(self, peer: Peer) -> None:
@@ -528,6 +538,21 @@ class Daemon:
         self._require_owner(peer)
         await self.data.flush_all(durable=True)
         return {"pid": os.getpid()}
+
+
+async def _invalidate_entry(parent: int, name: bytes) -> None:
+    """Have the kernel forget one entry (and its negative lookup), and wait until it has. The
+    call blocks until the kernel can take the directory's lock, which a request being answered
+    on this loop may hold: so in a thread, never on the loop."""
+    def call() -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except (FileNotFoundError, OSError) as exc:  # not cached: nothing to forget
+            if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
+                log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
+
+    with trio.move_on_after(10):
+        await trio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
 def credential_path(name: str) -> str:

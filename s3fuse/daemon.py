@@ -319,8 +319,7 @@ class Daemon:
             log.info("reclaimed %d inodes that were deleted while open", orphans)
         if not clean:
             log.warning("the store was not unmounted cleanly; collecting unreferenced objects")
-            if hasattr(self.backend, "clear_tmp"):
-                self.backend.clear_tmp()
+            self.backend.clear_tmp()
             removed = await self.data.sweep_unreferenced()
             log.info("removed %d unreferenced objects", removed)
         await self.data.collect_garbage()
@@ -527,7 +526,7 @@ class Daemon:
             "fuse_waits_slow": fuseloop.wait_readable.slow,
             "fuse_lock_free": fuseloop.lock_counts.free,
             "fuse_lock_waited": fuseloop.lock_counts.waited,
-            **getattr(self.backend, "stats", {}),
+            **self.backend.stats,
         }
 
     async def _flush(self, peer: Peer, args: dict) -> None:

@@ -115,7 +115,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -123,6 +123,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import S3fuseError, StoreError
 from ..util import atomic_write
+
+if TYPE_CHECKING:
+    import trio
 
 KEYSTORE_MAGIC = b"S3KM"
 KEYSTORE_VERSION = 2
@@ -217,6 +220,32 @@ class KmsProvider(abc.ABC):
     @abc.abstractmethod
     def describe(self, key: str) -> dict:
         """Metadata of a key as a plain dict, never its material."""
+
+    # -- optional abilities: defaults for a local provider, overridden by the others
+
+    #: the Transit provider behind this one (KmsRouter), if any
+    transit: KmsProvider | None = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter | None:
+        """Bounds the worker threads of a blocking provider's calls; None: not blocking."""
+        return None
+
+    def blocks(self, key: str | None = None, blob: bytes | None = None) -> bool:
+        """Whether a call for this key (or key slot) waits on the network."""
+        return self.blocking
+
+    def for_key(self, key: str | None) -> KmsProvider:
+        """The provider that serves `key` (a router's choice; itself otherwise)."""
+        return self
+
+    def for_blob(self, blob: bytes) -> KmsProvider:
+        """The provider that unwraps `blob` (a router's choice; itself otherwise)."""
+        return self
+
+    def is_transit(self, key: str | None) -> bool:
+        """Whether `key` is a Transit key."""
+        return False
 
 
 @dataclass

@@ -56,7 +56,7 @@ class KmsRouter(KmsProvider):
             p = self.for_blob(blob) if blob is not None else self.for_key(key)
         except S3fuseError:
             return False
-        return getattr(p, "blocking", False)
+        return p.blocking
 
     def is_transit(self, key: str | None) -> bool:
         try:

@@ -254,9 +254,7 @@ class KeyManager:
         kms = self.kms
         if kms is None:
             return False
-        if hasattr(kms, "blocks"):
-            return kms.blocks(key=key, blob=blob)
-        return getattr(kms, "blocking", False)
+        return kms.blocks(key=key, blob=blob)
 
     async def _offload(self, provider_key: str | None, blob: bytes | None, fn, *args):
         """Run a blocking KMS call in a worker thread, bounded by the provider's limiter."""

@@ -42,6 +42,7 @@ from .notify import Notifier
 from .pagecache import PageCachePusher
 from .policy import Policy
 from .rotation import MasterKeys
+from .keys import generation as keygen
 from .s3api.credentials import AccessKeys
 from .s3api.service import S3Service
 from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
@@ -268,6 +269,11 @@ class Daemon:
         if stale:
             log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
         self.meta = Meta(self.cfg.meta_path)
+        # a keyring.bin put back from before a rotation is refused here, before anything changes
+        keygen.check(self.meta.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
+                     self.cfg.keyring_path)
+        with self.meta.transaction():
+            self.meta.set_state(keygen.STATE_KEY, keygen.record_value(keyring, self.cfg.store_id))
         self.audit = AuditLog.open(self.audit_path)
         kms = open_kms(self.cfg, root_key, self.options.kms)
         self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
@@ -313,8 +319,7 @@ class Daemon:
             log.info("reclaimed %d inodes that were deleted while open", orphans)
         if not clean:
             log.warning("the store was not unmounted cleanly; collecting unreferenced objects")
-            if hasattr(self.backend, "clear_tmp"):
-                self.backend.clear_tmp()
+            self.backend.clear_tmp()
             removed = await self.data.sweep_unreferenced()
             log.info("removed %d unreferenced objects", removed)
         await self.data.collect_garbage()
@@ -521,7 +526,7 @@ class Daemon:
             "fuse_waits_slow": fuseloop.wait_readable.slow,
             "fuse_lock_free": fuseloop.lock_counts.free,
             "fuse_lock_waited": fuseloop.lock_counts.waited,
-            **getattr(self.backend, "stats", {}),
+            **self.backend.stats,
         }
 
     async def _flush(self, peer: Peer, args: dict) -> None:

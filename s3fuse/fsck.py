@@ -591,8 +591,7 @@ async def repair(ctx: Context, report: Report) -> None:
     await ctx.backend.sync()
     with meta.transaction():
         db.execute("DELETE FROM garbage WHERE object_id NOT IN (SELECT object_id FROM blocks)")
-    if hasattr(ctx.backend, "clear_tmp"):
-        ctx.backend.clear_tmp()
+    ctx.backend.clear_tmp()
     with meta.transaction():
         # what an unclean stop left is collected now
         meta.set_state("clean", 1)

@@ -35,6 +35,7 @@ import trio
 from . import format as fmt
 from .crypto import Caller, KeyManager
 from .errors import S3fuseError
+from .keys import generation as keygen
 from .keys.keyring import Keyring
 from .policy import SSE_S3
 
@@ -167,6 +168,8 @@ class MasterKeys:
     async def _save(self, keyring: Keyring) -> None:
         await trio.to_thread.run_sync(keyring.save, self.cfg.keyring_path, self._root_key, self.cfg.store_id)
         self._keyring_mtime = time.time()
+        with self.meta.transaction():  # from now on an older keyring is refused at mount
+            self.meta.set_state(keygen.STATE_KEY, keygen.record_value(keyring, self.cfg.store_id))
 
     async def rotate(self, who: Caller, trigger: str = "request") -> dict:
         # what was written before the rotation is stored under the old version (and re-wrapped

@@ -56,7 +56,7 @@ class TransitAdmin:
         return self.keys._kms()
 
     def _transit(self) -> tr.TransitKms:
-        transit = getattr(self.router, "transit", None)
+        transit = self.router.transit
         if transit is None:
             raise S3fuseError("no Transit KMS is configured for this store", errno.ENOKEY)
         return transit
@@ -66,7 +66,7 @@ class TransitAdmin:
             key = args.get("key")
             router = self.router
             is_transit = (op == "create-key" and args.get("transit") is not None) or (
-                isinstance(key, str) and hasattr(router, "is_transit") and router.is_transit(key))
+                isinstance(key, str) and router.is_transit(key))
             if op == "list":
                 return await self._list(peer, args, builtin)
             if not is_transit:
@@ -84,7 +84,7 @@ class TransitAdmin:
     # ---------------------------------------------------------------- operations
     async def _list(self, peer: Peer, args: dict, builtin) -> list:
         keys = list(await builtin(peer, args))
-        if getattr(self.router, "transit", None) is not None:
+        if self.router.transit is not None:
             try:
                 keys += await self._run(self._transit().list_keys)
             except S3fuseError as exc:  # e.g. a token that may use keys but not list them

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the store's rotation_interval, 30 days at init; 0 or never = never)")
     s.add_argument("--rewrap-batch", type=int, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--rewrap-rate", type=float, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument("--s3-api", metavar="HOST:PORT", dest="s3_api",
+                   help="also serve the store as an S3 endpoint here (docs/S3API.md)")
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -153,6 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", metavar="NAME")
     _mount_option(s)
 
+    s3k = sub.add_parser("s3-key", help="access keys of the S3 API (docs/S3API.md)")
+    s3sub = s3k.add_subparsers(dest="s3key_command", metavar="ACTION", parser_class=_Parser)
+    s3sub.required = True
+    s = s3sub.add_parser("add", help="create an access key id and secret for a uid")
+    s.add_argument("--uid", type=int, default=None, help="the uid requests act as (default: yours)")
+    s.add_argument("--allow-root", action="store_true", help="allow a key for uid 0")
+    s.add_argument("--json", action="store_true", help='print {"AccessKeyId": ..., "SecretAccessKey": ...}')
+    _mount_option(s)
+    s = s3sub.add_parser("list", help="access key ids and their uids (never secrets)")
+    _mount_option(s)
+    s = s3sub.add_parser("remove", help="delete an access key")
+    s.add_argument("id", metavar="ID")
+    _mount_option(s)
+
+    s = sub.add_parser("presign", help="print a presigned S3 URL for a file of the mount")
+    s.add_argument("path", metavar="PATH")
+    s.add_argument("--expires", type=int, default=3600, metavar="SECONDS", help="1-604800 (default 3600)")
+    s.add_argument("--method", choices=("GET", "PUT"), default="GET")
+    s.add_argument("--access-key", metavar="ID", help="sign with this key (default: your newest)")
+
     kms = sub.add_parser("kms", help="the built-in KMS (SSE-KMS keys, policies, rotation)")
     msub = kms.add_subparsers(dest="kms_command", metavar="ACTION", parser_class=_Parser)
     msub.required = True
@@ -192,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key", metavar="KEY")
     s.add_argument("--file", help="set: read the policy JSON from this file instead of stdin")
     _mount_option(s)
+
+    s = sub.add_parser("sse", help="set or show a directory's or file's encryption (user.s3fuse.sse), "
+                       "with the reason when a setting is refused")
+    ssub = s.add_subparsers(dest="sse_command", metavar="ACTION", parser_class=_Parser)
+    ssub.required = True
+    t = ssub.add_parser("set", help="set the encryption of a directory (files created below it) or "
+                        "re-encrypt a file")
+    t.add_argument("path", metavar="PATH")
+    t.add_argument("value", metavar="VALUE", help="AES256, aws:kms, aws:kms:KEY, SSE-C:NAME or SSE-C:FINGERPRINT")
+    t = ssub.add_parser("get", help="the effective setting (a file: also its actual encryption)")
+    t.add_argument("path", metavar="PATH")
 
     s = sub.add_parser("audit", help="print the audit trail, or verify its hash chain")
     s.add_argument("action", nargs="?", choices=("verify",), help="verify: check the hash chain")
@@ -435,7 +468,8 @@ def _mount_settings(args):
     cli = {"store": args.store, "mountpoint": args.mountpoint, "allow_other": args.allow_other,
            "log_level": args.log_level, "log_file": args.log_file, "dirty_limit": args.dirty_limit,
            "cache_limit": args.cache_limit, "rotation_interval": args.rotation_interval,
-           "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file}
+           "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file,
+           "s3_api": args.s3_api}
     return config.resolve(cli, file)
 
 
@@ -483,7 +517,8 @@ def cmd_mount(args) -> int:
                            rotation_interval=settings.rotation_interval,
                            rewrap_batch=args.rewrap_batch, rewrap_rate=args.rewrap_rate,
                            audit_path=settings.audit_path, default_sse=settings.default_sse,
-                           kms=_kms_settings(settings.kms), backend_overrides=settings.backend)
+                           kms=_kms_settings(settings.kms), backend_overrides=settings.backend,
+                           s3_api=_s3api_settings(settings.s3api))
     if args.foreground:
         _setup_logging(settings.log_level, settings.log_file)
         ready_fd = args.ready_fd
@@ -527,6 +562,8 @@ def cmd_mount(args) -> int:
         argv += ["--config", os.path.abspath(args.config)]
     if settings.allow_other:
         argv.append("--allow-other")
+    if args.s3_api:
+        argv += ["--s3-api", args.s3_api]
     for flag, value in (("--rotation-interval", settings.rotation_interval), ("--rewrap-batch", args.rewrap_batch),
                         ("--rewrap-rate", args.rewrap_rate)):
         if value is not None:
@@ -566,9 +603,27 @@ def _fusermount(mountpoint: str, lazy: bool = False) -> None:
         raise S3fuseError(f"could not unmount {mountpoint}: {msg}", errno.EBUSY)
 
 
+def _umount_socket(mnt: str) -> str:
+    """The control socket of the s3fuse mount at `mnt`, once the caller may unmount it."""
+    from .control import mounts
+
+    entry = mounts.entry_at(mnt)
+    if entry is None:
+        raise S3fuseError(f"{mnt} is not a mount point", errno.EINVAL)
+    if not entry.is_s3fuse:
+        raise S3fuseError(f"{mnt} is not an s3fuse mount (it is a {entry.fstype} mount)", errno.EINVAL)
+    if os.getuid() not in (0, entry.uid):
+        raise S3fuseError(f"{mnt} was mounted by {entry.owner()}: only that user or root may "
+                          "unmount it", errno.EPERM)
+    for path in mounts.socket_candidates(mnt, entry.uid):
+        if os.path.exists(path):
+            return path
+    return protocol.socket_path(mnt)  # none: the daemon is gone (a stale mount, below)
+
+
 def cmd_umount(args) -> int:
     mnt = os.path.realpath(args.mountpoint)
-    path = protocol.socket_path(mnt)
+    path = _umount_socket(mnt)
     try:
         with ControlClient(path, timeout=args.timeout) as client:
             reply = client.call("unmount", keep_pending=bool(args.keep_pending))
@@ -596,8 +651,7 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
-    mnt = os.path.realpath(args.mountpoint)
-    with ControlClient(protocol.socket_path(mnt), timeout=30) as client:
+    with ControlClient(_socket_for(args.mountpoint), timeout=30) as client:
         status = client.call("status")
     if args.json:
         print(json.dumps(status, indent=1, sort_keys=True))
@@ -729,22 +783,11 @@ def _audit_offline(cfg, op: str, **fields) -> None:
 
 
 def _socket_for(mount: str | None) -> str:
-    """The control socket of a mount: a root daemon's or the caller's own."""
-    if mount is not None:
-        for uid in {0, os.getuid()}:
-            path = protocol.socket_path(mount, uid)
-            if os.path.exists(path):
-                return path
-        raise S3fuseError(f"no s3fuse daemon serves {os.path.realpath(mount)}", errno.ENOTCONN)
-    found = []
-    for uid in {0, os.getuid()}:
-        rdir = protocol.runtime_dir(uid)
-        if os.path.isdir(rdir):
-            found += [os.path.join(rdir, n) for n in os.listdir(rdir) if n.endswith(".sock")]
-    if len(found) != 1:
-        raise S3fuseError("no s3fuse mount found" if not found else
-                          "several s3fuse mounts: name one with --mount MOUNTPOINT", errno.ENOTCONN)
-    return found[0]
+    """The control socket of the daemon of the mount `mount` is on; with none given, of
+    the mount holding the current directory, else the caller's only mount (mounts.resolve)."""
+    from .control import mounts
+
+    return mounts.socket_of(mounts.resolve(mount))
 
 
 def _call(args, op: str, **params):
@@ -781,6 +824,59 @@ def cmd_key(args) -> int:
         result = _call(args, "key.remove", name=args.name)
         print(f"removed {result['name']} ({result['fingerprint']})")
         _print_waiting(result.get("waiting"))
+    return 0
+
+
+def _s3api_settings(table: dict | None):
+    if table is None:
+        return None
+    from .s3api.server import Limits
+    from .s3api.service import Settings, parse_listen
+
+    host, port = parse_listen(table["listen"])
+    limits = Limits()
+    for name, attr in (("header_timeout", "header_timeout"), ("body_timeout", "body_timeout"),
+                       ("idle_timeout", "idle_timeout"), ("connections_per_client", "per_client")):
+        if name in table:
+            setattr(limits, attr, table[name])
+    return Settings(host, port, table.get("tls_cert"), table.get("tls_key"), limits)
+
+
+def cmd_s3_key(args) -> int:
+    import json
+
+    if args.s3key_command == "add":
+        params = {"allow_root": args.allow_root}
+        if args.uid is not None:
+            params["uid"] = args.uid
+        result = _call(args, "s3key.add", **params)
+        if args.json:
+            print(json.dumps({"AccessKeyId": result["AccessKeyId"], "SecretAccessKey": result["SecretAccessKey"]}))
+        else:
+            print(f"AccessKeyId     {result['AccessKeyId']}")
+            print(f"SecretAccessKey {result['SecretAccessKey']}")
+            print(f"uid             {result['uid']}")
+            if result.get("endpoint"):
+                print(f"endpoint        {result['endpoint']}")
+    elif args.s3key_command == "list":
+        _print_table(_call(args, "s3key.list"), ["AccessKeyId", "uid", "gid", "created"])
+    else:
+        result = _call(args, "s3key.remove", id=args.id)
+        print(f"removed {result['AccessKeyId']}")
+    return 0
+
+
+def cmd_presign(args) -> int:
+    # the file may not exist yet (a presigned PUT): its directory names the mount
+    path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(args.path))),
+                        os.path.basename(args.path))
+    from .control import mounts
+
+    entry = mounts.resolve(os.path.dirname(path))
+    with ControlClient(mounts.socket_of(entry), timeout=60) as client:
+        result = client.call("s3.presign", path=os.path.relpath(path, entry.mountpoint), method=args.method,
+                             expires=args.expires, access_key=args.access_key)
+    print(result["url"])
     return 0
 
 
@@ -835,7 +931,9 @@ def cmd_audit(args) -> int:
     if args.store:
         store = os.path.abspath(args.store)
         path = os.path.join(store, "audit.log")
-        head, seq = _stored_audit_head(store)
+        from .metaquery import stored_audit_head
+
+        head, seq = stored_audit_head(store)
     else:
         info = _call(args, "audit.path")
         path, head, seq = info["path"], info["head"], info["seq"]
@@ -860,21 +958,34 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def _stored_audit_head(store: str) -> tuple[str | None, int | None]:
-    """The head the daemon recorded at its last clean stop (None if it never did)."""
-    import sqlite3
+def cmd_sse(args) -> int:
+    from .policy import READ_ONLY, XATTR_SSE
 
-    db_path = os.path.join(store, "meta.db")
-    if not os.path.exists(db_path):
-        raise S3fuseError(f"{store} is not an s3fuse store", errno.EINVAL)
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    path = args.path
+    if args.sse_command == "set":
+        try:
+            os.setxattr(path, XATTR_SSE, args.value.encode())
+        except OSError as exc:
+            raise S3fuseError(f"{path}: {_sse_refusal(path) or exc.strerror}", exc.errno) from None
+    print(f"{path}: {os.getxattr(path, XATTR_SSE).decode()}")
+    if os.path.isfile(path):
+        for name in READ_ONLY:  # what its stored data is actually encrypted with
+            try:
+                value = os.getxattr(path, name).decode()
+            except OSError:
+                continue
+            print(f"  {name.decode().rsplit('.', 1)[-1]}: {value}")
+    return 0
+
+
+def _sse_refusal(path: str) -> str | None:
+    """The daemon's reason for refusing our last setting on `path` (the errno alone says little)."""
     try:
-        rows = dict(db.execute("SELECT key, value FROM state WHERE key IN ('audit_head', 'audit_seq', 'clean')"))
-    finally:
-        db.close()
-    if not rows.get("clean"):
-        return None, None  # mounted, or stopped uncleanly: the log may have run past the head
-    return rows.get("audit_head"), rows.get("audit_seq")
+        ino = os.stat(path).st_ino
+        with ControlClient(_socket_for(path), timeout=30) as client:
+            return client.call("sse.why", inode=ino)["reason"]
+    except (S3fuseError, OSError):
+        return None
 
 
 def cmd_reencrypt(args) -> int:
@@ -936,8 +1047,9 @@ def cmd_fsck(args) -> int:
 
 
 COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
-            "key": cmd_key, "kms": cmd_kms, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
-            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "fsck": cmd_fsck}
+            "key": cmd_key, "kms": cmd_kms, "sse": cmd_sse, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
+            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "fsck": cmd_fsck,
+            "s3-key": cmd_s3_key, "presign": cmd_presign}
 
 
 def main(argv: list[str] | None = None) -> int:

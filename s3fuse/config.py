@@ -189,6 +189,16 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "cache_ttl": _duration,
         "ca_file": _abs_path,
     },
+    # The S3 API endpoint in the daemon (docs/S3API.md)
+    "s3api": {
+        "listen": _string,
+        "tls_cert": _abs_path,
+        "tls_key": _abs_path,
+        "header_timeout": _duration,
+        "body_timeout": _duration,
+        "idle_timeout": _duration,
+        "connections_per_client": _positive_int,
+    },
     # Settings of an S3 store, in store.json "backend"'s vocabulary (docs/S3.md), merged over
     # the store's. The store's identity (type, bucket, prefix) is fixed at init: not here.
     "backend": {
@@ -227,6 +237,7 @@ class FileConfig:
     log_file: str | None = None
     kms: dict | None = None
     backend: dict = field(default_factory=dict)
+    s3api: dict | None = None
 
 
 # (section, key) -> FileConfig attribute, where the names differ
@@ -274,6 +285,10 @@ def parse(text: str, path: str) -> FileConfig:
             cfg.kms = values
         elif section == "backend":
             cfg.backend = values
+        elif section == "s3api":
+            if ("tls_cert" in values) != ("tls_key" in values):
+                raise ConfigError(f"{path}: s3api.tls_key: give tls_cert and tls_key together")
+            cfg.s3api = values
         else:
             for key, value in values.items():
                 setattr(cfg, _ATTR.get((section, key), key), value)
@@ -326,6 +341,7 @@ class MountSettings:
     kms: dict | None = None
     backend: dict = field(default_factory=dict)
     config_path: str | None = None
+    s3api: dict | None = None  # [s3api], with the command line's --s3-api as its listen
 
 
 def resolve(cli: dict[str, Any], file: FileConfig | None) -> MountSettings:
@@ -357,5 +373,15 @@ def resolve(cli: dict[str, Any], file: FileConfig | None) -> MountSettings:
         kms=file.kms if file is not None else None,
         backend=dict(file.backend) if file is not None else {},
         config_path=file.path if file is not None else None,
+        s3api=_s3api(cli.get("s3_api"), file),
         **key_sources,
     )
+
+
+def _s3api(listen: str | None, file: FileConfig | None) -> dict | None:
+    table = dict(file.s3api) if file is not None and file.s3api is not None else None
+    if listen is not None:
+        table = {**(table or {}), "listen": listen}
+    if table is not None and "listen" not in table:
+        raise ConfigError(f"{file.path}: s3api.listen: required (HOST:PORT) to serve the S3 API")
+    return table

@@ -31,6 +31,7 @@ _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 NAME_READAHEAD = 16  # files fetched ahead of a reader that opens a directory's files in order
+REFUSALS_KEPT = 256  # reasons kept for `s3fuse sse set` (each asked for once)
 PLACES_HELD = 65536  # (directory, cursor) of entries readdir returned, for that read-ahead
 
 
@@ -70,6 +71,7 @@ class Filesystem:
         self._walks: dict[int, _Walk] = {}  # directory -> a reader opening its files in order
         # inode -> (directory, cursor) of an entry readdir returned lately: saves opens a query
         self._places: dict[int, tuple[int, int]] = {}
+        self._refusals: dict[tuple[int, int], str] = {}  # (uid, inode) -> why a setting was refused
 
     # ------------------------------------------------------------------ helpers
     def _inode(self, ino: int) -> Inode:
@@ -173,7 +175,8 @@ class Filesystem:
         return gid, mode
 
     def _make(self, parent_ino: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
-              target: bytes | None = None, checked: Policy | None = None) -> Inode:
+              target: bytes | None = None, checked: Policy | None = None,
+              policy: Policy | None = None) -> Inode:
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
@@ -183,7 +186,8 @@ class Filesystem:
         sse = None
         if stat.S_ISREG(mode):
             # a file takes its encryption from the nearest setting above it, once, now
-            policy = self.effective_policy(parent_ino)
+            # (or from the request that made it: an S3 PUT's SSE headers)
+            policy = policy or self.effective_policy(parent_ino)
             if policy != checked:
                 self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
             sse = policy.encode()
@@ -224,10 +228,16 @@ class Filesystem:
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
 
-    async def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+    async def create(self, parent: int, name: bytes, mode: int, caller: Caller,
+                     policy: Policy | None = None) -> Inode:
+        """`policy`: the new file's encryption, instead of its directory's (checked here)."""
         mode = stat.S_IFREG | (mode & 0o7777)
-        checked = await self._precheck_write(parent, mode, caller)
-        row = self._make(parent, name, mode, caller, checked=checked)
+        if policy is None:
+            checked = await self._precheck_write(parent, mode, caller)
+        else:
+            await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(parent))
+            checked = policy
+        row = self._make(parent, name, mode, caller, checked=checked, policy=policy)
         await self.data.block_pushes(row.id)  # an inode number can be reused: no stale pushes
         self.data.opened(row.id, writer=caller, grant=await self._grant_at_create(row, caller))
         return row
@@ -667,21 +677,11 @@ class Filesystem:
         if name.startswith(pol.RESERVED_PREFIX):
             if name != pol.XATTR_SSE or not (stat.S_ISDIR(row.mode) or stat.S_ISREG(row.mode)):
                 raise _err(errno.EPERM, f"{name.decode(errors='replace')} is read-only")
-            self._require_owner(row, caller)
             try:
-                policy = await self.resolve_policy(value, caller)
+                await self._set_encryption(row, value, caller)
             except S3fuseError as exc:
-                log.warning("encryption setting %r on %s refused: %s", value[:80], self.meta.path_of(ino), exc)
+                self._note_refusal(caller.uid, ino, str(exc) or os.strerror(exc.errno or errno.EIO))
                 raise
-            if stat.S_ISDIR(row.mode):
-                with self.meta.transaction():
-                    self._changed(ino, now_ns(), sse=policy.encode())
-                self._policies.clear()
-                return
-            if Policy.decode(row.sse) == policy:
-                return  # already so: re-encryption is resumable
-            await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
-            await self.data.reencrypt(ino, policy, caller)
             return
         if len(name) > 255 or not name:
             raise _err(errno.ERANGE)
@@ -695,9 +695,39 @@ class Filesystem:
             self.meta.set_xattr(ino, name, value)
             self._changed(ino, now_ns())
 
+    async def _set_encryption(self, row: Inode, value: bytes, caller: Caller) -> None:
+        ino = row.id
+        self._require_owner(row, caller)
+        try:
+            policy = await self.resolve_policy(value, caller)
+        except S3fuseError as exc:
+            log.warning("encryption setting %r on %s refused: %s", value[:80], self.meta.path_of(ino), exc)
+            raise
+        if stat.S_ISDIR(row.mode):
+            with self.meta.transaction():
+                self._changed(ino, now_ns(), sse=policy.encode())
+            self._policies.clear()
+            return
+        if Policy.decode(row.sse) == policy:
+            return  # already so: re-encryption is resumable
+        await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
+        await self.data.reencrypt(ino, policy, caller)
+
+    def _note_refusal(self, uid: int, ino: int, reason: str) -> None:
+        """Keep why an encryption setting was refused, for `s3fuse sse set` to show (the
+        xattr call itself carries only an errno). A few per uid, the latest only per file."""
+        self._refusals.pop((uid, ino), None)
+        self._refusals[(uid, ino)] = reason[:500]
+        while len(self._refusals) > REFUSALS_KEPT:
+            del self._refusals[next(iter(self._refusals))]
+
+    def refusal(self, uid: int, ino: int) -> str | None:
+        """Why `uid`'s last encryption setting on `ino` was refused (once), or None."""
+        return self._refusals.pop((uid, ino), None)
+
     def listxattr(self, ino: int) -> list[bytes]:
         row = self._inode(ino)
-        names = self.meta.list_xattrs(ino)
+        names = [n for n in self.meta.list_xattrs(ino) if not n.startswith(pol.HIDDEN_PREFIX)]
         if stat.S_ISDIR(row.mode) and row.sse is not None:
             names.append(pol.XATTR_SSE)
         return names

@@ -52,6 +52,10 @@ class Caller:
     gid: int
     pid: int = 0
     groups: tuple[int, ...] = ()
+    # an S3 API request: the access key it was signed with (audited), and an SSE-C key
+    # that came with it, usable by this request only
+    access_key_id: str | None = None
+    request_key: ssec.CustomerKey | None = None
 
     @property
     def principal(self) -> Principal:
@@ -118,6 +122,8 @@ class KeyManager:
         if self.audit is None:
             return
         try:
+            if who.access_key_id is not None:
+                fields["access_key_id"] = who.access_key_id
             self.audit.append(op, outcome, uid=who.uid, gid=who.gid, pid=who.pid,
                               process=process_name(who.pid) if who.pid else None, **fields)
         except Exception:
@@ -132,11 +138,32 @@ class KeyManager:
         return {"store": self.store_id.hex(), "object": object_id.hex(),
                 "inode": str(inode), "block": str(block)}
 
+    def configured_kms(self) -> KmsProvider:
+        """The store's KMS; ENOKEY if none is configured."""
+        return self._kms()
+
+    def kms_context(self, object_id: bytes, inode: int, block: int) -> dict[str, str]:
+        """The encryption context a KMS binds to an object's data key."""
+        return self._context(object_id, inode, block)
+
+    def find_customer_key(self, who: Caller, ref: str) -> ssec.CustomerKey | None:
+        """A customer key `who` may use, by name or fingerprint: the request's own first."""
+        rk = who.request_key
+        if rk is not None and (rk.fingerprint == ref or rk.name == ref):
+            return rk
+        return self.customer.find(who.uid, ref)
+
+    def customer_key_for_object(self, who: Caller, recorded: str) -> ssec.CustomerKey | None:
+        rk = who.request_key
+        if rk is not None and ssec.matches(rk.material, recorded):
+            return rk
+        return self.customer.for_object(who.uid, recorded)
+
     def _customer_key(self, policy: Policy, who: Caller) -> ssec.CustomerKey:
-        key = self.customer.find(who.uid, policy.key)
+        key = self.find_customer_key(who, policy.key)
         if key is not None:
             return key
-        if policy.name and self.customer.find(who.uid, policy.name) is not None:
+        if policy.name and self.find_customer_key(who, policy.name) is not None:
             raise S3fuseError(f"the loaded key {policy.name!r} is not the key this file or directory "
                               f"was set up with (fingerprint {policy.key})", errno.EKEYREJECTED)
         raise KeyUnavailable(f"customer key {policy.name or policy.key} is not loaded for uid {who.uid}",
@@ -192,7 +219,7 @@ class KeyManager:
                 raise
             return self._decrypted(result, object_id, wrapped, who, path)
         if wrapped.mode == SSE_C:
-            key = self.customer.for_object(who.uid, wrapped.key_ref)
+            key = self.customer_key_for_object(who, wrapped.key_ref)
             if key is None:
                 raise KeyUnavailable(f"no loaded customer key of uid {who.uid} matches object "
                                      f"{object_id.hex()}", errno.ENOKEY)
@@ -235,9 +262,7 @@ class KeyManager:
         kms = self.kms
         if kms is None:
             return False
-        if hasattr(kms, "blocks"):
-            return kms.blocks(key=key, blob=blob)
-        return getattr(kms, "blocking", False)
+        return kms.blocks(key=key, blob=blob)
 
     async def _offload(self, provider_key: str | None, blob: bytes | None, fn, *args):
         """Run a blocking KMS call in a worker thread, bounded by the provider's limiter."""
@@ -402,7 +427,7 @@ class KeyManager:
                 self._customer_key(policy, who)
                 continue
             if mode == SSE_C:
-                if self.customer.for_object(who.uid, key_ref) is None:
+                if self.customer_key_for_object(who, key_ref) is None:
                     raise KeyUnavailable(f"no loaded customer key of uid {who.uid} opens {path or 'this file'}",
                                          errno.ENOKEY)
             elif mode == SSE_KMS:

@@ -43,6 +43,9 @@ from .pagecache import PageCachePusher
 from .policy import Policy
 from .recovery import RecoveryArea
 from .rotation import MasterKeys
+from .keys import generation as keygen
+from .s3api.credentials import AccessKeys
+from .s3api.service import S3Service
 from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
 from .util import syncfs
 
@@ -68,6 +71,7 @@ class MountOptions:
     default_sse: str | None = None
     kms: dict | None = None  # KMS provider settings overriding the store's (consumed by the KMS providers)
     backend_overrides: dict = field(default_factory=dict)  # merged over store.json "backend"
+    s3_api: object | None = None  # s3api.service.Settings: serve the S3 API (docs/S3API.md)
 
 
 
@@ -267,6 +271,11 @@ class Daemon:
         if stale:
             log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
         self.meta = Meta(self.cfg.meta_path)
+        # a keyring.bin put back from before a rotation is refused here, before anything changes
+        keygen.check(self.meta.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
+                     self.cfg.keyring_path)
+        with self.meta.transaction():
+            self.meta.set_state(keygen.STATE_KEY, keygen.record_value(keyring, self.cfg.store_id))
         self.audit = AuditLog.open(self.audit_path)
         kms = open_kms(self.cfg, root_key, self.options.kms)
         self.keys = KeyManager(self.cfg.store_id, keyring, kms=kms, customer=CustomerKeys(), audit=self.audit)
@@ -280,15 +289,20 @@ class Daemon:
                                      allowed=self.s3.recovery_allowed if self.s3 is not None else None)
         self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
                                default_policy=self._default_policy(kms))
-        self.admin = AdminHandlers(self)
         o = self.options
         self.master = MasterKeys(
             self.cfg, root_key, self.meta, self.data, self.keys,
             interval=self.cfg.rotation_interval if o.rotation_interval is None else o.rotation_interval,
             batch=self.cfg.rewrap_batch if o.rewrap_batch is None else o.rewrap_batch,
             rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
-            forget_cached_keys=self.admin._forget_cached_keys)
+            forget_cached_keys=self.data.forget_cached_keys)
+        self.admin = AdminHandlers(self.keys, self.data, self.meta, self.core, self.master,
+                                   self.audit, self.audit_path, recovery=self.recovery)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
+        self.s3api = S3Service(
+            self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
+            self.cfg.store_id, self.mountpoint, self.options.s3_api,
+            invalidate_entry=_invalidate_entry)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
 
     def _default_policy(self, kms: KmsProvider) -> Policy:
@@ -312,8 +326,7 @@ class Daemon:
             log.info("reclaimed %d inodes that were deleted while open", orphans)
         if not clean:
             log.warning("the store was not unmounted cleanly; collecting unreferenced objects")
-            if hasattr(self.backend, "clear_tmp"):
-                self.backend.clear_tmp()
+            self.backend.clear_tmp()
             removed = await self.data.sweep_unreferenced()
             log.info("removed %d unreferenced objects", removed)
         await self.data.collect_garbage()
@@ -359,6 +372,8 @@ class Daemon:
                     nursery.start_soon(self.s3.periodic, self.meta)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 await nursery.start(ControlServer(self.control_path, self._handlers()).serve)
+                if self.options.s3_api is not None:
+                    await nursery.start(self.s3api.serve)
                 async with trio.open_nursery() as fuse:
                     fuse.start_soon(pyfuse3.main)
                     # the kernel applies its read-ahead cap when INIT completes, which a stat waits for
@@ -505,6 +520,7 @@ class Daemon:
             "flush": self._flush,
             "unmount": self._unmount,
             **self.admin.handlers(),
+            **self.s3api.handlers(),
         }
 
     def _require_owner(self, peer: Peer) -> None:
@@ -538,7 +554,7 @@ class Daemon:
             "fuse_waits_slow": fuseloop.wait_readable.slow,
             "fuse_lock_free": fuseloop.lock_counts.free,
             "fuse_lock_waited": fuseloop.lock_counts.waited,
-            **getattr(self.backend, "stats", {}),
+            **self.backend.stats,
         }
 
     async def _flush(self, peer: Peer, args: dict) -> None:
@@ -558,6 +574,21 @@ class Daemon:
             log.warning("unmounting with unstored data (--keep-pending): %s",
                         "; ".join(f"{p['path']}: {p['reason']}" for p in pending))
         return {"pid": os.getpid()}
+
+
+async def _invalidate_entry(parent: int, name: bytes) -> None:
+    """Have the kernel forget one entry (and its negative lookup), and wait until it has. The
+    call blocks until the kernel can take the directory's lock, which a request being answered
+    on this loop may hold: so in a thread, never on the loop."""
+    def call() -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except (FileNotFoundError, OSError) as exc:  # not cached: nothing to forget
+            if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
+                log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
+
+    with trio.move_on_after(10):
+        await trio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
 def credential_path(name: str) -> str:

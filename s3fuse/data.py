@@ -188,7 +188,7 @@ class DataStore:
         self._flush_lock = trio.Lock()
         self._crypto = WorkerPool(crypto_threads, "s3fuse-crypto")
         # blocks stored at once: a few for a local disk; more hide a network store's latency
-        self._store_limiter = trio.CapacityLimiter(getattr(backend, "store_concurrency", 4))
+        self._store_limiter = trio.CapacityLimiter(backend.store_concurrency)
         self._kick = trio.Event()
         self._sealed_waiting = False  # full blocks of a streaming writer may be waiting: hurry
         self._space = trio.Event()
@@ -448,12 +448,11 @@ class DataStore:
             n = min(end - pos, bs - boff)
             blk = fs.blocks.get(blockno) if fs is not None else None
             if sequential and boff < PREFETCH_TRIGGER:
-                if hasattr(self.backend, "prefetch"):
-                    # a sequential reader entering a block: have the next blocks' objects on their way
-                    for ahead in range(blockno + 1, blockno + 1 + PREFETCH_BLOCKS):
-                        ref = self.block_ref(ino, ahead)
-                        if ref is not None:
-                            self.backend.prefetch(ref.object_id.hex())
+                # a sequential reader entering a block: have the next blocks' objects on their way
+                for ahead in range(blockno + 1, blockno + 1 + PREFETCH_BLOCKS):
+                    ref = self.block_ref(ino, ahead)
+                    if ref is not None:
+                        self.backend.prefetch(ref.object_id.hex())
                 self._decrypt_ahead(fs, blockno + 1, who)
             if blk is not None:
                 chunk = bytes(blk.data[boff : boff + n])
@@ -493,7 +492,7 @@ class DataStore:
                 hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
             elif push is not None:
                 count = fmt.segment_count(ref.obj_length, seg)
-                if getattr(self.backend, "fetches_whole_objects", False):
+                if self.backend.fetches_whole_objects:
                     # the whole object is fetched anyway: authenticate all of it, for the page cache
                     lo, hi = 0, count - 1
                 else:
@@ -566,7 +565,7 @@ class DataStore:
         start, length = fmt.segment_range(ref.hdr_len, self.segment_size, ref.obj_length, first, last)
         expected = last - first + 1
         if opened is not None:
-            if length <= THREAD_THRESHOLD and hasattr(self.backend, "try_get_ranges"):
+            if length <= THREAD_THRESHOLD:
                 # bytes already in memory: small enough to fetch and decrypt right here
                 bufs = self.backend.try_get_ranges(key, [(start, length)])
                 if bufs is not None:
@@ -1041,6 +1040,11 @@ class DataStore:
             if (fs.grant.fingerprint if fs.grant is not None and mode != SSE_KMS else fs.policy.key) == ref:
                 out.append(self.describe(fs.ino))
         return sorted(out)
+
+    def forget_cached_keys(self) -> None:
+        """After a key is withdrawn, no cached data key or plaintext may outlive it."""
+        self._objects.clear()
+        self.cache = type(self.cache)(self.cache.limit)
 
     def renew_prepared(self, key_id: str) -> None:
         """A KMS key was rotated: the data keys that opens made under it are made again under

@@ -37,6 +37,8 @@ XATTR_KMS_VERSION = b"user.s3fuse.kms-key-version"
 XATTR_FINGERPRINT = b"user.s3fuse.sse-c-fingerprint"
 READ_ONLY = (XATTR_MODE, XATTR_MASTER_VERSION, XATTR_KMS_KEY, XATTR_KMS_VERSION, XATTR_FINGERPRINT)
 RESERVED_PREFIX = b"user.s3fuse."
+# the S3 API's own records (a sealed ETag): never listed, read or written through the mount
+HIDDEN_PREFIX = b"user.s3fuse.s3api."
 # set by `s3fuse fsck --repair` on a quarantined file: what is damaged (readable; removable by
 # the owner once the file is salvaged; never set through the mount)
 XATTR_DAMAGE = b"user.s3fuse.damage"

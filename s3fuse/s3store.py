@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 STATE_ROOT = "/var/lib/s3fuse"
 SEQ_FILE = "snapshot.seq"
-SNAPSHOT_FILES = ("meta.db", "keyring.bin", "kms.bin", "audit.log")  # keyring/kms: .G.bin after rekey-root
-_SNAPSHOT_NAME = re.compile(r"meta\.db|audit\.log|(keyring|kms)(\.\d+)?\.bin")
+SNAPSHOT_FILES = ("meta.db", "keyring.bin", "kms.bin", "s3keys.bin", "audit.log")  # sealed: .G.bin after rekey-root
+_SNAPSHOT_NAME = re.compile(r"meta\.db|audit\.log|(keyring|kms|s3keys)(\.\d+)?\.bin")
 KEEP_SNAPSHOTS = 3
 DEFAULT_SNAPSHOT_INTERVAL = 60.0
 PROBE_RETRY_BUDGET = 5.0
@@ -221,7 +221,8 @@ class Snapshotter:
                 src.close()
             files = [("meta.db", db)]
             # the sealed files of the current root-key generation (keyring.bin or keyring.G.bin, ...)
-            for p in (self.cfg.keyring_path, self.cfg.kms_path, os.path.join(self.cfg.path, "audit.log")):
+            for p in (self.cfg.keyring_path, self.cfg.kms_path, self.cfg.sealed_path("s3keys"),
+                      os.path.join(self.cfg.path, "audit.log")):
                 if os.path.exists(p):
                     files.append((os.path.basename(p), p))
             snapshot.pack(files, plain)

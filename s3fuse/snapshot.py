@@ -20,6 +20,7 @@ random nonce prefix per snapshot keeps nonces unique under the one key.
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -69,7 +70,7 @@ def unpack(container_path: str, dest_dir: str, allowed) -> list[str]:
             (n,) = struct.unpack(">H", f.read(2))
             name = f.read(n).decode()
             (size,) = struct.unpack(">Q", f.read(8))
-            ok = allowed.fullmatch(name) if hasattr(allowed, "fullmatch") else name in allowed
+            ok = allowed.fullmatch(name) if isinstance(allowed, re.Pattern) else name in allowed
             if not ok or "/" in name:
                 raise IntegrityError(f"snapshot holds an unexpected file {name!r}")
             entries.append((name, size))

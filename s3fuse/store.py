@@ -303,7 +303,7 @@ class StoreLock:
 
 # ---------------------------------------------------------------- rekey-root
 
-_GEN_FILE = re.compile(r"(keyring|kms)\.(\d+)\.bin|root-(\d+)\.key")
+_GEN_FILE = re.compile(r"(keyring|kms|s3keys)\.(\d+)\.bin|root-(\d+)\.key")
 
 
 def remove_stale_key_files(cfg: StoreConfig) -> list[str]:
@@ -312,7 +312,7 @@ def remove_stale_key_files(cfg: StoreConfig) -> list[str]:
     removed = []
     for name in os.listdir(cfg.path):
         m = _GEN_FILE.fullmatch(name)
-        if name in ("keyring.bin", "kms.bin"):
+        if name in ("keyring.bin", "kms.bin", "s3keys.bin"):
             gen = 1
         elif m is not None:
             gen = int(m.group(2) or m.group(3))
@@ -379,6 +379,11 @@ def rekey_root(cfg: StoreConfig, old_key: bytes, new_spec: str, *, new_key_file:
     keyring.save(cfg.sealed_path("keyring", gen), new_key, cfg.store_id)
     if kms is not None:
         BuiltinKms(cfg.sealed_path("kms", gen), new_key, cfg.store_id, kms._keys).save()
+    if os.path.exists(cfg.sealed_path("s3keys")):
+        from .s3api.credentials import AccessKeys
+
+        AccessKeys.load(cfg.sealed_path("s3keys"), old_key, cfg.store_id).reseal(
+            cfg.sealed_path("s3keys", gen), new_key)
     # 2. the commit: one atomic rename of store.json
     raw = dict(cfg.raw)
     raw["root_key"] = desc

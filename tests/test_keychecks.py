@@ -15,6 +15,8 @@ import errno
 import json
 import os
 
+import pytest
+
 from .conftest import UNPRIV_PYTHON, run_as, run_cli
 from .test_cli import assert_cli_error
 from .test_sse import (ALICE, ALLOW_OTHER, BOB, add_key, audit_records, cli_ok, errno_of,
@@ -193,3 +195,86 @@ def test_a_root_key_others_may_read_is_refused(workdir, mount_factory):
     key.chmod(0o600)
     m.start()
     assert (m.mnt / "f").read_bytes() == b"kept"
+
+
+def test_an_older_keyring_is_refused_at_mount(workdir, mount_factory):
+    m = mount_factory()
+    (m.mnt / "before").write_bytes(b"under version 1")
+    m.unmount()
+    ring = m.store / "keyring.bin"
+    old = ring.read_bytes()
+    m.start()
+    r = run_cli("rotate", m.mnt)
+    assert r.returncode == 0, r.stderr
+    (m.mnt / "after").write_bytes(b"under version 2")
+    m.unmount()
+    new = ring.read_bytes()
+
+    ring.write_bytes(old)  # the keyring from before the rotation, put back
+    mnt = workdir("mnt")
+    r = run_cli("mount", m.store, mnt)
+    assert_cli_error(r, "mount with an older keyring")
+    assert "older than the store's metadata" in r.stderr and str(ring) in r.stderr, r.stderr
+    assert not os.path.ismount(mnt)
+    # rekey-root reseals the same keyring: still accepted; the newest keyring mounts
+    ring.write_bytes(new)
+    r = run_cli("rekey-root", m.store)
+    assert r.returncode == 0, r.stderr
+    m.start()
+    assert (m.mnt / "before").read_bytes() == b"under version 1"
+    assert (m.mnt / "after").read_bytes() == b"under version 2"
+
+
+def test_keyring_generation_record():
+    from s3fuse.errors import StoreError
+    from s3fuse.keys import generation as keygen
+    from s3fuse.keys.keyring import Keyring
+
+    store_id = bytes(16)
+    k1 = Keyring.new()
+    k2 = k1.rotated()
+    k3 = k2.without([1])
+    assert keygen.generation(k1) < keygen.generation(k2) < keygen.generation(k3)
+    rec2 = keygen.record_value(k2, store_id)
+    keygen.check(None, k1, store_id, "K")  # no record yet: accepted
+    keygen.check(rec2, k2, store_id, "K")
+    keygen.check(rec2, k3, store_id, "K")  # newer (version 2 still held)
+    with pytest.raises(StoreError, match="older"):
+        keygen.check(rec2, k1, store_id, "K")
+    keygen.check(keygen.record_value(k1, store_id), k3, store_id, "K")  # v1 retired since
+    with pytest.raises(StoreError, match="does not authenticate"):
+        keygen.check(rec2, Keyring.new().rotated(), store_id, "K")  # another keyring, same generation
+    with pytest.raises(StoreError, match="does not authenticate"):
+        keygen.check(rec2, k2, bytes([1]) * 16, "K")  # another store's record
+
+
+def test_keyring_generation_record_matches_documented_vector():
+    from s3fuse.keys import generation as keygen
+    from s3fuse.keys.keyring import Keyring
+
+    from .test_format import FORMAT_MD
+
+    k = Keyring({1: bytes(range(32)), 2: bytes(range(32, 64))}, 2, {1: 0, 2: 0})
+    line = f"keyring generation record: {keygen.record_value(k, bytes([0xa0]) * 16)}\n"
+    assert line in open(FORMAT_MD).read()
+
+
+def test_kms_key_quota_per_uid(mount_factory):
+    from .test_sse import cli
+
+    m = mount_factory(extra_args=ALLOW_OTHER, start=False)
+    cfg_path = m.store / "store.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["kms"] = {"key_quota": 2}
+    cfg_path.write_text(json.dumps(cfg))
+    m.start()
+    for _ in range(2):
+        cli_ok("kms", "create-key", "-m", m.mnt, uid=ALICE)
+    r = cli("kms", "create-key", "-m", m.mnt, uid=ALICE)
+    assert r.returncode == 1 and "quota" in r.stderr and "key_quota" in r.stderr, r.stderr
+    cli_ok("kms", "create-key", "-m", m.mnt, uid=BOB)
+    cli_ok("kms", "create-key", "-m", m.mnt)  # root has no quota
+    r = cli("kms", "create-key", "--description", "d" * 1025, "-m", m.mnt, uid=BOB)
+    assert r.returncode == 1 and "1024" in r.stderr, r.stderr
+    recs = [r for r in audit_records(m.mnt) if r["op"] == "kms:create-key"]
+    assert [r["outcome"] for r in recs if r["uid"] == ALICE] == ["allowed", "allowed", "denied"]

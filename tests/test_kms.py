@@ -150,7 +150,7 @@ def test_seal_round_trip(kms, path):
     assert again.decrypt(blob, CTX, ALICE)[1:] == (a["id"], 2)
 
     raw = Path(path).read_bytes()
-    assert raw[:5] == b"S3KM\x01"
+    assert raw[:5] == b"S3KM\x02"
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
 
 
@@ -204,12 +204,15 @@ def test_failed_save_rolls_back(kms, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(kms_mod, "atomic_write", broken)
+    monkeypatch.setattr(kms_mod, "atomic_write", broken)  # a whole rewrite
+    monkeypatch.setattr(kms_mod.os, "pwrite", broken)  # an appended record
     with pytest.raises(OSError):
         kms.rotate(kid, ALICE, now=T0)
     with pytest.raises(OSError):
         kms.create_key(ALICE, now=T0)
     assert kms.list_keys() == before
+    monkeypatch.undo()
+    assert reload(kms).list_keys() == before
 
 
 # --------------------------------------------------------------------------
@@ -626,3 +629,127 @@ def test_authorize_checks_state_and_policy_without_minting(tmp_path):
     with pytest.raises(S3fuseError) as exc:
         kms.authorize("alias/none", "encrypt", owner)
     assert exc.value.errno == errno.ENOKEY
+
+
+# --------------------------------------------------------------------------
+# the keystore file: version 2 appends one record per change
+# --------------------------------------------------------------------------
+
+def test_a_create_appends_a_record_of_constant_size(kms, path):
+    sizes = [os.path.getsize(path)] if os.path.exists(path) else [0]
+    for i in range(200):
+        kms.create_key(ROOT, description="d" * 100, now=T0)
+        sizes.append(os.path.getsize(path))
+    growth = [b - a for a, b in zip(sizes[1:], sizes[2:])]
+    assert max(growth) - min(growth) <= 8, (min(growth), max(growth))  # not the whole keystore
+    assert reload(kms).list_keys() == kms.list_keys()
+
+
+def test_the_log_is_compacted(kms, path):
+    kid = kms.create_key(ALICE, now=T0)["id"]
+    for _ in range(kms_mod.COMPACT_RECORDS + 10):
+        kms.disable(kid, ALICE)
+        kms.enable(kid, ALICE)
+    assert os.path.getsize(path) < 100 * 1024  # rewritten, not 500 records long
+    assert reload(kms).describe(kid)["state"] == "Enabled"
+
+
+def test_version_1_keystore_still_loads_and_is_rewritten(path):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    import msgpack
+
+    kms = BuiltinKms(path, ROOT_KEY, STORE_ID)
+    kid = kms.create_key(ALICE, alias="alias/old", now=T0)["id"]
+    bodies = {k: v.to_body() for k, v in kms._keys.items()}
+    for b in bodies.values():
+        b.pop("creator")  # version 1 records had none
+    nonce = bytes(12)
+    sealed = AESGCM(ROOT_KEY).encrypt(nonce, msgpack.packb({"keys": bodies}), b"s3fuse/v1/kms" + STORE_ID)
+    Path(path).write_bytes(b"S3KM\x01" + nonce + sealed)
+    old = BuiltinKms.load(path, ROOT_KEY, STORE_ID)
+    assert old.describe("alias/old")["id"] == kid
+    old.rotate(kid, ALICE, now=T0)
+    assert Path(path).read_bytes()[:5] == b"S3KM\x02"
+    assert reload(old).describe(kid)["current_version"] == 2
+
+
+def _records(raw: bytes) -> list[bytes]:
+    out, pos = [], 5 + kms_mod.FILE_ID_LEN
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos:pos + 4], "big")
+        out.append(raw[pos:pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+def test_records_cannot_be_moved_dropped_or_spliced(kms, path):
+    a = kms.create_key(ALICE, now=T0)["id"]
+    kms.disable(a, ALICE)
+    kms.enable(a, ALICE)
+    raw = Path(path).read_bytes()
+    head = 5 + kms_mod.FILE_ID_LEN
+    records = _records(raw)
+    assert len(records) == 3  # created (record 0, the first write), disabled, enabled
+    # the "disable" record dropped from the middle: the next one no longer authenticates
+    Path(path).write_bytes(raw[:head] + records[0] + records[2])
+    with pytest.raises(S3fuseError, match="record 1 does not authenticate"):
+        BuiltinKms.load(path, ROOT_KEY, STORE_ID)
+    # a record from another copy of the file (another file id), in the next place
+    other = BuiltinKms(path + ".2", ROOT_KEY, STORE_ID)
+    kid = other.create_key(ALICE, now=T0)["id"]
+    other.disable(kid, ALICE)
+    other.enable(kid, ALICE)
+    other.disable(kid, ALICE)
+    Path(path).write_bytes(raw + _records(Path(path + ".2").read_bytes())[3])
+    with pytest.raises(S3fuseError, match="record 3 does not authenticate"):
+        BuiltinKms.load(path, ROOT_KEY, STORE_ID)
+    # a record cut short by a crash is ignored, and cut off at the next change
+    Path(path).write_bytes(raw + records[2][:10])
+    torn = BuiltinKms.load(path, ROOT_KEY, STORE_ID)
+    assert torn.describe(a)["state"] == "Enabled"
+    torn.disable(a, ALICE)
+    assert reload(torn).describe(a)["state"] == "Disabled"
+
+
+def test_key_quota_per_uid_and_description_limit(kms):
+    kms.key_quota = 3
+    for _ in range(3):
+        kms.create_key(ALICE, now=T0)
+    err = raises(errno.EDQUOT, kms.create_key, ALICE, now=T0)
+    assert "quota" in str(err)
+    kms.create_key(BOB, now=T0)  # another uid's quota is its own
+    kms.create_key(ROOT, now=T0)  # root has none
+    kid = [k["id"] for k in kms.list_keys() if k["policy"]["admin"]["uids"] == [ALICE.uid]][0]
+    kms.schedule_deletion(kid, 7, ALICE, now=T0)
+    kms.purge_expired(now=T0 + 8 * 86400)
+    kms.create_key(ALICE, now=T0)  # a deleted key frees its place
+    raises(errno.EINVAL, kms.create_key, BOB, description="x" * (kms_mod.MAX_DESCRIPTION_LEN + 1), now=T0)
+
+
+def test_keystore_matches_documented_vector(path):
+    import re
+    import struct
+
+    import msgpack
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from .test_format import FORMAT_MD
+
+    section = open(FORMAT_MD).read().split("## KMS keystore", 1)[1].split("Test vector (root key", 1)[1]
+    documented = bytes.fromhex(re.search(r"```\n([0-9a-f\n]+)```", section).group(1).replace("\n", ""))
+    file_id = b"\x11" * 16
+
+    def record(n, body, nonce):
+        aad = b"s3fuse/v2/kms" + STORE_ID + file_id + struct.pack(">Q", n)
+        sealed = nonce + AESGCM(ROOT_KEY).encrypt(nonce, msgpack.packb(body), aad)
+        return struct.pack(">I", len(sealed)) + sealed
+
+    built = (b"S3KM\x02" + file_id + record(0, {"keys": {}}, (1).to_bytes(12, "big"))
+             + record(1, {"put": {}, "del": ["x"]}, (2).to_bytes(12, "big")))
+    assert built == documented
+    Path(path).write_bytes(documented)
+    kms = BuiltinKms.load(path, ROOT_KEY, STORE_ID)  # the reader takes it
+    assert kms.list_keys() == []
+    kms.create_key(ALICE, now=T0)  # and appends record 2 to it
+    assert Path(path).read_bytes()[:len(documented)] == documented
+    assert len(reload(kms).list_keys()) == 1

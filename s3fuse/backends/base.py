@@ -78,3 +78,32 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+    # -- optional abilities: defaults for a backend without them, overridden by one with them
+
+    #: blocks the data path stores at once: a few for a local disk; more hide a network's latency
+    store_concurrency: int = 4
+
+    @property
+    def fetches_whole_objects(self) -> bool:
+        """Whether a read of part of an object fetches all of it (into a local cache)."""
+        return False
+
+    def prefetch(self, key: str) -> None:
+        """Start bringing an object a sequential reader will want soon closer, without waiting
+        and without failing (a failed prefetch leaves the read to fetch it). Default: nothing."""
+        return None
+
+    def try_get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+        """The ranges at once if they are already in memory, without blocking; else None, and
+        the caller uses `get_ranges`. Default: None."""
+        return None
+
+    def clear_tmp(self) -> None:
+        """Remove what interrupted puts left behind (called after an unclean stop)."""
+        return None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters for `s3fuse status`."""
+        return {}

@@ -16,7 +16,8 @@ out one file's objects by their size, since object keys are random; `error` an e
 seconds to wait before the operation; `hang` waits until the plan no longer says so (then the
 operation runs, or fails if the new plan says so). Each injected error or hang is recorded as
 a line `OP KEY WHAT` in PLAN.hits, so that a test can wait for the fault to have happened. An absent or empty plan file injects nothing.
-Every other attribute is delegated to the wrapped backend, so backend-specific methods work.
+The optional abilities of `Backend` are the wrapped backend's; every other attribute is
+delegated to it too, so backend-specific methods (the S3 backend's fence, ...) work.
 """
 
 from __future__ import annotations
@@ -126,9 +127,28 @@ class FaultyBackend(Backend):
         return await self.inner.get_ranges_and(key, ranges, transform)
 
     def try_get_ranges(self, key, ranges):
-        if self._would_fail("get", key) or not hasattr(self.inner, "try_get_ranges"):
+        if self._would_fail("get", key):
             return None  # the slow path applies the fault
         return self.inner.try_get_ranges(key, ranges)
+
+    # the optional abilities (Backend's defaults) are the wrapped backend's
+    @property
+    def store_concurrency(self) -> int:  # type: ignore[override]
+        return self.inner.store_concurrency
+
+    @property
+    def fetches_whole_objects(self) -> bool:
+        return self.inner.fetches_whole_objects
+
+    def prefetch(self, key) -> None:
+        self.inner.prefetch(key)
+
+    def clear_tmp(self) -> None:
+        self.inner.clear_tmp()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.inner.stats
 
     async def delete(self, key) -> None:
         await self._fault("delete", key)

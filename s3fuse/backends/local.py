@@ -43,7 +43,7 @@ class LocalBackend(Backend):
         self._free = os.path.join(root, ".free")
         self._workers = WorkerPool(max_threads, "s3fuse-local")
         self._advised: dict[str, bool] = {}  # objects recently read ahead (`prefetch`), bounded
-        self.stats = {"objects_read_ahead": 0, "direct_puts": 0, "objects_recycled": 0, "puts_recycled": 0}
+        self._stats = {"objects_read_ahead": 0, "direct_puts": 0, "objects_recycled": 0, "puts_recycled": 0}
         self._direct = DirectWriter(buffers=2)  # more puts at once fall back to buffered writes
         if not os.path.isdir(root):
             raise BackendError(f"object directory {root} does not exist", errno.ENOENT)
@@ -96,7 +96,7 @@ class LocalBackend(Backend):
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         size = sum(len(p) for p in parts)
         if size >= DIRECT_MIN and self._direct.write(tmp, parts, size):
-            self.stats["direct_puts"] += 1
+            self._stats["direct_puts"] += 1
             os.rename(tmp, self._path(key))
             return
         recycled = self._open_recycled()
@@ -131,7 +131,7 @@ class LocalBackend(Backend):
                 fd = os.open(path, os.O_WRONLY)  # empty (`_empty`): no O_TRUNC, no mark
             except FileNotFoundError:
                 continue  # removed by hand: take the next
-            self.stats["puts_recycled"] += 1
+            self._stats["puts_recycled"] += 1
             return path, fd
 
     @staticmethod
@@ -201,7 +201,7 @@ class LocalBackend(Backend):
             return  # gone meanwhile: the read finds out for itself
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            self.stats["objects_read_ahead"] += 1
+            self._stats["objects_read_ahead"] += 1
         except OSError:
             pass
         finally:
@@ -263,7 +263,7 @@ class LocalBackend(Backend):
                 os.rename(path, spare)
                 self._empty(spare)
                 self._recycled.append(key)
-                self.stats["objects_recycled"] += 1
+                self._stats["objects_recycled"] += 1
             else:
                 os.unlink(path)
         except FileNotFoundError:
@@ -307,6 +307,10 @@ class LocalBackend(Backend):
 
     async def sync(self) -> None:
         await self._run(syncfs, self.root)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
 
     async def close(self) -> None:
         while self._fds:

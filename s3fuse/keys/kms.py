@@ -7,12 +7,25 @@ OpenBao Transit, KMIP) can replace `BuiltinKms` without touching its callers.
 The module is pure and synchronous: its only I/O is loading and saving its own
 sealed keystore file. It is not thread-safe; the caller serialises calls.
 
-Keystore file (sealed by the store's 32-byte root key, like the SSE-S3 keyring)::
+Keystore file, version 2 (sealed by the store's 32-byte root key, like the SSE-S3 keyring):
+a header and a log of records, so a change appends one record instead of resealing every key::
 
-    "S3KM" | u8 version (1) | nonce (12) | AES-256-GCM(root key, nonce, body, AAD)
-    AAD = "s3fuse/v1/kms" | store_id
+    "S3KM" | u8 version (2) | file id (16 random bytes, new at each full rewrite)
+    record* = u32be len | nonce (12) | AES-256-GCM(root key, nonce, msgpack body, AAD)
+    AAD = "s3fuse/v2/kms" | store_id | file id | u64be record number (0, 1, 2, ...)
 
-    body = msgpack({"keys": {key_id: record}}), record = {
+    record 0:   {"keys": {key_id: record}}          every key
+    record n>0: {"put": {key_id: record}, "del": [key_id]}   the keys one change touched
+
+The file id and the record number in the AAD keep records in their file and their place: none
+can be moved, dropped from the middle or taken from another copy of the file. A trailing
+record cut short by a crash is ignored (its change never returned) and cut off at the next
+append. When the log holds many more records than keys, the file is rewritten (atomically)
+as one record 0. Version 1 files (``"S3KM" | u8 1 | nonce | AES-256-GCM(root key, nonce,
+{"keys": ...}, "s3fuse/v1/kms" | store_id)``) still load; the first change rewrites them as
+version 2. Key records::
+
+    record = {
         "alias":         str | None,     # "alias/..."; unique
         "description":   str,
         "created":       int,            # unix seconds
@@ -23,10 +36,13 @@ Keystore file (sealed by the store's 32-byte root key, like the SSE-S3 keyring):
         "current":       int,            # the version new data keys are wrapped under
         "rotation":      {"enabled": bool, "period_days": int, "next": int | None},
         "managed":       bool,           # the service-managed default key "alias/aws/s3"
+        "creator":       int,            # the uid that created it (absent in older records)
     }
 
-The file is rewritten atomically after every change; if the write fails the
-in-memory keystore is rolled back, so memory never runs ahead of the disk.
+Every change is on disk (fsync) before it returns; if the write fails the in-memory
+keystore is rolled back, so memory never runs ahead of the disk. Each uid but root may
+hold at most `key_quota` keys it created (store.json "kms" "key_quota", default 100;
+EDQUOT beyond), so no local user can grow the keystore without bound.
 
 Data-key ciphertext blob (what the filesystem stores next to an object)::
 
@@ -99,7 +115,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -108,10 +124,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..errors import S3fuseError, StoreError
 from ..util import atomic_write
 
+if TYPE_CHECKING:
+    import trio
+
 KEYSTORE_MAGIC = b"S3KM"
-KEYSTORE_VERSION = 1
-KEYSTORE_AAD = b"s3fuse/v1/kms"
+KEYSTORE_VERSION = 2
+KEYSTORE_AAD_V1 = b"s3fuse/v1/kms"
+KEYSTORE_AAD = b"s3fuse/v2/kms"
 _KEYSTORE_PREFIX = struct.Struct(">4sB")
+FILE_ID_LEN = 16
+_RECORD_LEN = struct.Struct(">I")
+MAX_RECORD = 64 << 20
+DEFAULT_KEY_QUOTA = 100  # keys one uid (not root) may have created and not yet deleted
+COMPACT_RECORDS = 256  # the log is rewritten as one record past this many (or 2 per key)
 
 BLOB_MAGIC = b"KMS1"
 DATAKEY_AAD = b"s3fuse/v1/kms-datakey"
@@ -127,7 +152,7 @@ MANAGED_ALIAS = "alias/aws/s3"
 _RESERVED_ALIAS_PREFIX = "alias/aws/"
 _ALIAS_RE = re.compile(r"alias/[A-Za-z0-9/_-]+")
 MAX_ALIAS_LEN = 256
-MAX_DESCRIPTION_LEN = 8192  # AWS's limit
+MAX_DESCRIPTION_LEN = 1024  # AWS allows 8192; with the key quota it bounds the keystore
 MAX_POLICY_ENTRIES = 1024  # per uids/gids list: keeps the keystore small
 
 DELETION_DAYS = (7, 30)  # AWS's bounds for the deletion waiting period
@@ -196,6 +221,32 @@ class KmsProvider(abc.ABC):
     def describe(self, key: str) -> dict:
         """Metadata of a key as a plain dict, never its material."""
 
+    # -- optional abilities: defaults for a local provider, overridden by the others
+
+    #: the Transit provider behind this one (KmsRouter), if any
+    transit: KmsProvider | None = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter | None:
+        """Bounds the worker threads of a blocking provider's calls; None: not blocking."""
+        return None
+
+    def blocks(self, key: str | None = None, blob: bytes | None = None) -> bool:
+        """Whether a call for this key (or key slot) waits on the network."""
+        return self.blocking
+
+    def for_key(self, key: str | None) -> KmsProvider:
+        """The provider that serves `key` (a router's choice; itself otherwise)."""
+        return self
+
+    def for_blob(self, blob: bytes) -> KmsProvider:
+        """The provider that unwraps `blob` (a router's choice; itself otherwise)."""
+        return self
+
+    def is_transit(self, key: str | None) -> bool:
+        """Whether `key` is a Transit key."""
+        return False
+
 
 @dataclass
 class _Key:
@@ -212,9 +263,10 @@ class _Key:
     current: int
     rotation: dict[str, Any]
     managed: bool
+    creator: int | None = None
 
     def to_body(self) -> dict:
-        return {
+        body = {
             "alias": self.alias,
             "description": self.description,
             "created": self.created,
@@ -226,6 +278,9 @@ class _Key:
             "rotation": self.rotation,
             "managed": self.managed,
         }
+        if self.creator is not None:
+            body["creator"] = self.creator
+        return body
 
     @classmethod
     def from_body(cls, key_id: str, rec: dict) -> "_Key":
@@ -241,6 +296,7 @@ class _Key:
             current=rec["current"],
             rotation=dict(rec["rotation"]),
             managed=rec["managed"],
+            creator=rec.get("creator"),
         )
 
     def describe(self) -> dict:
@@ -417,6 +473,8 @@ class BuiltinKms(KmsProvider):
         self._root_key = bytes(root_key)
         self.store_id = bytes(store_id)
         self._keys: dict[str, _Key] = keys if keys is not None else {}
+        self._log: tuple[bytes, int, int] | None = None  # (file id, next record number, valid size)
+        self.key_quota = DEFAULT_KEY_QUOTA
 
     def __repr__(self) -> str:
         return f"BuiltinKms(path={self.path!r}, keys={len(self._keys)})"
@@ -436,30 +494,118 @@ class BuiltinKms(KmsProvider):
         return kms
 
     def save(self) -> None:
-        """Seal and write the keystore atomically (old or new file survives a crash)."""
-        atomic_write(self.path, self._seal(), mode=0o600)
+        """Write the whole keystore as a new version-2 file, atomically (the old or the new
+        file survives a crash)."""
+        file_id = os.urandom(FILE_ID_LEN)
+        body = {"keys": {kid: k.to_body() for kid, k in self._keys.items()}}
+        head = _KEYSTORE_PREFIX.pack(KEYSTORE_MAGIC, KEYSTORE_VERSION) + file_id
+        record = self._record(file_id, 0, body)
+        atomic_write(self.path, head + record, mode=0o600)
+        self._log = (file_id, 1, len(head) + len(record))
 
-    def _aad(self) -> bytes:
-        return KEYSTORE_AAD + self.store_id
+    def _aad(self, file_id: bytes, number: int) -> bytes:
+        return KEYSTORE_AAD + self.store_id + file_id + struct.pack(">Q", number)
 
-    def _seal(self) -> bytes:
-        body = msgpack.packb({"keys": {kid: k.to_body() for kid, k in self._keys.items()}})
+    def _record(self, file_id: bytes, number: int, body: dict) -> bytes:
         nonce = os.urandom(NONCE_LEN)
-        head = _KEYSTORE_PREFIX.pack(KEYSTORE_MAGIC, KEYSTORE_VERSION)
-        return head + nonce + AESGCM(self._root_key).encrypt(nonce, body, self._aad())
+        sealed = nonce + AESGCM(self._root_key).encrypt(nonce, msgpack.packb(body), self._aad(file_id, number))
+        return _RECORD_LEN.pack(len(sealed)) + sealed
+
+    def _append(self, changed: dict[str, "_Key | None"]) -> None:
+        """Make one change durable: a record of the keys it touched, appended to the log
+        (or the whole keystore rewritten, when the log has grown long or is version 1)."""
+        log_state = self._log
+        if log_state is None or log_state[1] > max(COMPACT_RECORDS, 2 * len(self._keys)):
+            self.save()
+            return
+        file_id, number, size = log_state
+        body = {"put": {kid: k.to_body() for kid, k in changed.items() if k is not None},
+                "del": [kid for kid, k in changed.items() if k is None]}
+        record = self._record(file_id, number, body)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)  # a record a crash cut short: its change never returned
+            os.pwrite(fd, record, size)
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+        self._log = (file_id, number + 1, size + len(record))
 
     def _unseal(self, blob: bytes) -> dict[str, _Key]:
-        if len(blob) < _KEYSTORE_PREFIX.size + NONCE_LEN + TAG_LEN:
+        if len(blob) < _KEYSTORE_PREFIX.size:
             raise StoreError(f"KMS keystore {self.path} is truncated")
         magic, version = _KEYSTORE_PREFIX.unpack_from(blob)
+        if magic == KEYSTORE_MAGIC and version == 1:
+            self._log = None  # rewritten as version 2 at the first change
+            return self._bodies_to_keys(self._open_v1(blob)["keys"])
         if magic != KEYSTORE_MAGIC or version != KEYSTORE_VERSION:
             raise StoreError(f"KMS keystore {self.path} has an unknown format")
         start = _KEYSTORE_PREFIX.size
+        file_id = blob[start:start + FILE_ID_LEN]
+        pos, number = start + FILE_ID_LEN, 0
+        keys: dict[str, dict] = {}
+        while pos + _RECORD_LEN.size <= len(blob):
+            (n,) = _RECORD_LEN.unpack_from(blob, pos)
+            if n > MAX_RECORD or pos + _RECORD_LEN.size + n > len(blob):
+                break  # cut short by a crash: ignored, and cut off at the next append
+            sealed = blob[pos + _RECORD_LEN.size:pos + _RECORD_LEN.size + n]
+            body = self._open_record(sealed, file_id, number)
+            try:
+                if number == 0:
+                    keys = dict(body["keys"])
+                else:
+                    keys.update(body["put"])
+                    for kid in body["del"]:
+                        keys.pop(kid, None)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise StoreError(f"KMS keystore {self.path}: record {number} is malformed "
+                                 f"({type(exc).__name__})") from None
+            pos += _RECORD_LEN.size + n
+            number += 1
+        if number == 0:
+            raise StoreError(f"KMS keystore {self.path} is truncated")
+        self._log = (file_id, number, pos)
+        return self._bodies_to_keys(keys)
+
+    def _open_record(self, sealed: bytes, file_id: bytes, number: int) -> dict:
+        try:
+            if len(sealed) < NONCE_LEN + TAG_LEN:
+                raise InvalidTag()
+            body = AESGCM(self._root_key).decrypt(sealed[:NONCE_LEN], sealed[NONCE_LEN:],
+                                                  self._aad(file_id, number))
+        except InvalidTag:
+            if number == 0:
+                # GCM cannot tell a wrong key from a damaged file; the wrong key is far more likely.
+                raise StoreError(
+                    f"wrong root key: the KMS keystore {self.path} does not authenticate "
+                    "(or it belongs to another store, or it is damaged)",
+                    errno.EACCES,
+                ) from None
+            raise StoreError(f"KMS keystore {self.path}: record {number} does not authenticate "
+                             "(damaged, moved or from another copy of the file)", errno.EIO) from None
+        try:
+            data = msgpack.unpackb(body, strict_map_key=False)
+        except ValueError as exc:
+            raise StoreError(f"KMS keystore {self.path}: record {number} is malformed ({exc})") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"KMS keystore {self.path}: record {number} is malformed")
+        return data
+
+    def _open_v1(self, blob: bytes) -> dict:
+        if len(blob) < _KEYSTORE_PREFIX.size + NONCE_LEN + TAG_LEN:
+            raise StoreError(f"KMS keystore {self.path} is truncated")
+        start = _KEYSTORE_PREFIX.size
         try:
             nonce, sealed = blob[start : start + NONCE_LEN], blob[start + NONCE_LEN :]
-            body = AESGCM(self._root_key).decrypt(nonce, sealed, self._aad())
+            body = AESGCM(self._root_key).decrypt(nonce, sealed, KEYSTORE_AAD_V1 + self.store_id)
         except InvalidTag:
-            # GCM cannot tell a wrong key from a damaged file; the wrong key is far more likely.
             raise StoreError(
                 f"wrong root key: the KMS keystore {self.path} does not authenticate "
                 "(or it belongs to another store, or it is damaged)",
@@ -467,21 +613,34 @@ class BuiltinKms(KmsProvider):
             ) from None
         try:
             data = msgpack.unpackb(body, strict_map_key=False)
-            return {kid: _Key.from_body(kid, rec) for kid, rec in data["keys"].items()}
+            return {"keys": dict(data["keys"])}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(
+                f"KMS keystore {self.path} has a malformed body: {type(exc).__name__}"
+            ) from None
+
+    def _bodies_to_keys(self, bodies: dict) -> dict[str, _Key]:
+        try:
+            return {kid: _Key.from_body(kid, rec) for kid, rec in bodies.items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreError(
                 f"KMS keystore {self.path} has a malformed body: {type(exc).__name__}"
             ) from None
 
     @contextmanager
-    def _change(self) -> Iterator[None]:
-        """Apply a mutation and save it; on any failure restore the keystore as it was."""
-        snapshot = copy.deepcopy(self._keys)
+    def _change(self, *key_ids: str) -> Iterator[None]:
+        """Apply a mutation of these keys and make it durable; on any failure restore them
+        as they were. Costs what the touched keys cost, not what the keystore holds."""
+        before = {kid: copy.deepcopy(self._keys.get(kid)) for kid in key_ids}
         try:
             yield
-            self.save()
+            self._append({kid: self._keys.get(kid) for kid in key_ids})
         except BaseException:
-            self._keys = snapshot
+            for kid, k in before.items():
+                if k is None:
+                    self._keys.pop(kid, None)
+                else:
+                    self._keys[kid] = k
             raise
 
     # ---- lookup ---------------------------------------------------------
@@ -520,7 +679,8 @@ class BuiltinKms(KmsProvider):
             raise _error(f"alias {alias} is already in use", errno.EEXIST)
 
     def _new_key(
-        self, alias: str | None, description: str, policy: dict, now: float, managed: bool
+        self, alias: str | None, description: str, policy: dict, now: float, managed: bool,
+        creator: int | None = None,
     ) -> _Key:
         created = int(now)
         rotation: dict[str, Any] = {
@@ -544,8 +704,9 @@ class BuiltinKms(KmsProvider):
             current=1,
             rotation=rotation,
             managed=managed,
+            creator=creator,
         )
-        with self._change():
+        with self._change(key.key_id):
             self._keys[key.key_id] = key
         return key
 
@@ -576,7 +737,14 @@ class BuiltinKms(KmsProvider):
                 errno.EINVAL,
             )
         policy = validate_policy(policy) if policy is not None else _owner_policy(who.uid)
-        return self._new_key(alias, description, policy, _now(now), managed=False).describe()
+        if who.uid != 0:
+            held = sum(1 for k in self._keys.values() if k.creator == who.uid)
+            if held >= self.key_quota:
+                raise _error(f"uid {who.uid} has created {held} KMS keys, its quota: delete one "
+                             "first (kms schedule-deletion), or raise \"key_quota\" in store.json "
+                             "\"kms\"", errno.EDQUOT)
+        return self._new_key(alias, description, policy, _now(now), managed=False,
+                             creator=who.uid).describe()
 
     def default_key(self, who: Principal, now: float | None = None) -> str:
         """The service-managed key `alias/aws/s3` (created on first use) -> its key id.
@@ -620,7 +788,7 @@ class BuiltinKms(KmsProvider):
         """Disabled -> Enabled (no-op if already Enabled) -> `describe`."""
         k = self._admin(key, who, "enable")
         self._not_pending(k, "enable")
-        with self._change():
+        with self._change(k.key_id):
             k.state = ENABLED
         return self.describe(k.key_id)
 
@@ -629,7 +797,7 @@ class BuiltinKms(KmsProvider):
         k = self._admin(key, who, "disable")
         self._not_managed(k, "disable")
         self._not_pending(k, "disable")
-        with self._change():
+        with self._change(k.key_id):
             k.state = DISABLED
         return self.describe(k.key_id)
 
@@ -641,7 +809,7 @@ class BuiltinKms(KmsProvider):
         _int_in(days, *DELETION_DAYS, "the deletion waiting period in days")
         self._not_managed(k, "schedule deletion of")
         self._not_pending(k, "schedule deletion of")
-        with self._change():
+        with self._change(k.key_id):
             k.state = PENDING_DELETION
             k.deletion_date = int(_now(now)) + days * DAY
         return self.describe(k.key_id)
@@ -651,7 +819,7 @@ class BuiltinKms(KmsProvider):
         k = self._admin(key, who, "cancel deletion of")
         if k.state != PENDING_DELETION:
             raise _error(f"KMS key {k.label} is not pending deletion", errno.EINVAL)
-        with self._change():
+        with self._change(k.key_id):
             k.state = DISABLED
             k.deletion_date = None
         return self.describe(k.key_id)
@@ -661,7 +829,7 @@ class BuiltinKms(KmsProvider):
         k = self._admin(key, who, "set the policy of")
         normalised = validate_policy(policy)
         self._not_managed(k, "change the policy of")
-        with self._change():
+        with self._change(k.key_id):
             k.policy = normalised
         return self.describe(k.key_id)
 
@@ -673,7 +841,7 @@ class BuiltinKms(KmsProvider):
         """
         k = self._admin(key, who, "rotate")
         self._not_pending(k, "rotate")
-        with self._change():
+        with self._change(k.key_id):
             self._add_version(k)
         return self.describe(k.key_id)
 
@@ -691,7 +859,7 @@ class BuiltinKms(KmsProvider):
         _int_in(days, *ROTATION_DAYS, "the rotation period in days")
         self._not_managed(k, "change rotation of")
         self._not_pending(k, "enable rotation of")
-        with self._change():
+        with self._change(k.key_id):
             k.rotation = {"enabled": True, "period_days": days, "next": int(_now(now)) + days * DAY}
         return self.describe(k.key_id)
 
@@ -699,7 +867,7 @@ class BuiltinKms(KmsProvider):
         """Stop automatic rotation (the period is remembered, as in AWS)."""
         k = self._admin(key, who, "disable rotation of")
         self._not_managed(k, "change rotation of")
-        with self._change():
+        with self._change(k.key_id):
             k.rotation = {"enabled": False, "period_days": k.rotation["period_days"], "next": None}
         return self.describe(k.key_id)
 
@@ -726,7 +894,7 @@ class BuiltinKms(KmsProvider):
         t = _now(now)
         due = self.due_rotations(t)
         if due:
-            with self._change():
+            with self._change(*due):
                 for kid in due:
                     k = self._keys[kid]
                     self._add_version(k)
@@ -746,7 +914,7 @@ class BuiltinKms(KmsProvider):
             if k.state == PENDING_DELETION and k.deletion_date is not None and k.deletion_date <= t
         )
         if expired:
-            with self._change():
+            with self._change(*expired):
                 for kid in expired:
                     del self._keys[kid]
         return expired

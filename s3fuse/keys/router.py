@@ -13,7 +13,7 @@ import errno
 
 from ..errors import S3fuseError
 from . import transit as tr
-from .kms import BuiltinKms, KmsProvider, Principal
+from .kms import DEFAULT_KEY_QUOTA, BuiltinKms, KmsProvider, Principal
 
 
 class KmsRouter(KmsProvider):
@@ -56,7 +56,7 @@ class KmsRouter(KmsProvider):
             p = self.for_blob(blob) if blob is not None else self.for_key(key)
         except S3fuseError:
             return False
-        return getattr(p, "blocking", False)
+        return p.blocking
 
     def is_transit(self, key: str | None) -> bool:
         try:
@@ -108,6 +108,11 @@ def open_kms(cfg, root_key: bytes, overrides: dict | None = None) -> KmsRouter:
 
     settings = {**(cfg.kms or {}), **(overrides or {})}
     builtin = BuiltinKms.load(cfg.kms_path, root_key, cfg.store_id)
+    quota = settings.get("key_quota", DEFAULT_KEY_QUOTA)
+    if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
+        raise S3fuseError(f"store.json \"kms\" \"key_quota\" must be a whole number >= 0, not {quota!r}",
+                          errno.EINVAL)
+    builtin.key_quota = quota
     provider = settings.get("provider", "builtin")
     transit = None
     if transit_configured(settings):

@@ -1,0 +1,181 @@
+"""Buckets and keys as directories and files of the filesystem core, with the caller's permissions.
+
+A bucket is a top-level directory; key `a/b/c` of bucket `B` is the file `B/a/b/c`. The
+kernel checks modes for the mount; requests of the S3 API do not pass through it, so
+this module checks them as the kernel would (search on every directory walked, write and
+search on a directory changed, read on a file read, the sticky bit), for the access key's
+uid and groups. Every change made here drops what the kernel caches of the entries and
+attributes it touched (entries, attributes and negative lookups are cached for 300 s).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from ..core import Filesystem
+from ..crypto import Caller
+from ..errors import S3fuseError
+from ..meta import ROOT_INODE, Inode
+from .errors import S3Error, from_errno
+
+READ, WRITE, SEARCH = 4, 2, 1
+MAX_KEY = 1024
+TEMP_PREFIX = b".s3fuse-put-"  # a PUT's file until it is complete; never listed
+
+
+def allowed(row: Inode, who: Caller, want: int) -> bool:
+    if who.uid == 0:
+        return True
+    if who.uid == row.uid:
+        bits = (row.mode >> 6) & 7
+    elif row.gid == who.gid or row.gid in who.groups:
+        bits = (row.mode >> 3) & 7
+    else:
+        bits = row.mode & 7
+    return bits & want == want
+
+
+def split_key(key: str) -> tuple[list[bytes], bool]:
+    """A key -> its path segments, and whether it ends in '/' (a directory marker)."""
+    raw = key.encode("utf-8", "surrogateescape")
+    if not raw:
+        raise S3Error("InvalidArgument", "an object key must not be empty")
+    if len(raw) > MAX_KEY:
+        raise S3Error("KeyTooLongError", "your key is too long (at most 1024 bytes)")
+    if b"\0" in raw:
+        raise S3Error("InvalidArgument", "an object key must not contain NUL")
+    marker = raw.endswith(b"/")
+    parts = raw[:-1].split(b"/") if marker else raw.split(b"/")
+    for p in parts:
+        if p in (b"", b".", b".."):
+            raise S3Error("InvalidArgument", f"the key {key[:200]!r} has an empty, '.' or '..' segment: "
+                          "it cannot name a file of the filesystem")
+        if len(p) > 255:
+            raise S3Error("KeyTooLongError", "a segment of the key (between '/') is longer than 255 bytes")
+        if p.startswith(TEMP_PREFIX):
+            raise S3Error("InvalidArgument", "keys starting with .s3fuse-put- are reserved")
+    return parts, marker
+
+
+class Namespace:
+    def __init__(self, core: Filesystem, invalidate_entry: Callable[[int, bytes], None] | None = None) -> None:
+        self.core = core
+        self._invalidate_entry = invalidate_entry
+
+    # ---------------------------------------------------------------- kernel caches
+    async def changed_entry(self, parent: int, name: bytes) -> None:
+        """An entry of `parent` was added, replaced or removed behind the kernel's back: the
+        kernel has forgotten it when this returns (before the request is answered)."""
+        if self._invalidate_entry is not None:
+            await self._invalidate_entry(parent, name)
+        self.changed_attrs(parent)
+
+    def changed_attrs(self, ino: int) -> None:
+        notify = self.core.data.attrs_changed
+        if notify is not None:
+            notify([ino])
+
+    # ---------------------------------------------------------------- lookups
+    def child(self, parent: int, name: bytes) -> Inode | None:
+        try:
+            return self.core.lookup(parent, name)
+        except S3fuseError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    def bucket(self, name: str, who: Caller) -> Inode:
+        raw = name.encode("utf-8", "surrogateescape")
+        root = self.core.attr(ROOT_INODE)
+        if not allowed(root, who, SEARCH):
+            raise S3Error("AccessDenied", "access denied to the mount's top directory")
+        row = None
+        if raw and b"/" not in raw and b"\0" not in raw and raw not in (b".", b"..") and len(raw) <= 255:
+            row = self.child(ROOT_INODE, raw)
+        if row is None or not stat.S_ISDIR(row.mode):
+            raise S3Error("NoSuchBucket", "the specified bucket does not exist", bucketName=name)
+        return row
+
+    def walk(self, bucket: Inode, parts: list[bytes], who: Caller) -> tuple[Inode, Inode | None]:
+        """-> (the directory holding the last segment, the entry or None); search permission
+        is needed on every directory walked."""
+        cur = bucket
+        for i, name in enumerate(parts):
+            if not stat.S_ISDIR(cur.mode):
+                raise S3Error("NoSuchKey", "the specified key does not exist")
+            if not allowed(cur, who, SEARCH):
+                raise S3Error("AccessDenied", f"no search permission on {self.path(cur.id)}")
+            row = self.child(cur.id, name)
+            if i == len(parts) - 1:
+                return cur, row
+            if row is None:
+                raise S3Error("NoSuchKey", "the specified key does not exist")
+            cur = row
+        raise AssertionError("no segments")
+
+    def path(self, ino: int) -> str:
+        return self.core.meta.path_of(ino)
+
+    # ---------------------------------------------------------------- changes
+    async def make_parents(self, bucket: Inode, parts: list[bytes], who: Caller) -> Inode:
+        """The directory for the last segment, creating the ones missing (as mkdir -p)."""
+        cur = bucket
+        for i, name in enumerate(parts[:-1]):
+            if not allowed(cur, who, SEARCH):
+                raise S3Error("AccessDenied", f"no search permission on {self.path(cur.id)}")
+            row = self.child(cur.id, name)
+            if row is None:
+                if not allowed(cur, who, WRITE | SEARCH):
+                    raise S3Error("AccessDenied", f"no write permission on {self.path(cur.id)}")
+                try:
+                    row = self.core.mkdir(cur.id, name, 0o755, who)
+                except S3fuseError as exc:
+                    raise from_errno(exc.errno, str(exc)) from None
+                await self.changed_entry(cur.id, name)
+            elif not stat.S_ISDIR(row.mode):
+                prefix = b"/".join(parts[: i + 1]).decode("utf-8", "replace")
+                raise S3Error("InvalidRequest", f"the key's prefix {prefix!r} is an object (a file), so no "
+                              f"key can be under {prefix + '/'!r}: a file cannot also be a directory")
+            cur = row
+        return cur
+
+    def check_may_replace(self, parent: Inode, who: Caller, existing: Inode | None) -> None:
+        if not allowed(parent, who, WRITE | SEARCH):
+            raise S3Error("AccessDenied", f"no write permission on {self.path(parent.id)}")
+        if (existing is not None and parent.mode & stat.S_ISVTX and who.uid not in (0, parent.uid, existing.uid)):
+            raise S3Error("AccessDenied", f"{self.path(parent.id)} is sticky and the object is not yours")
+
+    async def remove(self, parent: Inode, name: bytes, row: Inode, who: Caller) -> None:
+        self.check_may_replace(parent, who, row)
+        try:
+            if stat.S_ISDIR(row.mode):
+                self.core.rmdir(parent.id, name)
+            else:
+                self.core.unlink(parent.id, name)
+        except S3fuseError as exc:
+            raise from_errno(exc.errno, str(exc)) from None
+        await self.changed_entry(parent.id, name)
+
+    async def prune_empty(self, bucket: Inode, parts: list[bytes], who: Caller) -> None:
+        """After a delete: directories left empty go too, up to the bucket, as an S3 prefix
+        exists only while something is under it."""
+        for depth in range(len(parts) - 1, 0, -1):
+            try:
+                parent, row = self.walk(bucket, parts[:depth], who)
+            except S3Error:
+                return
+            if row is None or not stat.S_ISDIR(row.mode) or self.core.meta.has_entries(row.id):
+                return
+            if not allowed(parent, who, WRITE | SEARCH):
+                return
+            try:
+                self.core.rmdir(parent.id, parts[depth - 1])
+            except S3fuseError:
+                return
+            await self.changed_entry(parent.id, parts[depth - 1])
+
+    def temp_name(self) -> bytes:
+        return TEMP_PREFIX + os.urandom(12).hex().encode()

@@ -204,6 +204,12 @@ class HttpServer:
             if not isinstance(event, h11.Request):
                 return
             first = False
+            # h11 bounds a head that is still arriving; one that came in whole is measured here
+            if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > HEADER_LIMIT:
+                resp = self.error_response(None, S3Error("RequestHeaderSectionTooLarge",
+                                                         "the request head is larger than 16 KiB", status=431))
+                await self._send(conn, None, resp, close=True)
+                return
             req = Request(conn, event)
             self.requests += 1
             try:

@@ -99,7 +99,7 @@ class _Connection:
         self.tls = tls
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEADER_LIMIT)
-        self._continued = False
+        self.continued = False
 
     async def send(self, event) -> None:
         data = self.h11.send(event)
@@ -107,8 +107,8 @@ class _Connection:
             await self.stream.send_all(data)
 
     async def continue_if_asked(self) -> None:
-        if self.h11.they_are_waiting_for_100_continue and not self._continued:
-            self._continued = True
+        if self.h11.they_are_waiting_for_100_continue and not self.continued:
+            self.continued = True
             await self.send(h11.InformationalResponse(status_code=100, headers=[]))
 
     async def next_event(self, timeout: float, what: str):
@@ -229,6 +229,7 @@ class HttpServer:
                 return
             if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
                 conn.h11.start_next_cycle()
+                conn.continued = False
             else:
                 return
 

@@ -257,12 +257,20 @@ class HttpServer:
         elif resp.status not in (204, 304) and not any(k == "content-length" for k, _ in headers):
             headers.append(("content-length", str(len(resp.body or b""))))
         # a reason phrase: botocore reads an early answer to Expect: 100-continue only if it has one
-        await conn.send(h11.Response(status_code=resp.status, reason=_reason(resp.status),
-                                     headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]))
+        out = bytearray(conn.h11.send(h11.Response(
+            status_code=resp.status, reason=_reason(resp.status),
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])))
+        # head, body and end go out in as few socket writes as possible (each costs a wake-up)
         if not head_only and resp.status not in (204, 304):
             if resp.stream is not None:
                 async for piece in resp.stream():
-                    await conn.send(h11.Data(data=piece))
+                    for data in conn.h11.send_with_data_passthrough(h11.Data(data=piece)):
+                        if out:  # the head goes with the first piece
+                            out += data
+                            data, out = out, bytearray()
+                        await conn.stream.send_all(data)
             elif resp.body:
-                await conn.send(h11.Data(data=resp.body))
-        await conn.send(h11.EndOfMessage())
+                out += conn.h11.send(h11.Data(data=resp.body))
+        out += conn.h11.send(h11.EndOfMessage()) or b""
+        if out:
+            await conn.stream.send_all(out)

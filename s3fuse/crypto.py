@@ -138,6 +138,14 @@ class KeyManager:
         return {"store": self.store_id.hex(), "object": object_id.hex(),
                 "inode": str(inode), "block": str(block)}
 
+    def configured_kms(self) -> KmsProvider:
+        """The store's KMS; ENOKEY if none is configured."""
+        return self._kms()
+
+    def kms_context(self, object_id: bytes, inode: int, block: int) -> dict[str, str]:
+        """The encryption context a KMS binds to an object's data key."""
+        return self._context(object_id, inode, block)
+
     def find_customer_key(self, who: Caller, ref: str) -> ssec.CustomerKey | None:
         """A customer key `who` may use, by name or fingerprint: the request's own first."""
         rk = who.request_key

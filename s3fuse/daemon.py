@@ -283,14 +283,15 @@ class Daemon:
             cache_limit=self.options.cache_limit)
         self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
                                default_policy=self._default_policy(kms))
-        self.admin = AdminHandlers(self)
         o = self.options
         self.master = MasterKeys(
             self.cfg, root_key, self.meta, self.data, self.keys,
             interval=self.cfg.rotation_interval if o.rotation_interval is None else o.rotation_interval,
             batch=self.cfg.rewrap_batch if o.rewrap_batch is None else o.rewrap_batch,
             rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
-            forget_cached_keys=self.admin._forget_cached_keys)
+            forget_cached_keys=self.data.forget_cached_keys)
+        self.admin = AdminHandlers(self.keys, self.data, self.meta, self.core, self.master,
+                                   self.audit, self.audit_path)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
         self.s3api = S3Service(
             self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),

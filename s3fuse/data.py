@@ -973,6 +973,11 @@ class DataStore:
                 out.append(self.describe(fs.ino))
         return sorted(out)
 
+    def forget_cached_keys(self) -> None:
+        """After a key is withdrawn, no cached data key or plaintext may outlive it."""
+        self._objects.clear()
+        self.cache = type(self.cache)(self.cache.limit)
+
     def renew_prepared(self, key_id: str) -> None:
         """A KMS key was rotated: the data keys that opens made under it are made again under
         its new version (the old one stays if that fails), so that data is stored under the

@@ -14,25 +14,34 @@ import time
 from typing import TYPE_CHECKING
 
 from ..crypto import Caller
-from ..policy import SSE_C, SSE_KMS
 from ..errors import S3fuseError
+from ..policy import SSE_C, SSE_KMS
 from .server import Peer
 from .transit_admin import TransitAdmin
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..audit import AuditLog
+    from ..core import Filesystem
+    from ..crypto import KeyManager
+    from ..data import DataStore
+    from ..meta import Meta
+    from ..rotation import MasterKeys
 
 log = logging.getLogger(__name__)
 
 
-def _caller(peer: Peer) -> Caller:
-    return Caller(peer.uid, peer.gid, peer.pid)
-
-
 class AdminHandlers:
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
-        self.keys = daemon.keys
+    """The key-administration handlers, given the parts of the daemon they act on."""
+
+    def __init__(self, keys: KeyManager, data: DataStore, meta: Meta, core: Filesystem,
+                 master: MasterKeys, audit: AuditLog, audit_path: str) -> None:
+        self.keys = keys
+        self.data = data
+        self.meta = meta
+        self.core = core
+        self.master = master
+        self.audit = audit
+        self.audit_file = audit_path
 
     def handlers(self) -> dict:
         h = {
@@ -49,18 +58,18 @@ class AdminHandlers:
                    "cancel-deletion", "get-policy", "set-policy", "rotate", "enable-rotation",
                    "disable-rotation"):
             h[f"kms.{op}"] = self._kms_handler(op)
-        h.update(TransitAdmin(self).handlers(h))  # transit:NAME keys go to Vault/OpenBao
+        # transit:NAME keys go to Vault/OpenBao
+        transit = TransitAdmin(self.keys, self.data, self.meta, self.forget_cached_keys)
+        h.update(transit.handlers(h))
         return h
 
-    def _forget_cached_keys(self) -> None:
+    def forget_cached_keys(self) -> None:
         """After a key is withdrawn, no cached data key or plaintext may outlive it."""
-        data = self.daemon.data
-        data._objects.clear()
-        data.cache = type(data.cache)(data.cache.limit)
+        self.data.forget_cached_keys()
 
     # ---------------------------------------------------------------- SSE-C
     async def key_add(self, peer: Peer, args: dict) -> dict:
-        who = _caller(peer)
+        who = peer.caller()
         name, raw, is_global = args["name"], args["key"], bool(args.get("global", False))
         if not isinstance(name, str) or not isinstance(raw, bytes):
             raise TypeError("name must be a string and key bytes")
@@ -77,7 +86,7 @@ class AdminHandlers:
         return self.keys.customer.list(peer.uid)
 
     async def key_remove(self, peer: Peer, args: dict) -> dict:
-        who = _caller(peer)
+        who = peer.caller()
         name = args["name"]
         if not isinstance(name, str):
             raise TypeError("name must be a string")
@@ -86,16 +95,16 @@ class AdminHandlers:
         except S3fuseError as exc:
             self.keys.record("ssec:RemoveKey", who, "denied", key_name=name, errno=exc.errno)
             raise
-        self._forget_cached_keys()
+        self.forget_cached_keys()
         self.keys.record("ssec:RemoveKey", who, fingerprint=key.fingerprint, key_name=name)
         # files opened for writing before the removal are still stored under the key
-        return {**key.describe(), "waiting": self.daemon.data.waiting_for_key(SSE_C, key.fingerprint)}
+        return {**key.describe(), "waiting": self.data.waiting_for_key(SSE_C, key.fingerprint)}
 
     async def audit_path(self, peer: Peer, args: dict) -> dict:
         """Where the trail is, and its current head, so `audit verify` can check the tail."""
-        log = self.daemon.audit
-        log.sync()
-        return {"path": self.daemon.audit_path, "head": log.head, "seq": log.seq}
+        trail = self.audit
+        trail.sync()
+        return {"path": self.audit_file, "head": trail.head, "seq": trail.seq}
 
     async def sse_why(self, peer: Peer, args: dict) -> dict:
         """Why the caller's last encryption setting on this inode was refused (or null):
@@ -103,7 +112,7 @@ class AdminHandlers:
         inode = args["inode"]
         if not isinstance(inode, int) or isinstance(inode, bool) or inode < 1:
             raise TypeError("inode must be a positive integer")
-        return {"reason": self.daemon.core.refusal(peer.uid, inode)}
+        return {"reason": self.core.refusal(peer.uid, inode)}
 
     # ---------------------------------------------------------------- KMS
     def _kms_handler(self, op: str):
@@ -112,8 +121,8 @@ class AdminHandlers:
         return handler
 
     def kms_call(self, op: str, peer: Peer, args: dict):
-        kms = self.keys._kms()
-        who = _caller(peer)
+        kms = self.keys.configured_kms()
+        who = peer.caller()
         p = who.principal
         now = time.time()
         key = args.get("key")
@@ -155,7 +164,7 @@ class AdminHandlers:
             self.keys.record(f"kms:{op}", who, "denied", **fields, errno=exc.errno)
             raise
         if op in ("disable", "schedule-deletion"):
-            self._forget_cached_keys()
+            self.forget_cached_keys()
         fields = self._key_fields(key)
         if op == "create-key":
             # the one record that ties a key id to its alias (`audit --key ALIAS` reads it)
@@ -163,10 +172,10 @@ class AdminHandlers:
         self.keys.record(f"kms:{op}", who, **fields)
         result = result if isinstance(result, dict) else kms.describe(key)
         if op == "rotate":
-            self.daemon.data.renew_prepared(kms.resolve(key))
+            self.data.renew_prepared(kms.resolve(key))
         if op in ("disable", "schedule-deletion", "set-policy"):
             # files opened for writing before the change are still stored under the key
-            result = {**result, "waiting": self.daemon.data.waiting_for_key(SSE_KMS, kms.resolve(key))}
+            result = {**result, "waiting": self.data.waiting_for_key(SSE_KMS, kms.resolve(key))}
         return result
 
     def _key_fields(self, key: str | None) -> dict:
@@ -175,7 +184,7 @@ class AdminHandlers:
         if key is None:
             return {}
         try:
-            key_id = self.keys._kms().resolve(key)
+            key_id = self.keys.configured_kms().resolve(key)
         except S3fuseError:
             return {"key_id": key}
         return {"key_id": key_id, "alias": key if key != key_id else None}
@@ -189,9 +198,9 @@ class AdminHandlers:
         system = Caller(0, 0, 0)
         for key_id in kms.rotate_due(now):
             self.keys.record("kms:rotate", system, key_id=key_id, trigger="schedule")
-            self.daemon.data.renew_prepared(key_id)
+            self.data.renew_prepared(key_id)
         for key_id in kms.purge_expired(now):
-            self._forget_cached_keys()
+            self.forget_cached_keys()
             self.keys.record("kms:delete", system, key_id=key_id, trigger="schedule")
 
     # ---------------------------------------------------------------- SSE-S3 master key
@@ -201,7 +210,7 @@ class AdminHandlers:
 
     def _owner_for(self, peer: Peer, operation: str) -> Caller:
         """The caller, if root or the mounting user; else audit the refusal and raise EPERM."""
-        who = _caller(peer)
+        who = peer.caller()
         try:
             self._require_owner(peer)
         except S3fuseError as exc:
@@ -211,15 +220,15 @@ class AdminHandlers:
 
     async def master_rotate(self, peer: Peer, args: dict) -> dict:
         who = self._owner_for(peer, "sse-s3:rotate")
-        return await self.daemon.master.rotate(who, "request")
+        return await self.master.rotate(who, "request")
 
     async def master_retire(self, peer: Peer, args: dict) -> dict:
         who = self._owner_for(peer, "sse-s3:retire")
-        return await self.daemon.master.retire_unused(who)
+        return await self.master.retire_unused(who)
 
     async def master_sweep(self, peer: Peer, args: dict) -> dict:
         paused = args["paused"]
         if not isinstance(paused, bool):
             raise TypeError("paused must be a boolean")
         self._require_owner(peer)
-        return self.daemon.master.set_paused(paused, _caller(peer))
+        return self.master.set_paused(paused, peer.caller())

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import trio
 
-from . import protocol
+from ..crypto import Caller
 from ..errors import S3fuseError
+from . import protocol
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class Peer:
     uid: int
     gid: int
     pid: int
+
+    def caller(self) -> Caller:
+        """The peer as the key manager's caller (its policies and audit records)."""
+        return Caller(self.uid, self.gid, self.pid)
 
 
 Handler = Callable[[Peer, dict], Awaitable[object]]

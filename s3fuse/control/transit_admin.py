@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,7 +25,9 @@ from ..keys import transit as tr
 from .server import Peer
 
 if TYPE_CHECKING:
-    from .admin import AdminHandlers
+    from ..crypto import KeyManager
+    from ..data import DataStore
+    from ..meta import Meta
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +38,12 @@ _UNSUPPORTED = ("enable", "disable", "schedule-deletion", "cancel-deletion", "ge
 
 
 class TransitAdmin:
-    def __init__(self, admin: "AdminHandlers") -> None:
-        self.admin = admin
-        self.daemon = admin.daemon
-        self.keys = admin.keys
+    def __init__(self, keys: KeyManager, data: DataStore, meta: Meta,
+                 forget_cached_keys: Callable[[], None]) -> None:
+        self.keys = keys
+        self.data = data
+        self.meta = meta
+        self.forget_cached_keys = forget_cached_keys
 
     def handlers(self, builtin: dict) -> dict:
         """The KMS handlers, with Transit keys routed here and every other key to `builtin`."""
@@ -53,7 +58,7 @@ class TransitAdmin:
     # ---------------------------------------------------------------- dispatch
     @property
     def router(self):
-        return self.keys._kms()
+        return self.keys.configured_kms()
 
     def _transit(self) -> tr.TransitKms:
         transit = self.router.transit
@@ -94,9 +99,7 @@ class TransitAdmin:
         return keys
 
     async def _transit_op(self, op: str, peer: Peer, args: dict):
-        from .admin import _caller
-
-        who = _caller(peer)
+        who = peer.caller()
         p = who.principal
         transit = self._transit()
         key = args.get("key")
@@ -112,7 +115,7 @@ class TransitAdmin:
                 if op == "rotate":
                     # what was written before the rotation is stored under the old version and
                     # then re-wrapped, not stored under the new one by chance of timing
-                    await self.daemon.data.flush_all(durable=False)
+                    await self.data.flush_all(durable=False)
                     result = await self._run(transit.rotate, key_id, p)
                     if args.get("rewrap", True):
                         result = {**result, "rewrap": await self._rewrap(key_id, who)}
@@ -126,7 +129,7 @@ class TransitAdmin:
                     result = await self._run(transit.set_min_decryption_version, key_id,
                                              int(args["version"]), p)
                     # data keys of retired versions must not outlive them in the caches
-                    self.admin._forget_cached_keys()
+                    self.forget_cached_keys()
                 elif op == "enable-rotation":
                     result = await self._run(transit.enable_rotation, key_id, int(args["days"]), p)
                 elif op == "disable-rotation":
@@ -152,8 +155,8 @@ class TransitAdmin:
         """
         transit = self._transit()
         name = tr.name_of(key_id)
-        meta = self.daemon.meta
-        await self.daemon.data.flush_all(durable=False)  # stored slots only, none in flight
+        meta = self.meta
+        await self.data.flush_all(durable=False)  # stored slots only, none in flight
         latest = (await self._run(transit.describe, key_id))["current_version"]
         rewrapped = failed = 0
         after = b""
@@ -162,7 +165,7 @@ class TransitAdmin:
             if not rows:
                 break
             after = rows[-1].object_id
-            items = [(r.key_slot, self.keys._context(r.object_id, r.inode, r.blockno)) for r in rows]
+            items = [(r.key_slot, self.keys.kms_context(r.object_id, r.inode, r.blockno)) for r in rows]
             results = await self._run(transit.rewrap, name, items)
             with meta.transaction():
                 for row, res in zip(rows, results):

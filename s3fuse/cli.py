@@ -911,7 +911,9 @@ def cmd_audit(args) -> int:
     if args.store:
         store = os.path.abspath(args.store)
         path = os.path.join(store, "audit.log")
-        head, seq = _stored_audit_head(store)
+        from .metaquery import stored_audit_head
+
+        head, seq = stored_audit_head(store)
     else:
         info = _call(args, "audit.path")
         path, head, seq = info["path"], info["head"], info["seq"]
@@ -934,23 +936,6 @@ def cmd_audit(args) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def _stored_audit_head(store: str) -> tuple[str | None, int | None]:
-    """The head the daemon recorded at its last clean stop (None if it never did)."""
-    import sqlite3
-
-    db_path = os.path.join(store, "meta.db")
-    if not os.path.exists(db_path):
-        raise S3fuseError(f"{store} is not an s3fuse store", errno.EINVAL)
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        rows = dict(db.execute("SELECT key, value FROM state WHERE key IN ('audit_head', 'audit_seq', 'clean')"))
-    finally:
-        db.close()
-    if not rows.get("clean"):
-        return None, None  # mounted, or stopped uncleanly: the log may have run past the head
-    return rows.get("audit_head"), rows.get("audit_seq")
 
 
 def cmd_sse(args) -> int:

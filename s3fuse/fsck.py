@@ -35,6 +35,7 @@ from .errors import IntegrityError, KeyUnavailable, S3fuseError, StoreError
 from .keys.customer import CustomerKeys
 from .keys.router import open_kms
 from .meta import ROOT_INODE, BlockRef, Meta
+from .metaquery import MetaQuery
 from .policy import SSE_C, SSE_KMS, SSE_S3, XATTR_DAMAGE
 from .store import StoreConfig, StoreLock, load_config, load_keyring, obtain_root_key
 
@@ -51,7 +52,6 @@ QUICK_SAMPLE = 32  # objects fully authenticated by --quick (at least; or 1 %)
 _S_IFMT = 0o170000
 _S_IFDIR = 0o040000
 _S_IFREG = 0o100000
-_S_IFLNK = 0o120000
 
 
 @dataclass
@@ -109,8 +109,8 @@ class Context:
     keys: KeyManager
 
     @property
-    def db(self):
-        return self.meta.db
+    def query(self) -> MetaQuery:
+        return MetaQuery(self.meta.db)
 
     def path(self, ino: int) -> str:
         return self.meta.path_of(ino)
@@ -159,7 +159,7 @@ def open_context(store: str, customer_keys: dict[str, bytes] | None = None, *, k
 
 def check_database(ctx: Context, report: Report, quick: bool) -> bool:
     """SQLite's own check. False if the database is too damaged to check further."""
-    rows = [r[0] for r in ctx.db.execute("PRAGMA quick_check" if quick else "PRAGMA integrity_check")]
+    rows = ctx.query.integrity_check(quick)
     if rows != ["ok"]:
         report.add("database-corrupt", DAMAGE, "meta.db fails SQLite's integrity check: " + "; ".join(rows[:5]))
     root = ctx.meta.inode(ROOT_INODE)
@@ -174,87 +174,56 @@ def check_database(ctx: Context, report: Report, quick: bool) -> bool:
 
 def check_namespace(ctx: Context, report: Report) -> None:
     """Directory entries, reachability from the root (orphans and cycles), link counts."""
-    db = ctx.db
+    q = ctx.query
     c = report.counts
-    c["inodes"] = db.execute("SELECT count(*) FROM inodes").fetchone()[0]
-    c["directories"] = db.execute(f"SELECT count(*) FROM inodes WHERE (mode & {_S_IFMT})={_S_IFDIR}").fetchone()[0]
-    c["files"] = db.execute(f"SELECT count(*) FROM inodes WHERE (mode & {_S_IFMT})={_S_IFREG}").fetchone()[0]
-    for did, parent, name, ino in db.execute(
-            "SELECT id, parent, name, inode FROM dentries WHERE inode NOT IN (SELECT id FROM inodes)").fetchall():
+    c["inodes"] = q.count_inodes()
+    c["directories"] = q.count_directories()
+    c["files"] = q.count_files()
+    for did, parent, name, ino in q.dangling_entries():
         report.add("dangling-entry", DAMAGE, f"entry {_name(name)} in directory {parent} points at "
                    f"inode {ino}, which does not exist", inode=ino)
-    for did, parent, name, ino in db.execute(
-            "SELECT d.id, d.parent, d.name, d.inode FROM dentries d LEFT JOIN inodes p ON p.id = d.parent"
-            f" WHERE p.id IS NULL OR (p.mode & {_S_IFMT}) != {_S_IFDIR}").fetchall():
+    for did, parent, name, ino in q.misplaced_entries():
         report.add("orphan-entry", DAMAGE, f"entry {_name(name)} (inode {ino}) is in {parent}, "
                    "which is not an existing directory", inode=ino)
-    if db.execute("SELECT 1 FROM dentries WHERE inode=?", (ROOT_INODE,)).fetchone():
+    if q.is_linked(ROOT_INODE):
         report.add("root-linked", DAMAGE, "the root directory has a directory entry")
-    for ino, n in db.execute(
-            "SELECT d.inode, count(*) FROM dentries d JOIN inodes i ON i.id = d.inode"
-            f" WHERE (i.mode & {_S_IFMT})={_S_IFDIR} GROUP BY d.inode HAVING count(*) > 1").fetchall():
+    for ino, n in q.directories_with_several_entries():
         report.add("directory-hard-link", DAMAGE, f"directory inode {ino} has {n} entries", inode=ino)
     for ino in _unreachable(ctx):
         report.add("disconnected", DAMAGE, f"inode {ino} has links but cannot be reached from the root "
                    "(orphaned subtree or a directory cycle)", inode=ino)
-    for ino, mode, nlink, want in _link_counts(ctx):
+    for ino, mode, nlink, want in q.link_counts():
         if nlink == 0 and want == 0:
             report.add("unlinked-inode", NOTE, f"inode {ino} was deleted while open (reclaimed at the next mount)",
                        inode=ino)
         elif nlink != want:
             report.add("link-count", DAMAGE, f"inode {ino} ({ctx.path(ino)}) has link count {nlink}, "
                        f"should be {want}", inode=ino)
-    for (ino,) in db.execute(
-            f"SELECT id FROM inodes i WHERE (mode & {_S_IFMT})={_S_IFLNK}"
-            " AND NOT EXISTS (SELECT 1 FROM symlinks s WHERE s.inode = i.id)").fetchall():
+    for ino in q.symlinks_without_target():
         report.add("symlink-target", DAMAGE, f"symlink inode {ino} ({ctx.path(ino)}) has no target", inode=ino)
-    for table in ("xattrs", "symlinks"):
-        n = db.execute(f"SELECT count(*) FROM {table} WHERE inode NOT IN (SELECT id FROM inodes)").fetchone()[0]
+    for table, n in (("xattrs", q.stray_xattr_rows()), ("symlinks", q.stray_symlink_rows())):
         if n:
             report.add("stray-rows", NOTE, f"{n} {table} rows belong to no inode")
 
 
 def _unreachable(ctx: Context) -> list[int]:
     """Inodes with entries or links that no path from the root reaches."""
-    ctx.db.execute("DROP TABLE IF EXISTS temp.reach")
-    ctx.db.execute(
-        "CREATE TEMP TABLE reach AS WITH RECURSIVE r(ino) AS (SELECT ? UNION"
-        " SELECT d.inode FROM dentries d JOIN r ON d.parent = r.ino) SELECT ino FROM r", (ROOT_INODE,))
-    return [r[0] for r in ctx.db.execute(
-        "SELECT id FROM inodes WHERE id NOT IN (SELECT ino FROM temp.reach)"
-        " AND (nlink > 0 OR id IN (SELECT inode FROM dentries)) ORDER BY id")]
-
-
-def _link_counts(ctx: Context):
-    """(ino, mode, nlink, expected) for every inode."""
-    return ctx.db.execute(
-        "SELECT i.id, i.mode, i.nlink,"
-        f" CASE WHEN (i.mode & {_S_IFMT})={_S_IFDIR} THEN 2 + (SELECT count(*) FROM dentries d"
-        f"   JOIN inodes c ON c.id = d.inode WHERE d.parent = i.id AND (c.mode & {_S_IFMT})={_S_IFDIR})"
-        "  ELSE (SELECT count(*) FROM dentries d WHERE d.inode = i.id) END"
-        " FROM inodes i").fetchall()
+    return ctx.query.unreachable(ROOT_INODE)
 
 
 def check_block_map(ctx: Context, report: Report) -> None:
     """Rows of the block map: owners, lengths, rows past the end, sizes, the garbage list."""
-    db, bs = ctx.db, ctx.cfg.block_size
+    q, bs = ctx.query, ctx.cfg.block_size
     quarantined = _quarantined(ctx)
     c = report.counts
-    c["objects_referenced"] = db.execute("SELECT count(*) FROM blocks").fetchone()[0]
-    for ino, n in db.execute("SELECT inode, count(*) FROM blocks WHERE inode NOT IN (SELECT id FROM inodes)"
-                             " GROUP BY inode").fetchall():
+    c["objects_referenced"] = q.count_blocks()
+    for ino, n in q.blocks_of_missing_inodes():
         report.add("stray-blocks", DAMAGE, f"{n} block-map rows belong to inode {ino}, which does not exist",
                    inode=ino)
-    for ino, mode in db.execute(
-            "SELECT DISTINCT i.id, i.mode FROM blocks b JOIN inodes i ON i.id = b.inode"
-            f" WHERE (i.mode & {_S_IFMT}) != {_S_IFREG}").fetchall():
+    for ino, mode in q.blocks_of_non_files():
         report.add("blocks-of-non-file", DAMAGE, f"inode {ino} is not a regular file but has block-map rows",
                    inode=ino)
-    for ref in [BlockRef(*r) for r in db.execute(
-            "SELECT inode, blockno, object_id, length, obj_length, hdr_len, mode, key_ref, key_version,"
-            " key_slot FROM blocks WHERE blockno < 0 OR length <= 0 OR length > obj_length OR obj_length > ?"
-            " OR hdr_len < 39 OR hdr_len > ? OR length(object_id) != 16",
-            (bs, fmt.PREFIX.size + fmt.MAX_HEADER_BODY + fmt.MAC_LEN))]:
+    for ref in q.impossible_block_rows(bs, fmt.PREFIX.size + fmt.MAX_HEADER_BODY + fmt.MAC_LEN):
         why = (f"block {ref.blockno}: length {ref.length}, object length {ref.obj_length}, "
                f"header length {ref.hdr_len} are impossible")
         if ref.inode in quarantined:
@@ -264,24 +233,17 @@ def check_block_map(ctx: Context, report: Report) -> None:
         report.add("bad-block-row", DAMAGE, f"inode {ref.inode} ({ctx.path(ref.inode)}) {why}",
                    inode=ref.inode, object_id=ref.object_id.hex())
         report.damaged_files.setdefault(ref.inode, []).append(why)
-    for ino, blockno, size in db.execute(
-            "SELECT b.inode, b.blockno, i.size FROM blocks b JOIN inodes i ON i.id = b.inode"
-            " WHERE b.blockno * ? >= i.size", (bs,)).fetchall():
+    for ino, blockno, size in q.blocks_past_size(bs):
         report.add("block-past-end", DAMAGE, f"inode {ino} ({ctx.path(ino)}) has block {blockno} past its "
                    f"size {size}", inode=ino)
-    for ino, blockno, length, size in db.execute(
-            "SELECT b.inode, b.blockno, b.length, i.size FROM blocks b JOIN inodes i ON i.id = b.inode"
-            " WHERE b.blockno * ? < i.size AND b.blockno * ? + b.length > i.size", (bs, bs)).fetchall():
+    for ino, blockno, length, size in q.blocks_over_size(bs):
         report.add("block-past-end", DAMAGE, f"inode {ino} ({ctx.path(ino)}) block {blockno} holds "
                    f"{length} bytes, past its size {size}", inode=ino)
-    for ino, stored, want in db.execute(
-            "SELECT i.id, i.stored_bytes, coalesce((SELECT sum(length) FROM blocks b WHERE b.inode = i.id), 0)"
-            " FROM inodes i").fetchall():
+    for ino, stored, want in q.stored_bytes():
         if stored != want:
             report.add("stored-bytes", DAMAGE, f"inode {ino} records {stored} stored bytes, its blocks hold "
                        f"{want}", inode=ino)
-    for (oid,) in db.execute("SELECT object_id FROM garbage WHERE object_id IN (SELECT object_id FROM blocks)"
-                             ).fetchall():
+    for oid in q.referenced_garbage():
         report.add("referenced-garbage", DAMAGE, f"object {oid.hex()} is listed for deletion but still "
                    "referenced (the collector would destroy live data)", object_id=oid.hex())
 
@@ -290,15 +252,12 @@ def check_keys(ctx: Context, report: Report) -> None:
     """Every key the block map and the encryption settings refer to."""
     keyring, kms = ctx.keys.keyring, ctx.keys.kms
     # files already quarantined by a repair are known damage, reported as such by check_objects
-    live = f" AND inode NOT IN (SELECT inode FROM xattrs WHERE name=x'{DAMAGE_XATTR.hex()}')"
-    for version, n in ctx.db.execute(
-            f"SELECT key_version, count(*) FROM blocks WHERE mode=?{live} GROUP BY key_version", (SSE_S3,)).fetchall():
+    q = ctx.query
+    for version, n in q.master_key_versions(SSE_S3, DAMAGE_XATTR):
         if version not in keyring.keys:
             report.add("missing-master-key", DAMAGE, f"{n} objects are wrapped under master-key version "
                        f"{version}, which the keyring does not hold")
-    for key_id, version, n in ctx.db.execute(
-            f"SELECT key_ref, key_version, count(*) FROM blocks WHERE mode=?{live} GROUP BY key_ref, key_version",
-            (SSE_KMS,)).fetchall():
+    for key_id, version, n in q.kms_key_versions(SSE_KMS, DAMAGE_XATTR):
         try:
             info = kms.describe(key_id)
         except S3fuseError as exc:
@@ -314,13 +273,12 @@ def check_keys(ctx: Context, report: Report) -> None:
         elif info.get("state", "Enabled") != "Enabled":
             report.add("kms-key-unusable", NOTE, f"{n} objects use KMS key {key_id}, which is {info['state']}"
                        + (f" (deletion date {info['deletion_date']})" if info.get("deletion_date") else ""))
-    rows = ctx.db.execute("SELECT key_ref, count(*) FROM blocks WHERE mode=? GROUP BY key_ref", (SSE_C,)).fetchall()
-    for verifier, n in rows:
+    for verifier, n in q.key_refs(SSE_C):
         if not _valid_verifier(verifier):
             report.add("bad-ssec-verifier", DAMAGE, f"{n} SSE-C objects record a malformed key verifier")
     from .policy import Policy
 
-    for ino, raw in ctx.db.execute("SELECT id, sse FROM inodes WHERE sse IS NOT NULL").fetchall():
+    for ino, raw in q.encryption_settings():
         try:
             policy = Policy.decode(raw)
         except Exception:
@@ -338,7 +296,7 @@ def check_keys(ctx: Context, report: Report) -> None:
 
 def _quarantined(ctx: Context) -> set[int]:
     """Files an earlier repair moved aside with their damage recorded: known, not new, damage."""
-    return {r[0] for r in ctx.db.execute("SELECT inode FROM xattrs WHERE name=?", (DAMAGE_XATTR,))}
+    return ctx.query.inodes_with_xattr(DAMAGE_XATTR)
 
 
 def _valid_verifier(v: str) -> bool:
@@ -357,7 +315,7 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     block-map row) and every segment. Quick: every key slot and header, and the segments of a
     random sample.
     """
-    db = ctx.db
+    q = ctx.query
     listed: set[bytes] = set()
     foreign = 0
     async for key in ctx.backend.list():
@@ -372,8 +330,8 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     report.counts["objects_in_store"] = len(listed)
     if foreign:
         report.add("foreign-key", NOTE, f"{foreign} keys in the object store are not s3fuse object ids (left alone)")
-    referenced = {r[0] for r in db.execute("SELECT object_id FROM blocks")}
-    garbage = {r[0] for r in db.execute("SELECT object_id FROM garbage")}
+    referenced = q.referenced_objects()
+    garbage = q.garbage_objects()
     for oid in sorted(listed - referenced):
         if oid in garbage:
             report.add("garbage", NOTE, f"object {oid.hex()} is deleted but not yet collected", object_id=oid.hex())
@@ -383,9 +341,7 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     stale = garbage - listed - referenced
     if stale:
         report.add("garbage", NOTE, f"{len(stale)} objects on the deletion list are already gone")
-    refs = [BlockRef(*r) for r in db.execute(
-        "SELECT inode, blockno, object_id, length, obj_length, hdr_len, mode, key_ref, key_version, key_slot"
-        " FROM blocks ORDER BY inode, blockno")]
+    refs = q.all_blocks()
     quarantined = _quarantined(ctx)
     present = [r for r in refs if r.object_id in listed]
     for ref in refs:
@@ -501,19 +457,18 @@ async def _authenticate(ctx: Context, ref: BlockRef, whole: bool, counters: dict
 
 async def repair(ctx: Context, report: Report) -> None:
     """Apply the safe repairs for the findings of `report`, marking each one repaired."""
-    meta, db = ctx.meta, ctx.db
+    meta, q = ctx.meta, ctx.query
     now = time.time_ns()
     with meta.transaction():
         # first: nothing referenced may stay on the deletion list
         for f in report.of("referenced-garbage"):
-            db.execute("DELETE FROM garbage WHERE object_id=?", (bytes.fromhex(f.object_id),))
+            meta.remove_garbage(bytes.fromhex(f.object_id))
             f.repaired = True
         for f in report.of("dangling-entry"):
-            db.execute("DELETE FROM dentries WHERE inode NOT IN (SELECT id FROM inodes)")
+            meta.remove_dangling_entries()
             f.repaired = True
         for f in report.of("stray-rows"):
-            db.execute("DELETE FROM xattrs WHERE inode NOT IN (SELECT id FROM inodes)")
-            db.execute("DELETE FROM symlinks WHERE inode NOT IN (SELECT id FROM inodes)")
+            meta.remove_stray_rows()
             f.repaired = True
         lf = None
 
@@ -527,12 +482,8 @@ async def repair(ctx: Context, report: Report) -> None:
         # key slots, which are bound to it, still open) in lost+found
         for f in report.of("stray-blocks"):
             ino = f.inode
-            size = db.execute("SELECT max(blockno * ? + length) FROM blocks WHERE inode=?",
-                              (ctx.cfg.block_size, ino)).fetchone()[0]
-            stored = db.execute("SELECT sum(length) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
-            db.execute("INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns,"
-                       " stored_bytes, sse) VALUES (?,?,0,0,1,?,0,?,?,?,?,NULL)",
-                       (ino, _S_IFREG | 0o600, size, now, now, now, stored))
+            size, stored = q.extent_of_blocks(ino, ctx.cfg.block_size)
+            meta.restore_inode(ino, _S_IFREG | 0o600, size, stored, now)
             _attach(meta, lost_found(), ino, b"#%d" % ino)
             meta.set_xattr(ino, DAMAGE_XATTR, b"recovered: its inode was missing")
             f.repaired = True
@@ -545,7 +496,7 @@ async def repair(ctx: Context, report: Report) -> None:
             row = meta.inode(ino)
             if row is None:
                 continue
-            if row.nlink == 0 and not _has_entries(meta, ino):
+            if row.nlink == 0 and not q.is_linked(ino):
                 pass  # deleted while open: reclaimed below with its objects
             else:
                 _quarantine(meta, lost_found(), ino, reasons, now)
@@ -560,29 +511,27 @@ async def repair(ctx: Context, report: Report) -> None:
         # sizes: rows past the end are unreadable by definition; their objects become garbage
         if report.of("block-past-end"):
             bs = ctx.cfg.block_size
-            for ino, size in db.execute("SELECT DISTINCT i.id, i.size FROM blocks b JOIN inodes i ON i.id=b.inode"
-                                        " WHERE b.blockno * ? + b.length > i.size", (bs,)).fetchall():
+            for ino, size in q.files_with_blocks_past_size(bs):
                 meta.truncate_blocks(ino, size, bs)
             for f in report.of("block-past-end"):
                 f.repaired = True
         # counts last: the moves above change them
-        for ino, mode, nlink, want in _link_counts(ctx):
+        for ino, mode, nlink, want in q.link_counts():
             if nlink != want and not (nlink == 0 and want == 0):
                 meta.update_inode(ino, nlink=want)
         for f in report.of("link-count"):
             f.repaired = True
-        db.execute("UPDATE inodes SET stored_bytes = coalesce((SELECT sum(length) FROM blocks b"
-                   " WHERE b.inode = inodes.id), 0)")
+        meta.recount_stored_bytes()
         for f in report.of("stored-bytes"):
             f.repaired = True
         for f in report.of("unlinked-inode"):
-            if not _has_entries(meta, f.inode):
+            if not q.is_linked(f.inode):
                 meta.delete_inode(f.inode)
             f.repaired = True
     # objects: delete only what no row references, re-checked against the database now
     doomed = {bytes.fromhex(f.object_id) for f in report.of("unreferenced-object") + report.of("garbage")
               if f.object_id}
-    doomed |= {r[0] for r in db.execute("SELECT object_id FROM garbage")}
+    doomed |= q.garbage_objects()
     for oid in sorted(doomed):
         if not meta.is_referenced(oid):
             await ctx.backend.delete(oid.hex())
@@ -590,7 +539,7 @@ async def repair(ctx: Context, report: Report) -> None:
         f.repaired = True
     await ctx.backend.sync()
     with meta.transaction():
-        db.execute("DELETE FROM garbage WHERE object_id NOT IN (SELECT object_id FROM blocks)")
+        meta.drop_collected_garbage()
     ctx.backend.clear_tmp()
     with meta.transaction():
         # what an unclean stop left is collected now
@@ -629,47 +578,38 @@ def _attach(meta: Meta, parent: int, ino: int, name: bytes) -> None:
 
 
 def _reconnect(ctx: Context, lost_found: Callable[[], int]) -> None:
-    db, meta = ctx.db, ctx.meta
+    q, meta = ctx.query, ctx.meta
     # entries whose directory is missing or not a directory move to lost+found
-    for did, name, ino in db.execute(
-            "SELECT d.id, d.name, d.inode FROM dentries d LEFT JOIN inodes p ON p.id = d.parent"
-            f" WHERE p.id IS NULL OR (p.mode & {_S_IFMT}) != {_S_IFDIR}").fetchall():
-        db.execute("DELETE FROM dentries WHERE id=?", (did,))
+    for did, _parent, name, ino in q.misplaced_entries():
+        meta.remove_entry_by_id(did)
         _attach(meta, lost_found(), ino, b"#%d-" % ino + name)
     # a directory has one entry: keep the oldest
-    for (ino,) in db.execute(
-            "SELECT d.inode FROM dentries d JOIN inodes i ON i.id = d.inode"
-            f" WHERE (i.mode & {_S_IFMT})={_S_IFDIR} GROUP BY d.inode HAVING count(*) > 1").fetchall():
-        db.execute("DELETE FROM dentries WHERE inode=? AND id != (SELECT min(id) FROM dentries WHERE inode=?)",
-                   (ino, ino))
-    db.execute("DELETE FROM dentries WHERE inode=?", (ROOT_INODE,))
+    for ino, _n in q.directories_with_several_entries():
+        meta.keep_oldest_entry(ino)
+    meta.remove_entries_of(ROOT_INODE)
     # unreachable subtrees: attach one member at a time (breaking a cycle) until all are reached;
     # each round attaches one inode, so there are at most as many rounds as inodes
-    for _ in range(ctx.db.execute("SELECT count(*) FROM inodes").fetchone()[0] + 1):
+    for _ in range(q.count_inodes() + 1):
         lost = _unreachable(ctx)
         if not lost:
             return
         # inodes without entries first, then directories: attaching one brings back its whole
         # subtree, and breaks a cycle through it; files in unreachable directories come back
         # with their directory
-        loose = [i for i in lost if not _has_entries(meta, i)]
+        loose = [i for i in lost if not q.is_linked(i)]
         dirs = [i for i in lost if _is_dir(meta.inode(i).mode)]
         ino = (loose or dirs or lost)[0]
         if ino in dirs:
-            db.execute("DELETE FROM dentries WHERE inode=?", (ino,))
+            meta.remove_entries_of(ino)
         _attach(meta, lost_found(), ino, b"#%d" % ino)
-
-
-def _has_entries(meta: Meta, ino: int) -> bool:
-    return meta.db.execute("SELECT 1 FROM dentries WHERE inode=? LIMIT 1", (ino,)).fetchone() is not None
 
 
 def _quarantine(meta: Meta, lf: int, ino: int, reasons: list[str], now: int) -> None:
     """Move every entry of a damaged file into lost+found (one entry), recording the damage."""
-    names = meta.db.execute("SELECT name FROM dentries WHERE inode=?", (ino,)).fetchall()
+    names = MetaQuery(meta.db).entry_names(ino)
     path = meta.path_of(ino)
-    meta.db.execute("DELETE FROM dentries WHERE inode=?", (ino,))
-    base = names[0][0] if names else b"file"
+    meta.remove_entries_of(ino)
+    base = names[0] if names else b"file"
     _attach(meta, lf, ino, b"#%d-" % ino + base)
     record = f"fsck {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: was {path}; " + "; ".join(reasons)
     meta.set_xattr(ino, DAMAGE_XATTR, record.encode()[:65536])

@@ -119,6 +119,7 @@ class BlockRef:
 _INODE_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, stored_bytes, sse"
 _INODE_INDEX = {name.strip(): i for i, name in enumerate(_INODE_COLS.split(","))}
 _BLOCK_COLS = "inode, blockno, object_id, length, obj_length, hdr_len, mode, key_ref, key_version, key_slot"
+BLOCK_COLUMNS = _BLOCK_COLS  # a block-map row's columns in BlockRef's order (metaquery.py)
 
 
 class Meta:
@@ -407,6 +408,25 @@ class Meta:
             "AND key_ref = ? AND key_version < ? ORDER BY object_id LIMIT ?",
             (after, key_ref, version, limit))]
 
+    def slots_not_at_version(self, mode: str, version: int, after: bytes,
+                             limit: int) -> list[tuple[int, int, bytes, int, bytes]]:
+        """(inode, blockno, object_id, key_version, key_slot) of blocks of `mode` wrapped under
+        another version than `version`, in object-id order after `after` (pages of a re-wrap)."""
+        return self.db.execute(
+            "SELECT inode, blockno, object_id, key_version, key_slot FROM blocks"
+            " WHERE object_id > ? AND mode = ? AND key_version <> ? ORDER BY object_id LIMIT ?",
+            (after, mode, version, limit)).fetchall()
+
+    def count_not_at_version(self, mode: str, version: int) -> int:
+        """Blocks of `mode` wrapped under another version than `version`."""
+        return self.db.execute("SELECT count(*) FROM blocks WHERE mode = ? AND key_version <> ?",
+                               (mode, version)).fetchone()[0]
+
+    def count_by_version(self, mode: str) -> dict[int, int]:
+        """Blocks of `mode` per key version."""
+        return dict(self.db.execute(
+            "SELECT key_version, count(*) FROM blocks WHERE mode = ? GROUP BY key_version", (mode,)))
+
     def replace_key_slot(self, object_id: bytes, old_slot: bytes, new_slot: bytes, version: int) -> bool:
         """Swap a block's wrapped data key if it is still `old_slot` (the block may have been
         rewritten meanwhile) -> whether it was swapped."""
@@ -450,3 +470,48 @@ class Meta:
 
     def forget_garbage(self, object_ids: list[bytes]) -> None:
         self.db.executemany("DELETE FROM garbage WHERE object_id=?", [(o,) for o in object_ids])
+
+    # repairs (fsck --repair): each is part of the caller's transaction
+    def remove_garbage(self, object_id: bytes) -> None:
+        """Take an object off the deletion list (a row still references it)."""
+        self.db.execute("DELETE FROM garbage WHERE object_id = ?", (object_id,))
+
+    def drop_collected_garbage(self) -> None:
+        """Forget deletion-list entries no row references (their objects are deleted)."""
+        self.db.execute("DELETE FROM garbage WHERE object_id NOT IN (SELECT object_id FROM blocks)")
+
+    def remove_dangling_entries(self) -> None:
+        """Remove directory entries whose inode does not exist."""
+        self.db.execute("DELETE FROM dentries WHERE inode NOT IN (SELECT id FROM inodes)")
+
+    def remove_stray_rows(self) -> None:
+        """Remove xattrs and symlink targets of inodes that do not exist."""
+        self.db.execute("DELETE FROM xattrs WHERE inode NOT IN (SELECT id FROM inodes)")
+        self.db.execute("DELETE FROM symlinks WHERE inode NOT IN (SELECT id FROM inodes)")
+        self._xattr_inodes = None
+
+    def restore_inode(self, ino: int, mode: int, size: int, stored: int, now_ns: int) -> None:
+        """Bring back a missing inode under its own number (its key slots are bound to it),
+        owned by root, with one link."""
+        self.db.execute(
+            f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?,?,0,0,1,?,0,?,?,?,?,NULL)",
+            (ino, mode, size, now_ns, now_ns, now_ns, stored))
+        self._rows.pop(ino, None)
+
+    def remove_entry_by_id(self, entry_id: int) -> None:
+        self.db.execute("DELETE FROM dentries WHERE id = ?", (entry_id,))
+
+    def remove_entries_of(self, ino: int) -> None:
+        """Remove every directory entry that names `ino`."""
+        self.db.execute("DELETE FROM dentries WHERE inode = ?", (ino,))
+
+    def keep_oldest_entry(self, ino: int) -> None:
+        """Remove every entry of `ino` but its oldest."""
+        self.db.execute("DELETE FROM dentries WHERE inode = ? AND id != "
+                        "(SELECT min(id) FROM dentries WHERE inode = ?)", (ino, ino))
+
+    def recount_stored_bytes(self) -> None:
+        """Set every inode's stored_bytes to what its block-map rows hold."""
+        self.db.execute("UPDATE inodes SET stored_bytes = coalesce((SELECT sum(length) FROM blocks b"
+                        " WHERE b.inode = inodes.id), 0)")
+        self._rows.clear()

@@ -122,13 +122,11 @@ class MasterKeys:
 
     # ------------------------------------------------------------------ queries
     def _stale_count(self, current: int) -> int:
-        return self.meta.db.execute("SELECT count(*) FROM blocks WHERE mode=? AND key_version<>?",
-                                    (SSE_S3, current)).fetchone()[0]
+        return self.meta.count_not_at_version(SSE_S3, current)
 
     def dependants(self) -> dict[int, int]:
         """Objects (committed rows + stored-but-uncommitted blocks) per master-key version."""
-        counts = dict(self.meta.db.execute(
-            "SELECT key_version, count(*) FROM blocks WHERE mode=? GROUP BY key_version", (SSE_S3,)))
+        counts = self.meta.count_by_version(SSE_S3)
         for blocks in self.data.pending.values():
             for ref in blocks.values():
                 if ref is not None and ref.mode == SSE_S3:
@@ -291,10 +289,8 @@ class MasterKeys:
                 await self._resume.wait()
                 log.info("re-wrap sweep resumed")
             started = time.monotonic()
-            rows = [SlotRow(*r) for r in self.meta.db.execute(
-                "SELECT inode, blockno, object_id, key_version, key_slot FROM blocks"
-                " WHERE object_id>? AND mode=? AND key_version<>? ORDER BY object_id LIMIT ?",
-                (cursor, SSE_S3, current, self.batch))]
+            rows = [SlotRow(*r) for r in self.meta.slots_not_at_version(SSE_S3, current, cursor,
+                                                                        self.batch)]
             if not rows:
                 return done
             cursor = rows[-1].object_id
@@ -318,9 +314,7 @@ class MasterKeys:
             with self.meta.transaction():
                 for oid, old_slot, new_slot in rewrapped:
                     # compare-and-set: a flush or truncate may have replaced the row meanwhile
-                    changed += self.meta.db.execute(
-                        "UPDATE blocks SET key_version=?, key_slot=? WHERE object_id=? AND key_slot=?",
-                        (current, new_slot, oid, old_slot)).rowcount
+                    changed += self.meta.replace_key_slot(oid, old_slot, new_slot, current)
                 if changed:
                     self.meta.set_state("rewrap_done", int(self.meta.get_state("rewrap_done", 0) or 0) + changed)
             done += changed

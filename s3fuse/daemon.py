@@ -525,7 +525,13 @@ class Daemon:
             "fuse_lock_free": fuseloop.lock_counts.free,
             "fuse_lock_waited": fuseloop.lock_counts.waited,
             **self.backend.stats,
+            **self._kms_breaker_stats(),
         }
+
+    def _kms_breaker_stats(self) -> dict:
+        """The Transit circuit breaker's state, when the store uses Transit."""
+        transit = getattr(self.keys.kms, "transit", None)
+        return transit.breaker.stats() if transit is not None else {}
 
     async def _flush(self, peer: Peer, args: dict) -> None:
         self._require_owner(peer)

@@ -750,7 +750,7 @@ def cmd_rekey_root(args) -> int:
         extra = {} if args.scrypt_log_n is None else {"scrypt_log_n": args.scrypt_log_n}
         result = rekey_root(cfg, old_key, spec, new_key_file=args.new_key_file,
                             new_passphrase_file=args.new_passphrase_file, **extra)
-        _audit_offline(cfg, "root:rekey", generation=result.generation, source=result.source)
+        _audit_offline(cfg, "root:RekeyRoot", generation=result.generation, source=result.source)
     finally:
         lock.release()
     new_cfg = load_config(args.store)

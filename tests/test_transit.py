@@ -103,6 +103,12 @@ def requests_waiting_at(port: int) -> int:
     return waiting
 
 
+def status_of(mount) -> dict:
+    r = run_cli("status", mount.mnt, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def kms_cli(mount, *args) -> dict:
     r = run_cli("kms", *args, "--mount", mount.mnt)
     assert r.returncode == 0, f"s3fuse kms {args}: {r.stderr}"
@@ -300,9 +306,9 @@ def test_transit_rotate_rewrap_and_min_decryption_version(workdir, bao, mount_fa
     assert r.returncode != 0 and "Vault/OpenBao" in r.stderr and TRACEBACK not in r.stderr
     m.unmount()
     ops = [(r["op"], r["outcome"]) for r in audit_records(store, f"transit:{name}")]
-    for op in ("kms:create-key", "kms:rotate", "kms:rewrap", "kms:set-min-decryption-version"):
+    for op in ("kms:CreateKey", "kms:RotateKey", "kms:ReEncrypt", "kms:SetMinDecryptionVersion"):
         assert (op, "allowed") in ops
-    assert ("kms:disable", "denied") in ops
+    assert ("kms:DisableKey", "denied") in ops
 
 
 def test_transit_outage_is_eio_then_recovers(workdir, bao, mount_factory):
@@ -328,14 +334,22 @@ def test_transit_outage_is_eio_then_recovers(workdir, bao, mount_factory):
         assert errno_of(lambda: (d / "f").read_bytes()) == errno.EIO
         assert errno_of(lambda: open(d / "g", "wb")) == errno.EIO
         assert m.proc.poll() is None and os.listdir(d) == ["f"]  # the daemon stays up
+        # the first call without an answer opened the circuit breaker: the calls after it
+        # fail at once, without waiting on the server, and the outage is logged once
+        st = status_of(m)
+        assert st["kms_breaker"] == "open" and st["kms_outages"] == 1, st
+        assert st["kms_calls_failed_at_once"] >= 1, st
     finally:
         os.kill(bao.proc.pid, signal.SIGCONT)
     bao.wait_healthy()
-    assert (d / "f").read_bytes() == b"needs the KMS"  # recovers by itself
+    # the breaker's probe finds the server again by itself
+    wait_until(lambda: status_of(m)["kms_breaker"] == "closed", 60, "the breaker to close")
+    assert (d / "f").read_bytes() == b"needs the KMS"
     write(d / "g", b"new data key")
     assert (d / "g").read_bytes() == b"new data key"
     log = m.log_text()
     assert "after 2 attempts" in log and "answers again" in log
+    assert log.count("is unreachable (") == 1 and log.count("answers again") == 1, log
     m.unmount()
 
     # nothing listening at the address at all: the mount still starts, KMS uses fail with EIO
@@ -427,3 +441,33 @@ def test_transit_settings_and_backoff(tmp_path):
     client = tr.TransitClient(tr.TransitSettings("http://x", "t", backoff=0.1, backoff_max=0.3))
     for attempt in range(1, 8):
         assert 0 <= client.delay(attempt) <= min(0.3, 0.1 * 2 ** (attempt - 1))
+
+
+def test_circuit_breaker_states():
+    from s3fuse.keys.breaker import CircuitBreaker
+
+    answers = []  # what the next probes find: False = no answer
+
+    def probe():
+        if not (answers.pop(0) if answers else False):
+            raise OSError("no answer")
+
+    b = CircuitBreaker("test server", probe, first=0.01, longest=0.04)
+    assert b.refusal() is None and not b.is_open
+    answers[:] = [False, False, False]
+    b.failed("timed out")
+    assert b.is_open and "test server did not answer" in b.refusal() and "timed out" in b.refusal()
+    b.failed("again")  # already open: nothing changes, nothing is logged again
+    assert b.stats()["kms_outages"] == 1
+    wait_until(lambda: not answers, 10, "three failed probes")
+    assert b.is_open
+    answers.append(True)
+    wait_until(lambda: not b.is_open, 10, "a probe to close the breaker")
+    assert b.refusal() is None
+    # an answer to a call in flight closes it too
+    answers[:] = [False] * 1000
+    b.failed("timed out")
+    b.succeeded()
+    assert not b.is_open and b.stats() == {"kms_breaker": "closed", "kms_outages": 2,
+                                           "kms_calls_failed_at_once": 2}
+    b.close()

@@ -55,6 +55,7 @@ from typing import Any, Callable
 
 from ..errors import KmsUnavailable, S3fuseError
 from ..retry import full_jitter
+from .breaker import CircuitBreaker
 from .kms import KEY_LEN, KmsProvider, Principal, canonical_context, policy_allows, validate_policy
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class TransitSettings:
     mount: str = "transit"
     timeout: float = 10.0  # seconds per HTTP request (connect and read)
     attempts: int = 4  # tries per call before EIO
+    budget: float = 5.0  # seconds per call in all, its retries included
     backoff: float = 0.2  # first retry delay in seconds; doubles, with full jitter
     backoff_max: float = 2.0
     concurrency: int = 4  # calls in flight at once (worker threads)
@@ -131,6 +133,7 @@ class TransitSettings:
                 mount=str(kms.get("mount", "transit")).strip("/"),
                 timeout=float(kms.get("timeout", 10.0)),
                 attempts=int(kms.get("attempts", 4)),
+                budget=float(kms.get("budget", 5.0)),
                 backoff=float(kms.get("backoff", 0.2)),
                 backoff_max=float(kms.get("backoff_max", 2.0)),
                 concurrency=int(kms.get("concurrency", 4)),
@@ -146,8 +149,9 @@ class TransitSettings:
             raise _error(f"the Transit address must be http(s)://HOST[:PORT], not {address!r}",
                          errno.EINVAL)
         if not (settings.timeout > 0 and 1 <= settings.attempts <= 20 and settings.backoff >= 0
+                and settings.budget > 0
                 and 1 <= settings.concurrency <= 64 and settings.cache_ttl >= 0):
-            raise _error("Transit KMS settings out of range (timeout > 0, attempts 1..20, "
+            raise _error("Transit KMS settings out of range (timeout > 0, attempts 1..20, budget > 0, "
                          "backoff >= 0, concurrency 1..64, cache_ttl >= 0)", errno.EINVAL)
         if settings.default_key is not None:
             check_name(settings.default_key)
@@ -290,8 +294,10 @@ class TransitClient:
         return full_jitter(attempt, self.settings.backoff, self.settings.backoff_max)
 
     def request(self, method: str, path: str, body: dict | None = None,
-                idempotent: bool = True, attempts: int | None = None) -> tuple[int, dict]:
-        """-> (HTTP status, decoded JSON body or {}); TransitUnreachable after the retry budget.
+                idempotent: bool = True, attempts: int | None = None,
+                budget: float | None = None) -> tuple[int, dict]:
+        """-> (HTTP status, decoded JSON body or {}); TransitUnreachable after the retry budget:
+        `attempts` tries within `budget` seconds in all (each try's timeout is cut to fit).
 
         A call that must not run twice (`idempotent=False`, e.g. rotate) is retried only when
         the server surely did not act on it: connection refused, 429, 503 (sealed, standby)."""
@@ -301,14 +307,26 @@ class TransitClient:
             headers["Content-Type"] = "application/json"
         why = ""
         attempt = 0
-        budget = attempts or self.settings.attempts
-        while attempt < budget:
+        tries = attempts or self.settings.attempts
+        deadline = time.monotonic() + (budget or self.settings.budget)
+        while attempt < tries:
             attempt += 1
             if attempt > 1:
-                self._sleep(self.delay(attempt - 1))
+                pause = self.delay(attempt - 1)
+                if time.monotonic() + pause >= deadline:
+                    attempt -= 1
+                    break
+                self._sleep(pause)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                attempt -= 1
+                break
             reused = getattr(self._local, "conn", None) is not None
             try:
                 conn = self._connection()
+                conn.timeout = min(self.settings.timeout, left)
+                if conn.sock is not None:
+                    conn.sock.settimeout(conn.timeout)
                 conn.request(method, f"{self._base}/v1/{path}", body=data, headers=headers)
                 resp = conn.getresponse()
                 raw = resp.read()
@@ -338,7 +356,8 @@ class TransitClient:
             return status, decoded
         raise TransitUnreachable(
             f"Transit KMS at {self.settings.address} did not answer {method} {path} "
-            f"after {attempt} attempt{'s' if attempt != 1 else ''} ({why})")
+            f"after {attempt} attempt{'s' if attempt != 1 else ''} in "
+            f"{budget or self.settings.budget:g} s ({why or 'out of time'})")
 
 
 # --------------------------------------------------------------------------
@@ -356,8 +375,8 @@ class TransitKms(KmsProvider):
         self.client = client or TransitClient(settings)
         self._lock = threading.Lock()
         self._cache: dict[tuple, tuple[float, Any]] = {}
-        self._down = False
-        self._logged_down = False
+        # one call without an answer: the others fail at once while a probe checks the server
+        self.breaker = CircuitBreaker(f"Transit KMS at {settings.address}", self._probe)
         self._limiter = None
 
     @property
@@ -378,19 +397,16 @@ class TransitKms(KmsProvider):
               attempts: int | None = None) -> dict:
         """One API call -> its "data"; any failure raised as S3fuseError and logged once
         (here, unless `quiet`: then the caller reports it)."""
+        refusal = self.breaker.refusal()
+        if refusal is not None:
+            raise TransitUnreachable(f"{what}: {refusal}")
         try:
             status, answer = self.client.request(method, path, body, idempotent=idempotent,
                                                  attempts=attempts)
         except TransitUnreachable as exc:
-            self._down = True
-            if not quiet:
-                self._log_unreachable(f"{what}: {exc}")
+            self.breaker.failed(str(exc))  # logs the outage once
             raise TransitUnreachable(f"{what}: {exc}") from None
-        with self._lock:
-            was_down, self._down = self._down, False
-            self._logged_down = False
-        if was_down:
-            log.warning("Transit KMS at %s answers again", self.settings.address)
+        self.breaker.succeeded()
         if status in ok:
             data = answer.get("data")
             return data if isinstance(data, dict) else {}
@@ -402,14 +418,10 @@ class TransitKms(KmsProvider):
             log.warning("%s", message)
         raise S3fuseError(message, err)
 
-    def _log_unreachable(self, message: str) -> None:
-        """The first failure of an outage in full, later ones in one short line each."""
-        with self._lock:
-            first, self._logged_down = not self._logged_down, True
-        if first:
-            log.error("%s", message)
-        else:
-            log.warning("%s", message.split(": Transit KMS at")[0] + ": Transit KMS still unreachable")
+    def _probe(self) -> None:
+        """Does the server answer at all? (Any HTTP answer but 429/5xx; one short try.)"""
+        self.client.request("GET", "sys/health", attempts=1,
+                            budget=min(self.settings.timeout, self.settings.budget, 2.0))
 
     def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         now = time.monotonic()
@@ -447,10 +459,8 @@ class TransitKms(KmsProvider):
             except S3fuseError as exc:
                 if exc.errno == errno.EACCES:
                     return None  # a token may use a key without reading it: not a failure
-                if not isinstance(exc, KmsUnavailable):
+                if not isinstance(exc, KmsUnavailable):  # an outage: the breaker logged it
                     log.warning("%s", exc)
-                else:
-                    self._log_unreachable(str(exc))
                 raise
         return self._cached(("meta", name), fetch)
 

@@ -533,7 +533,8 @@ class Daemon:
 
     def _kms_breaker_stats(self) -> dict:
         """The Transit circuit breaker's state, when the store uses Transit."""
-        transit = getattr(self.keys.kms, "transit", None)
+        kms = self.keys.kms
+        transit = kms.transit if kms is not None else None
         return transit.breaker.stats() if transit is not None else {}
 
     async def _flush(self, peer: Peer, args: dict) -> None:

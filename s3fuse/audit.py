@@ -7,7 +7,8 @@ JSON whose members come in this order::
 
     seq      1, 2, 3, ... (the record's line number in an intact log)
     time     UTC, RFC 3339 with microseconds: "2026-11-27T22:50:01.123456Z"
-    op       what was done, e.g. "kms.decrypt", "sse-c.load", "master-key.rotate"
+    op       what was done, as SERVICE:Action (OPS lists them): "kms:Decrypt",
+             "ssec:AddKey", "sse-s3:RotateMasterKey", "s3:CreateAccessKey", ...
     ...      the caller's fields, known ones first in FIELD_ORDER (key_id,
              key_version, alias, key_name, fingerprint, uid, gid, pid, process,
              path, object_id, errno), then any others in the order given; None
@@ -59,6 +60,42 @@ FIELD_ORDER = (
     "key_id", "key_version", "alias", "key_name", "fingerprint",
     "uid", "gid", "pid", "process", "path", "object_id", "errno",
 )
+# Every op the code writes, SERVICE:Action as AWS CloudTrail names events. `kms:` actions
+# take AWS KMS's names where AWS has the operation.
+KMS_ACTIONS = {
+    "create-key": "CreateKey", "enable": "EnableKey", "disable": "DisableKey",
+    "schedule-deletion": "ScheduleKeyDeletion", "cancel-deletion": "CancelKeyDeletion",
+    "set-policy": "PutKeyPolicy", "rotate": "RotateKey", "enable-rotation": "EnableKeyRotation",
+    "disable-rotation": "DisableKeyRotation", "rewrap": "ReEncrypt",
+    "set-min-decryption-version": "SetMinDecryptionVersion", "delete": "DeleteKey",
+    # reads that the control socket answers without a record, named for completeness
+    "list": "ListKeys", "describe": "DescribeKey", "get-policy": "GetKeyPolicy",
+}
+OPS = frozenset(
+    {f"kms:{a}" for a in KMS_ACTIONS.values()}
+    | {"kms:GenerateDataKey", "kms:Decrypt", "ssec:AddKey", "ssec:RemoveKey",
+       "sse-s3:RotateMasterKey", "sse-s3:RetireMasterKey", "sse-s3:PauseRewrap",
+       "sse-s3:ResumeRewrap", "sse-s3:RewrapDone", "root:RekeyRoot",
+       "s3:CreateAccessKey", "s3:DeleteAccessKey", "s3:Presign"})
+# Names that earlier versions wrote: readers of old logs map them with `canonical_op`.
+LEGACY_OPS = {
+    **{f"kms:{old}": f"kms:{new}" for old, new in KMS_ACTIONS.items()},
+    "sse-s3:rotate": "sse-s3:RotateMasterKey", "sse-s3:retire": "sse-s3:RetireMasterKey",
+    "sse-s3:pause-sweep": "sse-s3:PauseRewrap", "sse-s3:resume-sweep": "sse-s3:ResumeRewrap",
+    "sse-s3:rewrap-done": "sse-s3:RewrapDone", "root:rekey": "root:RekeyRoot",
+}
+
+
+def kms_op(action: str) -> str:
+    """The op of a KMS administration action of the control socket ("create-key", ...)."""
+    return f"kms:{KMS_ACTIONS[action]}"
+
+
+def canonical_op(op: str) -> str:
+    """A record's op under today's name (an old log's records carry the old ones)."""
+    return LEGACY_OPS.get(op, op)
+
+
 # The members the log itself writes; a caller may not pass them as fields.
 RESERVED = frozenset({"seq", "time", "op", "outcome", "prev"})
 # `read --key K` matches a record whose one of these members equals K.

@@ -153,13 +153,11 @@ def bound_allocator() -> None:
     Block buffers (a 4 MiB object read, a 1 MiB reply) are reused from the heap: a fresh
     mapping costs a page fault and a zeroed page per 4 KiB, which halves copy speed here.
     glibc's default maps each allocation above 128 KiB and unmaps it on free, adapting that
-    threshold only as it sees frees; fixing it at 8 MiB, with up to 32 MiB of free heap kept
-    rather than returned, took a cold 1 GiB sequential read from 128-152 to 99-109 ticks of
-    system CPU (381-448 -> 440-507 MB/s). With one arena per thread, each would keep its own
-    high-water mark and RSS would grow with the thread count; with two, the write path's
-    buffers (loop thread) and ciphertext (worker threads) fragmented two heaps, and the 4 GiB
-    write of scripts/bench peaked at 262-311 MiB. With one arena, `trim_heap_when_idle` and
-    O_DIRECT object writes, 223-284 MiB over four full runs (184 MiB on a fresh daemon).
+    threshold only as it sees frees; it is fixed at 8 MiB, with up to 32 MiB of free heap kept
+    rather than returned. With one arena per thread, each would keep its own high-water mark
+    and RSS would grow with the thread count; with two, the write path's buffers (loop thread)
+    and ciphertext (worker threads) fragmented two heaps. So: one arena (docs/BENCH.md has the
+    measurements).
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
     try:
@@ -193,11 +191,10 @@ async def trim_heap_when_idle(requests: Callable[[], int], busy: Callable[[], bo
                               stats: dict) -> None:
     """Give the heap's free pages back to the kernel once the mount goes quiet.
 
-    The heap keeps what a burst of work freed (see `bound_allocator`): after the small-file and
-    tar phases of scripts/bench the daemon held 169 MiB, of which 103 MiB were live. A busy
-    daemon reuses those pages; an idle one should not sit on them, and the next burst should
-    start from what is live. `malloc_trim(0)` takes up to ~13 ms here, so it runs once per
-    quiet spell: no FUSE request for `HEAP_IDLE_SECONDS` and no unwritten data.
+    The heap keeps what a burst of work freed (see `bound_allocator`). A busy daemon reuses
+    those pages; an idle one should not sit on them, and the next burst should start from what
+    is live. `malloc_trim(0)` blocks the loop for a while, so it runs once per quiet spell: no
+    FUSE request for `HEAP_IDLE_SECONDS` and no unwritten data.
     """
     trim = getattr(_libc, "malloc_trim", None)
     if trim is None:  # not glibc

@@ -55,12 +55,12 @@ PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at
 BATCH_DELAY = 0.03  # a streaming writer's full blocks are stored this soon
 # Closed files wait this long, so that the closes of a burst of small files share one put batch,
 # one sync and one commit: each sync is a journal commit of the disk under the store, which
-# holds up the metadata database's writes meanwhile (creating 5,000 small files: about 20% less CPU
-# per file than with 30 ms). fsync, truncate and memory pressure do not wait.
+# holds up the metadata database's writes meanwhile. fsync, truncate and memory pressure do not
+# wait.
 CLOSE_BATCH_DELAY = 0.25
 # at most this many files per flush batch; a longer queue is worked off batch after batch,
-# without the delay above between them (with it, a burst of small files was stored at about
-# 550 files/s and a reader that followed competed with the backlog for seconds)
+# without the delay above between them (with it, a burst of small files was stored slowly,
+# and a reader that followed competed with the backlog for seconds)
 FLUSH_BATCH = 256
 # how long stored blocks of a streaming writer may wait for their metadata commit
 COMMIT_DELAY = 1.0
@@ -103,7 +103,7 @@ class FileState:
     open_count: int = 0
     flush_requested: bool = False
     dirty_since: float = 0.0
-    error: int = 0  # errno of a failed background flush, reported at the next fsync/close
+    error: int = 0  # errno of a failed background flush, reported at the next write or fsync
     # a store of this file failed for a reason of its own: retried alone, not before retry_at
     # (monotonic), with a delay that doubles per failure; `failure` says why, for status
     retry_delay: float = 0.0
@@ -687,7 +687,8 @@ class DataStore:
         # An earlier failed write-back is not a reason to refuse this data: with the kernel's
         # writeback cache these writes are the kernel's own write-back, and a refusal makes it
         # drop the pages. The data is kept (within the dirty limit, below) and the error is
-        # reported at the next fsync or close.
+        # reported at the next fsync, or by a write that must wait for buffer space (close
+        # does not see it: FLUSH answers ENOSYS).
         view = memoryview(buf)
         pos = off
         bs = self.block_size

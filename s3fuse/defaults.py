@@ -29,5 +29,5 @@ BLOCK_SIZE = 4 << 20
 SEGMENT_SIZE = 64 << 10
 DAY = 86400
 ROTATION_INTERVAL = 30 * DAY  # SSE-S3 master key: a new version every 30 days
-REWRAP_BATCH = 100  # key slots re-wrapped per transaction (about 3 ms of loop time)
+REWRAP_BATCH = 100  # key slots re-wrapped per transaction: short enough to keep the loop responsive
 REWRAP_RATE = 2000  # key slots per second at most (0: unthrottled)

@@ -132,10 +132,8 @@ class Meta:
         self.db.execute("PRAGMA wal_autocheckpoint=8192")
         # The WAL is emptied (not just rewound) when a checkpoint restarts it. A WAL frame is
         # a page plus a 24-byte header, so frames straddle the OS's pages, and rewriting a
-        # WAL that is no longer in the page cache reads each page from disk first: 35 MiB of
-        # synchronous reads on the event loop per 5,000 small files after the cache was
-        # dropped (3-4 MiB when the WAL is emptied; creates after an rm -rf: 956-1,149
-        # against 1,098-1,245 files/s).
+        # WAL that is no longer in the page cache reads each page from disk first, with the
+        # event loop waiting (docs/BENCH.md).
         self.db.execute("PRAGMA journal_size_limit=0")
         self.db.execute("PRAGMA cache_size=-32768")  # 32 MiB page cache, bounded
         if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='dentries'").fetchone():

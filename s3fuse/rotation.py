@@ -179,7 +179,7 @@ class MasterKeys:
             try:
                 await self._save(new)  # durable before any object can use it
             except OSError as exc:
-                self.keys.record("sse-s3:rotate", who, "denied", key_version=new.current, trigger=trigger,
+                self.keys.record("sse-s3:RotateMasterKey", who, "denied", key_version=new.current, trigger=trigger,
                                  errno=exc.errno or errno.EIO)
                 raise S3fuseError(f"could not save the keyring: {exc.strerror or exc}", errno.EIO) from None
             self.keys.keyring = new
@@ -187,7 +187,7 @@ class MasterKeys:
                 self.meta.set_state("rewrap_version", new.current)
                 self.meta.set_state("rewrap_total", self._stale_count(new.current))
                 self.meta.set_state("rewrap_done", 0)
-            self.keys.record("sse-s3:rotate", who, key_version=new.current, previous_version=old,
+            self.keys.record("sse-s3:RotateMasterKey", who, key_version=new.current, previous_version=old,
                              trigger=trigger)
             log.info("master key rotated (%s): version %d is current; re-wrapping version %d's key slots",
                      trigger, new.current, old)
@@ -221,10 +221,10 @@ class MasterKeys:
                 self.keys.keyring = new
                 self._forget()  # nothing cached may outlive the erased versions
                 for v in unused:
-                    self.keys.record("sse-s3:retire", who, key_version=v)
+                    self.keys.record("sse-s3:RetireMasterKey", who, key_version=v)
                 log.info("retired master key version(s) %s", ", ".join(map(str, unused)))
             for v, why in kept.items():
-                self.keys.record("sse-s3:retire", who, "denied", key_version=v, errno=errno.EBUSY,
+                self.keys.record("sse-s3:RetireMasterKey", who, "denied", key_version=v, errno=errno.EBUSY,
                                  reason=why)
             return {"retired": unused, "kept": {str(v): why for v, why in kept.items()},
                     "current": kr.current}
@@ -238,7 +238,7 @@ class MasterKeys:
         else:
             self._resume.set()
             self._kick.set()
-        self.keys.record("sse-s3:pause-sweep" if paused else "sse-s3:resume-sweep", who)
+        self.keys.record("sse-s3:PauseRewrap" if paused else "sse-s3:ResumeRewrap", who)
         return self.status()["rewrap"]
 
     async def sweeper(self) -> None:
@@ -273,7 +273,7 @@ class MasterKeys:
         if total or self.meta.get_state("rewrap_active", 0):
             with self.meta.transaction():
                 self.meta.set_state("rewrap_active", 0)
-            self.keys.record("sse-s3:rewrap-done", SCHEDULER, key_version=self.keyring.current,
+            self.keys.record("sse-s3:RewrapDone", SCHEDULER, key_version=self.keyring.current,
                              rewrapped=int(self.meta.get_state("rewrap_done", 0) or 0))
             log.info("re-wrap sweep done: every SSE-S3 key slot is under version %d", self.keyring.current)
         return total

@@ -55,7 +55,7 @@ def now_ns() -> int:
     timestamps come from it too, a tick of a few ms). With the write-back cache the kernel
     keeps a file's mtime and sends it back with a SETATTR at close when a write changed it; a
     file written in the tick it was created in then still has the mtime we gave it, and no
-    SETATTR follows (measured: 12 -> 1 us of SETATTR handling per small file created)."""
+    SETATTR follows."""
     return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
 

@@ -1,12 +1,11 @@
 """A fixed set of worker threads with a cheap hand-off from the trio loop.
 
 `trio.to_thread.run_sync` is general (a thread cache, a CapacityLimiter, cancellation
-policies, context copies) and costs about 300 us per call on a small VM; the data path makes
-one such hop per object read or stored, so for small files and random reads the hop is a
-large share of the work. A `WorkerPool` does only what the data path needs: a job goes on a
-queue that its threads wait on, and the result comes back through the trio token. Measured
-here with a no-op job: about 200 us against 300 us; the rest is the cost of two thread
-wake-ups and the GIL changing hands.
+policies, context copies); the data path makes one such hop per object read or stored, so
+for small files and random reads the hop is a large share of the work. A `WorkerPool` does
+only what the data path needs: a job goes on a queue that its threads wait on, and the
+result comes back through the trio token; what is left is the cost of two thread wake-ups
+and the GIL changing hands (docs/BENCH.md has the figures).
 
 The pool's size bounds how many of its jobs run at once, as a CapacityLimiter would. A job
 is not cancellable once queued: like `to_thread.run_sync`'s default, the caller waits for it.

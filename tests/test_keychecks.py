@@ -168,7 +168,7 @@ def test_audit_by_alias_finds_the_uses_of_the_key(mount_factory):
     assert len(uses) >= 3 and all("alias" not in r for r in uses)  # uses name only the id
     assert by_alias == by_id
     # the key's creation record names its alias too
-    create = [r for r in by_id if r["op"] == "kms:create-key"]
+    create = [r for r in by_id if r["op"] == "kms:CreateKey"]
     assert len(create) == 1 and create[0]["alias"] == "alias/team"
     # offline (the store's own trail, no daemon to ask): the same records
     m.unmount()
@@ -276,5 +276,5 @@ def test_kms_key_quota_per_uid(mount_factory):
     cli_ok("kms", "create-key", "-m", m.mnt)  # root has no quota
     r = cli("kms", "create-key", "--description", "d" * 1025, "-m", m.mnt, uid=BOB)
     assert r.returncode == 1 and "1024" in r.stderr, r.stderr
-    recs = [r for r in audit_records(m.mnt) if r["op"] == "kms:create-key"]
+    recs = [r for r in audit_records(m.mnt) if r["op"] == "kms:CreateKey"]
     assert [r["outcome"] for r in recs if r["uid"] == ALICE] == ["allowed", "allowed", "denied"]

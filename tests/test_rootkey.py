@@ -224,7 +224,7 @@ def test_rekey_root_then_remount(workdir, mount_factory):
     r = run_cli("audit", "verify", "--store", store)
     assert r.returncode == 0, r.stderr
     r = run_cli("audit", "--store", store)
-    assert '"op":"root:rekey"' in r.stdout
+    assert '"op":"root:RekeyRoot"' in r.stdout
 
     # and on to a passphrase: generation 3, no key file left in the store
     pw = workdir("pw") / "pw"

@@ -175,7 +175,7 @@ def test_rotation_while_processes_read_and_write(mount_factory, workdir):
         assert os.getxattr(mnt / name, MASTER_VERSION) == b"4"
     assert set(db_versions(m.store)) == {4}
     ops = [r["op"] for r in audit_ops(mnt)]
-    assert ops.count("sse-s3:rotate") == 3 and "sse-s3:rewrap-done" in ops
+    assert ops.count("sse-s3:RotateMasterKey") == 3 and "sse-s3:RewrapDone" in ops
 
     # the old versions are no longer needed: retire them, and everything stays readable
     out = rotate_ok(mnt, "--retire-unused")
@@ -223,7 +223,7 @@ def test_retirement_refused_while_anything_depends(mount_factory):
     assert [(v["version"], v["state"], v["objects"]) for v in st["master_keys"]] == \
         [(1, "retired", 0), (2, "current", 51)]
     ops = [(r["op"], r["outcome"]) for r in audit_ops(mnt)]
-    assert ("sse-s3:retire", "denied") in ops and ("sse-s3:retire", "allowed") in ops
+    assert ("sse-s3:RetireMasterKey", "denied") in ops and ("sse-s3:RetireMasterKey", "allowed") in ops
     check(mnt, files)
     m.remount()
     check(m.mnt, files)
@@ -264,7 +264,7 @@ def test_kill9_during_sweep_then_resume(mount_factory):
     assert db_versions(m.store) == {2: 120}
     st = status(m.mnt)
     assert st["rewrap"]["done"] == 120 and st["rewrap"]["total"] == 120, st["rewrap"]
-    assert "sse-s3:rewrap-done" in [r["op"] for r in audit_ops(m.mnt)]
+    assert "sse-s3:RewrapDone" in [r["op"] for r in audit_ops(m.mnt)]
     check(m.mnt, files)
     rotate_ok(m.mnt, "--retire-unused")
     m.remount()
@@ -292,7 +292,7 @@ def test_scheduled_rotation(mount_factory, workdir):
     wait_until(lambda: old_versions_drained(m.mnt), 60, "the sweep")
     check(m.mnt, files)
     current = status(m.mnt)["master_key_version"]
-    rot = [r for r in audit_ops(m.mnt) if r["op"] == "sse-s3:rotate"]
+    rot = [r for r in audit_ops(m.mnt) if r["op"] == "sse-s3:RotateMasterKey"]
     assert len(rot) == current - 1 and all(r["trigger"] == "schedule" for r in rot)
     r = run_cli("status", m.mnt)
     assert "re-wrap sweep:" in r.stdout and "next rotation: never" in r.stdout
@@ -325,6 +325,6 @@ def test_one_scheduler_also_rotates_kms_keys(mount_factory):
         return json.loads(r.stdout)["current_version"]
 
     wait_until(lambda: kms_version() == 2, 30, "the scheduler to rotate the KMS key")
-    rec = [r for r in audit_ops(m.mnt) if r["op"] == "kms:rotate"]
+    rec = [r for r in audit_ops(m.mnt) if r["op"] == "kms:RotateKey"]
     assert rec and rec[-1]["trigger"] == "schedule"
     assert status(m.mnt)["master_key_version"] == 1  # the master key's schedule is not due

@@ -134,6 +134,9 @@ def test_sse_c_round_trip_and_refusals(api, bucket):
     assert r["SSECustomerKeyMD5"] == base64.b64encode(hashlib.md5(key).digest()).decode()
     assert r["ETag"] != f'"{hashlib.md5(b"customer data").hexdigest()}"'
     assert c.get_object(Bucket=bucket, Key="c.bin", **_ssec(key))["Body"].read() == b"customer data"
+    # listed without its key, with its plaintext size
+    listed = c.list_objects_v2(Bucket=bucket)["Contents"]
+    assert [(o["Key"], o["Size"]) for o in listed] == [("c.bin", 13)]
     with pytest.raises(ClientError) as info:
         c.get_object(Bucket=bucket, Key="c.bin")
     assert error_code(info.value) == "InvalidRequest"

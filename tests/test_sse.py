@@ -577,7 +577,7 @@ def test_kms_policy_states_and_audit(mount_factory):
     os.mkdir(d2)
     setfattr_fails(d2, "aws:kms:alias/team", errno.EKEYREVOKED)
     recs = audit_records(mnt, key_id)
-    assert any(r["op"] == "kms:disable" and r["uid"] == 0 and r["outcome"] == "allowed"
+    assert any(r["op"] == "kms:DisableKey" and r["uid"] == 0 and r["outcome"] == "allowed"
                for r in recs)
     m.remount()
     assert kms_describe(mnt, key_id)["state"] == "Disabled"
@@ -608,16 +608,16 @@ def test_kms_policy_states_and_audit(mount_factory):
     cli_fails("kms", "disable", key_id, "-m", mnt, uid=ALICE)
     assert kms_describe(mnt, key_id)["state"] == "Enabled"
     recs = audit_records(mnt, key_id)
-    assert any(r["op"] == "kms:disable" and r["uid"] == ALICE and r["outcome"] == "denied"
+    assert any(r["op"] == "kms:DisableKey" and r["uid"] == ALICE and r["outcome"] == "denied"
                and r["errno"] == errno.EACCES for r in recs)
-    assert any(r["op"] == "kms:schedule-deletion" and r["outcome"] == "allowed" for r in recs)
-    assert any(r["op"] == "kms:cancel-deletion" and r["outcome"] == "allowed" for r in recs)
+    assert any(r["op"] == "kms:ScheduleKeyDeletion" and r["outcome"] == "allowed" for r in recs)
+    assert any(r["op"] == "kms:CancelKeyDeletion" and r["outcome"] == "allowed" for r in recs)
     # the policy was set through the alias: its record still names the key (its id), so
     # `s3fuse audit --key ID` shows every administration of the key
-    set_policy = [r for r in audit_records(mnt) if r["op"] == "kms:set-policy"]
+    set_policy = [r for r in audit_records(mnt) if r["op"] == "kms:PutKeyPolicy"]
     assert len(set_policy) == 1 and set_policy[0]["uid"] == 0
     recorded = set_policy[0]["key_id"]
-    assert recorded == key_id, f"kms:set-policy recorded key_id {recorded!r}, not {key_id!r}"
+    assert recorded == key_id, f"kms:PutKeyPolicy recorded key_id {recorded!r}, not {key_id!r}"
 
 
 # ==========================================================================
@@ -851,9 +851,9 @@ def test_audit_trail_records_verify_and_tamper(mount_factory):
     assert find("ssec:AddKey", uid=0, fingerprint=fpg, key_name="everyone")
     assert find("ssec:RemoveKey", uid=ALICE, fingerprint=fpa, key_name="audited")
     assert find("ssec:RemoveKey", "denied", uid=ALICE, key_name="audited", errno=errno.ENOKEY)
-    assert find("kms:create-key", uid=0, key_id=key_id)
-    assert find("kms:disable", uid=0, gid=0, key_id=key_id)
-    assert find("kms:enable", uid=0, key_id=key_id)
+    assert find("kms:CreateKey", uid=0, key_id=key_id)
+    assert find("kms:DisableKey", uid=0, gid=0, key_id=key_id)
+    assert find("kms:EnableKey", uid=0, key_id=key_id)
     assert find("kms:GenerateDataKey", uid=0, key_id=key_id)
     assert find("kms:Decrypt", "denied", uid=0, key_id=key_id, errno=errno.EKEYREVOKED)
     assert find("kms:Decrypt", uid=0, key_id=key_id)

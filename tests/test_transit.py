@@ -306,9 +306,9 @@ def test_transit_rotate_rewrap_and_min_decryption_version(workdir, bao, mount_fa
     assert r.returncode != 0 and "Vault/OpenBao" in r.stderr and TRACEBACK not in r.stderr
     m.unmount()
     ops = [(r["op"], r["outcome"]) for r in audit_records(store, f"transit:{name}")]
-    for op in ("kms:create-key", "kms:rotate", "kms:rewrap", "kms:set-min-decryption-version"):
+    for op in ("kms:CreateKey", "kms:RotateKey", "kms:ReEncrypt", "kms:SetMinDecryptionVersion"):
         assert (op, "allowed") in ops
-    assert ("kms:disable", "denied") in ops
+    assert ("kms:DisableKey", "denied") in ops
 
 
 def test_transit_outage_is_eio_then_recovers(workdir, bao, mount_factory):

@@ -4,8 +4,7 @@ Deleted objects are recycled rather than unlinked: the file is moved to `.free/`
 zero length, and a later small put writes into it and renames it into place. Creating a file
 means allocating an inode, and on ext4 without a journal every inode freed in the last minute
 or so is skipped, one inode-table lookup each (`recently_deleted`), so that creates right after
-a mass delete cost three times their CPU (measured: 330 against 970 us of system time per
-small file created after `rm -rf` of 5,000 others). Recycling needs no inode allocation and
+a mass delete cost several times their CPU (docs/BENCH.md). Recycling needs no inode allocation and
 no inode freeing, on any filesystem. RocksDB recycles its log files for the same reason."""
 
 from __future__ import annotations
@@ -69,9 +68,8 @@ class LocalBackend(Backend):
         # Through a descriptor that is closed at once, not truncate(2) on the name: ext4
         # marks a file emptied by truncation, and the next close of that file starts its
         # write-back ("auto_da_alloc", for programs that replace a file by truncating it).
-        # That close would otherwise be the next put's, in a worker thread: 73 us per
-        # small object (py-spy), against 5 us without the mark. Closed here, with nothing
-        # to write back, the mark costs nothing.
+        # That close would otherwise be the next put's, in a worker thread, and cost it that
+        # write-back. Closed here, with nothing to write back, the mark costs nothing.
         os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
 
     @staticmethod

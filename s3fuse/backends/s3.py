@@ -334,10 +334,8 @@ class ObjectCache:
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.fills = 0
-        # filling the cache with O_DIRECT costs no page-cache copy (on this VM the buffered
-        # write of what a cold sequential read fetched took 17% of all CPU; with it, 3 A/B
-        # rounds of a cold 1 GiB read over SeaweedFS: system CPU 2.7-4.4 -> 1.5-1.8 s,
-        # 183-204 -> 201-228 MB/s)
+        # filling the cache with O_DIRECT costs no page-cache copy: the buffered write of what
+        # a cold sequential read fetched was a large share of its CPU (docs/BENCH.md)
         self.direct = DirectWriter(DIRECT_BUFFERS)
         os.makedirs(path, mode=0o700, exist_ok=True)
         entries = []
@@ -447,8 +445,7 @@ class S3Backend(Backend):
         self.loc = loc
         # Objects put are cached too (write-through) only up to this size: small files then
         # read back without a GET, while a write stream's full blocks are not written to the
-        # local disk a second time (measured over SeaweedFS on the same disk: 85-103 MB/s
-        # sequential write with every object cached, 110-122 without); what was just written
+        # local disk a second time, which slowed sequential writes (docs/BENCH.md); what was just written
         # is in the kernel's page cache anyway until it is evicted or the store remounted.
         self.cache_writes_upto = cache_writes_upto
         # whole-object GETs under way (reads and prefetches): a second reader waits for the first

@@ -13,6 +13,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from ..audit import kms_op
 from ..crypto import Caller
 from ..errors import S3fuseError
 from ..policy import SSE_C, SSE_KMS
@@ -161,7 +162,7 @@ class AdminHandlers:
             fields = self._key_fields(key)
             if op == "create-key" and isinstance(args.get("alias"), str):
                 fields["alias"] = args["alias"]
-            self.keys.record(f"kms:{op}", who, "denied", **fields, errno=exc.errno)
+            self.keys.record(kms_op(op), who, "denied", **fields, errno=exc.errno)
             raise
         if op in ("disable", "schedule-deletion"):
             self.forget_cached_keys()
@@ -169,7 +170,7 @@ class AdminHandlers:
         if op == "create-key":
             # the one record that ties a key id to its alias (`audit --key ALIAS` reads it)
             fields["alias"] = result.get("alias")
-        self.keys.record(f"kms:{op}", who, **fields)
+        self.keys.record(kms_op(op), who, **fields)
         result = result if isinstance(result, dict) else kms.describe(key)
         if op == "rotate":
             self.data.renew_prepared(kms.resolve(key))
@@ -197,11 +198,11 @@ class AdminHandlers:
             return
         system = Caller(0, 0, 0)
         for key_id in kms.rotate_due(now):
-            self.keys.record("kms:rotate", system, key_id=key_id, trigger="schedule")
+            self.keys.record(kms_op("rotate"), system, key_id=key_id, trigger="schedule")
             self.data.renew_prepared(key_id)
         for key_id in kms.purge_expired(now):
             self.forget_cached_keys()
-            self.keys.record("kms:delete", system, key_id=key_id, trigger="schedule")
+            self.keys.record(kms_op("delete"), system, key_id=key_id, trigger="schedule")
 
     # ---------------------------------------------------------------- SSE-S3 master key
     def _require_owner(self, peer: Peer) -> None:
@@ -219,11 +220,11 @@ class AdminHandlers:
         return who
 
     async def master_rotate(self, peer: Peer, args: dict) -> dict:
-        who = self._owner_for(peer, "sse-s3:rotate")
+        who = self._owner_for(peer, "sse-s3:RotateMasterKey")
         return await self.master.rotate(who, "request")
 
     async def master_retire(self, peer: Peer, args: dict) -> dict:
-        who = self._owner_for(peer, "sse-s3:retire")
+        who = self._owner_for(peer, "sse-s3:RetireMasterKey")
         return await self.master.retire_unused(who)
 
     async def master_sweep(self, peer: Peer, args: dict) -> dict:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..audit import kms_op
 from ..errors import S3fuseError
 from ..keys import transit as tr
 from .server import Peer
@@ -139,12 +140,12 @@ class TransitAdmin:
                 else:
                     raise S3fuseError(f"unknown KMS operation {op}", errno.EINVAL)
         except S3fuseError as exc:
-            self.keys.record(f"kms:{op}", who, "denied", key_id=key_id or key, errno=exc.errno)
+            self.keys.record(kms_op(op), who, "denied", key_id=key_id or key, errno=exc.errno)
             raise
         fields = {"key_id": key_id}
         if isinstance(result, dict) and "rewrap" in result:
             fields.update(rewrapped=result["rewrap"]["rewrapped"], failed=result["rewrap"]["failed"])
-        self.keys.record(f"kms:{op}", who, **fields)
+        self.keys.record(kms_op(op), who, **fields)
         return result
 
     async def _rewrap(self, key_id: str, who) -> dict:

@@ -87,7 +87,7 @@ cannot be disabled, scheduled for deletion, re-policied or have its rotation
 changed, even by root (EPERM). On-demand `rotate` by root is allowed, since it
 loses nothing.
 
-Errno map (docs: ../shared/reference/encryption.md, section 5):
+Errno map (README.md, "The command line", says what each means to a user):
 
 * unknown key or alias, purged key, missing backing version -> ENOKEY
 * key Disabled or PendingDeletion (data-key operations)      -> EKEYREVOKED

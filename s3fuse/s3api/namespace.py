@@ -15,6 +15,8 @@ import os
 import stat
 from collections.abc import Callable
 
+import trio
+
 from ..core import Filesystem
 from ..crypto import Caller
 from ..errors import S3fuseError
@@ -64,6 +66,28 @@ class Namespace:
     def __init__(self, core: Filesystem, invalidate_entry: Callable[[int, bytes], None] | None = None) -> None:
         self.core = core
         self._invalidate_entry = invalidate_entry
+        self._sync_round = 0  # group commit: the WAL syncs started so far
+        self._synced_round = 0  # ... and finished
+        self._syncing: trio.Event | None = None
+
+    async def make_durable(self) -> None:
+        """Everything committed so far survives a crash once this returns. Concurrent
+        requests share one WAL sync (a group commit): a request that arrives while a sync
+        runs waits for the next one, which covers it."""
+        wanted = self._sync_round + 1  # a round that starts after this call
+        while self._synced_round < wanted:
+            if self._syncing is not None:
+                await self._syncing.wait()
+                continue
+            self._sync_round += 1
+            this_round = self._sync_round
+            self._syncing = done = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.core.meta.sync)
+                self._synced_round = this_round
+            finally:
+                self._syncing = None
+                done.set()
 
     # ---------------------------------------------------------------- kernel caches
     async def changed_entry(self, parent: int, name: bytes) -> None:

@@ -27,7 +27,7 @@ from .sigv4 import STREAMING, STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, UNSIGN
 from .xmlgen import document, el, parse
 
 MAX_OBJECT = 5 << 30  # a single PUT, as S3
-READ_PIECE = 1 << 20
+READ_PIECE = 4 << 20  # one block of the store: a GET reads as the data path stores
 MAX_METADATA = 2048
 META_PREFIX = b"user.s3.meta."
 CONTENT_HEADERS = ("content-type", "content-encoding", "cache-control", "content-disposition",
@@ -435,8 +435,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
             pass
         raise
     await ns.changed_entry(parent.id, name)
-    import trio
-    await trio.to_thread.run_sync(core.meta.sync)  # the rename is durable before the 200
+    await ns.make_durable()  # the rename is durable before the 200
     row = core.attr(ino)
     return row, etag if etag is not None else etag_of(ctx.api, row)
 

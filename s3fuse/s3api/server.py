@@ -99,7 +99,7 @@ class _Connection:
         self.tls = tls
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEADER_LIMIT)
-        self._continued = False
+        self.continued = False
 
     async def send(self, event) -> None:
         data = self.h11.send(event)
@@ -107,8 +107,8 @@ class _Connection:
             await self.stream.send_all(data)
 
     async def continue_if_asked(self) -> None:
-        if self.h11.they_are_waiting_for_100_continue and not self._continued:
-            self._continued = True
+        if self.h11.they_are_waiting_for_100_continue and not self.continued:
+            self.continued = True
             await self.send(h11.InformationalResponse(status_code=100, headers=[]))
 
     async def next_event(self, timeout: float, what: str):
@@ -204,6 +204,12 @@ class HttpServer:
             if not isinstance(event, h11.Request):
                 return
             first = False
+            # h11 bounds a head that is still arriving; one that came in whole is measured here
+            if len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers) > HEADER_LIMIT:
+                resp = self.error_response(None, S3Error("RequestHeaderSectionTooLarge",
+                                                         "the request head is larger than 16 KiB", status=431))
+                await self._send(conn, None, resp, close=True)
+                return
             req = Request(conn, event)
             self.requests += 1
             try:
@@ -223,6 +229,7 @@ class HttpServer:
                 return
             if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
                 conn.h11.start_next_cycle()
+                conn.continued = False
             else:
                 return
 
@@ -250,12 +257,20 @@ class HttpServer:
         elif resp.status not in (204, 304) and not any(k == "content-length" for k, _ in headers):
             headers.append(("content-length", str(len(resp.body or b""))))
         # a reason phrase: botocore reads an early answer to Expect: 100-continue only if it has one
-        await conn.send(h11.Response(status_code=resp.status, reason=_reason(resp.status),
-                                     headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]))
+        out = bytearray(conn.h11.send(h11.Response(
+            status_code=resp.status, reason=_reason(resp.status),
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])))
+        # head, body and end go out in as few socket writes as possible (each costs a wake-up)
         if not head_only and resp.status not in (204, 304):
             if resp.stream is not None:
                 async for piece in resp.stream():
-                    await conn.send(h11.Data(data=piece))
+                    for data in conn.h11.send_with_data_passthrough(h11.Data(data=piece)):
+                        if out:  # the head goes with the first piece
+                            out += data
+                            data, out = out, bytearray()
+                        await conn.stream.send_all(data)
             elif resp.body:
-                await conn.send(h11.Data(data=resp.body))
-        await conn.send(h11.EndOfMessage())
+                out += conn.h11.send(h11.Data(data=resp.body))
+        out += conn.h11.send(h11.EndOfMessage()) or b""
+        if out:
+            await conn.stream.send_all(out)

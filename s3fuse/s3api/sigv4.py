@@ -121,7 +121,11 @@ def sign(key: bytes, text: str) -> str:
 def parse_amz_date(value: str) -> float:
     if not _AMZ_DATE.match(value):
         raise S3Error("AccessDenied", f"X-Amz-Date {value[:40]!r} is not yyyymmddThhmmssZ")
-    return float(calendar.timegm(time.strptime(value, "%Y%m%dT%H%M%SZ")))
+    try:
+        return float(calendar.timegm((int(value[0:4]), int(value[4:6]), int(value[6:8]), int(value[9:11]),
+                                      int(value[11:13]), int(value[13:15]), 0, 0, 0)))
+    except (ValueError, OverflowError):
+        raise S3Error("AccessDenied", f"X-Amz-Date {value[:40]!r} is not a valid time") from None
 
 
 def _parse_credential(cred: str, amz_date: str, region: str, code: str) -> tuple[str, str]:

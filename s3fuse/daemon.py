@@ -328,6 +328,8 @@ class Daemon:
             trio.lowlevel.spawn_system_task(self._watchdog)
         self.notify.status(f"Recovering {self.cfg.path}")
         await self.recover()
+        if self.options.s3_api is not None:
+            await self.s3api.listen()
         fuse_options = {"fsname=s3fuse", "subtype=s3fuse"}
         if self.options.allow_other:
             fuse_options.add("allow_other")

@@ -260,3 +260,19 @@ def _third_refused(endpoint: str) -> bool:
         return _recv_all(s) == b""
     finally:
         s.close()
+
+
+def test_port_in_use_is_one_clear_error(workdir, new_store):
+    from .conftest import TRACEBACK, run_cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        mnt = workdir("mnt")
+        r = run_cli("mount", new_store, mnt, "--s3-api", f"127.0.0.1:{taken.getsockname()[1]}")
+    finally:
+        taken.close()
+    assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr, r.stderr
+    assert TRACEBACK not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(mnt)

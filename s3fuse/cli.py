@@ -7,6 +7,7 @@ non-zero; a traceback is a bug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _root_key_options(s)
     s.add_argument("--root-key-fd", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--settings-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--rotation-interval", type=_interval, metavar="DURATION",
                    help="rotate the SSE-S3 master key this often: seconds, or e.g. 90d, 12h "
                         "(default: the store's rotation_interval, 30 days at init; 0 or never = never)")
@@ -494,6 +496,17 @@ def _kms_settings(kms: dict | None) -> dict | None:
     return out
 
 
+def _read_settings_fd(fd: int, args):
+    """The settings a background mount resolved and handed over (JSON), with its hidden
+    re-wrap options set on `args`."""
+    from .config import MountSettings
+
+    with os.fdopen(fd, "rb") as f:
+        data = json.loads(f.read(1 << 20))
+    args.rewrap_batch, args.rewrap_rate = data["rewrap_batch"], data["rewrap_rate"]
+    return MountSettings(**data["settings"])
+
+
 def _read_key_fd(fd: int) -> bytes:
     with os.fdopen(fd, "rb") as f:
         key = f.read(64)
@@ -506,9 +519,12 @@ def cmd_mount(args) -> int:
     from .daemon import MountOptions, check_mountpoint, run_foreground
     from .store import load_config
 
-    if args.store:
-        args.store = _resolve_store(args)
-    settings = _mount_settings(args)
+    if args.settings_fd is not None:  # the daemon a background mount started
+        settings = _read_settings_fd(args.settings_fd, args)
+    else:
+        if args.store:
+            args.store = _resolve_store(args)
+        settings = _mount_settings(args)
     options = MountOptions(allow_other=settings.allow_other, dirty_limit=settings.dirty_limit,
                            cache_limit=settings.cache_limit, readahead_kb=settings.readahead_kb,
                            rotation_interval=settings.rotation_interval,
@@ -551,24 +567,20 @@ def cmd_mount(args) -> int:
     kr, kw = os.pipe()
     os.write(kw, root_key)
     os.close(kw)
+    # the settings as resolved here go to the daemon whole, through a pipe: nothing is
+    # re-derived from a command line built for it (STORE and MOUNTPOINT are there for ps)
+    sr, sw = os.pipe()
+    child = dataclasses.replace(settings, store=cfg.path, mountpoint=mnt, log_file=log_file)
+    os.write(sw, json.dumps({"settings": dataclasses.asdict(child), "rewrap_batch": args.rewrap_batch,
+                             "rewrap_rate": args.rewrap_rate}).encode())
+    os.close(sw)
     argv = [sys.executable, "-m", "s3fuse", "mount", cfg.path, mnt, "--foreground",
-            "--log-level", settings.log_level, "--log-file", log_file, "--ready-fd", str(w),
-            "--root-key-fd", str(kr),
-            "--dirty-limit-mib", str(settings.dirty_limit >> 20), "--cache-mib", str(settings.cache_limit >> 20)]
-    if args.config:
-        argv += ["--config", os.path.abspath(args.config)]
-    if settings.allow_other:
-        argv.append("--allow-other")
-    if args.s3_api:
-        argv += ["--s3-api", args.s3_api]
-    for flag, value in (("--rotation-interval", settings.rotation_interval), ("--rewrap-batch", args.rewrap_batch),
-                        ("--rewrap-rate", args.rewrap_rate)):
-        if value is not None:
-            argv += [flag, str(value)]
+            "--ready-fd", str(w), "--root-key-fd", str(kr), "--settings-fd", str(sr)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(w, kr), start_new_session=True, cwd="/")
+                            stderr=subprocess.DEVNULL, pass_fds=(w, kr, sr), start_new_session=True, cwd="/")
     os.close(w)
     os.close(kr)
+    os.close(sr)
     with os.fdopen(r, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
     if message == "ready":

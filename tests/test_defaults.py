@@ -66,3 +66,28 @@ def test_durations_parse_directly():
             durations.parse(bad)
     with pytest.raises(durations.DurationError):
         durations.parse_positive("0s")
+
+
+def test_a_background_mount_hands_its_resolved_settings_to_the_daemon(new_store, workdir):
+    """The daemon a background mount starts gets the settings the command resolved (file and
+    command line merged, relative paths made absolute), not a command line rebuilt for it."""
+    import json
+    import os
+
+    from .conftest import run_cli
+
+    mnt, logs = workdir("mnt"), workdir("logs")
+    cfg = workdir("cfg") / "m.toml"
+    cfg.write_text(f'[encryption]\nrotation_interval = "12h"\n[audit]\npath = "{logs}/audit.log"\n'
+                   '[cache]\ncache_mib = 48\n')
+    r = run_cli("mount", new_store, mnt, "--config", cfg.name, "--rotation-interval", "2h",
+                "--log-file", "d.log", cwd=cfg.parent)
+    assert r.returncode == 0, r.stderr
+    try:
+        st = json.loads(run_cli("status", mnt, "--json").stdout)
+        assert st["rotation_interval"] == 7200  # the command line over the file
+        assert st["audit_log"] == f"{logs}/audit.log"  # from the file, found relative to cwd
+        assert os.path.exists(cfg.parent / "d.log")
+    finally:
+        u = run_cli("umount", mnt)
+    assert u.returncode == 0, u.stderr

@@ -276,3 +276,20 @@ def test_port_in_use_is_one_clear_error(workdir, new_store):
     assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr, r.stderr
     assert TRACEBACK not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not os.path.ismount(mnt)
+
+
+def test_background_mount_serves_the_api(workdir, new_store):
+    from .conftest import run_cli
+
+    mnt = workdir("mnt")
+    r = run_cli("mount", new_store, mnt, "--s3-api", "127.0.0.1:0")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = run_cli("s3-key", "add", "--uid", "0", "--allow-root", "--mount", mnt)
+        assert r.returncode == 0, r.stderr
+        fields = dict(line.split(None, 1) for line in r.stdout.splitlines())
+        c = client(fields["endpoint"], fields["AccessKeyId"], fields["SecretAccessKey"])
+        c.create_bucket(Bucket="bg")
+        assert (mnt / "bg").is_dir()
+    finally:
+        assert run_cli("umount", mnt).returncode == 0

@@ -289,7 +289,7 @@ def test_background_mount_serves_the_api(workdir, new_store):
         assert r.returncode == 0, r.stderr
         fields = dict(line.split(None, 1) for line in r.stdout.splitlines())
         c = client(fields["endpoint"], fields["AccessKeyId"], fields["SecretAccessKey"])
-        c.create_bucket(Bucket="bg")
-        assert (mnt / "bg").is_dir()
+        c.create_bucket(Bucket="bgm")
+        assert (mnt / "bgm").is_dir()
     finally:
         assert run_cli("umount", mnt).returncode == 0

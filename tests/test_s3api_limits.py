@@ -293,3 +293,29 @@ def test_background_mount_serves_the_api(workdir, new_store):
         assert (mnt / "bgm").is_dir()
     finally:
         assert run_cli("umount", mnt).returncode == 0
+
+
+def test_a_put_that_cannot_be_stored_fails_and_leaves_the_old_object(mount_factory, workdir, monkeypatch):
+    import json as _json
+
+    plan = workdir("plan") / "plan.json"
+    plan.write_text(_json.dumps({"rules": []}))
+    monkeypatch.setenv("S3FUSE_TESTING_FAULT_PLAN", str(plan))
+    from .s3api_helpers import start_api_mount
+
+    m, endpoint = start_api_mount(mount_factory)
+    c = client(endpoint, *new_key(m))
+    c.create_bucket(Bucket="faults")
+    c.put_object(Bucket="faults", Key="k", Body=b"old version")
+    tmp = plan.with_suffix(".tmp")
+    tmp.write_text(_json.dumps({"rules": [{"op": "put", "error": "EIO"}]}))
+    os.replace(tmp, plan)
+    with pytest.raises(ClientError) as info:
+        c.put_object(Bucket="faults", Key="k", Body=b"new version")
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    assert (m.mnt / "faults/k").read_bytes() == b"old version"
+    assert os.listdir(m.mnt / "faults") == ["k"]  # no half-made file left beside it
+    tmp.write_text(_json.dumps({"rules": []}))
+    os.replace(tmp, plan)
+    c.put_object(Bucket="faults", Key="k", Body=b"new version")
+    assert c.get_object(Bucket="faults", Key="k")["Body"].read() == b"new version"

@@ -336,6 +336,8 @@ class Daemon:
         await self.recover()
         # what earlier stops could not store is stored first, before any FUSE request
         await self.recovery.restore(self.data, self.meta)
+        if self.options.s3_api is not None:
+            await self.s3api.listen()
         fuse_options = {"fsname=s3fuse", "subtype=s3fuse"}
         if self.options.allow_other:
             fuse_options.add("allow_other")

@@ -809,6 +809,19 @@ class DataStore:
         if err:
             raise S3fuseError("write-back of this file failed", err)
 
+    async def flush_files(self, inos: list[int]) -> dict[int, S3fuseError]:
+        """Store several files' pending data as one batch (one sync barrier, one transaction;
+        not made durable): the S3 API's concurrent PUTs share them. -> the error of each file
+        that could not be stored; a failure shared by all is raised."""
+        files = [fs for fs in (self.files.get(i) for i in inos) if fs is not None and (fs.dirty or fs.ino in self.pending)]
+        failed: dict[int, S3fuseError] = {}
+        if files:
+            async with self._flush_lock:
+                failed = await self._flush_batch(files, durable=False)
+            for fs in files:
+                self._maybe_drop(fs)
+        return failed
+
     async def flush_all(self, durable: bool = True) -> None:
         """Store every file's data; files that fail do not hold back the others, and the
         first failure is raised once all were tried."""

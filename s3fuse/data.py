@@ -696,7 +696,8 @@ class DataStore:
         # Room first: the buffer holds at most `dirty_limit` (plus the requests let in at
         # once), which is what a stop may have to keep in the recovery area's reserve.
         deadline = trio.current_time() if self._starved else None
-        while self.dirty_bytes and self.dirty_bytes + self._growth(fs, off, len(buf)) > self.dirty_limit:
+        while (self.dirty_bytes + len(buf) > self.dirty_limit and self.dirty_bytes
+               and self.dirty_bytes + self._growth(fs, off, len(buf)) > self.dirty_limit):
             # A writer the store cannot keep up with: plaintext kept for readers gives way
             # (a quarter stays), so that the daemon's memory is what the write-back buffer
             # holds rather than both at their limits (scripts/bench's 4 GiB write came after

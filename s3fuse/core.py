@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 
 from . import policy as pol
-from .crypto import Caller, KeyManager
+from .crypto import Caller, KeyManager, WriteGrant
 from .data import DataStore
 from .errors import S3fuseError
 from .meta import ROOT_INODE, Inode, Meta
@@ -250,12 +250,32 @@ class Filesystem:
         if policy.mode == pol.SSE_S3:
             return None
         try:
-            return await self.keys.grant_write_async(policy, caller, row.id,
-                                                     path=lambda: self.meta.path_of(row.id))
+            return await self._grant(policy, caller, row.id, lambda: self.meta.path_of(row.id), checked=True)
         except S3fuseError as exc:
             log.warning("could not prepare the key of new inode %d (%s): it is asked for at its store",
                         row.id, exc)
             return None
+
+    async def _grant(self, policy: Policy, caller: Caller, ino: int, path, checked: bool):
+        """`KeyManager.grant_write`; for a network KMS (Transit) the data key is made in the
+        background after the check, so that the open does not wait for a second round trip
+        (the store waits for it, or asks on its own if it failed)."""
+        if policy.mode != pol.SSE_KMS or not self.keys.kms_blocks(key=policy.key):
+            return self.keys.grant_write(policy, caller, ino, path=path)
+        if not checked:
+            await self.keys.check_write_async(policy, caller, path=path)
+        grant = WriteGrant(policy)
+        if not self.data.run_in_background(self._prepare_grant, grant, caller, ino, path):
+            await self._prepare_grant(grant, caller, ino, path)
+        return grant
+
+    async def _prepare_grant(self, grant: WriteGrant, caller: Caller, ino: int, path) -> None:
+        try:
+            await self.keys.prepare_async(grant, caller, ino, path)
+        except S3fuseError as exc:
+            log.info("could not prepare the data key of inode %d (%s): it is asked for at its store", ino, exc)
+        except Exception:  # a background task: a bug here must not stop the mount
+            log.exception("preparing the data key of inode %d failed unexpectedly", ino)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
         if len(target) > 4096:
@@ -489,7 +509,7 @@ class Filesystem:
                 await self.keys.check_read_async(refs, caller, path=path, policy=policy)
             if writing:
                 # the key this open's writes will be stored under, fixed now that the check passes
-                grant = await self.keys.grant_write_async(policy, caller, ino, path=path)
+                grant = await self._grant(policy, caller, ino, path, checked=False)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             # the kernel will cache this handle's writes: nothing of ours may go over them

@@ -97,10 +97,13 @@ class WriteGrant:
     # block -> (object id, data key, wrapped key) made at the open, each used for one object
     prepared: dict[int, tuple[bytes, bytes, "WrappedKey"]] = field(default_factory=dict, repr=False)
 
+    wiped: bool = False
+
     def take(self, block: int) -> tuple[bytes, bytes, "WrappedKey"] | None:
         return self.prepared.pop(block, None)
 
     def wipe(self) -> None:
+        self.wiped = True
         if self.customer is not None:
             for i in range(len(self.customer)):
                 self.customer[i] = 0
@@ -313,15 +316,14 @@ class KeyManager:
         data_key, wrapped = self.new_data_key(policy, object_id, inode, 0, who, path)
         return WriteGrant(policy, prepared={0: (object_id, data_key, wrapped)})
 
-    async def grant_write_async(self, policy: Policy, who: Caller, inode: int,
-                                path=None) -> WriteGrant | None:
-        """`grant_write`, with a network KMS's call in a worker thread."""
-        if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
-            return self.grant_write(policy, who, inode, path)
+    async def prepare_async(self, grant: WriteGrant, who: Caller, inode: int, path=None) -> None:
+        """Make block 0's data key of a KMS grant (a network KMS's call in a worker thread);
+        kept unless the grant was wiped meanwhile."""
         path = path() if callable(path) else path
         object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        data_key, wrapped = await self.new_data_key_async(policy, object_id, inode, 0, who, path)
-        return WriteGrant(policy, prepared={0: (object_id, data_key, wrapped)})
+        data_key, wrapped = await self.new_data_key_async(grant.policy, object_id, inode, 0, who, path)
+        if not grant.wiped:
+            grant.prepared.setdefault(0, (object_id, data_key, wrapped))
 
     async def check_write_async(self, policy: Policy, who: Caller, path=None) -> None:
         """`check_write`, with a network KMS's authorization in a worker thread."""

@@ -370,6 +370,14 @@ class DataStore:
         if ref is not None and self._start_fetch(ref, ref.length, who):
             self.stats["blocks_read_ahead"] += 1
 
+    def run_in_background(self, fn, *args) -> bool:
+        """Start `fn(*args)` in a task of the mount's background nursery (the prefetcher's);
+        -> False when not mounted (the caller runs it itself)."""
+        if self._prefetch_nursery is None:
+            return False
+        self._prefetch_nursery.start_soon(fn, *args)
+        return True
+
     def can_prefetch(self) -> bool:
         return self._prefetch_nursery is not None and self._prefetches < PREFETCH_TASKS
 

@@ -582,19 +582,15 @@ class Daemon:
         return {"pid": os.getpid()}
 
 
-async def _invalidate_entry(parent: int, name: bytes) -> None:
-    """Have the kernel forget one entry (and its negative lookup), and wait until it has. The
-    call blocks until the kernel can take the directory's lock, which a request being answered
-    on this loop may hold: so in a thread, never on the loop."""
-    def call() -> None:
-        try:
-            pyfuse3.invalidate_entry(parent, name)
-        except (FileNotFoundError, OSError) as exc:  # not cached: nothing to forget
-            if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
-                log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
-
-    with trio.move_on_after(10):
-        await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    """Have the kernel forget one entry (and its negative lookup). Blocks until the kernel
+    can take the directory's lock, which a request being answered on the loop may hold: the
+    S3 API calls it in a worker thread, never on the loop."""
+    try:
+        pyfuse3.invalidate_entry(parent, name)
+    except OSError as exc:  # not cached: nothing to forget
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
 
 
 def credential_path(name: str) -> str:

@@ -409,19 +409,20 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
             off += len(piece)
         if finish is not None:
             finish()
-        with core.meta.transaction():
-            for xname, value in meta.items():
-                core.meta.set_xattr(ino, xname, value)
         await ns.store(ino)
         core.release(ino, writer=True)
         released = True
         row = core.attr(ino)
         etag = etag_for(row) if etag_for is not None else None
+        records = dict(meta)
         if etag is not None:
             ids = [b.object_id for b in core.meta.blocks_of(ino)]
-            record = etags.seal(ctx.api.access_keys.etag_key, ctx.api.store_id, ino, row.size, ids, etag)
+            records[etags.XATTR] = etags.seal(ctx.api.access_keys.etag_key, ctx.api.store_id, ino, row.size,
+                                              ids, etag)
+        if records:
             with core.meta.transaction():
-                core.meta.set_xattr(ino, etags.XATTR, record)
+                for xname, value in records.items():
+                    core.meta.set_xattr(ino, xname, value)
         core.rename(parent.id, tmp, parent.id, name, 0)
     except BaseException:
         if not released:
@@ -431,8 +432,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
         except S3fuseError:
             pass
         raise
-    await ns.changed_entry(parent.id, name)
-    await ns.make_durable()  # the rename is durable before the 200
+    await ns.make_durable(changed=(parent.id, name))  # durable, and the kernel told, before the 200
     row = core.attr(ino)
     return row, etag if etag is not None else etag_of(ctx.api, row)
 

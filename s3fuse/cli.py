@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--timeout", type=_duration, default=defaults.UMOUNT_TIMEOUT, metavar="DURATION",
                    help=f"how long to wait for the daemon: seconds, or e.g. 10m (default {defaults.UMOUNT_TIMEOUT:g})")
+    s.add_argument("--keep-pending", action="store_true",
+                   help="unmount even if some files cannot be stored now: their data is kept, encrypted, "
+                        "in the store's recovery area and stored at the next mount")
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -635,7 +638,8 @@ def cmd_umount(args) -> int:
     path = _umount_socket(mnt)
     try:
         with ControlClient(path, timeout=args.timeout) as client:
-            pid = client.call("unmount")["pid"]
+            reply = client.call("unmount", keep_pending=bool(args.keep_pending))
+            pid = reply["pid"]
     except S3fuseError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
@@ -645,6 +649,13 @@ def cmd_umount(args) -> int:
         _fusermount(mnt, lazy=True)
         print(f"{mnt}: no daemon was running; removed the stale mount")
         return 0
+    pending = reply.get("pending")
+    if pending:
+        for p in pending:
+            print(f"  {p['path']} (inode {p['inode']}, {p['bytes']} bytes): {p['reason']}", file=sys.stderr)
+        raise S3fuseError(f"{len(pending)} file(s) above cannot be stored now, so {mnt} stays mounted: wait "
+                          "and try again (the daemon keeps retrying), or `s3fuse umount --keep-pending` to "
+                          "stop now and store them at the next mount", errno.EBUSY)
     _fusermount(mnt)
     if not _wait_for_exit(pid, args.timeout):
         raise S3fuseError(f"the daemon (pid {pid}) did not exit within {args.timeout:.0f} s", errno.ETIMEDOUT)
@@ -657,6 +668,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=1, sort_keys=True))
         return 0
+    unstored = status.pop("unstored_files", [])
+    kept = status.pop("recovery_pending", [])
     versions = status.pop("master_keys", None)
     rewrap = status.pop("rewrap", None)
     next_rotation = status.pop("next_rotation", None)
@@ -678,6 +691,13 @@ def cmd_status(args) -> int:
         print("counters:")
         for key, value in status.items():
             print(f"{key}: {value}")
+    print(f"unstored files: {len(unstored)}")
+    for f in unstored:
+        print(f"  {f['path']} (inode {f['inode']}, {f['bytes']} bytes): {f['reason']}")
+    print(f"recovery area: {len(kept)} record(s)")
+    for f in kept:
+        print(f"  {f['path']} (inode {f['inode']}, {f['bytes']} bytes): kept because {f['reason']}; "
+              f"waiting for {f['waiting_for']}")
     if versions is not None:
         print("master keys (SSE-S3):")
         for v in versions:

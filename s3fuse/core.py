@@ -742,6 +742,7 @@ class Filesystem:
                 if not self.meta.remove_xattr(ino, name):
                     raise _err(errno.ENODATA)
                 self._changed(ino, now_ns())
+            self.data.clear_damage(ino)
             return
         if name.startswith(pol.RESERVED_PREFIX):
             if name != pol.XATTR_SSE or not stat.S_ISDIR(row.mode):

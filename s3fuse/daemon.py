@@ -41,6 +41,7 @@ from .meta import Meta
 from .notify import Notifier
 from .pagecache import PageCachePusher
 from .policy import Policy
+from .recovery import RecoveryArea
 from .rotation import MasterKeys
 from .keys import generation as keygen
 from .s3api.credentials import AccessKeys
@@ -239,6 +240,7 @@ class Daemon:
         self.notify = Notifier.from_environment()
         self._stopping = False
         self._announced_stop = False
+        self._lost: list[int] = []  # inodes whose unstored data a stop could not keep
 
     def open(self) -> None:
         self.lock.acquire(self.mountpoint)
@@ -278,6 +280,10 @@ class Daemon:
             self.meta, self.backend, self.keys, self.cfg.store_id, self.cfg.block_size,
             self.cfg.segment_size, dirty_limit=self.options.dirty_limit,
             cache_limit=self.options.cache_limit)
+        self.data.load_damaged()
+        # the write-back buffer's worth, and some (requests let in together): what a stop may keep
+        self.recovery = RecoveryArea(self.cfg.path, self.keys, self.options.dirty_limit + (8 << 20),
+                                     allowed=self.s3.recovery_allowed if self.s3 is not None else None)
         self.core = Filesystem(self.meta, self.data, self.keys, self.cfg.block_size,
                                default_policy=self._default_policy(kms))
         o = self.options
@@ -288,7 +294,7 @@ class Daemon:
             rate=self.cfg.rewrap_rate if o.rewrap_rate is None else o.rewrap_rate,
             forget_cached_keys=self.data.forget_cached_keys)
         self.admin = AdminHandlers(self.keys, self.data, self.meta, self.core, self.master,
-                                   self.audit, self.audit_path)
+                                   self.audit, self.audit_path, recovery=self.recovery)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
         self.s3api = S3Service(
             self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
@@ -328,6 +334,10 @@ class Daemon:
             trio.lowlevel.spawn_system_task(self._watchdog)
         self.notify.status(f"Recovering {self.cfg.path}")
         await self.recover()
+        # what earlier stops could not store is stored first, before any FUSE request
+        await self.recovery.restore(self.data, self.meta)
+        if self.options.s3_api is not None:
+            await self.s3api.listen()
         fuse_options = {"fsname=s3fuse", "subtype=s3fuse"}
         if self.options.allow_other:
             fuse_options.add("allow_other")
@@ -385,9 +395,14 @@ class Daemon:
             if stored:
                 log.info("stopped; all data stored")
                 self.notify.status(f"Stopped: all data of {self.cfg.path} stored, {self.mountpoint} unmounted")
+            elif self._lost:
+                log.error("stopped; the unstored data of inode(s) %s could not be kept and is lost "
+                          "(marked damaged; see above)", ",".join(map(str, self._lost)))
+                self.notify.status(f"Stopped: some written data of {self.cfg.path} is lost (see the log)")
             else:
-                log.error("stopped; written data that could not be stored is lost (see above)")
-                self.notify.status(f"Stopped: some written data of {self.cfg.path} could not be stored (see the log)")
+                log.warning("stopped; data that could not be stored is kept in the recovery area and "
+                            "stored at the next mount (see above)")
+                self.notify.status(f"Stopped: unstored data of {self.cfg.path} kept for the next mount")
 
     def _status_line(self, state: str) -> str:
         """One line for `systemctl status`: what is mounted, how much, which keys."""
@@ -432,16 +447,23 @@ class Daemon:
         (the store then stays marked unclean, and the next mount collects what was left)."""
         with trio.CancelScope(shield=True):
             stored = True
+            reason = "the daemon failed"
             try:
                 await self.data.flush_all(durable=True)
             except S3fuseError as exc:
                 stored = False
-                lost = [fs.ino for fs in self.data.files.values() if fs.dirty]
-                log.error("final flush failed: unstored writes to inode(s) %s: %s",
-                          ",".join(map(str, lost[:20])) or "?", exc)
+                reason = str(exc)
             except Exception:
                 stored = False
-                log.exception("final flush failed: the next mount will recover")
+                log.exception("final flush failed: what it could not store is kept for the next mount")
+            try:
+                if not stored:
+                    # kept, sealed, in the recovery area; marked damaged only if even that fails
+                    self._lost = await self.recovery.keep_unstored(self.data, self.meta, reason)
+                    for ino in self._lost:
+                        self.data.mark_damaged(ino, reason)
+            except Exception:
+                log.exception("could not keep the unstored data in the recovery area")
             try:
                 self.core.forget_all()
                 await self.data.collect_garbage()
@@ -453,7 +475,11 @@ class Daemon:
                     self.meta.set_state("clean", 1 if stored else 0)
                 self.meta.close()
                 if self.s3 is not None:
-                    await self.s3.finish()
+                    try:
+                        await self.s3.finish()
+                    except S3fuseError as exc:  # the bucket is unreachable: told once, no traceback
+                        stored = False
+                        log.error("could not finish with the bucket (the next mount recovers): %s", exc)
                 await self.backend.close()
                 self.keys.customer.clear()
                 self.audit.close()
@@ -514,6 +540,9 @@ class Daemon:
             "master_key_version": self.keys.keyring.current,
             "customer_keys": len(self.keys.customer.list(0)),
             "audit_log": self.audit_path,
+            # files whose data is not stored yet because their store failed, and why
+            "unstored_files": d.failing(),
+            "recovery_pending": self.recovery.pending(),
             **self.master.status(),
             **{k: v for k, v in d.stats.items()},
             **(d.pusher.stats if d.pusher is not None else {}),
@@ -539,8 +568,17 @@ class Daemon:
         await self.data.flush_all(durable=True)
 
     async def _unmount(self, peer: Peer, args: dict) -> dict:
+        """Store everything; if some files cannot be stored, say which and why and stay
+        mounted, unless `keep_pending`: then the stop keeps their data in the recovery area."""
         self._require_owner(peer)
-        await self.data.flush_all(durable=True)
+        try:
+            await self.data.flush_all(durable=True)
+        except S3fuseError as exc:
+            pending = self.data.failing() or [{"inode": 0, "path": "?", "reason": str(exc), "bytes": 0}]
+            if not args.get("keep_pending"):
+                return {"pid": os.getpid(), "pending": pending}
+            log.warning("unmounting with unstored data (--keep-pending): %s",
+                        "; ".join(f"{p['path']}: {p['reason']}" for p in pending))
         return {"pid": os.getpid()}
 
 

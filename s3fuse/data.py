@@ -31,7 +31,7 @@ from .crypto import SYSTEM, Caller, KeyManager, WrappedKey, WriteGrant
 from .errors import BackendError, IntegrityError, KeyUnavailable, S3fuseError
 from .meta import BlockRef, Meta
 from .pagecache import PageCachePusher
-from .policy import DEFAULT, SSE_KMS, SSE_S3, Policy
+from .policy import DEFAULT, LOST_AT_STOP, SSE_KMS, SSE_S3, XATTR_DAMAGE, Policy
 from .util import now_ns, one_error
 from .workers import WorkerPool
 
@@ -209,6 +209,8 @@ class DataStore:
         # objects a batch puts, by inode, even one whose put is cancelled: garbage if it fails
         self._attempted: dict[int, list[bytes]] = {}
         self.space_wait = SPACE_WAIT
+        self._starved = False  # a writer waited `space_wait` in vain; no store freed space since
+        self.damaged: set[int] = set()  # files marked LOST_AT_STOP: reads fail
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache
         self.pusher: PageCachePusher | None = None
         # set while mounted: told of inodes whose attributes changed without a kernel request
@@ -414,6 +416,8 @@ class DataStore:
             self._prefetch_nursery = None
 
     async def read(self, ino: int, off: int, size: int, who: Caller = SYSTEM) -> bytes:
+        if ino in self.damaged:
+            raise S3fuseError(f"inode {ino} lost unstored data at a stop (xattr user.s3fuse.damage)", errno.EIO)
         self.stats["reads"] += 1
         self.stats["bytes_read"] += size
         fs = self.files.get(ino)
@@ -686,9 +690,34 @@ class DataStore:
         fs = self.state(ino)
         # An earlier failed write-back is not a reason to refuse this data: with the kernel's
         # writeback cache these writes are the kernel's own write-back, and a refusal makes it
-        # drop the pages. The data is kept (within the dirty limit, below) and the error is
+        # drop the pages. The data is kept (within the dirty limit) and the error is
         # reported at the next fsync, or by a write that must wait for buffer space (close
         # does not see it: FLUSH answers ENOSYS).
+        # Room first: the buffer holds at most `dirty_limit` (plus the requests let in at
+        # once), which is what a stop may have to keep in the recovery area's reserve.
+        deadline = trio.current_time() if self._starved else None
+        while self.dirty_bytes and self.dirty_bytes + self._growth(fs, off, len(buf)) > self.dirty_limit:
+            # A writer the store cannot keep up with: plaintext kept for readers gives way
+            # (a quarter stays), so that the daemon's memory is what the write-back buffer
+            # holds rather than both at their limits (scripts/bench's 4 GiB write came after
+            # phases that had filled the segment cache).
+            self.cache.shrink_to(self.cache.limit // 4)
+            self._kick.set()
+            if self._space.is_set():
+                self._space = trio.Event()
+            if deadline is None:
+                deadline = trio.current_time() + self.space_wait
+            with trio.move_on_at(deadline):
+                await self._space.wait()
+            if fs.error:  # its data could not be stored: say so now rather than wait forever
+                raise S3fuseError("write-back of this file failed", self.take_error(ino))
+            if trio.current_time() >= deadline and \
+                    self.dirty_bytes + self._growth(fs, off, len(buf)) > self.dirty_limit:
+                # the buffer is held by data the store refuses: this write is not accepted,
+                # and later writers hear so without waiting, until a store frees space
+                self._starved = True
+                raise S3fuseError("the write-back buffer is full of data that cannot be stored yet",
+                                  errno.ENOSPC)
         view = memoryview(buf)
         pos = off
         bs = self.block_size
@@ -719,28 +748,21 @@ class DataStore:
         fs.mtime_ns = fs.ctime_ns = now
         if not fs.dirty_since:
             fs.dirty_since = time.monotonic()
-        deadline = None
-        while self.dirty_bytes > self.dirty_limit:
-            # A writer the store cannot keep up with: plaintext kept for readers gives way
-            # (a quarter stays), so that the daemon's memory is what the write-back buffer
-            # holds rather than both at their limits (scripts/bench's 4 GiB write came after
-            # phases that had filled the segment cache).
-            self.cache.shrink_to(self.cache.limit // 4)
-            self._kick.set()
-            if self._space.is_set():
-                self._space = trio.Event()
-            if deadline is None:
-                deadline = trio.current_time() + self.space_wait
-            with trio.move_on_at(deadline):
-                await self._space.wait()
-            if fs.error:  # its data could not be stored: say so now rather than wait forever
-                raise S3fuseError("write-back of this file failed", self.take_error(ino))
-            if trio.current_time() >= deadline and self.dirty_bytes > self.dirty_limit:
-                # the buffer is held by data the store refuses: this write is kept (it is
-                # in the buffer already), but the writer hears of the shortage now
-                raise S3fuseError("the write-back buffer is full of data that cannot be stored yet",
-                                  errno.ENOSPC)
         return len(buf)
+
+    def _growth(self, fs: FileState, off: int, n: int) -> int:
+        """How much a write would add to the buffers: nothing where it overwrites buffered
+        bytes of a block not in flight."""
+        grow = 0
+        bs = self.block_size
+        end = off + n
+        while off < end:
+            blockno, boff = divmod(off, bs)
+            upto = min(end - off, bs - boff) + boff
+            blk = fs.blocks.get(blockno)
+            grow += upto - boff if blk is None or blk.inflight else max(0, upto - len(blk.data))
+            off += upto - boff
+        return grow
 
     async def truncate(self, ino: int, size: int) -> None:
         """Set a file's size; flushes its pending data first, so the commit is one state."""
@@ -787,12 +809,70 @@ class DataStore:
         if err:
             raise S3fuseError("write-back of this file failed", err)
 
+    async def flush_files(self, inos: list[int]) -> dict[int, S3fuseError]:
+        """Store several files' pending data as one batch (one sync barrier, one transaction;
+        not made durable): the S3 API's concurrent PUTs share them. -> the error of each file
+        that could not be stored; a failure shared by all is raised."""
+        files = [fs for fs in (self.files.get(i) for i in inos) if fs is not None and (fs.dirty or fs.ino in self.pending)]
+        failed: dict[int, S3fuseError] = {}
+        if files:
+            async with self._flush_lock:
+                failed = await self._flush_batch(files, durable=False)
+            for fs in files:
+                self._maybe_drop(fs)
+        return failed
+
     async def flush_all(self, durable: bool = True) -> None:
+        """Store every file's data; files that fail do not hold back the others, and the
+        first failure is raised once all were tried."""
         async with self._flush_lock:
             files = [fs for fs in self.files.values() if fs.dirty or fs.ino in self.pending]
-            await self._flush_locked(files, durable)
+            failed = await self._flush_batch(files, durable)
         for fs in list(self.files.values()):
             self._maybe_drop(fs)
+        if failed:
+            raise next(iter(failed.values()))
+
+    async def restore(self, ino: int, body: dict, writer: Caller, grant: WriteGrant | None) -> None:
+        """Store a file's data that a stop kept in the recovery area (recovery.py): its blocks
+        as they were in memory then, its size and times; raises if the store fails (the data
+        then stays in memory, dirty, as any failed store's)."""
+        fs = self.state(ino)
+        fs.open_count += 1  # held while stored
+        try:
+            for blockno, content in body["blocks"]:
+                old = fs.blocks.get(blockno)
+                if old is not None:
+                    self.dirty_bytes -= len(old.data)
+                fs.blocks[blockno] = Block(bytearray(content))
+                self.dirty_bytes += len(content)
+            fs.size = body["size"]
+            fs.mtime_ns, fs.ctime_ns = body["mtime_ns"], body["ctime_ns"]
+            fs.writer = writer
+            if grant is not None:
+                if fs.grant is not None:
+                    fs.grant.wipe()
+                fs.grant = grant
+            fs.dirty_since = fs.dirty_since or time.monotonic()
+            fs.flush_requested = True
+            await self.flush(ino, durable=True)
+        finally:
+            fs.open_count -= 1
+            self._maybe_drop(fs)
+
+    def mark_damaged(self, ino: int, why: str) -> None:
+        """A stop had to drop this file's unstored data: record it in the metadata, so that
+        fsck reports it and reads fail (EIO) instead of returning what is left."""
+        with self.meta.transaction():
+            self.meta.set_xattr(ino, XATTR_DAMAGE, LOST_AT_STOP + why.encode("utf-8", "replace"))
+        self.damaged.add(ino)
+
+    def clear_damage(self, ino: int) -> None:
+        """The owner removed the damage record: reads are served again."""
+        self.damaged.discard(ino)
+
+    def load_damaged(self) -> None:
+        self.damaged = set(self.meta.inodes_with_xattr(XATTR_DAMAGE, LOST_AT_STOP))
 
     async def _flush_locked(self, files: list[FileState], durable: bool, only_full: bool = False) -> None:
         """`_flush_batch`, raising the failure of a file that could not be stored (for callers
@@ -852,6 +932,7 @@ class DataStore:
                 self._file_failed(fs, {k: r for k, r in refs.items() if k[0] == fs.ino}, exc)
         if stored:
             self._last_failure = ""
+            self._starved = False
             self.stats["flushes"] += 1
         for fs in stored:
             if not only_full:

@@ -36,7 +36,8 @@ from .keys.customer import CustomerKeys
 from .keys.router import open_kms
 from .meta import ROOT_INODE, BlockRef, Meta
 from .metaquery import MetaQuery
-from .policy import SSE_C, SSE_KMS, SSE_S3, XATTR_DAMAGE
+from .policy import LOST_AT_STOP, SSE_C, SSE_KMS, SSE_S3, XATTR_DAMAGE
+from .recovery import RecoveryArea
 from .store import StoreConfig, StoreLock, load_config, load_keyring, obtain_root_key
 
 EXIT_CLEAN = 0  # no damage (notes about benign leftovers may be printed)
@@ -170,6 +171,20 @@ def check_database(ctx: Context, report: Report, quick: bool) -> bool:
         report.add("unclean", NOTE, "the store was not unmounted cleanly (the next mount, or --repair, "
                                     "collects what the stop left behind)")
     return True
+
+
+def check_recovery(ctx: Context, report: Report) -> None:
+    """Data a stop could not store: kept in the recovery area (stored by the next mount), or
+    dropped (the file is marked, and reads fail). Neither is a clean store."""
+    for rec in RecoveryArea(ctx.cfg.path, ctx.keys, 0).records():
+        report.add("recovery-pending", DAMAGE,
+                   f"inode {rec.inode} ({rec.file_path}): {rec.nbytes} bytes a stop could not store are kept "
+                   f"in {rec.path} ({rec.reason}); mount the store to store them", inode=rec.inode)
+    for ino in ctx.meta.inodes_with_xattr(DAMAGE_XATTR, LOST_AT_STOP):
+        why = (ctx.meta.get_xattr(ino, DAMAGE_XATTR) or b"").decode("utf-8", "replace")
+        report.add("lost-at-stop", DAMAGE, f"inode {ino} ({ctx.path(ino)}): a stop dropped written data that "
+                   f"could not be stored ({why}); reads fail until the owner removes {DAMAGE_XATTR.decode()}",
+                   inode=ino)
 
 
 def check_namespace(ctx: Context, report: Report) -> None:
@@ -653,6 +668,7 @@ async def _run(ctx: Context, repair_it: bool, quick: bool, progress: Progress) -
         check_namespace(ctx, report)
         check_block_map(ctx, report)
         check_keys(ctx, report)
+        check_recovery(ctx, report)
         await check_objects(ctx, report, quick, progress)
         progress.end()
         if repair_it:

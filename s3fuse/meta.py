@@ -358,6 +358,11 @@ class Meta:
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 
+    def inodes_with_xattr(self, name: bytes, prefix: bytes = b"") -> list[int]:
+        """Inodes that have xattr `name` with a value starting with `prefix`."""
+        return [ino for ino, value in self.db.execute("SELECT inode, value FROM xattrs WHERE name=?", (name,))
+                if bytes(value).startswith(prefix)]
+
     def list_xattrs(self, ino: int) -> list[bytes]:
         if not self._may_have_xattrs(ino):
             return []

@@ -42,6 +42,8 @@ HIDDEN_PREFIX = b"user.s3fuse.s3api."
 # set by `s3fuse fsck --repair` on a quarantined file: what is damaged (readable; removable by
 # the owner once the file is salvaged; never set through the mount)
 XATTR_DAMAGE = b"user.s3fuse.damage"
+# its value on a file whose unstored data a stop had to drop (reads fail: EIO)
+LOST_AT_STOP = b"lost-at-stop: "
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9/_:.-]{1,256}$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")

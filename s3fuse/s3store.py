@@ -299,6 +299,7 @@ class S3Mount:
         self.lease = BucketLease(self.s3, mountpoint, float(b.get("lease_seconds", DEFAULT_LEASE_SECONDS)))
         self.snapshots: Snapshotter | None = None
         self._changes = -1
+        self.restored = False  # this mount's metadata came from the bucket's snapshot
 
     def open(self, root_key: bytes) -> None:
         """Before the metadata is opened: take the lease and bring the local state up to
@@ -320,10 +321,19 @@ class S3Mount:
                     raise StoreError(f"{self.s3.loc.url} holds no metadata snapshot", errno.EIO)
                 log.info("restoring metadata snapshot %d from %s", newest, self.s3.loc.url)
                 self.snapshots.restore(newest)
+                self.restored = True
             self.backend.defer_deletes = True
         except BaseException:
             self.lease.release()
             raise
+
+    def recovery_allowed(self, entry: dict) -> bool:
+        """May a recovery record (recovery.py) of this state directory be stored over the
+        file `entry` describes? Conservative until the bucket journal's divergence check
+        exists: only when this mount continues this machine's own metadata. If it restored
+        a snapshot from the bucket, another host may have written since the stop that kept
+        the record, and the record stays (reported) rather than overwrite newer data."""
+        return not self.restored
 
     def note_changes(self, total_changes: int) -> bool:
         changed = total_changes != self._changes

@@ -9,15 +9,17 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, run_as, run_cli, wait_until
+from .conftest import REPO, run_as, run_cli, s3_set_backend_options, wait_until
 from .conftest import write_file as write
 from .test_faults import Plan, fsync, plan  # noqa: F401 - the fixture
+from .test_s3_faults import own_server  # noqa: F401 - the fixture
 from .test_sse import (ALICE, ALLOW_OTHER, _policy, add_key, as_uid, cat_as, cli, cli_ok, kms_create,
                        owned_dir, setfattr_ok)
 
@@ -176,3 +178,193 @@ def test_kms_key_withdrawn_between_open_and_store_loses_nothing(plan, mount_fact
     assert (d / "root").read_bytes() == root_data
     r = cat_as(ALICE, d / "alice")
     assert r.returncode == 0 and r.stdout == alice_data, r.stderr
+
+
+# --------------------------------------------------------------------------
+# stops with data that cannot be stored: the recovery area
+# --------------------------------------------------------------------------
+
+def _records(store: Path) -> list[str]:
+    d = Path(store) / "recovery"
+    return sorted(p.name for p in d.glob("*.rec")) if d.is_dir() else []
+
+
+def _sigterm(m) -> None:
+    os.kill(m.pid, signal.SIGTERM)
+    assert m.proc.wait(timeout=180) == 0, m.describe_logs()
+    m.clear_dead_mount()
+
+
+def test_stop_while_the_store_fails_keeps_the_data_for_the_next_mount(plan, mount_factory):  # noqa: F811
+    m = mount_factory()
+    mnt = m.mnt
+    rnd = random.Random(19)
+    stored = rnd.randbytes(5000)
+    write(mnt / "stored", stored, fsync=True)
+    plan.set([{"op": "put", "error": "EIO"}])
+    files = {f"f{i}": rnd.randbytes(n) for i, n in enumerate([100, 70_000, 300_000, 5_000_000])}
+    for name, data in files.items():
+        write(mnt / name, data)
+    inos = {name: os.stat(mnt / name).st_ino for name in files}
+    wait_until(lambda: all(f"storing inode {i} " in m.log_text() for i in inos.values()), 30,
+               "every store to fail")
+    # status names the files and the reason
+    r = run_cli("status", mnt)
+    assert r.returncode == 0, r.stderr
+    assert "unstored files: 4" in r.stdout and "/f3" in r.stdout and "injected fault" in r.stdout, r.stdout
+    # umount explains, stays mounted, and offers --keep-pending
+    r = run_cli("umount", mnt)
+    assert r.returncode != 0 and "--keep-pending" in r.stderr and "/f2" in r.stderr, r.stderr
+    assert os.path.ismount(mnt) and m.proc.poll() is None
+    # SIGTERM (systemctl stop): kept, sealed, in the recovery area
+    _sigterm(m)
+    assert _records(m.store) == sorted(f"{i}.rec" for i in inos.values())
+    log = m.log_text()
+    assert "is lost" not in log and "kept in" in log
+    for name, data in files.items():  # sealed: no plaintext in the records
+        blob = (m.store / "recovery" / f"{inos[name]}.rec").read_bytes()
+        assert data[:64] not in blob
+    r = run_cli("fsck", m.store)
+    assert r.returncode == 4 and "recovery-pending" in r.stdout, r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("DAMAGE REMAINS"), r.stdout
+    # the next mount stores them first
+    plan.set([])
+    m.start()
+    assert _records(m.store) == []
+    for name, data in {**files, "stored": stored}.items():
+        assert (mnt / name).read_bytes() == data, name
+    m.unmount()
+    r = run_cli("fsck", m.store)
+    assert r.returncode == 0, r.stdout
+
+
+def test_umount_keep_pending_stops_and_the_next_mount_stores(plan, mount_factory):  # noqa: F811
+    m = mount_factory()
+    mnt = m.mnt
+    plan.set([{"op": "put", "error": "EIO", "min_size": BIG}])
+    bad, good = os.urandom(BIG * 2), os.urandom(1000)
+    write(mnt / "bad", bad)
+    write(mnt / "good", good)
+    ino = os.stat(mnt / "bad").st_ino
+    wait_until(lambda: f"storing inode {ino} " in m.log_text(), 30, "the bad file's store to fail")
+    r = run_cli("umount", "--keep-pending", mnt)
+    assert r.returncode == 0, r.stderr
+    assert m.proc.wait(timeout=60) == 0
+    assert _records(m.store) == [f"{ino}.rec"]
+    plan.set([])
+    m.start()
+    assert (mnt / "bad").read_bytes() == bad and (mnt / "good").read_bytes() == good
+    assert _records(m.store) == []
+
+
+def test_a_record_that_cannot_be_stored_yet_stays_until_it_can(plan, mount_factory):  # noqa: F811
+    m = mount_factory()
+    mnt = m.mnt
+    plan.set([{"op": "put", "error": "EIO"}])
+    write(mnt / "f", b"kept at the stop\n")
+    ino = os.stat(mnt / "f").st_ino
+    wait_until(lambda: f"storing inode {ino} " in m.log_text(), 30, "the store to fail")
+    _sigterm(m)
+    assert _records(m.store) == [f"{ino}.rec"]
+    # a later mount that cannot store it yet (the fault goes on): the record stays
+    m.start()
+    assert _records(m.store) == [f"{ino}.rec"]
+    r = run_cli("status", mnt)
+    assert "recovery area: 1 record(s)" in r.stdout, r.stdout
+    m.kill9()
+    r = run_cli("fsck", m.store)
+    assert r.returncode == 4 and "recovery-pending" in r.stdout, r.stdout
+    plan.set([])
+    m.start()
+    assert (mnt / "f").read_bytes() == b"kept at the stop\n"
+
+
+def test_enospc_during_a_copy_then_space_freed_every_accepted_write_arrives(workdir, mount_factory):
+    """A small tmpfs holds the store's objects and recovery area (the metadata database stays
+    on the larger disk, so that creating files still works); a filler takes the rest of its
+    space. What was accepted is kept (stored, or at the stop kept in the recovery area, whose
+    reserve was set aside at mount); a write that cannot be accepted waits a bounded time and
+    gets ENOSPC."""
+    fsdir = workdir("tmpfs")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(fsdir)], check=True)
+    try:
+        store = workdir("store") / "store"
+        r = run_cli("init", store)
+        assert r.returncode == 0, r.stderr
+        shutil.copytree(store / "objects", fsdir / "objects")
+        shutil.rmtree(store / "objects")
+        os.symlink(fsdir / "objects", store / "objects")
+        os.mkdir(fsdir / "recovery", 0o700)
+        os.symlink(fsdir / "recovery", store / "recovery")
+        m = mount_factory(store, extra_args=["--dirty-limit-mib", "8"])
+        mnt = m.mnt
+        assert (store / "recovery" / "reserve").stat().st_size >= 8 << 20  # set aside at mount
+        filler = fsdir / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 20))
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        rnd = random.Random(20)
+        copied = {f"c{i}": rnd.randbytes(n) for i, n in enumerate([3000, 1 << 20, 1 << 20, 2_500_000])}
+        src = workdir("src")
+        for name, data in copied.items():
+            (src / name).write_bytes(data)
+        subprocess.run(["cp", "-r", str(src), str(mnt / "copy")], check=True)  # accepted into memory
+        inos = [os.stat(mnt / "copy" / n).st_ino for n in copied]
+        wait_until(lambda: all(f"storing inode {i} " in m.log_text() for i in inos), 60,
+                   "the copied files' stores to fail with ENOSPC")
+        assert "No space left on device" in m.log_text()
+        # more than the write-back buffer holds cannot be accepted: ENOSPC after a bounded wait
+        fd = os.open(mnt / "too-much", os.O_WRONLY | os.O_CREAT, 0o644)
+        errs = []
+        try:
+            for _ in range(16):
+                os.write(fd, rnd.randbytes(1 << 20))
+            os.fsync(fd)
+        except OSError as e:
+            errs.append(e.errno)
+        try:
+            os.close(fd)
+        except OSError as e:
+            errs.append(e.errno)
+        assert errs and errs[0] == errno.ENOSPC, errs
+        # stopped while the disk is full: kept in the recovery area, in the reserve's place
+        _sigterm(m)
+        assert {f"{i}.rec" for i in inos} <= set(_records(store)), _records(store)
+        assert "is lost" not in m.log_text(), m.describe_logs()
+        filler.unlink()  # space again
+        m.start()
+        for name, data in copied.items():
+            assert (mnt / "copy" / name).read_bytes() == data, name
+        m.unmount()
+    finally:
+        for mm in mount_factory.mounts:
+            mm.cleanup()
+        subprocess.run(["umount", "-l", str(fsdir)], capture_output=True)
+
+
+def test_stop_with_the_s3_server_down_loses_nothing(own_server, workdir, mount_factory):
+    state = workdir("store") / "store"
+    r = run_cli("init", "s3://faults/noloss", "--endpoint-url", own_server.endpoint, "--state-dir", state)
+    assert r.returncode == 0, r.stderr
+    s3_set_backend_options(state, retry_budget=2, cache_mib=0)
+    m = mount_factory(state)
+    mnt = m.mnt
+    rnd = random.Random(21)
+    before = {f"b{i}": rnd.randbytes(20_000) for i in range(3)}
+    for name, data in before.items():
+        write(mnt / name, data, fsync=True)
+    own_server.stop()  # mid-run
+    during = {f"d{i}": rnd.randbytes(n) for i, n in enumerate([500, 80_000, 1_200_000])}
+    for name, data in during.items():
+        write(mnt / name, data)
+    _sigterm(m)
+    assert len(_records(state)) == len(during), m.describe_logs()
+    own_server.start()  # same ports, same data
+    m.start()
+    assert _records(state) == []
+    for name, data in {**before, **during}.items():
+        assert (mnt / name).read_bytes() == data, name

@@ -65,3 +65,39 @@ def test_etag_record_matches_documented_vector():
     assert etag.unseal(bytes(range(32)), SID, 2, 4, [OID], rec) is None
     assert etag.unseal(bytes(range(32)), SID, 2, 3, [os.urandom(16)], rec) is None
     assert etag.derived(bytes(range(32)), 2, 3, 1700000000000000000, [OID]) == "18866f938dcfbc4fc10162b720e9b7c2-1"
+
+
+def test_config_s3api_section():
+    from s3fuse import config
+
+    cfg = config.parse('[s3api]\nlisten = "127.0.0.1:9000"\ntls_cert = "/etc/c.pem"\ntls_key = "/etc/k.pem"\n'
+                       'idle_timeout = "2m"\nconnections_per_client = 4\n', "/etc/s3fuse/t.toml")
+    assert cfg.s3api == {"listen": "127.0.0.1:9000", "tls_cert": "/etc/c.pem", "tls_key": "/etc/k.pem",
+                         "idle_timeout": 120.0, "connections_per_client": 4}
+    with pytest.raises(config.ConfigError, match="tls_key"):
+        config.parse('[s3api]\nlisten = "x:1"\ntls_cert = "/etc/c.pem"\n', "/t.toml")
+    settings = config.resolve({"store": "/s", "mountpoint": "/m", "s3_api": "0.0.0.0:1"}, cfg)
+    assert settings.s3api["listen"] == "0.0.0.0:1" and settings.s3api["tls_cert"] == "/etc/c.pem"
+    assert config.resolve({"store": "/s", "mountpoint": "/m"}, None).s3api is None
+    no_listen = config.parse('[s3api]\nidle_timeout = 5\n', "/t.toml")
+    with pytest.raises(config.ConfigError, match="s3api.listen"):
+        config.resolve({"store": "/s", "mountpoint": "/m"}, no_listen)
+
+
+def test_rekey_root_reseals_access_keys(tmp_path):
+    from s3fuse.store import load_config, load_root_key
+
+    from .conftest import run_cli
+
+    store = tmp_path / "store"
+    assert run_cli("init", store).returncode == 0
+    cfg = load_config(str(store))
+    old_key = load_root_key(cfg)
+    ks = credentials.AccessKeys(cfg.sealed_path("s3keys"), old_key, cfg.store_id)
+    key = ks.add(1000, requester_uid=0)
+    r = run_cli("rekey-root", store, "--to", "file")
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(str(store))
+    assert cfg.key_generation == 2 and not (store / "s3keys.bin").exists()
+    again = credentials.AccessKeys.load(cfg.sealed_path("s3keys"), load_root_key(cfg), cfg.store_id)
+    assert again.secret_for(key.access_key_id) == key.secret and again.etag_key == ks.etag_key

@@ -260,3 +260,62 @@ def _third_refused(endpoint: str) -> bool:
         return _recv_all(s) == b""
     finally:
         s.close()
+
+
+def test_port_in_use_is_one_clear_error(workdir, new_store):
+    from .conftest import TRACEBACK, run_cli
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        mnt = workdir("mnt")
+        r = run_cli("mount", new_store, mnt, "--s3-api", f"127.0.0.1:{taken.getsockname()[1]}")
+    finally:
+        taken.close()
+    assert r.returncode == 1 and "cannot listen on 127.0.0.1" in r.stderr, r.stderr
+    assert TRACEBACK not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(mnt)
+
+
+def test_background_mount_serves_the_api(workdir, new_store):
+    from .conftest import run_cli
+
+    mnt = workdir("mnt")
+    r = run_cli("mount", new_store, mnt, "--s3-api", "127.0.0.1:0")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = run_cli("s3-key", "add", "--uid", "0", "--allow-root", "--mount", mnt)
+        assert r.returncode == 0, r.stderr
+        fields = dict(line.split(None, 1) for line in r.stdout.splitlines())
+        c = client(fields["endpoint"], fields["AccessKeyId"], fields["SecretAccessKey"])
+        c.create_bucket(Bucket="bgm")
+        assert (mnt / "bgm").is_dir()
+    finally:
+        assert run_cli("umount", mnt).returncode == 0
+
+
+def test_a_put_that_cannot_be_stored_fails_and_leaves_the_old_object(mount_factory, workdir, monkeypatch):
+    import json as _json
+
+    plan = workdir("plan") / "plan.json"
+    plan.write_text(_json.dumps({"rules": []}))
+    monkeypatch.setenv("S3FUSE_TESTING_FAULT_PLAN", str(plan))
+    from .s3api_helpers import start_api_mount
+
+    m, endpoint = start_api_mount(mount_factory)
+    c = client(endpoint, *new_key(m))
+    c.create_bucket(Bucket="faults")
+    c.put_object(Bucket="faults", Key="k", Body=b"old version")
+    tmp = plan.with_suffix(".tmp")
+    tmp.write_text(_json.dumps({"rules": [{"op": "put", "error": "EIO"}]}))
+    os.replace(tmp, plan)
+    with pytest.raises(ClientError) as info:
+        c.put_object(Bucket="faults", Key="k", Body=b"new version")
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    assert (m.mnt / "faults/k").read_bytes() == b"old version"
+    assert os.listdir(m.mnt / "faults") == ["k"]  # no half-made file left beside it
+    tmp.write_text(_json.dumps({"rules": []}))
+    os.replace(tmp, plan)
+    c.put_object(Bucket="faults", Key="k", Body=b"new version")
+    assert c.get_object(Bucket="faults", Key="k")["Body"].read() == b"new version"

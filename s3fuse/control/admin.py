@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..crypto import KeyManager
     from ..data import DataStore
     from ..meta import Meta
+    from ..recovery import RecoveryArea
     from ..rotation import MasterKeys
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class AdminHandlers:
     """The key-administration handlers, given the parts of the daemon they act on."""
 
     def __init__(self, keys: KeyManager, data: DataStore, meta: Meta, core: Filesystem,
-                 master: MasterKeys, audit: AuditLog, audit_path: str) -> None:
+                 master: MasterKeys, audit: AuditLog, audit_path: str,
+                 recovery: RecoveryArea | None = None) -> None:
         self.keys = keys
+        self.recovery = recovery
         self.data = data
         self.meta = meta
         self.core = core
@@ -81,6 +84,8 @@ class AdminHandlers:
             raise
         self.keys.record("ssec:AddKey", who, fingerprint=key.fingerprint, key_name=name,
                          scope="global" if is_global else f"uid {key.owner_uid}")
+        if self.recovery is not None and self.recovery.problems:  # kept data may have waited for this key
+            await self.recovery.restore(self.data, self.meta)
         return key.describe()
 
     async def key_list(self, peer: Peer, args: dict) -> list:

@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote
 
 from ..crypto import Caller
 from ..errors import S3fuseError
-from . import buckets, listing, objects, sigv4
+from . import buckets, listing, objects, sigv4, sse
 from .credentials import AccessKeys
 from .errors import S3Error, from_errno
 from .namespace import Namespace
@@ -62,6 +62,25 @@ class S3Api:
 
     # ---------------------------------------------------------------- entry
     async def handle(self, req: Request) -> Response:
+        held: list = []
+        token = sse.REQUEST_KEYS.set(held)
+        try:
+            resp = await self._handle_logged(req)
+        finally:
+            sse.REQUEST_KEYS.reset(token)
+        if held:
+            # the request's customer keys live until its answer is sent, then are wiped
+            previous = resp.cleanup
+
+            def wipe() -> None:
+                if previous is not None:
+                    previous()
+                for key in held:
+                    key.wipe()
+            resp.cleanup = wipe
+        return resp
+
+    async def _handle_logged(self, req: Request) -> Response:
         started = time.monotonic()
         try:
             resp = await self._handle(req)

@@ -28,6 +28,13 @@ MAX_KEY = 1024
 TEMP_PREFIX = b".s3fuse-put-"  # a PUT's file until it is complete; never listed
 
 
+class _Pending:
+    __slots__ = ("ino", "done", "error")
+
+    def __init__(self, ino: int) -> None:
+        self.ino, self.done, self.error = ino, False, None
+
+
 def allowed(row: Inode, who: Caller, want: int) -> bool:
     if who.uid == 0:
         return True
@@ -69,6 +76,36 @@ class Namespace:
         self._sync_round = 0  # group commit: the WAL syncs started so far
         self._synced_round = 0  # ... and finished
         self._syncing: trio.Event | None = None
+        self._to_store: list[_Pending] = []  # group store: files waiting for the next batch
+        self._storing: trio.Event | None = None
+
+    async def store(self, ino: int) -> None:
+        """Store a new object's data (objects put, synced, rows committed). PUTs that arrive
+        together are stored as one batch: one sync barrier and one transaction for all."""
+        entry = _Pending(ino)
+        self._to_store.append(entry)
+        while not entry.done:
+            if self._storing is not None:
+                await self._storing.wait()
+                continue
+            batch, self._to_store = self._to_store, []
+            self._storing = done = trio.Event()
+            try:
+                failed = await self.core.data.flush_files([e.ino for e in batch])
+            except S3fuseError as exc:  # shared by the batch
+                for e in batch:
+                    e.error, e.done = exc, True
+            except BaseException:  # this task was cancelled: another waiter stores the batch
+                self._to_store = batch + self._to_store
+                raise
+            else:
+                for e in batch:
+                    e.error, e.done = failed.get(e.ino), True
+            finally:
+                self._storing = None
+                done.set()
+        if entry.error is not None:
+            raise S3fuseError(f"the object could not be stored: {entry.error}", entry.error.errno)
 
     async def make_durable(self) -> None:
         """Everything committed so far survives a crash once this returns. Concurrent

@@ -412,10 +412,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
         with core.meta.transaction():
             for xname, value in meta.items():
                 core.meta.set_xattr(ino, xname, value)
-        await core.data.flush(ino, durable=False)
-        err = core.data.take_error(ino)
-        if err:
-            raise S3fuseError("the object could not be stored", err)
+        await ns.store(ino)
         core.release(ino, writer=True)
         released = True
         row = core.attr(ino)

@@ -151,14 +151,8 @@ class HttpServer:
         self.per_client: dict[str, int] = {}
         self.requests = 0
 
-    async def serve(self, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        if self.tls is not None:
-            listeners = [trio.SSLListener(lst, self.tls, https_compatible=True) for lst in listeners]
-        task_status.started(listeners)
-        await trio.serve_listeners(self._connection, listeners)
-
-    async def _connection(self, stream: trio.abc.Stream) -> None:
+    async def connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one client connection until it closes (trio.serve_listeners' handler)."""
         sock_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         try:
             peer = sock_stream.socket.getpeername()[0]

@@ -64,20 +64,35 @@ class S3Service:
         self.address: tuple[str, int] | None = None
         self.http: HttpServer | None = None
 
-    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def listen(self) -> None:
+        """Open the listening socket (before the mount: a port in use is one clear error)."""
         s = self.settings
         tls = None
         if s.tls_cert:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(s.tls_cert, s.tls_key)
+            try:
+                tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                tls.load_cert_chain(s.tls_cert, s.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise S3fuseError(f"s3api: cannot load the TLS certificate {s.tls_cert} and key {s.tls_key}: "
+                                  f"{exc}", errno.EINVAL) from None
+        try:
+            listeners = await trio.open_tcp_listeners(s.port, host=s.host)
+        except OSError as exc:
+            raise S3fuseError(f"s3api: cannot listen on {s.host}:{s.port}: {exc.strerror or exc}",
+                              exc.errno or errno.EADDRINUSE) from None
+        self.address = listeners[0].socket.getsockname()[:2]
+        if tls is not None:
+            listeners = [trio.SSLListener(lst, tls, https_compatible=True) for lst in listeners]
         self.access_keys.ensure_saved()
         self.http = HttpServer(self.api.handle, self.api.error_response, s.limits, tls)
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(self.http.serve, s.host, s.port)
-            sock = listeners[0].transport_listener.socket if tls else listeners[0].socket
-            self.address = sock.getsockname()[:2]
-            log.info("S3 API listening on %s://%s:%d", s.scheme, self.address[0], self.address[1])
-            task_status.started()
+        self._listeners = listeners
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        if self.http is None:
+            await self.listen()
+        log.info("S3 API listening on %s", self.endpoint)
+        task_status.started()
+        await trio.serve_listeners(self.http.connection, self._listeners)
 
     @property
     def endpoint(self) -> str | None:

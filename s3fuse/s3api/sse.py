@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import errno
 import hashlib
 import time
@@ -15,6 +16,9 @@ from ..errors import S3fuseError
 from ..keys import customer as ssec
 from ..policy import Policy
 from .errors import S3Error
+
+# the customer keys a request brought, wiped when it has been answered (api.S3Api.handle)
+REQUEST_KEYS: contextvars.ContextVar[list | None] = contextvars.ContextVar("s3api_request_keys", default=None)
 
 H_SSE = "x-amz-server-side-encryption"
 H_KMS_KEY = "x-amz-server-side-encryption-aws-kms-key-id"
@@ -61,6 +65,9 @@ def customer_key(alg: str | None, key_b64: str | None, md5_b64: str | None, uid:
         raise S3Error("InvalidArgument", "the calculated MD5 hash of the key did not match the hash that was provided")
     material = bytearray(raw)
     key = ssec.CustomerKey("s3-request", material, uid, False, ssec.fingerprint(material), time.time())
+    held = REQUEST_KEYS.get()
+    if held is not None:
+        held.append(key)
     return key, md5_b64
 
 

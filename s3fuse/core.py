@@ -471,6 +471,8 @@ class Filesystem:
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if ino in self.data.damaged:  # a stop dropped written data of it: not a state it had
+            raise _err(errno.EIO, f"inode {ino} lost written data at a stop (see {pol.XATTR_DAMAGE.decode()})")
         if stat.S_ISREG(row.mode):
             # Key checks happen here, per caller: later reads may be served from shared caches.
             def path() -> str:

@@ -862,7 +862,7 @@ class DataStore:
 
     def mark_damaged(self, ino: int, why: str) -> None:
         """A stop had to drop this file's unstored data: record it in the metadata, so that
-        fsck reports it and reads fail (EIO) instead of returning what is left."""
+        fsck reports it and opening it fails (EIO) instead of returning what is left."""
         with self.meta.transaction():
             self.meta.set_xattr(ino, XATTR_DAMAGE, LOST_AT_STOP + why.encode("utf-8", "replace"))
         self.damaged.add(ino)

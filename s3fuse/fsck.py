@@ -183,7 +183,7 @@ def check_recovery(ctx: Context, report: Report) -> None:
     for ino in ctx.meta.inodes_with_xattr(DAMAGE_XATTR, LOST_AT_STOP):
         why = (ctx.meta.get_xattr(ino, DAMAGE_XATTR) or b"").decode("utf-8", "replace")
         report.add("lost-at-stop", DAMAGE, f"inode {ino} ({ctx.path(ino)}): a stop dropped written data that "
-                   f"could not be stored ({why}); reads fail until the owner removes {DAMAGE_XATTR.decode()}",
+                   f"could not be stored ({why}); opening it fails (EIO) until the owner removes {DAMAGE_XATTR.decode()}",
                    inode=ino)
 
 

@@ -129,7 +129,7 @@ class RecoveryArea:
         out = []
         try:
             names = sorted(os.listdir(self.dir))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return out
         for name in names:
             if not name.endswith(SUFFIX):

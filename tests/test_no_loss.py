@@ -368,3 +368,31 @@ def test_stop_with_the_s3_server_down_loses_nothing(own_server, workdir, mount_f
     assert _records(state) == []
     for name, data in {**before, **during}.items():
         assert (mnt / name).read_bytes() == data, name
+
+
+def test_data_a_stop_could_not_keep_marks_the_file_and_reads_fail(plan, mount_factory):  # noqa: F811
+    m = mount_factory()
+    mnt = m.mnt
+    write(mnt / "f", b"committed\n", fsync=True)
+    plan.set([{"op": "put", "error": "EIO"}])
+    with open(mnt / "f", "ab") as f:
+        f.write(b"accepted, never stored\n")
+    ino = os.stat(mnt / "f").st_ino
+    wait_until(lambda: f"storing inode {ino} " in m.log_text(), 30, "the store to fail")
+    # the recovery area cannot take it either
+    shutil.rmtree(m.store / "recovery")
+    (m.store / "recovery").write_bytes(b"not a directory")
+    _sigterm(m)
+    assert "marked damaged" in m.log_text()
+    r = run_cli("fsck", m.store)
+    assert r.returncode == 4 and "lost-at-stop" in r.stdout, r.stdout
+    (m.store / "recovery").unlink()
+    plan.set([])
+    m.start()
+    # never zeros or the old contents as if nothing happened: EIO, and the marker says why
+    with pytest.raises(OSError) as e:
+        (mnt / "f").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert os.getxattr(mnt / "f", "user.s3fuse.damage").startswith(b"lost-at-stop: ")
+    os.removexattr(mnt / "f", "user.s3fuse.damage")  # the owner has seen it
+    assert (mnt / "f").read_bytes() == b"committed\n"

@@ -184,14 +184,13 @@ def _unsatisfiable(size: int) -> S3Error:
 def object_headers(ctx, row: Inode, etag: str, mode: str, kms_key: str, customer_md5: str) -> list[tuple[str, str]]:
     core = ctx.core
     h = [("etag", f'"{etag}"'), ("last-modified", http_date(row.mtime_ns)), ("accept-ranges", "bytes")]
-    for name in core.meta.list_xattrs(row.id):
-        if name.startswith(META_PREFIX):
-            value = core.meta.get_xattr(row.id, name) or b""
-            h.append(("x-amz-meta-" + name[len(META_PREFIX):].decode("latin-1"), value.decode("latin-1")))
+    names = set(core.meta.list_xattrs(row.id))  # one query; most files have none of these
+    for name in sorted(n for n in names if n.startswith(META_PREFIX)):
+        value = core.meta.get_xattr(row.id, name) or b""
+        h.append(("x-amz-meta-" + name[len(META_PREFIX):].decode("latin-1"), value.decode("latin-1")))
     for header, xname in CONTENT_XATTR.items():
-        value = core.meta.get_xattr(row.id, xname)
-        if value is not None:
-            h.append((header, value.decode("latin-1")))
+        if xname in names:
+            h.append((header, (core.meta.get_xattr(row.id, xname) or b"").decode("latin-1")))
     if not any(k == "content-type" for k, _ in h):
         h.append(("content-type", "binary/octet-stream" if not stat.S_ISDIR(row.mode) else "application/x-directory"))
     h += ssemod.response_headers(mode, kms_key, customer_md5)

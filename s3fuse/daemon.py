@@ -25,7 +25,7 @@ import trio
 
 from . import defaults, fuseloop, policy
 from .audit import AuditLog
-from .backends import open_backend
+from .backends import Backend, open_backend
 from .control import protocol
 from .control.admin import AdminHandlers
 from .control.server import ControlServer, Peer
@@ -228,6 +228,12 @@ def _set_readahead(mountpoint: str, kb: int) -> None:
 
 
 class Daemon:
+    @staticmethod
+    def wrap_backend(backend: Backend) -> Backend:
+        """The object store as the daemon uses it: the store's own. The test harness's
+        command (tests/faultd.py) replaces this to inject faults."""
+        return backend
+
     def __init__(self, store_path: str, mountpoint: str, options: MountOptions,
                  root_key: bytes | None = None) -> None:
         self.cfg = load_config(store_path)
@@ -247,7 +253,7 @@ class Daemon:
         root_key = self._root_key if self._root_key is not None else obtain_root_key(self.cfg)
         self._root_key = None
         backend_settings = {**self.cfg.backend, **self.options.backend_overrides}
-        self.backend = open_backend(self.cfg.path, {"backend": backend_settings})
+        self.backend = self.wrap_backend(open_backend(self.cfg.path, {"backend": backend_settings}))
         self.s3 = None
         if self.cfg.backend.get("type") == "s3":
             # the bucket's lease first, then the newest metadata snapshot (docs/S3.md)
@@ -582,19 +588,15 @@ class Daemon:
         return {"pid": os.getpid()}
 
 
-async def _invalidate_entry(parent: int, name: bytes) -> None:
-    """Have the kernel forget one entry (and its negative lookup), and wait until it has. The
-    call blocks until the kernel can take the directory's lock, which a request being answered
-    on this loop may hold: so in a thread, never on the loop."""
-    def call() -> None:
-        try:
-            pyfuse3.invalidate_entry(parent, name)
-        except (FileNotFoundError, OSError) as exc:  # not cached: nothing to forget
-            if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
-                log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
-
-    with trio.move_on_after(10):
-        await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    """Have the kernel forget one entry (and its negative lookup). Blocks until the kernel
+    can take the directory's lock, which a request being answered on the loop may hold: the
+    S3 API calls it in a worker thread, never on the loop."""
+    try:
+        pyfuse3.invalidate_entry(parent, name)
+    except OSError as exc:  # not cached: nothing to forget
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
 
 
 def credential_path(name: str) -> str:

@@ -1064,6 +1064,11 @@ class DataStore:
                 out.append(self.describe(fs.ino))
         return sorted(out)
 
+    def exclusive(self) -> trio.Lock:
+        """Held (`async with`), no flush runs: no object is being sealed or committed, so
+        every stored object is a committed row or a pending block."""
+        return self._flush_lock
+
     def forget_cached_keys(self) -> None:
         """After a key is withdrawn, no cached data key or plaintext may outlive it."""
         self._objects.clear()

@@ -201,7 +201,7 @@ class MasterKeys:
         async with self._lock:
             # With the flush lock held no object is being sealed: every object under an old
             # version is a committed row or a pending block, and both are counted.
-            async with self.data._flush_lock:
+            async with self.data.exclusive():
                 counts = self.dependants()
             kr = self.keyring
             old = sorted(v for v in kr.keys if v != kr.current)

@@ -351,7 +351,7 @@ class S3Mount:
         try:
             seq = await trio.to_thread.run_sync(self.snapshots.take)
         except BaseException:
-            self.backend._pending_deletes[:0] = pending
+            self.backend.requeue_deletes(pending)
             raise
         log.debug("metadata snapshot %d stored", seq)
         if pending:
@@ -359,7 +359,7 @@ class S3Mount:
                 await self.backend.delete_now(pending)
             except S3fuseError as exc:  # deleting twice is harmless: all of them again next time
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
-                self.backend._pending_deletes[:0] = pending
+                self.backend.requeue_deletes(pending)
 
     async def periodic(self, meta) -> None:
         """Snapshot every `interval` seconds while the metadata changes (a trio task)."""

@@ -378,7 +378,7 @@ def rekey_root(cfg: StoreConfig, old_key: bytes, new_spec: str, *, new_key_file:
     # 1. the new generation's sealed files, durable, under names nothing reads yet
     keyring.save(cfg.sealed_path("keyring", gen), new_key, cfg.store_id)
     if kms is not None:
-        BuiltinKms(cfg.sealed_path("kms", gen), new_key, cfg.store_id, kms._keys).save()
+        kms.reseal(cfg.sealed_path("kms", gen), new_key)
     if os.path.exists(cfg.sealed_path("s3keys")):
         from .s3api.credentials import AccessKeys
 

@@ -35,6 +35,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 S3FUSE = [sys.executable, "-m", "s3fuse"]
+# the daemons the mount fixtures start: the same command, through the harness's entry that
+# can wrap the object store in the fault injector (tests/faultd.py, tests/faulty.py)
+S3FUSE_DAEMON = [sys.executable, str(REPO / "tests" / "faultd.py")]
 TRACEBACK = "Traceback (most recent call last)"
 MOUNT_TIMEOUT = 20.0
 UMOUNT_TIMEOUT = 120.0
@@ -279,7 +282,7 @@ class Mount:
         self.log_path = self.logdir / f"daemon-{self.generation}.log"
         self.stderr_path = self.logdir / f"daemon-{self.generation}.stderr"
         self.logs += [self.log_path, self.stderr_path]
-        argv = [*S3FUSE, "mount", str(self.store), str(self.mnt), "--foreground",
+        argv = [*S3FUSE_DAEMON, "mount", str(self.store), str(self.mnt), "--foreground",
                 "--log-file", str(self.log_path), *self.extra_args]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(

@@ -5,10 +5,11 @@ import pathlib
 import re
 
 from s3fuse.backends.base import Backend
-from s3fuse.backends.faulty import FaultyBackend
 from s3fuse.backends.local import LocalBackend
 from s3fuse.keys.kms import KmsProvider
 from s3fuse.keys.router import KmsRouter
+
+from .faulty import FaultyBackend
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "s3fuse"
 

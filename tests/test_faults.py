@@ -1,5 +1,6 @@
 """Faults: a backend that fails (ENOSPC, EIO), is slow, or hangs, at moments the test chooses
-(s3fuse/backends/faulty.py, enabled by S3FUSE_TESTING_FAULT_PLAN), a real ENOSPC from a small
+(tests/faulty.py, put around the daemon's backend by tests/faultd.py when
+S3FUSE_TESTING_FAULT_PLAN is set), a real ENOSPC from a small
 tmpfs, and kill -9 in a loop under a mixed workload checked against a model.
 
 Required: fsynced data survives; unsynced data is never silently dropped (a write that
@@ -357,3 +358,23 @@ def test_kill9_loop_against_a_model(mount_factory):
     m = mount_factory()
     totals = kill9_cycles(m, cycles=3, seed=int(os.environ.get("S3FUSE_TEST_SEED", "11")))
     assert totals.get("put_sync", 0) > 0, totals
+
+
+def test_the_production_command_ignores_a_fault_plan(plan, new_store, workdir):
+    """Only the harness's command (tests/faultd.py) injects faults: `python -m s3fuse`, with a
+    plan that fails every put in its environment, stores and fsyncs as if there were none."""
+    import pathlib
+
+    src = pathlib.Path(__file__).resolve().parent.parent / "s3fuse"
+    assert not [p for p in src.rglob("*.py") if "FAULT_PLAN" in p.read_text() or "faulty" in p.name]
+    plan.set([{"op": "*", "error": "EIO"}])
+    mnt = workdir("mnt")
+    r = run_cli("mount", new_store, mnt)  # background: the daemon is `python -m s3fuse`
+    assert r.returncode == 0, r.stderr
+    try:
+        write(mnt / "f", b"x" * 100_000, fsync=True)
+        assert (mnt / "f").read_bytes() == b"x" * 100_000
+    finally:
+        u = run_cli("umount", mnt)
+    assert u.returncode == 0, u.stderr
+    assert plan.hits() == []

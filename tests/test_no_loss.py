@@ -1,7 +1,7 @@
 """No accepted write is lost (issue 17): a failure stays with its file, a stop keeps what it
 cannot store, and a key withdrawn after a file was opened for writing does not lose its data.
 
-Real mounts throughout; failures come from the fault plan (s3fuse/backends/faulty.py), a
+Real mounts throughout; failures come from the fault plan (tests/faulty.py), a
 small tmpfs, or keys removed and disabled through the CLI."""
 
 from __future__ import annotations

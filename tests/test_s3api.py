@@ -431,5 +431,12 @@ def test_bucket_default_encryption(api, bucket):
         assert error_code(info.value) == "InvalidRequest" and "SSE-C" in info.value.response["Error"]["Message"]
         c.put_object(Bucket=bucket, Key="cdir/x", Body=b"with key", **_ssec(key))
         assert (m.mnt / bucket / "cdir/x").read_bytes() == b"with key"  # the loaded key opens it
+        # the bucket itself set to SSE-C: S3's document cannot say so; the answer names it
+        os.setxattr(m.mnt / bucket, "user.s3fuse.sse", b"SSE-C:bk")
+        with pytest.raises(ClientError) as info:
+            c.get_bucket_encryption(Bucket=bucket)
+        assert error_code(info.value) == "ServerSideEncryptionConfigurationNotFoundError"
+        assert "SSE-C" in info.value.response["Error"]["Message"]
+        os.removexattr(m.mnt / bucket, "user.s3fuse.sse")
     finally:
         assert run_cli("key", "remove", "bk", "--mount", m.mnt).returncode == 0

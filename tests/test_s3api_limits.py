@@ -319,3 +319,24 @@ def test_a_put_that_cannot_be_stored_fails_and_leaves_the_old_object(mount_facto
     os.replace(tmp, plan)
     c.put_object(Bucket="faults", Key="k", Body=b"new version")
     assert c.get_object(Bucket="faults", Key="k")["Body"].read() == b"new version"
+
+
+def test_body_that_does_not_match_its_signed_hash_is_refused(limited_api):
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    m, endpoint, c, (akid, secret) = limited_api
+    c.create_bucket(Bucket="hashes")
+    req = AWSRequest("PUT", f"{endpoint}/hashes/obj", data=b"signed body",
+                     headers={"x-amz-content-sha256": hashlib.sha256(b"signed body").hexdigest()})
+    S3SigV4Auth(Credentials(akid, secret), "s3", "us-east-1").add_auth(req)
+    prepared = req.prepare()
+    host = endpoint.split("://")[1]
+    conn = http.client.HTTPConnection(host, timeout=30)
+    conn.request("PUT", "/hashes/obj", body=b"OTHER body!", headers=dict(prepared.headers))
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.status == 400 and b"XAmzContentSHA256Mismatch" in body
+    assert os.listdir(m.mnt / "hashes") == []

@@ -29,11 +29,14 @@ def test_a_closed_pipe_ends_the_command_quietly(workdir, records):
         for i in range(records):
             log.append("kms:Decrypt", uid=1000 + i, path=f"/f{i}")
     # `s3fuse audit --store STORE | head`, with the reader gone before the first line
-    proc = subprocess.Popen([*S3FUSE, "audit", "--store", str(store)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    rc = proc.wait(timeout=60)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        r = subprocess.run([*S3FUSE, "audit", "--store", str(store)], stdout=writer,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60)
+    finally:
+        os.close(writer)
+    err, rc = r.stderr.decode(), r.returncode
     assert err == "" and TRACEBACK not in err, err
     assert rc == 141, rc  # as a tool killed by SIGPIPE (128 + 13), like cat or ls
 

@@ -11,10 +11,6 @@ __all__ = ["Backend", "NoSuchObject", "LocalBackend", "open_backend"]
 
 
 def open_backend(store_dir: str, config: dict) -> Backend:
-    return _with_faults(_open(store_dir, config))
-
-
-def _open(store_dir: str, config: dict) -> Backend:
     """The backend a store's configuration names. For S3, `store_dir` is the local state
     directory (its cache/ holds the object cache); settings in config["backend"]:
     cache_mib, cache_writes_upto_kib, max_requests, retry_budget (seconds), multipart_threshold_mib."""
@@ -35,13 +31,3 @@ def _open(store_dir: str, config: dict) -> Backend:
             multipart_threshold=int(b.get("multipart_threshold_mib", MULTIPART_THRESHOLD >> 20)) << 20,
             cache_writes_upto=int(b.get("cache_writes_upto_kib", DEFAULT_CACHE_WRITES_UPTO >> 10)) << 10)
     raise ValueError(f"unknown backend type {kind!r}")
-
-
-def _with_faults(backend: Backend) -> Backend:
-    """Tests only: wrap in fault injection when S3FUSE_TESTING_FAULT_PLAN names a plan file."""
-    import os
-
-    from .faulty import FAULT_ENV, FaultyBackend
-
-    plan = os.environ.get(FAULT_ENV)
-    return FaultyBackend(backend, plan) if plan else backend

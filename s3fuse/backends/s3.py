@@ -714,6 +714,10 @@ class S3Backend(Backend):
             return
         await self._run(f"DELETE {key}", self._delete, key)
 
+    def requeue_deletes(self, keys: list[str]) -> None:
+        """Put deletes taken with `take_pending_deletes` back, first, for the next snapshot."""
+        self._pending_deletes[:0] = keys
+
     def take_pending_deletes(self) -> list[str]:
         out, self._pending_deletes = self._pending_deletes, []
         return out

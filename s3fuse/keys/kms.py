@@ -493,6 +493,14 @@ class BuiltinKms(KmsProvider):
         kms._keys = kms._unseal(blob)
         return kms
 
+    def has_key(self, key_id: str) -> bool:
+        """Whether `key_id` names a key in this keystore (in any state)."""
+        return key_id in self._keys
+
+    def reseal(self, path: str, root_key: bytes) -> None:
+        """Write the same keys to `path`, sealed under another root key (rekey-root)."""
+        BuiltinKms(path, root_key, self.store_id, self._keys).save()
+
     def save(self) -> None:
         """Write the whole keystore as a new version-2 file, atomically (the old or the new
         file survives a crash)."""

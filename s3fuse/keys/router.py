@@ -43,7 +43,7 @@ class KmsRouter(KmsProvider):
         if isinstance(key, str):
             if key.startswith(tr.PREFIX):
                 return self._transit()
-            if key.startswith("alias/") or key in self.builtin._keys:
+            if key.startswith("alias/") or self.builtin.has_key(key):
                 return self.builtin
         return self.transit if self.default == tr.PROVIDER else self.builtin
 

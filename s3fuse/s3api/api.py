@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from ..crypto import Caller
 from ..errors import S3fuseError
-from . import buckets, listing, objects, sigv4, sse
+from . import buckets, objects, sigv4, sse
 from .credentials import AccessKeys
 from .errors import S3Error, from_errno
 from .namespace import Namespace
@@ -27,7 +27,7 @@ UNSUPPORTED = {"acl", "policy", "lifecycle", "tagging", "versioning", "versions"
                "logging", "notification", "replication", "requestPayment", "object-lock", "retention",
                "legal-hold", "torrent", "restore", "select", "analytics", "metrics", "inventory",
                "intelligent-tiering", "accelerate", "ownershipControls", "publicAccessBlock",
-               "policyStatus", "attributes", "website"}
+               "policyStatus", "attributes"}
 
 
 class S3Api:
@@ -158,9 +158,3 @@ class Context:
     def secure(self) -> bool:
         return self.req.tls or self.req.loopback
 
-
-def encode_key(key: str, url: bool) -> str:
-    return quote(key, safe="/~") if url else key
-
-
-__all__ = ["S3Api", "Context", "listing"]

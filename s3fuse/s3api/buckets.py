@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import stat
 import time
@@ -13,6 +14,7 @@ from ..policy import Policy
 from . import listing
 from .errors import S3Error, from_errno
 from .namespace import SEARCH, WRITE, allowed
+from .sse import kms_ref
 from .server import Response
 from .xmlgen import document, el, parse
 
@@ -74,7 +76,7 @@ async def dispatch(ctx, bucket: str) -> Response:
     if m == "DELETE":
         return await delete(ctx, bucket)
     if m == "POST" and "delete" in q:
-        from .objects import delete_many
+        from .objects import delete_many  # objects imports copy, which imports this module
         return await delete_many(ctx, bucket)
     raise S3Error("MethodNotAllowed", "the specified method is not allowed against this resource", status=405)
 
@@ -155,8 +157,7 @@ async def encryption(ctx, bucket: str) -> Response:
                 raise S3Error("InvalidArgument", "KMSMasterKeyID is only valid with aws:kms")
             value = b"AES256"
         elif alg == pol.SSE_KMS:
-            from .sse import _kms_ref
-            value = f"aws:kms:{_kms_ref(key)}".encode() if key else b"aws:kms"
+            value = f"aws:kms:{kms_ref(key)}".encode() if key else b"aws:kms"
         else:
             raise S3Error("InvalidArgument", f"the encryption algorithm {alg[:40]!r} is not supported "
                           "(AES256 or aws:kms)")
@@ -178,7 +179,6 @@ async def encryption(ctx, bucket: str) -> Response:
 
 
 def _encryption_error(exc: S3fuseError) -> S3Error:
-    import errno
     if exc.errno == errno.ENOKEY:
         return S3Error("KMS.NotFoundException", str(exc))
     if exc.errno == errno.EKEYREVOKED:

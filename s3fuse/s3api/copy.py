@@ -18,7 +18,7 @@ from ..meta import Inode
 from . import etag as etags, sse as ssemod
 from .errors import S3Error
 from .namespace import READ, allowed, split_key
-from .objects import (MAX_OBJECT, READ_PIECE, _etag_matches, _key_error, _parse_date, _with_key,
+from .objects import (MAX_OBJECT, READ_PIECE, etag_matches, key_error, parse_date, with_key,
                       check_customer_key, etag_of, object_mode, target_policy, user_metadata,
                       write_object, CONTENT_XATTR, META_PREFIX)
 from .buckets import iso8601
@@ -38,7 +38,7 @@ class Source:
         try:
             await self.ctx.core.open(self.row.id, os.O_RDONLY, self.who)
         except S3fuseError as exc:
-            raise _key_error(exc) from None
+            raise key_error(exc) from None
         self.opened = True
 
     def close(self) -> None:
@@ -52,7 +52,7 @@ class Source:
             try:
                 data = await self.ctx.core.read(self.row.id, off, min(READ_PIECE, last + 1 - off), self.who)
             except S3fuseError as exc:
-                raise _key_error(exc) from None
+                raise key_error(exc) from None
             if not data:
                 raise S3Error("InternalError", "the copy source ended early")
             off += len(data)
@@ -81,10 +81,10 @@ def source_conditions(headers: dict[str, str], etag: str, mtime_ns: int) -> None
     mtime = mtime_ns // 1_000_000_000
     p = "x-amz-copy-source-"
     im, inm = headers.get(p + "if-match"), headers.get(p + "if-none-match")
-    ius, ims = _parse_date(headers.get(p + "if-unmodified-since")), _parse_date(headers.get(p + "if-modified-since"))
-    failed = ((im is not None and not _etag_matches(im, etag))
+    ius, ims = parse_date(headers.get(p + "if-unmodified-since")), parse_date(headers.get(p + "if-modified-since"))
+    failed = ((im is not None and not etag_matches(im, etag))
               or (im is None and ius is not None and mtime > ius)
-              or (inm is not None and _etag_matches(inm, etag))
+              or (inm is not None and etag_matches(inm, etag))
               or (inm is None and ims is not None and mtime <= ims))
     if failed:
         raise S3Error("PreconditionFailed", "at least one of the preconditions you specified did not hold")
@@ -100,7 +100,7 @@ async def open_source(ctx) -> Source:
     if not allowed(row, ctx.who, READ):
         raise S3Error("AccessDenied", f"no read permission on the copy source {ctx.ns.path(row.id)}")
     src_sse = ssemod.parse(ctx.headers, ctx.who.uid, ctx.secure, copy_source=True)
-    who = _with_key(ctx.who, src_sse.customer_key) if src_sse.customer_key is not None else ctx.who
+    who = with_key(ctx.who, src_sse.customer_key) if src_sse.customer_key is not None else ctx.who
     mode, kms_key = object_mode(ctx.core, row)
     try:
         check_customer_key(with_caller(ctx, who), row, src_sse, mode)
@@ -128,7 +128,7 @@ async def copy_object(ctx, bucket: str, key: str) -> Response:
     parts, marker = split_key(key)
     if marker:
         raise S3Error("InvalidRequest", "a directory marker cannot be a copy target")
-    dest_who = _with_key(ctx.who, req_sse.customer_key) if req_sse.customer_key is not None else \
+    dest_who = with_key(ctx.who, req_sse.customer_key) if req_sse.customer_key is not None else \
         replace(ctx.who, request_key=None)
     wctx = with_caller(ctx, dest_who)
     parent = await ctx.ns.make_parents(b, parts, ctx.who)

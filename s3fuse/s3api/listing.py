@@ -14,6 +14,7 @@ import base64
 import binascii
 import stat
 from collections.abc import Iterator
+from urllib.parse import quote
 
 from ..meta import Inode
 from .errors import S3Error
@@ -110,7 +111,6 @@ def _int_param(value: str | None, default: int, name: str) -> int:
 
 
 def _text(raw: bytes, url: bool) -> str:
-    from urllib.parse import quote
     s = raw.decode("utf-8", "surrogateescape")
     return quote(s.encode("utf-8", "surrogateescape"), safe="/~") if url else s.encode(
         "utf-8", "replace").decode("utf-8")
@@ -128,7 +128,7 @@ def token_decode(token: str) -> bytes:
 
 
 async def list_objects(ctx, bucket_name: str) -> Response:
-    from .buckets import iso8601, owner
+    from .buckets import iso8601, owner  # buckets imports this module
     from .objects import etag_of
 
     q = ctx.query

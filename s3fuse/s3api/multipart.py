@@ -11,6 +11,7 @@ which then replaces the key as a single PUT does.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -28,7 +29,7 @@ from .buckets import iso8601, owner
 from .copy import open_source, with_caller
 from .errors import S3Error, from_errno
 from .namespace import TEMP_PREFIX, split_key
-from .objects import (BodyReader, _key_error, _with_key, etag_of, target_policy, user_metadata,
+from .objects import (BodyReader, key_error, with_key, etag_of, target_policy, user_metadata,
                       write_object, READ_PIECE)
 from .server import Response
 from .xmlgen import document, el, parse
@@ -113,7 +114,7 @@ class Multipart:
             raise S3Error("InvalidRequest", "a directory marker cannot be uploaded in parts")
         req_sse = ssemod.parse(ctx.headers, ctx.who.uid, ctx.secure)
         if req_sse.customer_key is not None:
-            ctx.who = _with_key(ctx.who, req_sse.customer_key)
+            ctx.who = with_key(ctx.who, req_sse.customer_key)
         # the target's directory decides the default encryption, as for a PUT
         parent = b
         for name in parts[:-1]:
@@ -125,7 +126,7 @@ class Multipart:
         try:
             await ctx.api.keys.check_write_async(policy, ctx.who, path=key)
         except S3fuseError as exc:
-            raise _key_error(exc) from None
+            raise key_error(exc) from None
         ups = self._uploads_dir(ctx, bucket, create=True)
         upload_id = os.urandom(16).hex()
         d = ctx.core.mkdir(ups.id, upload_id.encode(), 0o700, SYSTEM)
@@ -157,7 +158,7 @@ class Multipart:
             if req_sse.customer_key is None or req_sse.customer_key.fingerprint != up.policy.key:
                 raise S3Error("InvalidRequest", "the SSE-C parameters did not match the ones used originally "
                               "for this upload")
-            return _with_key(ctx.who, req_sse.customer_key), req_sse
+            return with_key(ctx.who, req_sse.customer_key), req_sse
         if req_sse.customer_key is not None:
             raise S3Error("InvalidRequest", "the upload is not encrypted with a customer key")
         return ctx.who, req_sse
@@ -182,8 +183,6 @@ class Multipart:
         return Response(200, headers + reader.sums.response_headers())
 
     async def upload_part_copy(self, ctx, up: Upload) -> Response:
-        import hashlib
-
         n = self._part_number(ctx)
         who, req_sse = self._part_caller(ctx, up)
         src = await open_source(ctx)
@@ -254,7 +253,7 @@ class Multipart:
             if req_sse.customer_key is None or req_sse.customer_key.fingerprint != up.policy.key:
                 raise S3Error("InvalidRequest", "the SSE-C parameters did not match the ones used originally "
                               "for this upload")
-            who = _with_key(ctx.who, req_sse.customer_key)
+            who = with_key(ctx.who, req_sse.customer_key)
         wctx = with_caller(ctx, who)
         b = ctx.ns.bucket(bucket, ctx.who)
         parts, _ = split_key(up.key)
@@ -271,7 +270,7 @@ class Multipart:
                 try:
                     await core.open(row.id, os.O_RDONLY, who)
                 except S3fuseError as exc:
-                    raise _key_error(exc) from None
+                    raise key_error(exc) from None
                 try:
                     off = 0
                     while off < row.size:

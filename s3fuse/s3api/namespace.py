@@ -24,6 +24,7 @@ from ..meta import ROOT_INODE, Inode
 from .errors import S3Error, from_errno
 
 READ, WRITE, SEARCH = 4, 2, 1
+INVALIDATE_TIMEOUT = 10.0  # s: a kernel that does not take an invalidation must not hang a request
 MAX_KEY = 1024
 TEMP_PREFIX = b".s3fuse-put-"  # a PUT's file until it is complete; never listed
 
@@ -76,8 +77,16 @@ class Namespace:
         self._sync_round = 0  # group commit: the WAL syncs started so far
         self._synced_round = 0  # ... and finished
         self._syncing: trio.Event | None = None
+        self._to_forget: list[tuple[int, bytes]] = []  # entries the next sync round invalidates
         self._to_store: list[_Pending] = []  # group store: files waiting for the next batch
         self._storing: trio.Event | None = None
+
+    def _sync_and_forget(self, forget: list[tuple[int, bytes]]) -> None:
+        """In a worker thread: the WAL sync, then the kernel's invalidations."""
+        self.core.meta.sync()
+        if self._invalidate_entry is not None:
+            for parent, name in forget:
+                self._invalidate_entry(parent, name)
 
     async def store(self, ino: int) -> None:
         """Store a new object's data (objects put, synced, rows committed). PUTs that arrive
@@ -107,10 +116,14 @@ class Namespace:
         if entry.error is not None:
             raise S3fuseError(f"the object could not be stored: {entry.error}", entry.error.errno)
 
-    async def make_durable(self) -> None:
-        """Everything committed so far survives a crash once this returns. Concurrent
-        requests share one WAL sync (a group commit): a request that arrives while a sync
-        runs waits for the next one, which covers it."""
+    async def make_durable(self, changed: tuple[int, bytes] | None = None) -> None:
+        """Everything committed so far survives a crash once this returns, and the kernel has
+        forgotten the entry `changed` (parent, name). Concurrent requests share one WAL sync
+        (a group commit) and one thread hand-off: a request that arrives while a sync runs
+        waits for the next one, which covers it."""
+        if changed is not None:
+            self._to_forget.append(changed)
+            self.changed_attrs(changed[0])
         wanted = self._sync_round + 1  # a round that starts after this call
         while self._synced_round < wanted:
             if self._syncing is not None:
@@ -119,9 +132,13 @@ class Namespace:
             self._sync_round += 1
             this_round = self._sync_round
             self._syncing = done = trio.Event()
+            forget, self._to_forget = self._to_forget, []
             try:
-                await trio.to_thread.run_sync(self.core.meta.sync)
+                await trio.to_thread.run_sync(self._sync_and_forget, forget)
                 self._synced_round = this_round
+            except BaseException:
+                self._to_forget = forget + self._to_forget  # the next round's leader does them
+                raise
             finally:
                 self._syncing = None
                 done.set()
@@ -131,7 +148,8 @@ class Namespace:
         """An entry of `parent` was added, replaced or removed behind the kernel's back: the
         kernel has forgotten it when this returns (before the request is answered)."""
         if self._invalidate_entry is not None:
-            await self._invalidate_entry(parent, name)
+            with trio.move_on_after(INVALIDATE_TIMEOUT):
+                await trio.to_thread.run_sync(self._invalidate_entry, parent, name, abandon_on_cancel=True)
         self.changed_attrs(parent)
 
     def changed_attrs(self, ino: int) -> None:

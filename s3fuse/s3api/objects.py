@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import errno
 import hashlib
 import os
 import stat
-import time
+from dataclasses import replace
 
 from .. import policy as pol
 from ..errors import S3fuseError
@@ -21,7 +22,7 @@ from ..meta import Inode
 from ..policy import Policy
 from . import checksums, etag as etags, sse as ssemod
 from .errors import S3Error, from_errno
-from .namespace import READ, TEMP_PREFIX, allowed, split_key
+from .namespace import READ, allowed, split_key
 from .server import Response
 from .sigv4 import STREAMING, STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, UNSIGNED, ChunkedDecoder
 from .xmlgen import document, el, parse
@@ -72,7 +73,7 @@ async def dispatch(ctx, bucket: str, key: str) -> Response:
         return await get(ctx, bucket, key, head=(m == "HEAD"))
     if m == "PUT":
         if "x-amz-copy-source" in ctx.headers:
-            from .copy import copy_object
+            from .copy import copy_object  # copy builds on this module
             return await copy_object(ctx, bucket, key)
         return await put(ctx, bucket, key)
     if m == "DELETE":
@@ -109,7 +110,7 @@ def check_customer_key(ctx, row: Inode, req_sse: ssemod.RequestSSE, mode: str) -
         raise S3Error("InvalidRequest", "the encryption parameters are not applicable to this object")
 
 
-def _etag_matches(header: str, etag: str) -> bool:
+def etag_matches(header: str, etag: str) -> bool:
     for tag in header.split(","):
         tag = tag.strip()
         if tag.startswith("W/"):
@@ -119,7 +120,7 @@ def _etag_matches(header: str, etag: str) -> bool:
     return False
 
 
-def _parse_date(value: str | None) -> float | None:
+def parse_date(value: str | None) -> float | None:
     if not value:
         return None
     try:
@@ -133,18 +134,18 @@ def conditions(headers: dict[str, str], etag: str, mtime_ns: int) -> int | None:
     mtime = mtime_ns // 1_000_000_000
     im = headers.get("if-match")
     if im is not None:
-        if not _etag_matches(im, etag):
+        if not etag_matches(im, etag):
             return 412
     else:
-        ius = _parse_date(headers.get("if-unmodified-since"))
+        ius = parse_date(headers.get("if-unmodified-since"))
         if ius is not None and mtime > ius:
             return 412
     inm = headers.get("if-none-match")
     if inm is not None:
-        if _etag_matches(inm, etag):
+        if etag_matches(inm, etag):
             return 304
     else:
-        ims = _parse_date(headers.get("if-modified-since"))
+        ims = parse_date(headers.get("if-modified-since"))
         if ims is not None and mtime <= ims:
             return 304
     return None
@@ -184,14 +185,13 @@ def _unsatisfiable(size: int) -> S3Error:
 def object_headers(ctx, row: Inode, etag: str, mode: str, kms_key: str, customer_md5: str) -> list[tuple[str, str]]:
     core = ctx.core
     h = [("etag", f'"{etag}"'), ("last-modified", http_date(row.mtime_ns)), ("accept-ranges", "bytes")]
-    for name in core.meta.list_xattrs(row.id):
-        if name.startswith(META_PREFIX):
-            value = core.meta.get_xattr(row.id, name) or b""
-            h.append(("x-amz-meta-" + name[len(META_PREFIX):].decode("latin-1"), value.decode("latin-1")))
+    names = set(core.meta.list_xattrs(row.id))  # one query; most files have none of these
+    for name in sorted(n for n in names if n.startswith(META_PREFIX)):
+        value = core.meta.get_xattr(row.id, name) or b""
+        h.append(("x-amz-meta-" + name[len(META_PREFIX):].decode("latin-1"), value.decode("latin-1")))
     for header, xname in CONTENT_XATTR.items():
-        value = core.meta.get_xattr(row.id, xname)
-        if value is not None:
-            h.append((header, value.decode("latin-1")))
+        if xname in names:
+            h.append((header, (core.meta.get_xattr(row.id, xname) or b"").decode("latin-1")))
     if not any(k == "content-type" for k, _ in h):
         h.append(("content-type", "binary/octet-stream" if not stat.S_ISDIR(row.mode) else "application/x-directory"))
     h += ssemod.response_headers(mode, kms_key, customer_md5)
@@ -210,7 +210,7 @@ async def get(ctx, bucket: str, key: str, head: bool) -> Response:
     if not allowed(row, ctx.who, READ):
         raise S3Error("AccessDenied", f"no read permission on {ctx.ns.path(row.id)}")
     if req_sse.customer_key is not None:
-        ctx.who = _with_key(ctx.who, req_sse.customer_key)
+        ctx.who = with_key(ctx.who, req_sse.customer_key)
     mode, kms_key = object_mode(ctx.core, row)
     check_customer_key(ctx, row, req_sse, mode)
     etag = etag_of(ctx.api, row)
@@ -244,7 +244,7 @@ async def get(ctx, bucket: str, key: str, head: bool) -> Response:
     try:
         await ctx.core.open(row.id, os.O_RDONLY, ctx.who)
     except S3fuseError as exc:
-        raise _key_error(exc) from None
+        raise key_error(exc) from None
     if head:
         ctx.core.release(row.id)
         return Response(status, headers + [("content-length", str(length))], b"")
@@ -255,7 +255,7 @@ async def get(ctx, bucket: str, key: str, head: bool) -> Response:
         piece = await core.read(ino, first, min(READ_PIECE, length), who) if length else b""
     except S3fuseError as exc:
         core.release(ino)
-        raise _key_error(exc) from None
+        raise key_error(exc) from None
     except BaseException:
         core.release(ino)
         raise
@@ -274,13 +274,12 @@ async def get(ctx, bucket: str, key: str, head: bool) -> Response:
     return Response(status, headers, None, stream=stream, length=length, cleanup=lambda: core.release(ino))
 
 
-def _with_key(who, key):
-    from dataclasses import replace
+def with_key(who, key):
+    """The caller, holding the customer key a request brought."""
     return replace(who, request_key=key)
 
 
-def _key_error(exc: S3fuseError) -> S3Error:
-    import errno
+def key_error(exc: S3fuseError) -> S3Error:
     if exc.errno == errno.EKEYREVOKED:
         return S3Error("KMS.DisabledException", str(exc))
     if exc.errno in (errno.ENOKEY, errno.EKEYREJECTED, errno.EACCES, errno.EPERM):
@@ -315,7 +314,7 @@ async def target_policy(ctx, parent: Inode, req_sse: ssemod.RequestSSE) -> Polic
         try:
             return await ssemod.to_policy(req_sse, ctx.api.keys, ctx.who)
         except S3fuseError as exc:
-            raise _key_error(exc) from None
+            raise key_error(exc) from None
     p = ctx.core.effective_policy(parent.id)
     if p.mode == pol.SSE_C:
         raise S3Error("InvalidRequest", "this bucket's directory defaults to SSE-C: send the customer-key "
@@ -399,7 +398,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
     try:
         row = await core.create(parent.id, tmp, 0o644, who, policy=policy)
     except S3fuseError as exc:
-        raise _key_error(exc) from None
+        raise key_error(exc) from None
     ino = row.id
     released = False
     try:
@@ -409,19 +408,20 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
             off += len(piece)
         if finish is not None:
             finish()
-        with core.meta.transaction():
-            for xname, value in meta.items():
-                core.meta.set_xattr(ino, xname, value)
         await ns.store(ino)
         core.release(ino, writer=True)
         released = True
         row = core.attr(ino)
         etag = etag_for(row) if etag_for is not None else None
+        records = dict(meta)
         if etag is not None:
             ids = [b.object_id for b in core.meta.blocks_of(ino)]
-            record = etags.seal(ctx.api.access_keys.etag_key, ctx.api.store_id, ino, row.size, ids, etag)
+            records[etags.XATTR] = etags.seal(ctx.api.access_keys.etag_key, ctx.api.store_id, ino, row.size,
+                                              ids, etag)
+        if records:
             with core.meta.transaction():
-                core.meta.set_xattr(ino, etags.XATTR, record)
+                for xname, value in records.items():
+                    core.meta.set_xattr(ino, xname, value)
         core.rename(parent.id, tmp, parent.id, name, 0)
     except BaseException:
         if not released:
@@ -431,8 +431,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
         except S3fuseError:
             pass
         raise
-    await ns.changed_entry(parent.id, name)
-    await ns.make_durable()  # the rename is durable before the 200
+    await ns.make_durable(changed=(parent.id, name))  # durable, and the kernel told, before the 200
     row = core.attr(ino)
     return row, etag if etag is not None else etag_of(ctx.api, row)
 
@@ -442,7 +441,7 @@ async def put(ctx, bucket: str, key: str) -> Response:
     parts, marker = split_key(key)
     req_sse = ssemod.parse(ctx.headers, ctx.who.uid, ctx.secure)
     if req_sse.customer_key is not None:
-        ctx.who = _with_key(ctx.who, req_sse.customer_key)
+        ctx.who = with_key(ctx.who, req_sse.customer_key)
     meta = user_metadata(ctx)
     reader = BodyReader(ctx)
     if marker:
@@ -461,7 +460,7 @@ async def put(ctx, bucket: str, key: str) -> Response:
     if im is not None:
         if existing is None:
             raise S3Error("NoSuchKey", "the specified key does not exist", key=key)
-        if not _etag_matches(im, etag_of(ctx.api, existing)):
+        if not etag_matches(im, etag_of(ctx.api, existing)):
             raise S3Error("PreconditionFailed", "at least one of the preconditions you specified did not hold",
                           condition="If-Match")
     policy = await target_policy(ctx, parent, req_sse)

@@ -41,7 +41,7 @@ class RequestSSE:
         return self.mode is not None
 
 
-def _kms_ref(value: str) -> str:
+def kms_ref(value: str) -> str:
     """An ARN, alias or id as S3 clients send it -> what the KMS resolves."""
     if value.startswith("arn:aws:kms:"):
         tail = value.split(":", 5)[-1]
@@ -92,7 +92,7 @@ def parse(headers: dict[str, str], uid: int, secure: bool, copy_source: bool = F
                               "(AES256 or aws:kms)")
             out.mode = mode
             if mode == pol.SSE_KMS:
-                out.kms_key = _kms_ref(headers.get(H_KMS_KEY, ""))
+                out.kms_key = kms_ref(headers.get(H_KMS_KEY, ""))
         if H_KMS_KEY in headers and out.mode != pol.SSE_KMS:
             raise S3Error("InvalidArgument", "a KMS key id needs x-amz-server-side-encryption: aws:kms")
     if has_c:

@@ -1,8 +1,9 @@
 """Fault injection for tests: a backend wrapper that fails, delays or hangs chosen operations.
 
-TESTING ONLY. It is enabled solely by the environment variable `S3FUSE_TESTING_FAULT_PLAN`
-naming a plan file (the daemon logs a warning when it is on); nothing in a store's
-configuration can turn it on. The plan is JSON, re-read whenever the file changes, so a test
+TESTING ONLY, and part of the test harness, not of s3fuse: tests/faultd.py (the `s3fuse`
+command the harness mounts with) wraps the daemon's backend in it when the environment
+variable `S3FUSE_TESTING_FAULT_PLAN` names a plan file (the daemon then logs a warning).
+The production command never reads that variable. The plan is JSON, re-read whenever the file changes, so a test
 rewrites it at the moment it chooses::
 
     {"rules": [{"op": "put", "error": "ENOSPC"},
@@ -29,8 +30,8 @@ import os
 
 import trio
 
-from ..errors import BackendError
-from .base import Backend
+from s3fuse.backends.base import Backend
+from s3fuse.errors import BackendError
 
 log = logging.getLogger(__name__)
 

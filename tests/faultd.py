@@ -1,0 +1,29 @@
+"""The `s3fuse` command with the fault injector (tests/faulty.py) around the daemon's object
+store: the only way faults enter. The test harness mounts through it
+(``python tests/faultd.py mount STORE MNT --foreground ...``); with S3FUSE_TESTING_FAULT_PLAN
+naming a plan file the daemon's backend is wrapped, without it this is ``python -m s3fuse``.
+The production command never reads that variable."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run by path: its directory, tests/, is on sys.path
+    from faulty import FAULT_ENV, FaultyBackend
+else:
+    from .faulty import FAULT_ENV, FaultyBackend
+
+from s3fuse import cli
+from s3fuse.daemon import Daemon
+
+
+def main(argv: list[str]) -> int:
+    plan = os.environ.get(FAULT_ENV)
+    if plan:
+        Daemon.wrap_backend = staticmethod(lambda backend: FaultyBackend(backend, plan))
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

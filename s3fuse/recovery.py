@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import msgpack
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import format as fmt
 from .crypto import SYSTEM, Caller, KeyManager, WrappedKey, WriteGrant
 from .errors import S3fuseError
 from .policy import SSE_C, SSE_S3, Policy

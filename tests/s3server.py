@@ -166,7 +166,6 @@ class SeaweedServer:
     def _s3_ready(self) -> bool:
         """The gateway answers before the filer and volume server are ready; a signed
         bucket create+delete proves the whole chain works."""
-        import boto3
         import botocore.config
         import botocore.exceptions
 

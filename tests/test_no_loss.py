@@ -346,7 +346,7 @@ def test_enospc_during_a_copy_then_space_freed_every_accepted_write_arrives(work
         subprocess.run(["umount", "-l", str(fsdir)], capture_output=True)
 
 
-def test_stop_with_the_s3_server_down_loses_nothing(own_server, workdir, mount_factory):
+def test_stop_with_the_s3_server_down_loses_nothing(own_server, workdir, mount_factory):  # noqa: F811 - the fixture
     state = workdir("store") / "store"
     r = run_cli("init", "s3://faults/noloss", "--endpoint-url", own_server.endpoint, "--state-dir", state)
     assert r.returncode == 0, r.stderr

@@ -4,7 +4,6 @@ with checksums), and boto3's multipart, copy and re-encrypting copy."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os

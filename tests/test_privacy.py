@@ -54,17 +54,6 @@ def test_the_check_sees_a_foreign_private(tmp_path):
         p.unlink()
 
 
-# Known, named one by one so that no new one slips in: the S3 API's modules share helpers
-# that their module marks private (being written now, issue 22; to be made public there).
-KNOWN = {
-    ("s3api/buckets.py", "import _kms_ref"),
-    ("s3api/copy.py", "import _etag_matches"), ("s3api/copy.py", "import _key_error"),
-    ("s3api/copy.py", "import _parse_date"), ("s3api/copy.py", "import _with_key"),
-    ("s3api/multipart.py", "import _key_error"), ("s3api/multipart.py", "import _with_key"),
-}
-
-
 def test_no_module_touches_anothers_private_names():
     found = [f for p in sorted(SRC.rglob("*.py")) for f in _foreign_privates(p)]
-    new = [f for f in found if (f.split(":")[0], f.split(": ", 1)[1]) not in KNOWN]
-    assert new == []
+    assert found == []

@@ -265,6 +265,7 @@ class Filesystem:
         if not checked:
             await self.keys.check_write_async(policy, caller, path=path)
         grant = WriteGrant(policy)
+        grant.preparing()
         if not self.data.run_in_background(self._prepare_grant, grant, caller, ino, path):
             await self._prepare_grant(grant, caller, ino, path)
         return grant
@@ -276,6 +277,8 @@ class Filesystem:
             log.info("could not prepare the data key of inode %d (%s): it is asked for at its store", ino, exc)
         except Exception:  # a background task: a bug here must not stop the mount
             log.exception("preparing the data key of inode %d failed unexpectedly", ino)
+        finally:
+            grant.prepared_done()
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
         if len(target) > 4096:

@@ -98,6 +98,23 @@ class WriteGrant:
     prepared: dict[int, tuple[bytes, bytes, "WrappedKey"]] = field(default_factory=dict, repr=False)
 
     wiped: bool = False
+    # set once a data key made in the background after the open is in `prepared` or failed
+    ready: trio.Event | None = field(default=None, repr=False)
+
+    def preparing(self) -> None:
+        """A data key is being made in the background; a store waits for `prepared_done`."""
+        self.ready = trio.Event()
+
+    def prepared_done(self) -> None:
+        if self.ready is not None:
+            self.ready.set()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait, at most `timeout` seconds, for a key still being made after the open, so
+        that the store uses it rather than asking the KMS a second time."""
+        if self.ready is not None and not self.ready.is_set():
+            with trio.move_on_after(timeout):
+                await self.ready.wait()
 
     def take(self, block: int) -> tuple[bytes, bytes, "WrappedKey"] | None:
         return self.prepared.pop(block, None)

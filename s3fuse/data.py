@@ -43,6 +43,7 @@ _SPECULATIVE = contextvars.ContextVar("s3fuse_speculative", default=False)
 # Crypto on buffers above this size goes to a worker thread; below it the hand-off
 # costs more than the work (AES-GCM runs at several GB/s here).
 THREAD_THRESHOLD = 256 * 1024
+GRANT_WAIT = 10.0  # s: a store waits this long for block 0's key still being made after the open
 PAGE = 4096  # the kernel's page size, the unit of its page cache
 READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block at once
 READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
@@ -1269,6 +1270,8 @@ class DataStore:
     async def _new_object_async(self, ino: int, blockno: int, length: int, policy: Policy, who: Caller,
                                 grant: WriteGrant | None = None) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
         """`_new_object` for a network KMS: the data-key call runs in a worker thread."""
+        if grant is not None and blockno == 0:
+            await grant.wait_ready(GRANT_WAIT)
         prepared = _prepared(grant, policy, blockno)
         if prepared is not None:
             object_id, data_key, wrapped = prepared

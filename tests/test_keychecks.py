@@ -59,6 +59,22 @@ def _truncates(records: list[dict], uid: int, path) -> list[dict]:
             and r["uid"] == uid and r.get("path") == str(path)]
 
 
+def alice_sse_c_file(mount_factory, dir_mode: int, shell: str):
+    """A mount where alice holds customer key k1, her directory of `dir_mode` uses it, and
+    `shell` (with {f} for the file) made her file there -> (mnt, alice's key, the file)."""
+    m = mount_factory(extra_args=ALLOW_OTHER)
+    mnt = m.mnt
+    alice_key = os.urandom(32)
+    add_key(mnt, "k1", alice_key, uid=ALICE)
+    d = owned_dir(mnt / "alice", ALICE, dir_mode)
+    r = run_as(ALICE, ALICE, ["setfattr", "-n", "user.s3fuse.sse", "-v", "SSE-C:k1", str(d)])
+    assert r.returncode == 0, r.stderr
+    f = d / "diary.txt"
+    r = run_as(ALICE, ALICE, ["sh", "-c", shell.format(f=f)])
+    assert r.returncode == 0, r.stderr
+    return mnt, alice_key, f
+
+
 def test_truncate_by_path_passes_the_kms_checks_and_is_audited(mount_factory):
     m = mount_factory(extra_args=ALLOW_OTHER)
     mnt = m.mnt
@@ -98,16 +114,7 @@ def test_truncate_by_path_passes_the_kms_checks_and_is_audited(mount_factory):
 
 
 def test_truncate_by_path_needs_the_sse_c_key(mount_factory):
-    m = mount_factory(extra_args=ALLOW_OTHER)
-    mnt = m.mnt
-    alice_key = os.urandom(32)
-    add_key(mnt, "k1", alice_key, uid=ALICE)
-    d = owned_dir(mnt / "alice", ALICE, 0o777)
-    r = run_as(ALICE, ALICE, ["setfattr", "-n", "user.s3fuse.sse", "-v", "SSE-C:k1", str(d)])
-    assert r.returncode == 0, r.stderr
-    f = d / "diary.txt"
-    r = run_as(ALICE, ALICE, ["sh", "-c", f"umask 0; echo 'dear diary, secrets' > {f}"])
-    assert r.returncode == 0, r.stderr
+    mnt, alice_key, f = alice_sse_c_file(mount_factory, 0o777, "umask 0; echo 'dear diary, secrets' > {f}")
     assert os.stat(f).st_mode & 0o777 == 0o666
 
     # root and bob hold no key: ENOKEY, as an open for writing
@@ -127,16 +134,7 @@ def test_truncate_by_path_needs_the_sse_c_key(mount_factory):
 
 
 def test_open_with_a_wrong_key_of_the_right_name_is_ekeyrejected(mount_factory):
-    m = mount_factory(extra_args=ALLOW_OTHER)
-    mnt = m.mnt
-    alice_key = os.urandom(32)
-    add_key(mnt, "k1", alice_key, uid=ALICE)
-    d = owned_dir(mnt / "alice", ALICE, 0o755)
-    r = run_as(ALICE, ALICE, ["setfattr", "-n", "user.s3fuse.sse", "-v", "SSE-C:k1", str(d)])
-    assert r.returncode == 0, r.stderr
-    f = d / "diary.txt"
-    r = run_as(ALICE, ALICE, ["sh", "-c", f"umask 022; echo stored > {f} && sync {f}"])
-    assert r.returncode == 0, r.stderr
+    mnt, alice_key, f = alice_sse_c_file(mount_factory, 0o755, "umask 022; echo stored > {f} && sync {f}")
     assert as_uid(ALICE, "read", f) == ("ok", b"stored\n".hex())
 
     # bob: no key of that name -> ENOKEY; another key named k1 -> EKEYREJECTED

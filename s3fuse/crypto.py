@@ -128,6 +128,12 @@ class WriteGrant:
         self.prepared.clear()
 
 
+def _accepted(grant: WriteGrant | None, policy: Policy) -> bool:
+    """Whether data stored under `policy` was accepted through a handle whose key checks
+    passed at its open (a live grant for the same setting)."""
+    return grant is not None and not grant.wiped and grant.policy == policy
+
+
 class KeyManager:
     def __init__(self, store_id: bytes, keyring: Keyring, kms: KmsProvider | None = None,
                  customer: CustomerKeys | None = None, audit: AuditLog | None = None) -> None:
@@ -200,9 +206,9 @@ class KeyManager:
             return data_key, WrappedKey(SSE_S3, "", version, slot)
         if policy.mode == SSE_KMS:
             kms = self._kms()
+            generate = kms.generate_data_key_accepted if _accepted(grant, policy) else kms.generate_data_key
             try:
-                result = kms.generate_data_key(policy.key, self._context(object_id, inode, block),
-                                               who.principal)
+                result = generate(policy.key, self._context(object_id, inode, block), who.principal)
             except S3fuseError as exc:
                 self._generate_denied(policy, object_id, who, path, exc)
                 raise
@@ -298,8 +304,9 @@ class KeyManager:
         if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
             return self.new_data_key(policy, object_id, inode, block, who, path, grant)
         kms = self._kms()
+        generate = kms.generate_data_key_accepted if _accepted(grant, policy) else kms.generate_data_key
         try:
-            result = await self._offload(policy.key, None, kms.generate_data_key, policy.key,
+            result = await self._offload(policy.key, None, generate, policy.key,
                                          self._context(object_id, inode, block), who.principal)
         except S3fuseError as exc:
             self._generate_denied(policy, object_id, who, path, exc)

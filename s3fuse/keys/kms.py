@@ -199,6 +199,15 @@ class KmsProvider(abc.ABC):
     ) -> tuple[bytes, bytes, str, int]:
         """Mint a data key under `key` -> (plaintext 32-byte key, blob, key id, version)."""
 
+    def generate_data_key_accepted(
+        self, key: str, context: dict[str, str], who: Principal
+    ) -> tuple[bytes, bytes, str, int]:
+        """`generate_data_key` for data `who` wrote through a handle opened while the key
+        checks passed, as S3 checks a PUT once when it arrives: a key disabled, scheduled
+        for deletion or denied by its policy since then still takes that data. A provider
+        that cannot skip its checks (a network KMS decides on its own side) checks again."""
+        return self.generate_data_key(key, context, who)
+
     @abc.abstractmethod
     def decrypt(
         self, blob: bytes, context: dict[str, str], who: Principal
@@ -954,13 +963,24 @@ class BuiltinKms(KmsProvider):
         -> (plaintext data key, ciphertext blob, key id, version). ENOKEY if the key
         is unknown, EKEYREVOKED unless Enabled, EACCES unless the policy grants encrypt.
         """
-        aad = DATAKEY_AAD + canonical_context(context)
         k = self._get(key)
         self._usable(k, "encrypt", who)
+        return self._mint(k, context)
+
+    def _mint(self, k: _Key, context: dict[str, str]) -> tuple[bytes, bytes, str, int]:
+        aad = DATAKEY_AAD + canonical_context(context)
         data_key = os.urandom(KEY_LEN)
         nonce = os.urandom(NONCE_LEN)
         sealed = AESGCM(k.versions[k.current]).encrypt(nonce, data_key, aad)
         return data_key, encode_blob(k.key_id, k.current, nonce, sealed), k.key_id, k.current
+
+    def generate_data_key_accepted(
+        self, key: str, context: dict[str, str], who: Principal
+    ) -> tuple[bytes, bytes, str, int]:
+        """Mint a data key for accepted data: the key must still exist (ENOKEY once it is
+        deleted), its state and policy are not checked again."""
+        k = self._get(key)
+        return self._mint(k, context)
 
     def decrypt(
         self, blob: bytes, context: dict[str, str], who: Principal

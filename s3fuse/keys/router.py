@@ -69,6 +69,9 @@ class KmsRouter(KmsProvider):
     def generate_data_key(self, key, context, who):
         return self.for_key(key).generate_data_key(key, context, who)
 
+    def generate_data_key_accepted(self, key, context, who):
+        return self.for_key(key).generate_data_key_accepted(key, context, who)
+
     def decrypt(self, blob, context, who):
         return self.for_blob(blob).decrypt(blob, context, who)
 

@@ -134,6 +134,15 @@ def _accepted(grant: WriteGrant | None, policy: Policy) -> bool:
     return grant is not None and not grant.wiped and grant.policy == policy
 
 
+def _opens(grant: WriteGrant | None, wrapped: WrappedKey) -> bool:
+    """Whether a live grant covers an object stored under `wrapped` (same mode and key)."""
+    if grant is None or grant.wiped or grant.policy.mode != wrapped.mode:
+        return False
+    if wrapped.mode == SSE_KMS:
+        return grant.policy.key == wrapped.key_ref
+    return wrapped.mode == SSE_C and grant.customer is not None
+
+
 class KeyManager:
     def __init__(self, store_id: bytes, keyring: Keyring, kms: KmsProvider | None = None,
                  customer: CustomerKeys | None = None, audit: AuditLog | None = None) -> None:
@@ -227,7 +236,10 @@ class KeyManager:
 
     # ------------------------------------------------------------------ existing objects
     def open_data_key(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey,
-                      who: Caller, path: str | None = None) -> bytes:
+                      who: Caller, path: str | None = None, grant: WriteGrant | None = None) -> bytes:
+        """The data key of a stored object. `grant`: the live grant of the file the object
+        belongs to, for a read-modify-write of its own block: its key opens the object
+        even if it was removed, disabled or denied since the open (see WriteGrant)."""
         if wrapped.mode == SSE_S3:
             try:
                 kek = self.keyring.key(wrapped.key_version)
@@ -237,20 +249,24 @@ class KeyManager:
             return self._unwrap(kek, wrapped.key_slot, aad, object_id)
         if wrapped.mode == SSE_KMS:
             kms = self._kms()
+            decrypt = kms.decrypt_accepted if _opens(grant, wrapped) else kms.decrypt
             try:
-                result = kms.decrypt(wrapped.key_slot, self._context(object_id, inode, block),
-                                     who.principal)
+                result = decrypt(wrapped.key_slot, self._context(object_id, inode, block), who.principal)
             except S3fuseError as exc:
                 self._decrypt_failed(object_id, wrapped, who, path, exc)
                 raise
             return self._decrypted(result, object_id, wrapped, who, path)
         if wrapped.mode == SSE_C:
             key = self.customer_key_for_object(who, wrapped.key_ref)
-            if key is None:
+            if key is not None:
+                material = key.material
+            elif _opens(grant, wrapped) and ssec.matches(grant.customer, wrapped.key_ref):
+                material = grant.customer  # the key the file's writes were accepted under
+            else:
                 raise KeyUnavailable(f"no loaded customer key of uid {who.uid} matches object "
                                      f"{object_id.hex()}", errno.ENOKEY)
             aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_C, wrapped.key_ref)
-            kek = ssec.wrapping_key(key.material, wrapped.key_ref, object_id)
+            kek = ssec.wrapping_key(material, wrapped.key_ref, object_id)
             return self._unwrap(kek, wrapped.key_slot, aad, object_id)
         raise IntegrityError(f"object {object_id.hex()} has unknown mode {wrapped.mode!r}")
 
@@ -314,10 +330,11 @@ class KeyManager:
         return self._generated(result, object_id, who, path)
 
     async def open_data_key_async(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey,
-                                  who: Caller, path: str | None = None) -> bytes:
+                                  who: Caller, path: str | None = None,
+                                  grant: WriteGrant | None = None) -> bytes:
         """`open_data_key`, with a network KMS's call in a worker thread."""
         if wrapped.mode != SSE_KMS or not self.kms_blocks(blob=wrapped.key_slot):
-            return self.open_data_key(object_id, inode, block, wrapped, who, path)
+            return self.open_data_key(object_id, inode, block, wrapped, who, path, grant)
         kms = self._kms()
         try:
             result = await self._offload(None, wrapped.key_slot, kms.decrypt, wrapped.key_slot,

@@ -557,16 +557,18 @@ class DataStore:
             if b > a:
                 self.pusher.push(fs, gen, a, data[a - start : b - start])
 
-    async def _fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
+    async def _fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller,
+                              grant: WriteGrant | None = None) -> list[bytes]:
         try:
-            return await self._fetch_segments_of(ref, first, last, who)
+            return await self._fetch_segments_of(ref, first, last, who, grant)
         except BackendError as exc:  # the store failed (integrity errors are logged as such)
             if not _SPECULATIVE.get():
                 log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,
                       ref.blockno, exc)
             raise
 
-    async def _fetch_segments_of(self, ref: BlockRef, first: int, last: int, who: Caller) -> list[bytes]:
+    async def _fetch_segments_of(self, ref: BlockRef, first: int, last: int, who: Caller,
+                                 grant: WriteGrant | None = None) -> list[bytes]:
         key = ref.object_id.hex()
         opened = self._objects.get(ref.object_id)
         if opened is not None and not self._matches(opened.header, ref):
@@ -599,7 +601,7 @@ class DataStore:
         except NoSuchObject:
             raise self._integrity(ref, "object is missing from the store") from None
         if opened is None:
-            opened = await self._open_object(ref, bufs[0], who)
+            opened = await self._open_object(ref, bufs[0], who, grant)
         try:
             if length > THREAD_THRESHOLD:
                 return await self._crypto.run(
@@ -608,13 +610,14 @@ class DataStore:
         except fmt.FormatError as exc:
             raise self._integrity(ref, str(exc)) from None
 
-    async def _open_object(self, ref: BlockRef, header_bytes: bytes, who: Caller) -> _OpenObject:
+    async def _open_object(self, ref: BlockRef, header_bytes: bytes, who: Caller,
+                           grant: WriteGrant | None = None) -> _OpenObject:
         """Unwrap the data key, authenticate the header and check it against the block map."""
         wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
         try:
             try:
                 data_key = await self.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno,
-                                                               wrapped, who)
+                                                               wrapped, who, grant=grant)
             except KeyUnavailable:
                 # `ref` was read before an await: the re-wrap sweep may have moved the row to a
                 # newer master key since, and the old version been retired. The row as it is now:
@@ -654,10 +657,10 @@ class DataStore:
             log.error("integrity error: %s", msg)
         return IntegrityError(msg)
 
-    async def _load_block(self, ref: BlockRef, who: Caller) -> bytearray:
+    async def _load_block(self, ref: BlockRef, who: Caller, grant: WriteGrant | None) -> bytearray:
         """The whole valid plaintext of a stored block, for a read-modify-write."""
         count = fmt.segment_count(ref.obj_length, self.segment_size)
-        segs = await self._fetch_segments(ref, 0, count - 1, who)
+        segs = await self._fetch_segments(ref, 0, count - 1, who, grant)
         data = bytearray(b"".join(segs))
         del data[ref.length :]
         return data
@@ -678,7 +681,7 @@ class DataStore:
         else:
             event = self._loading[(fs.ino, blockno)] = trio.Event()
             try:
-                data = await self._load_block(ref, fs.writer)
+                data = await self._load_block(ref, fs.writer, fs.grant)
             finally:
                 del self._loading[(fs.ino, blockno)]
                 event.set()
@@ -1304,7 +1307,7 @@ class DataStore:
             new_refs = []
             try:
                 for ref in self.meta.blocks_of(ino):
-                    data = await self._load_block(ref, who)
+                    data = await self._load_block(ref, who, None)
                     new_refs.append(await self._store_snapshot(ino, ref.blockno, bytes(data), policy, who))
                 await self.backend.sync()
             except BaseException:

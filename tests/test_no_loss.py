@@ -398,30 +398,40 @@ def test_data_a_stop_could_not_keep_marks_the_file_and_reads_fail(plan, mount_fa
     assert (mnt / "f").read_bytes() == b"committed\n"
 
 
-def test_kms_key_disabled_while_a_large_file_is_written_loses_nothing(mount_factory):
-    """Blocks made after the withdrawal (not only the first, prepared at the open) are
-    stored under the key the handle was opened with. The writes after it start new blocks:
-    a write into a block already stored needs that block decrypted (not covered yet)."""
-    m = mount_factory(extra_args=ALLOW_OTHER)
+@pytest.mark.parametrize("withdraw", ["kms disable", "key remove"])
+def test_key_withdrawn_while_a_large_file_is_written_loses_nothing(mount_factory, withdraw):
+    """Writes after the withdrawal, through a handle opened before it, are stored under the
+    handle's key: new blocks, and a block already stored that the write extends (which must
+    be decrypted to merge the write)."""
+    m = mount_factory()
     mnt = m.mnt
-    key_id = kms_create(mnt, "alias/big")
-    d = owned_dir(mnt / "big", ALICE)
-    setfattr_ok(d, "aws:kms:alias/big")
+    d = mnt / "d"
+    os.mkdir(d)
+    customer_key = os.urandom(32)
+    if withdraw == "kms disable":
+        key_id = kms_create(mnt, "alias/big")
+        setfattr_ok(d, "aws:kms:alias/big")
+    else:
+        add_key(mnt, "mine", customer_key)
+        setfattr_ok(d, "SSE-C:mine")
     f = d / "f"
-    before, after = os.urandom(8 << 20), os.urandom(6 << 20)  # blocks 0-1, then 2-3
+    before, after = os.urandom(9 << 20), os.urandom(6 << 20)  # blocks 0-2, then 2-3
     fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o666)
     try:
         os.write(fd, before)
-        os.fsync(fd)  # blocks 0 and 1 stored before the key is withdrawn
-        r = cli("kms", "disable", "alias/big", "-m", mnt)
+        os.fsync(fd)  # blocks 0-2 stored, block 2 partly, before the key is withdrawn
+        r = cli(*withdraw.split(), "alias/big" if withdraw == "kms disable" else "mine", "-m", mnt)
         assert r.returncode == 0, r.stderr
         with pytest.raises(OSError):  # a new open for writing is refused
             os.open(d / "late", os.O_WRONLY | os.O_CREAT, 0o666)
         os.write(fd, after)
-        os.fsync(fd)  # blocks 2 and 3 are new objects made after the withdrawal
+        os.fsync(fd)
     finally:
         os.close(fd)
     m.unmount()
     m.start()
-    cli_ok("kms", "enable", key_id, "-m", mnt)
+    if withdraw == "kms disable":
+        cli_ok("kms", "enable", key_id, "-m", mnt)
+    else:
+        add_key(mnt, "mine", customer_key)
     assert f.read_bytes() == before + after

@@ -208,6 +208,13 @@ class KmsProvider(abc.ABC):
         that cannot skip its checks (a network KMS decides on its own side) checks again."""
         return self.generate_data_key(key, context, who)
 
+    def decrypt_accepted(
+        self, blob: bytes, context: dict[str, str], who: Principal
+    ) -> tuple[bytes, str, int]:
+        """`decrypt` of a block of a file `who` is writing through a handle opened while the
+        key checks passed, to merge a write into it (see `generate_data_key_accepted`)."""
+        return self.decrypt(blob, context, who)
+
     @abc.abstractmethod
     def decrypt(
         self, blob: bytes, context: dict[str, str], who: Principal
@@ -991,12 +998,23 @@ class BuiltinKms(KmsProvider):
         ENOKEY if the key or version is gone; EKEYREVOKED unless Enabled; EACCES
         unless the policy grants decrypt.
         """
+        return self._unwrap(blob, context, who, check=True)
+
+    def decrypt_accepted(
+        self, blob: bytes, context: dict[str, str], who: Principal
+    ) -> tuple[bytes, str, int]:
+        """`decrypt` without the state and policy checks (the key must still exist)."""
+        return self._unwrap(blob, context, who, check=False)
+
+    def _unwrap(self, blob: bytes, context: dict[str, str], who: Principal, check: bool
+                ) -> tuple[bytes, str, int]:
         aad = DATAKEY_AAD + canonical_context(context)
         key_id, version, nonce, sealed = parse_blob(blob)
         k = self._keys.get(key_id)
         if k is None:
             raise _error(f"KMS key {key_id!r} named by the ciphertext does not exist", errno.ENOKEY)
-        self._usable(k, "decrypt", who)
+        if check:
+            self._usable(k, "decrypt", who)
         material = k.versions.get(version)
         if material is None:
             raise _error(f"KMS key {k.label} has no backing version {version}", errno.ENOKEY)

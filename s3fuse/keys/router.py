@@ -75,6 +75,9 @@ class KmsRouter(KmsProvider):
     def decrypt(self, blob, context, who):
         return self.for_blob(blob).decrypt(blob, context, who)
 
+    def decrypt_accepted(self, blob, context, who):
+        return self.for_blob(blob).decrypt_accepted(blob, context, who)
+
     def authorize(self, key, action, who):
         return self.for_key(key).authorize(key, action, who)
 

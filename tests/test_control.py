@@ -42,7 +42,10 @@ import select, socket, sys
 def connect():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sys.argv[1])
-    s.send(b"\x00\x00")  # half a length prefix: an idle, half-open request
+    try:
+        s.send(b"\x00\x00")  # half a length prefix: an idle, half-open request
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused (over the quota) and closed before the send: its reply is read below
     return s
 
 held = [connect() for _ in range(int(sys.argv[2]))]
@@ -52,7 +55,10 @@ while True:  # as the attack did: renew every connection the daemon closes, unti
     if sys.stdin in ready:
         break
     for s in ready:
-        refused = bool(s.recv(4096))  # an EBUSY reply: over the quota, not renewed
+        try:
+            refused = bool(s.recv(4096))  # an EBUSY reply: over the quota, not renewed
+        except ConnectionResetError:
+            refused = True
         held.remove(s)
         s.close()
         if not refused:  # closed for being idle: renewed

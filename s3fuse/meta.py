@@ -388,6 +388,20 @@ class Meta:
         return [BlockRef(*r) for r in self.db.execute(
             f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? ORDER BY blockno", (ino,))]
 
+    def delete_block(self, ino: int, blockno: int) -> None:
+        """Forget a block's row (it became a hole); the caller makes its object garbage."""
+        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
+
+    def stored_bytes_of(self, ino: int) -> int:
+        """Plaintext bytes a file's block map holds (its st_blocks)."""
+        return self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
+
+    def key_slot_of(self, object_id: bytes) -> tuple[int, bytes] | None:
+        """The master-key version and key slot an object's row has now."""
+        row = self.db.execute("SELECT key_version, key_slot FROM blocks WHERE object_id=?",
+                              (object_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
     def put_block(self, ref: BlockRef) -> BlockRef | None:
         """Point a block at a new object; the replaced object (if any) becomes garbage."""
         old = self.block(ref.inode, ref.blockno)
@@ -410,8 +424,7 @@ class Meta:
         if size % block_size:
             self.db.execute("UPDATE blocks SET length=min(length, ?) WHERE inode=? AND blockno=?",
                             (size % block_size, ino, size // block_size))
-        stored = self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
-        self.update_inode(ino, stored_bytes=stored)
+        self.update_inode(ino, stored_bytes=self.stored_bytes_of(ino))
 
     def kms_slots_below(self, key_ref: str, version: int, after: bytes, limit: int) -> list[BlockRef]:
         """Blocks wrapped under an SSE-KMS key at a version below `version`, in object-id

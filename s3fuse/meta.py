@@ -605,6 +605,23 @@ class Meta:
             out.append(BlockRef(*r[:10]))
         return out
 
+    def delete_block(self, ino: int, blockno: int) -> None:
+        """Forget a block's row (it became a hole); the caller makes its object garbage."""
+        old = self.block(ino, blockno) if self.key is not None else None
+        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
+        if old is not None:
+            self._adjust(ino, sub=[block_mac(self.key, old)])
+
+    def stored_bytes_of(self, ino: int) -> int:
+        """Plaintext bytes a file's block map holds (its st_blocks)."""
+        return self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
+
+    def key_slot_of(self, object_id: bytes) -> tuple[int, bytes] | None:
+        """The master-key version and key slot an object's row has now."""
+        row = self.db.execute("SELECT key_version, key_slot FROM blocks WHERE object_id=?",
+                              (object_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
     def put_block(self, ref: BlockRef) -> BlockRef | None:
         """Point a block at a new object; the replaced object (if any) becomes garbage."""
         old = self.block(ref.inode, ref.blockno)
@@ -619,20 +636,6 @@ class Meta:
         if mac is not None:
             self._adjust(ref.inode, add=[mac], sub=[] if old is None else [block_mac(self.key, old)])
         return old
-
-    def remove_block(self, ino: int, blockno: int) -> None:
-        """Make a block a hole; its object becomes garbage."""
-        old = self.block(ino, blockno)
-        if old is None:
-            return
-        self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (old.object_id,))
-        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
-        if self.key is not None:
-            self._adjust(ino, sub=[block_mac(self.key, old)])
-
-    def stored_bytes_of(self, ino: int) -> int:
-        """Plaintext bytes a file's block-map rows hold (st_blocks)."""
-        return self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
 
     def truncate_blocks(self, ino: int, size: int, block_size: int) -> None:
         """Drop blocks wholly past `size` and shorten the one that straddles it."""
@@ -661,8 +664,7 @@ class Meta:
                                 (size % block_size, ino, last))
         if add or sub:
             self._adjust(ino, add=add, sub=sub)
-        stored = self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
-        self.update_inode(ino, stored_bytes=stored)
+        self.update_inode(ino, stored_bytes=self.stored_bytes_of(ino))
 
     def kms_slots_below(self, key_ref: str, version: int, after: bytes, limit: int) -> list[BlockRef]:
         """Blocks wrapped under an SSE-KMS key at a version below `version`, in object-id

@@ -204,7 +204,7 @@ def test_changes_keep_digests_consistent(store):
         m.remove_entry(ROOT_INODE, b"f")
         m.truncate_blocks(ids["f"], BS + 10, BS)
         m.truncate_blocks(ids["f"], 10, BS)
-        m.remove_block(ids["g"], 0)
+        m.delete_block(ids["g"], 0)
         ref = m.block(ids["f"], 0)
         assert m.replace_key_slot(ref.object_id, ref.key_slot, b"new slot", 2)
         m.update_inode(ids["f"], size=10, mode=0o100600, nlink=1)

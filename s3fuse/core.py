@@ -85,14 +85,7 @@ class Filesystem:
         return self.with_overlay(self._inode(ino))
 
     def with_overlay(self, row: Inode) -> Inode:
-        fs = self.data.overlay(row.id)
-        if fs is not None:
-            row.size = fs.size
-            row.mtime_ns = fs.mtime_ns
-            row.ctime_ns = fs.ctime_ns
-            row.stored_bytes += sum(len(b.data) for b in fs.blocks.values())
-            fs.stored_reported = row.stored_bytes
-        return row
+        return self.data.with_overlay(row)
 
     @staticmethod
     def _check_name(name: bytes) -> None:
@@ -556,9 +549,8 @@ class Filesystem:
                     break
                 walk.upto = cur
                 if (stat.S_ISREG(mode) and ref is not None and ref.mode == pol.SSE_S3
-                        and self.data.prefetch(child, size, ref, caller)):
+                        and self.data.prefetch(child, size, ref, caller, ahead=True)):
                     walk.ahead.append(cur)
-                    self.data.stats["prefetches_ahead"] += 1
         walk.opens += 1
         self._walks[parent] = walk
         if len(self._walks) > 64:

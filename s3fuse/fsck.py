@@ -31,6 +31,7 @@ import trio
 from . import format as fmt
 from .backends import Backend, open_backend
 from .crypto import SYSTEM, KeyManager, WrappedKey
+from .data import codec
 from .errors import IntegrityError, KeyUnavailable, S3fuseError, StoreError
 from .keys.customer import CustomerKeys
 from .keys.router import open_kms
@@ -440,25 +441,7 @@ async def _authenticate(ctx: Context, ref: BlockRef, whole: bool, counters: dict
         return "corrupt-object", f"is {len(buf)} bytes, should be {expected_size} (truncated or appended to)"
 
     def verify() -> str | None:
-        keys = fmt.derive_object_keys(data_key, ref.object_id)
-        try:
-            header = fmt.parse_header(buf, keys)
-        except fmt.FormatError as exc:
-            return str(exc)
-        want = (ref.object_id, ctx.cfg.store_id, ref.inode, ref.blockno, ref.mode, ref.key_ref,
-                ctx.cfg.segment_size, ref.obj_length)
-        got = (header.object_id, header.store_id, header.inode, header.block, header.mode,
-               header.key_ref, header.segment_size, header.length)
-        if want != got:
-            return "header does not match the block map"
-        if fmt.header_length(buf) != ref.hdr_len:
-            return "header length does not match the block map"
-        if whole:
-            try:
-                fmt.decrypt_segments(keys, header, 0, memoryview(buf)[ref.hdr_len:], header.segment_count)
-            except fmt.FormatError as exc:
-                return str(exc)
-        return None
+        return codec.verify_object(buf, data_key, ref, ctx.cfg.store_id, ctx.cfg.segment_size, whole)
 
     why = await trio.to_thread.run_sync(verify)
     if why is not None:

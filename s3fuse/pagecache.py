@@ -22,7 +22,7 @@ that is already under way.
 Pushes run in one worker thread of their own: storing a page waits for its lock, which a read
 the event loop has not answered yet may hold, so the event loop must never make this call,
 with one exception: `store_now`, a whole small file at its only OPEN, when no READ of it can
-be under way (data.DataStore._push_on_open).
+be under way (data.readcache, ReadCache._push_on_open).
 The same thread tells the kernel to drop cached attributes that changed without a request
 of its own (st_blocks after a background flush): a notification is a write to the FUSE
 device, which need not cost the event loop a system call.
@@ -88,7 +88,7 @@ class PageCachePusher:
 
     def store_now(self, ino: int, data: memoryview) -> None:
         """Store a whole small file's data at once, from the event loop, while its only
-        OPEN is being answered (data.DataStore._push_on_open says why that cannot wait on a
+        OPEN is being answered (data.readcache, ReadCache._push_on_open, says why that cannot wait on a
         page lock). Best effort: a failure costs only the READ that the kernel then sends."""
         try:
             self._store(ino, 0, data)

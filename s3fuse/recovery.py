@@ -218,7 +218,7 @@ class RecoveryArea:
         """At a stop: write a record for every file with data the stop could not store.
         -> inodes whose data could not even be kept (the caller marks them damaged)."""
         lost = []
-        for fs in [f for f in data.files.values() if f.blocks or f.size != f.db_size]:
+        for fs in data.unstored():
             row = meta.inode(fs.ino)
             if row is None or row.nlink == 0:
                 continue  # deleted: its data goes with it

@@ -127,10 +127,8 @@ class MasterKeys:
     def dependants(self) -> dict[int, int]:
         """Objects (committed rows + stored-but-uncommitted blocks) per master-key version."""
         counts = self.meta.count_by_version(SSE_S3)
-        for blocks in self.data.pending.values():
-            for ref in blocks.values():
-                if ref is not None and ref.mode == SSE_S3:
-                    counts[ref.key_version] = counts.get(ref.key_version, 0) + 1
+        for version, n in self.data.pending_by_version(SSE_S3).items():
+            counts[version] = counts.get(version, 0) + n
         return counts
 
     def next_rotation(self) -> float | None:

@@ -1,4 +1,4 @@
-"""s3fuse/data.py driven directly, without a mount: interleavings of the flusher, truncate and
+"""The data path (s3fuse/data/) driven directly, without a mount: interleavings of the flusher, truncate and
 the collector that a mounted test can only hit by chance. Real SQLite, real objects on disk,
 real crypto."""
 
@@ -20,17 +20,21 @@ BLOCK = 64 * 1024
 SEGMENT = 16 * 1024
 
 
-def _store(tmp_path) -> tuple[Meta, DataStore, int]:
+def _file(meta: Meta, name: bytes) -> int:
+    with meta.transaction():
+        row = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, 1, time.time_ns())
+        meta.add_entry(ROOT_INODE, name, row.id)
+    return row.id
+
+
+def _store(tmp_path, **limits) -> tuple[Meta, DataStore, int]:
     objects = tmp_path / "objects"
     LocalBackend.create(str(objects))
     meta = Meta.create(str(tmp_path / "meta.db"), 0, 0, time.time_ns())
     store_id = os.urandom(16)
     data = DataStore(meta, LocalBackend(str(objects)), KeyManager(store_id, Keyring.new()), store_id,
-                     BLOCK, SEGMENT)
-    with meta.transaction():
-        row = meta.create_inode(stat.S_IFREG | 0o644, 0, 0, 1, time.time_ns())
-        meta.add_entry(ROOT_INODE, b"f", row.id)
-    return meta, data, row.id
+                     BLOCK, SEGMENT, **limits)
+    return meta, data, _file(meta, b"f")
 
 
 def test_a_deferred_block_superseded_by_a_flush_is_not_committed_later(tmp_path):
@@ -43,15 +47,13 @@ def test_a_deferred_block_superseded_by_a_flush_is_not_committed_later(tmp_path)
         data.opened(ino, writer=SYSTEM)
         first, second = os.urandom(BLOCK), os.urandom(4096)
         await data.write(ino, 0, first)  # a whole block: sealed, as a sequential writer leaves it
-        fs = data.files[ino]
-        async with data._flush_lock:  # what the flusher does with sealed blocks
-            await data._flush_locked([fs], durable=False, only_full=True)
-        assert ino in data.pending and meta.block(ino, 0) is None  # stored, commit deferred
-        deferred = data.pending[ino][0].object_id
+        await data.store_full_blocks(ino)  # what the flusher does with sealed blocks
+        assert meta.block(ino, 0) is None  # stored, commit deferred
+        deferred = data.block_ref(ino, 0).object_id
 
         await data.write(ino, 0, second)
         await data.truncate(ino, BLOCK)  # flushes block 0 again: the deferred object is garbage
-        assert ino not in data.pending
+        assert data.block_ref(ino, 0) == meta.block(ino, 0) != None  # noqa: E711 - nothing pending
         assert await data.collect_garbage() >= 1
         assert await data.backend.head(deferred.hex()) is None
 
@@ -171,12 +173,15 @@ def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
     written is all stored and reads back."""
 
     async def main():
-        meta, data, ino = _store(tmp_path)
-        data.dirty_limit = 2 * BLOCK
-        data.cache.limit = 8 * SEGMENT
-        for i in range(8):
-            data.cache.put(((b"o" * 16, 99, i), 0), os.urandom(SEGMENT))
-        assert data.cache.used == 8 * SEGMENT
+        meta, data, ino = _store(tmp_path, dirty_limit=2 * BLOCK, cache_limit=8 * SEGMENT)
+        other = _file(meta, b"g")  # read once: its 8 segments fill the cache
+        data.opened(other, writer=SYSTEM)
+        await data.write(other, 0, os.urandom(2 * BLOCK))
+        await data.flush(other, durable=True)
+        data.released(other)
+        data.forget_cached_keys()
+        await data.read(other, 0, 2 * BLOCK)
+        assert data.status()["cache_bytes"] == 8 * SEGMENT
         data.opened(ino, writer=SYSTEM)
         payload = os.urandom(6 * BLOCK)
         async with trio.open_nursery() as nursery:
@@ -185,7 +190,7 @@ def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
                 await data.write(ino, off, payload[off:off + BLOCK // 2])
             await data.flush(ino, durable=True)
             nursery.cancel_scope.cancel()
-        assert data.cache.used <= data.cache.limit // 4
+        assert data.status()["cache_bytes"] <= 8 * SEGMENT // 4
         assert await data.read(ino, 0, len(payload)) == payload
 
     trio.run(main)

@@ -118,13 +118,13 @@ def test_a_sequential_reader_has_the_next_blocks_read_ahead(mounted):
     assert after[key] - before.get(key, 0) >= 3, (key, after[key])
     if "s3_prefetch_handoffs" in after:  # over S3, prefetched objects reach the read from memory
         assert after["s3_prefetch_handoffs"] - before["s3_prefetch_handoffs"] >= 3, after
-    # and the next block was fetched and authenticated ahead of the reader (data._decrypt_ahead)
+    # and the next block was fetched and authenticated ahead of the reader (the read cache decrypts ahead)
     assert after["blocks_read_ahead"] - before["blocks_read_ahead"] >= 3, after["blocks_read_ahead"]
 
 
 def test_files_fetched_ahead_are_read_without_a_read_request(mounted):
     """A small file whose plaintext was fetched ahead is handed to the kernel's page cache at
-    its open (data._push_on_open): the reader's read is answered by the kernel, and is the file."""
+    its open (the read cache pushes it at open): the reader's read is answered by the kernel, and is the file."""
     files = make_files(mounted.mnt / "d", 60, seed=5)
     mounted.remount()
     d = mounted.mnt / "d"

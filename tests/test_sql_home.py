@@ -1,8 +1,5 @@
 """Every SQL statement lives in meta.py, or in metaquery.py (read-only queries for fsck and
-the CLI). Pure: reads the source.
-
-data.py still holds a few queries of its own until the data path is split (issue 18); that
-exception is named here so that it cannot grow unnoticed into other modules."""
+the CLI). Pure: reads the source."""
 
 from __future__ import annotations
 
@@ -12,7 +9,6 @@ import re
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "s3fuse"
 ALLOWED = {"meta.py", "metaquery.py"}
-NOT_YET = {"data.py"}
 SQL = re.compile(r"^\s*(SELECT |INSERT |REPLACE INTO |UPDATE \w+ SET |DELETE FROM |DROP TABLE |PRAGMA "
                  r"|WITH RECURSIVE |CREATE (TEMP |UNIQUE )?(TABLE|INDEX) )")
 
@@ -35,5 +31,5 @@ def test_the_check_finds_sql():
 
 def test_sql_only_in_meta_and_metaquery():
     found = [f for p in sorted(SRC.rglob("*.py"))
-             if str(p.relative_to(SRC)) not in ALLOWED | NOT_YET for f in _sql_in(p)]
+             if str(p.relative_to(SRC)) not in ALLOWED for f in _sql_in(p)]
     assert found == []

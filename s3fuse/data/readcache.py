@@ -1,0 +1,402 @@
+"""Reads of stored blocks: ranged fetches of only the segments a request needs, a bounded
+LRU of decrypted segments (memory only: plaintext never touches the disk), prefetch of small
+files and of a sequential reader's next blocks, and handing fetched plaintext to the
+kernel's page cache (pagecache.py).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections import OrderedDict
+
+import trio
+
+from .. import format as fmt
+from ..backends import Backend, NoSuchObject
+from ..crypto import Caller, WriteGrant
+from ..errors import BackendError, IntegrityError, S3fuseError
+from ..meta import BlockRef, Meta
+from ..pagecache import PageCachePusher
+from .codec import THREAD_THRESHOLD, ObjectCodec, OpenObject
+from .writeback import FileState, WriteBack
+
+log = logging.getLogger(__name__)
+# set in a task that fetches ahead of any read: its failures are not logged, since the read
+# that needs the data fetches it again and reports what it finds
+_SPECULATIVE = contextvars.ContextVar("s3fuse_speculative", default=False)
+
+PAGE = 4096  # the kernel's page size, the unit of its page cache
+READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block at once
+READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
+PREFETCH_BLOCKS = 8  # over S3, a sequential reader has the next 8 blocks' objects fetched ahead
+PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a block
+# a file up to this size opened for reading is fetched at once, while the kernel returns from
+# open(2) and sends its first read: the fetch's latency overlaps that round trip
+PREFETCH_ON_OPEN = 256 * 1024
+PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at once
+
+
+class SegmentCache:
+    """LRU of decrypted segments, keyed by the block they belong to (object id, inode, block)
+    and the segment index, bounded in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        # key: ((object id, inode, block), segment index)
+        self._items: OrderedDict[tuple[tuple[bytes, int, int], int], bytes] = OrderedDict()
+
+    def get(self, key: tuple[tuple[bytes, int, int], int]) -> bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[tuple[bytes, int, int], int], value: bytes) -> None:
+        if key in self._items:
+            return
+        self._items[key] = value
+        self.used += len(value)
+        self.shrink_to(self.limit)
+
+    def shrink_to(self, size: int) -> None:
+        """Evict the least recently used segments until at most `size` bytes are held."""
+        while self.used > size and self._items:
+            _, old = self._items.popitem(last=False)
+            self.used -= len(old)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.used = 0
+
+
+class ReadCache:
+    def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec, wb: WriteBack,
+                 block_size: int, segment_size: int, cache_limit: int, stats: dict[str, int]) -> None:
+        self.meta = meta
+        self.backend = backend
+        self.codec = codec
+        self.wb = wb
+        self.block_size = block_size
+        self.segment_size = segment_size
+        self.cache = SegmentCache(cache_limit)
+        self.stats = stats
+        self._fetching: dict[bytes, trio.Event] = {}  # objects being fetched for reads
+        self._nursery: trio.Nursery | None = None  # set while `prefetcher` runs
+        self._prefetches = 0  # background fetches under way
+        # set while mounted: hands the rest of a fetched segment to the kernel's page cache
+        self.pusher: PageCachePusher | None = None
+
+    def block_ref(self, ino: int, blockno: int) -> BlockRef | None:
+        """The object holding a block: a stored-but-uncommitted one first, else the block map."""
+        found, ref = self.wb.pending_ref(ino, blockno)
+        return ref if found else self.meta.block(ino, blockno)
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch_on_open(self, fs: FileState, who: Caller, first: BlockRef | None) -> None:
+        """`fs` was opened for reading by `who` (its key checks passed): if it is small and
+        stored, fetch and authenticate it now, into the segment cache, so that its first read
+        finds it there or waits for this fetch instead of starting its own. `first` is block
+        0's committed row, if the caller has it."""
+        if fs.blocks or not 0 < fs.size <= PREFETCH_ON_OPEN:
+            return
+        found, ref = self.wb.pending_ref(fs.ino, 0)
+        if found:
+            first = ref
+        elif first is None:
+            first = self.meta.block(fs.ino, 0)
+        if not self._push_on_open(fs, first):
+            self.prefetch(fs.ino, fs.size, first, who)
+
+    def _push_on_open(self, fs: FileState, ref: BlockRef | None) -> bool:
+        """If a small file's whole plaintext is in the segment cache (fetched ahead), hand it
+        to the kernel's page cache before its OPEN is answered: the reader's first READ is then
+        answered by the kernel, a round trip saved per file. -> whether it was handed over.
+
+        This runs on the event loop, which must never wait on a page lock (pagecache.py). It
+        cannot here: the kernel locks a page of the file while a READ of it is under way, and
+        a READ needs an open handle, which keeps the file open in this daemon until RELEASE,
+        which the kernel sends only after the handle's last READ. So when this OPEN, not yet
+        answered, is the file's only one, no page of it is locked waiting for us. The data are
+        committed, unchanged (nothing written, no writer) and authenticated."""
+        if (self.pusher is None or ref is None or fs.open_count != 1 or fs.writers or fs.dirty
+                or fs.ino in self.wb.pending or ref.length < fs.size):
+            return False
+        ident = (ref.object_id, ref.inode, ref.blockno)
+        segs = []
+        for i in range(-(-fs.size // self.segment_size)):
+            seg = self.cache.get((ident, i))
+            if seg is None:
+                return False
+            segs.append(seg)
+        data = segs[0] if len(segs) == 1 else b"".join(segs)
+        self.pusher.store_now(fs.ino, memoryview(data)[: fs.size])
+        return True
+
+    def _decrypt_ahead(self, fs: FileState | None, blockno: int, who: Caller) -> None:
+        """A sequential reader entering a block has the next one fetched and authenticated into
+        the segment cache meanwhile, so that its first read there finds it (or waits for a fetch
+        already under way) instead of only then starting the fetch and the whole block's
+        decryption."""
+        if fs is None or blockno in fs.blocks or blockno * self.block_size >= fs.size or not self.can_prefetch():
+            return
+        ref = self.block_ref(fs.ino, blockno)
+        if ref is not None and self._start_fetch(ref, ref.length, who):
+            self.stats["blocks_read_ahead"] += 1
+
+    def run_in_background(self, fn, *args) -> bool:
+        """Start `fn(*args)` in a task of the mount's background nursery (the prefetcher's);
+        -> False when not mounted (the caller runs it itself)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
+    def can_prefetch(self) -> bool:
+        return self._nursery is not None and self._prefetches < PREFETCH_TASKS
+
+    def prefetch(self, ino: int, size: int, ref: BlockRef | None, who: Caller) -> bool:
+        """Fetch a small file's stored block `ref` into the segment cache in the background,
+        unless it is too big, unflushed, cached, being fetched, or enough fetches are under
+        way. -> whether a fetch was started."""
+        if ref is None or not 0 < size <= PREFETCH_ON_OPEN:
+            return False
+        fs = self.wb.get(ino)
+        if fs is not None and (fs.blocks or fs.size != size) or ino in self.wb.pending:
+            return False  # newer data than `ref` exists
+        if not self._start_fetch(ref, min(size, ref.length), who):
+            return False
+        self.stats["prefetches"] += 1
+        return True
+
+    def _start_fetch(self, ref: BlockRef, length: int, who: Caller) -> bool:
+        """Fetch `ref` into the segment cache in a background task, unless it is cached, being
+        fetched, or enough fetches are under way. -> whether a fetch was started."""
+        if (not self.can_prefetch() or ref.object_id in self._fetching
+                or self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None):
+            return False
+        self._prefetches += 1
+        self._nursery.start_soon(self._prefetch, ref, length, who)
+        return True
+
+    async def _prefetch(self, ref: BlockRef, length: int, who: Caller) -> None:
+        _SPECULATIVE.set(True)  # this task's own context
+        try:
+            await self.read_stored(ref, 0, length, False, who)
+        except (S3fuseError, OSError):
+            pass  # the read fetches again, and reports
+        finally:
+            self._prefetches -= 1
+
+    async def prefetcher(self) -> None:
+        """Runs the fetches of `prefetch` (at open, and ahead of a reader) while mounted."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    # ------------------------------------------------------------------ reads
+    async def read(self, ino: int, fs: FileState | None, file_size: int, off: int, size: int,
+                   who: Caller) -> bytes:
+        """Bytes [off, off+size) of a file of `file_size` bytes: buffered blocks from `fs`,
+        the others from the store."""
+        if off >= file_size or size <= 0:
+            return b""
+        end = min(off + size, file_size)
+        sequential = fs is not None and fs.last_read_end == off
+        if fs is not None:
+            # noted on arrival, not on completion: the kernel's read-ahead sends several
+            # requests at once, in order, and each must see its predecessor as sequential
+            fs.last_read_end = end
+        # a random reader's misses leave the rest of their segments in the kernel's page cache
+        # (a sequential reader has the kernel's read-ahead)
+        push = (fs, fs.push_gen, off, end) if self.pusher is not None and fs is not None and not sequential \
+            else None
+        parts = []
+        pos = off
+        bs = self.block_size
+        while pos < end:
+            blockno, boff = divmod(pos, bs)
+            n = min(end - pos, bs - boff)
+            blk = fs.blocks.get(blockno) if fs is not None else None
+            if sequential and boff < PREFETCH_TRIGGER:
+                # a sequential reader entering a block: have the next blocks' objects on their way
+                for ahead in range(blockno + 1, blockno + 1 + PREFETCH_BLOCKS):
+                    ref = self.block_ref(ino, ahead)
+                    if ref is not None:
+                        self.backend.prefetch(ref.object_id.hex())
+                self._decrypt_ahead(fs, blockno + 1, who)
+            if blk is not None:
+                chunk = bytes(blk.data[boff : boff + n])
+            else:
+                ref = self.block_ref(ino, blockno)
+                if ref is None:
+                    chunk = b""
+                else:
+                    chunk = await self.read_stored(ref, boff, n, sequential, who, push)
+            if len(chunk) < n:
+                chunk += bytes(n - len(chunk))
+            parts.append(chunk)
+            pos += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller,
+                          push: tuple[FileState, int, int, int] | None = None) -> bytes:
+        """Bytes [boff, boff+n) of a stored block, clipped to its valid length."""
+        stop = min(boff + n, ref.length)
+        if boff >= stop:
+            return b""
+        seg = self.segment_size
+        first, last = boff // seg, (stop - 1) // seg
+        # cached segments are bound to the block they were authenticated for, not just to the
+        # object: a block-map row pointed at another file's object must not find its plaintext
+        ident = (ref.object_id, ref.inode, ref.blockno)
+        segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
+        while any(s is None for s in segs) and ref.object_id in self._fetching:
+            # another request is fetching this object (read-ahead): wait, then look again
+            await self._fetching[ref.object_id].wait()
+            segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
+        if any(s is None for s in segs):
+            missing = [first + k for k, s in enumerate(segs) if s is None]
+            lo, hi = missing[0], missing[-1]
+            if sequential:
+                count = fmt.segment_count(ref.obj_length, seg)
+                hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
+            elif push is not None:
+                count = fmt.segment_count(ref.obj_length, seg)
+                if self.backend.fetches_whole_objects:
+                    # the whole object is fetched anyway: authenticate all of it, for the page cache
+                    lo, hi = 0, count - 1
+                else:
+                    # read around the miss, as the kernel does for a page fault: a random reader
+                    # soon finds most of a file it keeps reading in the page cache
+                    around = READ_AROUND // seg
+                    lo, hi = min(lo, lo // around * around), min(count - 1, max(hi, (lo // around + 1) * around - 1))
+            needed = missing[0], missing[-1]
+            if not _SPECULATIVE.get():
+                self.stats["read_fetches"] += 1  # a reader that waits for the store itself
+            done = self._fetching[ref.object_id] = trio.Event()
+            try:
+                try:
+                    fetched = await self.fetch_segments(ref, lo, hi, who)
+                except IntegrityError:
+                    if (lo, hi) == needed:
+                        raise
+                    # a segment fetched only for read-ahead failed (and was logged): the ones
+                    # this read needs may still be intact, so a damaged neighbour costs no more
+                    # than its own range
+                    (lo, hi), push = needed, None
+                    fetched = await self.fetch_segments(ref, lo, hi, who)
+            finally:
+                del self._fetching[ref.object_id]
+                done.set()
+            for k, s in enumerate(fetched):
+                if first <= lo + k <= last or push is None:
+                    self.cache.put((ident, lo + k), s)
+            segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
+            if push is not None:
+                self._push_fetched(push, ref, lo, fetched)
+        data = segs[0] if len(segs) == 1 else b"".join(segs)
+        start = boff - first * seg
+        return data[start : start + (stop - boff)]
+
+    def _push_fetched(self, push: tuple[FileState, int, int, int], ref: BlockRef, lo: int,
+                      fetched: list[bytes]) -> None:
+        """Queue the fetched plaintext, less the pages the current request will fill, for the
+        kernel's page cache, if the file allows it (pagecache.py says when)."""
+        fs, gen, req_start, req_end = push
+        if (self.pusher is None or fs.push_gen != gen or fs.writers > 0 or fs.dirty or fs.open_count <= 0
+                or fs.ino in self.wb.pending or self.wb.get(fs.ino) is not fs):
+            return
+        data = memoryview(fetched[0] if len(fetched) == 1 else b"".join(fetched))
+        block_start = ref.blockno * self.block_size
+        start = block_start + lo * self.segment_size
+        end = min(start + len(data), block_start + ref.length, fs.size)
+        # the request's own pages stay locked until it is answered: storing them would only wait
+        cut_lo, cut_hi = req_start // PAGE * PAGE, -(-req_end // PAGE) * PAGE
+        for a, b in ((start, min(end, cut_lo)), (max(start, cut_hi), end)):
+            if b != fs.size:
+                b = b // PAGE * PAGE  # whole pages: the kernel keeps a partial one only at EOF
+            if b > a:
+                self.pusher.push(fs, gen, a, data[a - start : b - start])
+
+    async def fetch_segments(self, ref: BlockRef, first: int, last: int, who: Caller,
+                             grant: WriteGrant | None = None) -> list[bytes]:
+        """Segments first..last of a stored block, fetched and authenticated."""
+        try:
+            return await self._fetch_segments_of(ref, first, last, who, grant)
+        except BackendError as exc:  # the store failed (integrity errors are logged as such)
+            if not _SPECULATIVE.get():
+                log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,
+                          ref.blockno, exc)
+            raise
+
+    async def _fetch_segments_of(self, ref: BlockRef, first: int, last: int, who: Caller,
+                                 grant: WriteGrant | None = None) -> list[bytes]:
+        key = ref.object_id.hex()
+        opened = self.codec.opened(ref)
+        start, length = fmt.segment_range(ref.hdr_len, self.segment_size, ref.obj_length, first, last)
+        expected = last - first + 1
+        if opened is not None:
+            if length <= THREAD_THRESHOLD:
+                # bytes already in memory: small enough to fetch and decrypt right here
+                bufs = self.backend.try_get_ranges(key, [(start, length)])
+                if bufs is not None:
+                    try:
+                        return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[0], expected)
+                    except fmt.FormatError as exc:
+                        raise self._integrity(ref, str(exc)) from None
+
+            # keys known: fetch and authenticate in one worker-thread hop
+            def decrypt(bufs: list[bytes]) -> list[bytes]:
+                return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[0], expected)
+
+            try:
+                return await self.backend.get_ranges_and(key, [(start, length)], decrypt)
+            except NoSuchObject:
+                raise self._integrity(ref, "object is missing from the store") from None
+            except fmt.FormatError as exc:
+                raise self._integrity(ref, str(exc)) from None
+        ranges = [(0, ref.hdr_len), (start, length)]
+        try:
+            bufs = await self.backend.get_ranges(key, ranges)
+        except NoSuchObject:
+            raise self._integrity(ref, "object is missing from the store") from None
+        opened = await self._open(ref, bufs[0], who, grant)
+        try:
+            if length > THREAD_THRESHOLD:
+                return await self.codec.crypto.run(
+                    fmt.decrypt_segments, opened.keys, opened.header, first, bufs[-1], last - first + 1)
+            return fmt.decrypt_segments(opened.keys, opened.header, first, bufs[-1], last - first + 1)
+        except fmt.FormatError as exc:
+            raise self._integrity(ref, str(exc)) from None
+
+    async def _open(self, ref: BlockRef, header_bytes: bytes, who: Caller,
+                    grant: WriteGrant | None) -> OpenObject:
+        try:
+            return await self.codec.open(ref, header_bytes, who, grant)
+        except (IntegrityError, fmt.FormatError) as exc:
+            raise self._integrity(ref, str(exc)) from None
+
+    def _integrity(self, ref: BlockRef, why: str) -> IntegrityError:
+        msg = f"object {ref.object_id.hex()} (inode {ref.inode}, block {ref.blockno}): {why}"
+        if not _SPECULATIVE.get():
+            self.stats["integrity_errors"] += 1
+            log.error("integrity error: %s", msg)
+        return IntegrityError(msg)
+
+    async def load_block(self, ref: BlockRef, who: Caller, grant: WriteGrant | None) -> bytearray:
+        """The whole valid plaintext of a stored block, for a read-modify-write."""
+        count = fmt.segment_count(ref.obj_length, self.segment_size)
+        segs = await self.fetch_segments(ref, 0, count - 1, who, grant)
+        data = bytearray(b"".join(segs))
+        del data[ref.length :]
+        return data
+
+    def forget_plaintext(self) -> None:
+        """Drop every cached segment (after a key is withdrawn)."""
+        self.cache.clear()
+

@@ -216,6 +216,16 @@ class Meta:
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
 
+    def hold_checkpoints(self) -> None:
+        """No automatic checkpoints: the owner calls `checkpoint` (an S3 store's journal ships
+        WAL frames, and a checkpoint must not drop frames it has not shipped)."""
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and empty it; False if readers kept it from completing."""
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One mutation = one transaction. Nested use joins the outer one."""

@@ -513,7 +513,7 @@ class Meta:
             " LEFT JOIN blocks b ON b.inode = d.inode AND b.blockno = 0"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?", (parent, cursor, limit)).fetchall()
         if self.key is None:
-            return [(r[0], r[1], r[2], r[3], BlockRef(*r[4:]) if r[4] is not None else None) for r in rows]
+            return [(r[0], r[1], r[2], r[3], BlockRef(*r[4:14]) if r[4] is not None else None) for r in rows]
         # a read-ahead hint only (the open checks the file): a row that does not authenticate
         # is not fetched
         out = []

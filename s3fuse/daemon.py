@@ -274,6 +274,8 @@ class Daemon:
         if stale:
             log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
         self.meta = Meta(self.cfg.meta_path)
+        if self.s3 is not None:
+            self.s3.attach(self.meta)
         # a keyring.bin put back from before a rotation is refused here, before anything changes
         keygen.check(self.meta.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
                      self.cfg.keyring_path)
@@ -302,6 +304,8 @@ class Daemon:
         self.admin = AdminHandlers(self.keys, self.data, self.meta, self.core, self.master,
                                    self.audit, self.audit_path, recovery=self.recovery)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
+        if self.s3 is not None:
+            self.ops.metadata_durable = self.s3.sync_metadata
         self.s3api = S3Service(
             self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
             self.cfg.store_id, self.mountpoint, self.options.s3_api,
@@ -330,7 +334,13 @@ class Daemon:
         if not clean:
             log.warning("the store was not unmounted cleanly; collecting unreferenced objects")
             self.backend.clear_tmp()
-            removed = await self.data.sweep_unreferenced()
+            if self.s3 is not None:
+                removed, kept = await self.s3.sweep_unreferenced(self.meta)
+                if kept:
+                    log.info("kept %d unreferenced objects stored shortly before the bucket's newest "
+                             "metadata: a record the previous holder did not ship may name them", kept)
+            else:
+                removed = await self.data.sweep_unreferenced()
             log.info("removed %d unreferenced objects", removed)
         await self.data.collect_garbage()
 
@@ -479,10 +489,11 @@ class Daemon:
                     self.meta.set_state("audit_head", self.audit.head)
                     self.meta.set_state("audit_seq", self.audit.seq)
                     self.meta.set_state("clean", 1 if stored else 0)
+                shipped = await self.s3.before_close() if self.s3 is not None else True
                 self.meta.close()
                 if self.s3 is not None:
                     try:
-                        await self.s3.finish()
+                        await self.s3.finish(shipped)
                     except S3fuseError as exc:  # the bucket is unreachable: told once, no traceback
                         stored = False
                         log.error("could not finish with the bucket (the next mount recovers): %s", exc)
@@ -523,6 +534,7 @@ class Daemon:
         return {
             "status": self._status,
             "flush": self._flush,
+            "sync": self._sync,
             "unmount": self._unmount,
             **self.admin.handlers(),
             **self.s3api.handlers(),
@@ -558,6 +570,7 @@ class Daemon:
             "fuse_lock_waited": fuseloop.lock_counts.waited,
             **self.backend.stats,
             **self._kms_breaker_stats(),
+            **(self.s3.stats() if self.s3 is not None else {}),
         }
 
     def _kms_breaker_stats(self) -> dict:
@@ -569,6 +582,15 @@ class Daemon:
     async def _flush(self, peer: Peer, args: dict) -> None:
         self._require_owner(peer)
         await self.data.flush_all(durable=True)
+
+    async def _sync(self, peer: Peer, args: dict) -> dict:
+        """Store every buffered byte and, for an S3 store, ship every committed metadata change
+        to the bucket (the kernel passes no syncfs to a FUSE daemon)."""
+        self._require_owner(peer)
+        await self.data.flush_all(durable=True)
+        if self.s3 is not None:
+            await self.s3.sync_metadata()
+        return {"bucket": self.s3 is not None}
 
     async def _unmount(self, peer: Peer, args: dict) -> dict:
         """Store everything; if some files cannot be stored, say which and why and stay

@@ -8,10 +8,17 @@ database locks. `schema()` documents every column.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from . import metaauth as ma
+from .errors import IntegrityError
+
+log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 # inode rows kept in memory (about 4 MiB at most): getattr, open, create and the data path
@@ -20,7 +27,9 @@ INODE_CACHE = 16384
 # up to this many inodes with xattrs are remembered in memory (a few MiB at most)
 XATTR_SET_LIMIT = 100_000
 _ALWAYS_ASK: set[int] = set()
-SCHEMA_VERSION = 1
+# inodes whose owned rows were checked against their set digest are remembered (ids only)
+VERIFIED_LIMIT = 200_000
+SCHEMA_VERSION = 2  # 2: rows carry MACs, inodes a set digest (docs/FORMAT.md)
 
 SCHEMA = """
 -- One row per file, directory, symlink, FIFO, socket or device node.
@@ -36,8 +45,10 @@ CREATE TABLE inodes (
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
     stored_bytes INTEGER NOT NULL DEFAULT 0, -- plaintext bytes held in objects (st_blocks)
-    sse BLOB                        -- msgpack: encryption of this file's new objects, or a
+    sse BLOB,                       -- msgpack: encryption of this file's new objects, or a
                                     -- directory's default for new children (NULL: inherit)
+    digest BLOB,                    -- sum of the MACs of the rows it owns (metaauth.py)
+    mac BLOB                        -- HMAC of the row under the metadata key (metaauth.py)
 );
 -- Directory entries; id is a never-reused cursor for readdir.
 CREATE TABLE dentries (
@@ -45,13 +56,15 @@ CREATE TABLE dentries (
     parent INTEGER NOT NULL,
     name BLOB NOT NULL,
     inode INTEGER NOT NULL,
+    mac BLOB,
     UNIQUE (parent, name)
 );
 CREATE INDEX dentries_by_parent ON dentries (parent, id);
 CREATE INDEX dentries_by_inode ON dentries (inode);
 CREATE TABLE symlinks (
     inode INTEGER PRIMARY KEY,
-    target BLOB NOT NULL
+    target BLOB NOT NULL,
+    mac BLOB
 );
 CREATE TABLE xattrs (
     inode INTEGER NOT NULL,
@@ -72,6 +85,7 @@ CREATE TABLE blocks (
     key_ref TEXT NOT NULL,          -- key identity within the mode (see docs/FORMAT.md)
     key_version INTEGER NOT NULL,   -- master-key or KMS backing-key version
     key_slot BLOB NOT NULL,         -- the data key, wrapped (docs/FORMAT.md, "Key slots")
+    mac BLOB,
     PRIMARY KEY (inode, blockno)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX blocks_by_object ON blocks (object_id);
@@ -100,6 +114,8 @@ class Inode:
     ctime_ns: int
     stored_bytes: int
     sse: bytes | None
+    digest: bytes | None = None
+    mac: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -116,15 +132,48 @@ class BlockRef:
     key_slot: bytes
 
 
-_INODE_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, stored_bytes, sse"
+_INODE_COLS = "id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, stored_bytes, sse, digest, mac"
 _INODE_INDEX = {name.strip(): i for i, name in enumerate(_INODE_COLS.split(","))}
 _BLOCK_COLS = "inode, blockno, object_id, length, obj_length, hdr_len, mode, key_ref, key_version, key_slot"
 BLOCK_COLUMNS = _BLOCK_COLS  # a block-map row's columns in BlockRef's order (metaquery.py)
+_DIGEST = _INODE_INDEX["digest"]
+_MAC = _INODE_INDEX["mac"]
+# the inode columns its MAC covers (times and stored_bytes change no content)
+_AUTH_FIELDS = frozenset(("mode", "uid", "gid", "nlink", "size", "rdev", "sse", "digest"))
+_S_IFMT = 0o170000
+_S_IFREG = 0o100000
+_S_IFDIR = 0o040000
+_S_IFLNK = 0o120000
+
+
+def inode_mac(key: bytes, row) -> bytes:
+    """The MAC an inode row (in _INODE_COLS order) should carry."""
+    return ma.inode_mac(key, row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[11],
+                        row[_DIGEST] if row[_DIGEST] is not None else ma.ZERO)
+
+
+def block_mac(key: bytes, r) -> bytes:
+    """The MAC a block-map row (a BlockRef, or a tuple in its order) should carry."""
+    if isinstance(r, BlockRef):
+        return ma.block_mac(key, r.inode, r.blockno, r.object_id, r.length, r.obj_length, r.hdr_len,
+                            r.mode, r.key_ref, r.key_version, r.key_slot)
+    return ma.block_mac(key, *r[:10])
+
+
+class Forged(IntegrityError):
+    """A metadata record does not authenticate: EIO for the operation that met it."""
 
 
 class Meta:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, key: bytes | None = None) -> None:
+        """`key`: the metadata key; with it every row written is signed and every row read
+        checked. Without it (a store not yet authenticated, or a tool that only touches the
+        state table) rows are neither."""
         self.path = path
+        self.key = key
+        # inodes whose owned rows (blocks, entries, symlink) matched their set digest
+        self._verified: set[int] = set()
+        self._reported: set[tuple[int, str]] = set()  # (inode, record) logged once
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -150,13 +199,14 @@ class Meta:
         self._xattr_inodes: set[int] | None = None
 
     @classmethod
-    def create(cls, path: str, root_uid: int, root_gid: int, now_ns: int) -> "Meta":
-        m = cls(path)
+    def create(cls, path: str, root_uid: int, root_gid: int, now_ns: int, key: bytes | None = None) -> "Meta":
+        m = cls(path, key)
         m.db.executescript(SCHEMA)
         with m.transaction():
+            row = (ROOT_INODE, 0o040755, root_uid, root_gid, 2, 0, 0, now_ns, now_ns, now_ns, 0, None, ma.ZERO)
             m.db.execute(
-                f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (ROOT_INODE, 0o040755, root_uid, root_gid, 2, 0, 0, now_ns, now_ns, now_ns, 0, None),
+                f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*row, inode_mac(key, (*row, None)) if key is not None else None),
             )
             m.set_state("schema_version", SCHEMA_VERSION)
             m.set_state("clean", 1)
@@ -165,6 +215,16 @@ class Meta:
     def close(self) -> None:
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
+
+    def hold_checkpoints(self) -> None:
+        """No automatic checkpoints: the owner calls `checkpoint` (an S3 store's journal ships
+        WAL frames, and a checkpoint must not drop frames it has not shipped)."""
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and empty it; False if readers kept it from completing."""
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -179,6 +239,7 @@ class Meta:
         except BaseException:
             self._in_tx = False
             self._rows.clear()
+            self._verified.clear()
             self.db.execute("ROLLBACK")
             raise
         self._in_tx = False
@@ -207,13 +268,84 @@ class Meta:
     # inodes
     def inode(self, ino: int) -> Inode | None:
         """A fresh copy of an inode's row (callers may change it), or None."""
+        row = self._row(ino)
+        return None if row is None else Inode(*row)
+
+    def _row(self, ino: int) -> tuple | None:
+        """An inode's row, authenticated (once, then held in memory)."""
         row = self._rows.get(ino)
         if row is None:
             row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
             if row is None:
                 return None
+            if self.key is not None and not ma.same(row[_MAC], inode_mac(self.key, row)):
+                self._forged(ino, "inode row")
             self._remember(ino, row)
-        return Inode(*row)
+        return row
+
+    def _forged(self, ino: int, record: str) -> None:
+        if (ino, record) not in self._reported:
+            self._reported.add((ino, record))
+            log.error("inode %d: its %s does not authenticate (metadata edited?): EIO", ino, record)
+        raise Forged(f"inode {ino}: {record} does not authenticate")
+
+    def _mark_verified(self, ino: int) -> None:
+        if len(self._verified) >= VERIFIED_LIMIT:
+            self._verified.clear()
+        self._verified.add(ino)
+
+    def _check_blocks(self, ino: int) -> dict[int, BlockRef] | None:
+        """Check a file's block rows against its set digest, the first time they are needed ->
+        the rows (all checked now), or None if they were checked before."""
+        if self.key is None or ino in self._verified:
+            return None
+        row = self._row(ino)
+        if row is None:
+            return None
+        refs, macs = {}, []
+        for r in self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE inode=?", (ino,)):
+            m = block_mac(self.key, r)
+            if not ma.same(r[10], m):
+                self._forged(ino, f"block {r[1]} row")
+            refs[r[1]] = BlockRef(*r[:10])
+            macs.append(m)
+        if not ma.same(row[_DIGEST], ma.digest_of(macs)):
+            self._forged(ino, "block map (a row deleted, added or replayed)")
+        self._mark_verified(ino)
+        return refs
+
+    def _check_entries(self, parent: int) -> bool:
+        """Check a directory's entries against its set digest the first time -> whether
+        they were checked now (every row as it is now is authentic)."""
+        if self.key is None or parent in self._verified:
+            return False
+        row = self._row(parent)
+        if row is None:
+            return False
+        macs = []
+        for name, ino, mac in self.db.execute("SELECT name, inode, mac FROM dentries WHERE parent=?", (parent,)):
+            m = ma.entry_mac(self.key, parent, name, ino)
+            if not ma.same(mac, m):
+                self._forged(parent, f"entry {bytes(name)!r}")
+            macs.append(m)
+        if not ma.same(row[_DIGEST], ma.digest_of(macs)):
+            self._forged(parent, "entry list (an entry deleted, added or replayed)")
+        self._mark_verified(parent)
+        return True
+
+    def _adjust(self, ino: int, add: Iterable[bytes] = (), sub: Iterable[bytes] = ()) -> None:
+        """Update an inode's set digest for rows it gained (`add`) and lost (`sub`)."""
+        if self.key is None:
+            return
+        row = self._row(ino)
+        if row is None:
+            return  # its owner is gone (rows of a deleted inode)
+        d = row[_DIGEST] if row[_DIGEST] is not None else ma.ZERO
+        for m in add:
+            d = ma.add(d, m)
+        for m in sub:
+            d = ma.sub(d, m)
+        self.update_inode(ino, digest=d)
 
     def _remember(self, ino: int, row: tuple) -> None:
         if len(self._rows) >= INODE_CACHE:
@@ -240,16 +372,22 @@ class Meta:
     def create_inode(self, mode: int, uid: int, gid: int, nlink: int, now_ns: int,
                      rdev: int = 0, sse: bytes | None = None) -> Inode:
         ino = self._new_inode_number()
-        self.db.execute(
-            "INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, sse)"
-            " VALUES (?,?,?,?,?,0,?,?,?,?,?)",
-            (ino, mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, sse),
-        )
-        row = (ino, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse)
+        row = (ino, mode, uid, gid, nlink, 0, rdev, now_ns, now_ns, now_ns, 0, sse, ma.ZERO)
+        row = (*row, inode_mac(self.key, (*row, None)) if self.key is not None else None)
+        self.db.execute(f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
         self._remember(ino, row)
+        if self.key is not None:
+            self._mark_verified(ino)  # it owns nothing yet, as its digest says
         return Inode(*row)
 
     def update_inode(self, ino: int, **fields) -> None:
+        if self.key is not None and not _AUTH_FIELDS.isdisjoint(fields):
+            row = self._row(ino)  # authenticated before it is signed again
+            if row is not None:
+                new = list(row)
+                for name, value in fields.items():
+                    new[_INODE_INDEX[name]] = value
+                fields["mac"] = inode_mac(self.key, new)
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE inodes SET {cols} WHERE id=?", (*fields.values(), ino))
         row = self._rows.get(ino)
@@ -267,6 +405,7 @@ class Meta:
         self.db.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
         self._rows.pop(ino, None)
+        self._verified.discard(ino)
 
     def orphan_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
@@ -276,21 +415,54 @@ class Meta:
 
     # directory entries
     def lookup(self, parent: int, name: bytes) -> int | None:
+        if self.key is None:
+            row = self.db.execute("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone()
+            return None if row is None else row[0]
+        checked = self._check_entries(parent)
+        row = self.db.execute("SELECT inode, mac FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone()
+        if row is None:
+            return None
+        if not checked and not ma.same(row[1], ma.entry_mac(self.key, parent, name, row[0])):
+            self._forged(parent, f"entry {bytes(name)!r}")
+        return row[0]
+
+    def _entry_mac(self, parent: int, name: bytes, ino: int) -> bytes | None:
+        return None if self.key is None else ma.entry_mac(self.key, parent, name, ino)
+
+    def _entry_inode(self, parent: int, name: bytes) -> int | None:
         row = self.db.execute("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone()
         return None if row is None else row[0]
 
     def add_entry(self, parent: int, name: bytes, ino: int) -> None:
-        self.db.execute("INSERT INTO dentries (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
+        mac = self._entry_mac(parent, name, ino)
+        self.db.execute("INSERT INTO dentries (parent, name, inode, mac) VALUES (?,?,?,?)", (parent, name, ino, mac))
+        if mac is not None:
+            self._adjust(parent, add=[mac])
 
     def remove_entry(self, parent: int, name: bytes) -> None:
+        ino = self._entry_inode(parent, name) if self.key is not None else None
         self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        if ino is not None:
+            self._adjust(parent, sub=[self._entry_mac(parent, name, ino)])
 
     def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
-        self.db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
-                        (new_parent, new_name, parent, name))
+        ino = self._entry_inode(parent, name) if self.key is not None else None
+        if ino is None:
+            self.db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+                            (new_parent, new_name, parent, name))
+            return
+        old, new = self._entry_mac(parent, name, ino), self._entry_mac(new_parent, new_name, ino)
+        self.db.execute("UPDATE dentries SET parent=?, name=?, mac=? WHERE parent=? AND name=?",
+                        (new_parent, new_name, new, parent, name))
+        self._adjust(parent, sub=[old])
+        self._adjust(new_parent, add=[new])
 
     def set_entry_inode(self, parent: int, name: bytes, ino: int) -> None:
-        self.db.execute("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name))
+        old_ino = self._entry_inode(parent, name) if self.key is not None else None
+        new = self._entry_mac(parent, name, ino)
+        self.db.execute("UPDATE dentries SET inode=?, mac=? WHERE parent=? AND name=?", (ino, new, parent, name))
+        if old_ino is not None:
+            self._adjust(parent, add=[new], sub=[self._entry_mac(parent, name, old_ino)])
 
     def has_entries(self, parent: int) -> bool:
         return self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,)).fetchone() is not None
@@ -301,12 +473,33 @@ class Meta:
 
     def entries_after(self, parent: int, cursor: int, limit: int) -> list[tuple]:
         """(cursor, name, inode columns...) of the entries after `cursor`, in cursor order."""
-        return self.db.execute(
-            f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
-            " FROM dentries d JOIN inodes i ON i.id = d.inode"
+        if self.key is None:
+            return self.db.execute(
+                f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+                " FROM dentries d JOIN inodes i ON i.id = d.inode"
+                " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
+                (parent, cursor, limit),
+            ).fetchall()
+        checked = self._check_entries(parent)
+        rows = self.db.execute(
+            f"SELECT d.id, d.name, d.inode, d.mac, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            " FROM dentries d LEFT JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (parent, cursor, limit),
         ).fetchall()
+        out, key, held = [], self.key, self._rows
+        for r in rows:
+            name, ino, row = r[1], r[2], r[4:]
+            if not checked and not ma.same(r[3], ma.entry_mac(key, parent, name, ino)):
+                self._forged(parent, f"entry {bytes(name)!r}")
+            if row[0] is None:
+                self._forged(ino, "inode row (missing)")
+            if held.get(ino) != row:
+                if not ma.same(row[_MAC], inode_mac(key, row)):
+                    self._forged(ino, "inode row")
+                self._remember(ino, row)
+            out.append((r[0], name, *row))
+        return out
 
     def entry_of(self, ino: int) -> tuple[int, int] | None:
         """(parent, cursor) of one directory entry of an inode."""
@@ -315,18 +508,41 @@ class Meta:
     def first_blocks_after(self, parent: int, cursor: int, limit: int) -> list[tuple]:
         """(cursor, inode, mode, size, block 0's BlockRef or None) of the entries after `cursor`."""
         rows = self.db.execute(
-            f"SELECT d.id, d.inode, i.mode, i.size, {', '.join('b.' + c.strip() for c in _BLOCK_COLS.split(','))}"
+            f"SELECT d.id, d.inode, i.mode, i.size, {', '.join('b.' + c.strip() for c in _BLOCK_COLS.split(','))}, b.mac"
             " FROM dentries d JOIN inodes i ON i.id = d.inode"
             " LEFT JOIN blocks b ON b.inode = d.inode AND b.blockno = 0"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?", (parent, cursor, limit)).fetchall()
-        return [(r[0], r[1], r[2], r[3], BlockRef(*r[4:]) if r[4] is not None else None) for r in rows]
+        if self.key is None:
+            return [(r[0], r[1], r[2], r[3], BlockRef(*r[4:14]) if r[4] is not None else None) for r in rows]
+        # a read-ahead hint only (the open checks the file): a row that does not authenticate
+        # is not fetched
+        out = []
+        for r in rows:
+            ref = None
+            if r[4] is not None:
+                ref = BlockRef(*r[4:14])
+                if not ma.same(r[14], block_mac(self.key, ref)):
+                    ref = None
+            out.append((r[0], r[1], r[2], r[3], ref))
+        return out
 
     # symlinks
     def set_symlink(self, ino: int, target: bytes) -> None:
-        self.db.execute("INSERT INTO symlinks (inode, target) VALUES (?,?)", (ino, target))
+        mac = None if self.key is None else ma.symlink_mac(self.key, ino, target)
+        self.db.execute("INSERT INTO symlinks (inode, target, mac) VALUES (?,?,?)", (ino, target, mac))
+        if mac is not None:
+            self._adjust(ino, add=[mac])
 
     def symlink_target(self, ino: int) -> bytes | None:
-        row = self.db.execute("SELECT target FROM symlinks WHERE inode=?", (ino,)).fetchone()
+        row = self.db.execute("SELECT target, mac FROM symlinks WHERE inode=?", (ino,)).fetchone()
+        if self.key is not None:
+            inode = self._row(ino)
+            if inode is not None and (inode[1] & _S_IFMT) == _S_IFLNK:
+                if row is None:
+                    self._forged(ino, "symlink target (missing)")
+                m = ma.symlink_mac(self.key, ino, row[0])
+                if not ma.same(row[1], m) or not ma.same(inode[_DIGEST], m):
+                    self._forged(ino, "symlink target")
         return None if row is None else row[0]
 
     # xattrs
@@ -370,17 +586,41 @@ class Meta:
 
     # block map
     def block(self, ino: int, blockno: int) -> BlockRef | None:
-        row = self.db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno=?",
+        if self.key is None:
+            row = self.db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno=?",
+                                  (ino, blockno)).fetchone()
+            return None if row is None else BlockRef(*row)
+        checked = self._check_blocks(ino)
+        if checked is not None:
+            return checked.get(blockno)
+        row = self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE inode=? AND blockno=?",
                               (ino, blockno)).fetchone()
-        return None if row is None else BlockRef(*row)
+        if row is None:
+            return None
+        if not ma.same(row[10], block_mac(self.key, row)):
+            self._forged(ino, f"block {blockno} row")
+        return BlockRef(*row[:10])
 
     def blocks_of(self, ino: int) -> list[BlockRef]:
-        return [BlockRef(*r) for r in self.db.execute(
-            f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? ORDER BY blockno", (ino,))]
+        checked = self._check_blocks(ino)
+        if checked is not None:
+            return [checked[b] for b in sorted(checked)]
+        if self.key is None:
+            return [BlockRef(*r) for r in self.db.execute(
+                f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? ORDER BY blockno", (ino,))]
+        out = []
+        for r in self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE inode=? ORDER BY blockno", (ino,)):
+            if not ma.same(r[10], block_mac(self.key, r)):
+                self._forged(ino, f"block {r[1]} row")
+            out.append(BlockRef(*r[:10]))
+        return out
 
     def delete_block(self, ino: int, blockno: int) -> None:
         """Forget a block's row (it became a hole); the caller makes its object garbage."""
+        old = self.block(ino, blockno) if self.key is not None else None
         self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
+        if old is not None:
+            self._adjust(ino, sub=[block_mac(self.key, old)])
 
     def stored_bytes_of(self, ino: int) -> int:
         """Plaintext bytes a file's block map holds (its st_blocks)."""
@@ -397,23 +637,43 @@ class Meta:
         old = self.block(ref.inode, ref.blockno)
         if old is not None:
             self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (old.object_id,))
+        mac = None if self.key is None else block_mac(self.key, ref)
         self.db.execute(
-            f"INSERT OR REPLACE INTO blocks ({_BLOCK_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO blocks ({_BLOCK_COLS}, mac) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (ref.inode, ref.blockno, ref.object_id, ref.length, ref.obj_length, ref.hdr_len,
-             ref.mode, ref.key_ref, ref.key_version, ref.key_slot),
+             ref.mode, ref.key_ref, ref.key_version, ref.key_slot, mac),
         )
+        if mac is not None:
+            self._adjust(ref.inode, add=[mac], sub=[] if old is None else [block_mac(self.key, old)])
         return old
 
     def truncate_blocks(self, ino: int, size: int, block_size: int) -> None:
         """Drop blocks wholly past `size` and shorten the one that straddles it."""
         first_gone = -(-size // block_size)
+        add, sub = [], []
+        if self.key is not None:
+            self._check_blocks(ino)
+            sub = [block_mac(self.key, r) for r in self.db.execute(
+                f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno>=?", (ino, first_gone))]
         self.db.execute(
             "INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=? AND blockno>=?",
             (ino, first_gone))
         self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno>=?", (ino, first_gone))
         if size % block_size:
-            self.db.execute("UPDATE blocks SET length=min(length, ?) WHERE inode=? AND blockno=?",
-                            (size % block_size, ino, size // block_size))
+            last = size // block_size
+            old = self.block(ino, last) if self.key is not None else None
+            if old is not None and old.length > size % block_size:
+                new = dataclasses.replace(old, length=size % block_size)
+                mac = block_mac(self.key, new)
+                self.db.execute("UPDATE blocks SET length=?, mac=? WHERE inode=? AND blockno=?",
+                                (new.length, mac, ino, last))
+                add.append(mac)
+                sub.append(block_mac(self.key, old))
+            elif self.key is None:
+                self.db.execute("UPDATE blocks SET length=min(length, ?) WHERE inode=? AND blockno=?",
+                                (size % block_size, ino, last))
+        if add or sub:
+            self._adjust(ino, add=add, sub=sub)
         self.update_inode(ino, stored_bytes=self.stored_bytes_of(ino))
 
     def kms_slots_below(self, key_ref: str, version: int, after: bytes, limit: int) -> list[BlockRef]:
@@ -446,6 +706,20 @@ class Meta:
     def replace_key_slot(self, object_id: bytes, old_slot: bytes, new_slot: bytes, version: int) -> bool:
         """Swap a block's wrapped data key if it is still `old_slot` (the block may have been
         rewritten meanwhile) -> whether it was swapped."""
+        if self.key is not None:
+            row = self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE object_id=? AND key_slot=?",
+                                  (object_id, old_slot)).fetchone()
+            if row is None:
+                return False
+            old_mac = block_mac(self.key, row)
+            if not ma.same(row[10], old_mac):  # never sign again what does not authenticate
+                self._forged(row[0], f"block {row[1]} row")
+            new = dataclasses.replace(BlockRef(*row[:10]), key_slot=new_slot, key_version=version)
+            mac = block_mac(self.key, new)
+            self.db.execute("UPDATE blocks SET key_slot=?, key_version=?, mac=? WHERE object_id=?",
+                            (new_slot, version, mac, object_id))
+            self._adjust(row[0], add=[mac], sub=[old_mac])
+            return True
         cur = self.db.execute("UPDATE blocks SET key_slot = ?, key_version = ? "
                               "WHERE object_id = ? AND key_slot = ?",
                               (new_slot, version, object_id, old_slot))
@@ -453,9 +727,13 @@ class Meta:
 
     def key_refs(self, ino: int) -> list[tuple[str, str]]:
         """The distinct (mode, key_ref) of a file's objects: the keys reading it needs."""
+        checked = self._check_blocks(ino)
+        if checked is not None:
+            return list({(r.mode, r.key_ref) for r in checked.values()})
         return self.db.execute("SELECT DISTINCT mode, key_ref FROM blocks WHERE inode=?", (ino,)).fetchall()
 
     def key_versions(self, ino: int) -> list[tuple[str, str, int]]:
+        self._check_blocks(ino)
         return self.db.execute("SELECT DISTINCT mode, key_ref, key_version FROM blocks WHERE inode=?"
                                " ORDER BY key_version", (ino,)).fetchall()
 
@@ -496,9 +774,18 @@ class Meta:
         """Forget deletion-list entries no row references (their objects are deleted)."""
         self.db.execute("DELETE FROM garbage WHERE object_id NOT IN (SELECT object_id FROM blocks)")
 
+    def _remove_entries(self, where: str, args: tuple) -> None:
+        """Remove the entries matching `where`, keeping their directories' digests."""
+        if self.key is not None:
+            for parent, name, ino in self.db.execute(
+                    f"SELECT parent, name, inode FROM dentries WHERE {where}", args).fetchall():
+                self.remove_entry(parent, name)
+            return
+        self.db.execute(f"DELETE FROM dentries WHERE {where}", args)
+
     def remove_dangling_entries(self) -> None:
         """Remove directory entries whose inode does not exist."""
-        self.db.execute("DELETE FROM dentries WHERE inode NOT IN (SELECT id FROM inodes)")
+        self._remove_entries("inode NOT IN (SELECT id FROM inodes)", ())
 
     def remove_stray_rows(self) -> None:
         """Remove xattrs and symlink targets of inodes that do not exist."""
@@ -508,23 +795,117 @@ class Meta:
 
     def restore_inode(self, ino: int, mode: int, size: int, stored: int, now_ns: int) -> None:
         """Bring back a missing inode under its own number (its key slots are bound to it),
-        owned by root, with one link."""
-        self.db.execute(
-            f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?,?,0,0,1,?,0,?,?,?,?,NULL)",
-            (ino, mode, size, now_ns, now_ns, now_ns, stored))
+        owned by root, with one link. Its digest covers the block rows that authenticate."""
+        digest = ma.ZERO
+        if self.key is not None:
+            digest = ma.digest_of(m for m, stored_mac in (
+                (block_mac(self.key, r), r[10]) for r in self.db.execute(
+                    f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE inode=?", (ino,))) if ma.same(stored_mac, m))
+        row = (ino, mode, 0, 0, 1, size, 0, now_ns, now_ns, now_ns, stored, None, digest)
+        self.db.execute(f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (*row, inode_mac(self.key, (*row, None)) if self.key is not None else None))
         self._rows.pop(ino, None)
+        self._verified.discard(ino)
 
     def remove_entry_by_id(self, entry_id: int) -> None:
-        self.db.execute("DELETE FROM dentries WHERE id = ?", (entry_id,))
+        self._remove_entries("id = ?", (entry_id,))
 
     def remove_entries_of(self, ino: int) -> None:
         """Remove every directory entry that names `ino`."""
-        self.db.execute("DELETE FROM dentries WHERE inode = ?", (ino,))
+        self._remove_entries("inode = ?", (ino,))
 
     def keep_oldest_entry(self, ino: int) -> None:
         """Remove every entry of `ino` but its oldest."""
-        self.db.execute("DELETE FROM dentries WHERE inode = ? AND id != "
-                        "(SELECT min(id) FROM dentries WHERE inode = ?)", (ino, ino))
+        self._remove_entries("inode = ? AND id != (SELECT min(id) FROM dentries WHERE inode = ?)", (ino, ino))
+
+    # authenticated metadata: the upgrade of an older store, and fsck's full check
+    def authenticate_all(self, key: bytes) -> int:
+        """Sign every row of a store made before authenticated metadata (its rows as they
+        are: the upgrade trusts the store it is given), in one transaction -> inodes signed.
+        From then on this connection signs and checks under `key`."""
+        cols = {t: {r[1] for r in self.db.execute(f"PRAGMA table_info({t})")}
+                for t in ("inodes", "dentries", "symlinks", "blocks")}
+        with self.transaction():
+            for table in ("inodes", "dentries", "symlinks", "blocks"):
+                if "mac" not in cols[table]:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN mac BLOB")
+            if "digest" not in cols["inodes"]:
+                self.db.execute("ALTER TABLE inodes ADD COLUMN digest BLOB")
+            sums: dict[int, int] = {}
+
+            def owned(ino: int, mac: bytes) -> None:
+                sums[ino] = sums.get(ino, 0) + int.from_bytes(mac, "big")
+
+            updates = []
+            for r in self.db.execute(f"SELECT {_BLOCK_COLS} FROM blocks"):
+                m = block_mac(key, r)
+                owned(r[0], m)
+                updates.append((m, r[0], r[1]))
+            self.db.executemany("UPDATE blocks SET mac=? WHERE inode=? AND blockno=?", updates)
+            updates = []
+            for entry_id, parent, name, ino in self.db.execute("SELECT id, parent, name, inode FROM dentries"):
+                m = ma.entry_mac(key, parent, name, ino)
+                owned(parent, m)
+                updates.append((m, entry_id))
+            self.db.executemany("UPDATE dentries SET mac=? WHERE id=?", updates)
+            updates = []
+            for ino, target in self.db.execute("SELECT inode, target FROM symlinks"):
+                m = ma.symlink_mac(key, ino, target)
+                owned(ino, m)
+                updates.append((m, ino))
+            self.db.executemany("UPDATE symlinks SET mac=? WHERE inode=?", updates)
+            updates = []
+            for r in self.db.execute(f"SELECT {_INODE_COLS} FROM inodes"):
+                digest = (sums.get(r[0], 0) % (1 << 256)).to_bytes(32, "big")
+                row = (*r[:_DIGEST], digest, None)
+                updates.append((digest, inode_mac(key, row), r[0]))
+            self.db.executemany("UPDATE inodes SET digest=?, mac=? WHERE id=?", updates)
+            self.set_state("schema_version", SCHEMA_VERSION)
+        self.key = key
+        self._rows.clear()
+        self._verified.clear()
+        return len(updates)
+
+    def forged_records(self) -> list[tuple[int, str]]:
+        """(inode, record) of every row that does not authenticate, and of every inode whose
+        owned rows do not add up to its digest (fsck). Needs the key."""
+        key = self.key
+        assert key is not None
+        bad: list[tuple[int, str]] = []
+        sums: dict[int, int] = {}
+
+        def owned(ino: int, mac: bytes) -> None:
+            sums[ino] = sums.get(ino, 0) + int.from_bytes(mac, "big")
+
+        for r in self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks"):
+            m = block_mac(key, r)
+            if not ma.same(r[10], m):
+                bad.append((r[0], f"block {r[1]} row"))
+            owned(r[0], m)
+        for parent, name, ino, mac in self.db.execute("SELECT parent, name, inode, mac FROM dentries"):
+            m = ma.entry_mac(key, parent, name, ino)
+            if not ma.same(mac, m):
+                bad.append((parent, f"entry {bytes(name)!r} (to inode {ino})"))
+            owned(parent, m)
+        symlinks = set()
+        for ino, target, mac in self.db.execute("SELECT inode, target, mac FROM symlinks"):
+            m = ma.symlink_mac(key, ino, target)
+            if not ma.same(mac, m):
+                bad.append((ino, "symlink target"))
+            owned(ino, m)
+            symlinks.add(ino)
+        for r in self.db.execute(f"SELECT {_INODE_COLS} FROM inodes"):
+            ino = r[0]
+            if not ma.same(r[_MAC], inode_mac(key, r)):
+                bad.append((ino, "inode row"))
+            elif not ma.same(r[_DIGEST], (sums.get(ino, 0) % (1 << 256)).to_bytes(32, "big")):
+                kind = r[1] & _S_IFMT
+                what = ("entry list" if kind == _S_IFDIR else "symlink target" if kind == _S_IFLNK
+                        else "block map")
+                bad.append((ino, f"{what} (a row deleted, added or replayed)"))
+            elif (r[1] & _S_IFMT) == _S_IFLNK and ino not in symlinks:
+                bad.append((ino, "symlink target (missing)"))
+        return bad
 
     def recount_stored_bytes(self) -> None:
         """Set every inode's stored_bytes to what its block-map rows hold."""

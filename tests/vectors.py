@@ -30,6 +30,25 @@ def key_slot_bytes() -> bytes:
     return fmt.wrap_data_key(KEK, DATA_KEY, aad, random=counter_nonces())
 
 
+META_KEY = bytes(range(64, 96))  # the metadata key of the authenticated-metadata vector
+
+
+def metadata_macs() -> dict[str, bytes]:
+    """The MACs of docs/FORMAT.md's authenticated-metadata vector: a file (inode 2) named
+    "a" in the root, with block 0 stored as the object above, and a symlink (inode 3)."""
+    from s3fuse import metaauth as ma
+
+    block = ma.block_mac(META_KEY, 2, 0, OBJECT_ID, len(PLAINTEXT), len(PLAINTEXT), 64, "AES256", "", 1,
+                         key_slot_bytes())
+    entry = ma.entry_mac(META_KEY, 1, b"a", 2)
+    symlink = ma.symlink_mac(META_KEY, 3, b"a")
+    inode = ma.inode_mac(META_KEY, 2, 0o100644, 1000, 1000, 1, len(PLAINTEXT), 0, None,
+                         ma.digest_of([block]))
+    config = bytes.fromhex(ma.config_mac(META_KEY, {"store_id": STORE_ID.hex(), "block_size": 4194304,
+                                                    "segment_size": 65536, "default_sse": "AES256"}))
+    return {"block": block, "entry": entry, "symlink": symlink, "inode": inode, "config": config}
+
+
 if __name__ == "__main__":
     import textwrap
 
@@ -37,3 +56,5 @@ if __name__ == "__main__":
     print("\n".join(textwrap.wrap(object_bytes().hex(), 64)))
     print("key slot:")
     print("\n".join(textwrap.wrap(key_slot_bytes().hex(), 64)))
+    for name, mac in metadata_macs().items():
+        print(f"{name} MAC: {mac.hex()}")

@@ -254,7 +254,7 @@ class Filesystem:
         background after the check, so that the open does not wait for a second round trip
         (the store waits for it, or asks on its own if it failed)."""
         if policy.mode != pol.SSE_KMS or not self.keys.kms_blocks(key=policy.key):
-            return self.keys.grant_write(policy, caller, ino, path=path)
+            return await self.keys.grant_write(policy, caller, ino, path=path)
         if not checked:
             await self.keys.check_write_async(policy, caller, path=path)
         grant = WriteGrant(policy)

@@ -489,7 +489,7 @@ class DataStore:
         self.codec.forget_all()
         self.reads.forget_plaintext()
 
-    def renew_prepared(self, key_id: str) -> None:
+    async def renew_prepared(self, key_id: str) -> None:
         """A KMS key was rotated: the data keys that opens made under it are made again under
         its new version (the old one stays if that fails), so that data is stored under the
         version current when it is stored, as without them. Not for a network KMS, whose
@@ -503,7 +503,7 @@ class DataStore:
             for block in list(grant.prepared):
                 object_id = os.urandom(fmt.OBJECT_ID_LEN)
                 try:
-                    data_key, wrapped = self.keys.new_data_key(fs.policy, object_id, fs.ino, block, fs.writer,
+                    data_key, wrapped = await self.keys.new_data_key(fs.policy, object_id, fs.ino, block, fs.writer,
                                                                self.describe(fs.ino))
                 except S3fuseError:
                     continue

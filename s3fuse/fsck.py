@@ -109,6 +109,7 @@ class Context:
     meta: Meta
     backend: Backend
     keys: KeyManager
+    root_key: bytes | None = None  # an S3 store's journal check authenticates with it
 
     @property
     def query(self) -> MetaQuery:
@@ -153,7 +154,7 @@ def open_context(store: str, customer_keys: dict[str, bytes] | None = None, *, k
     except BaseException:
         lock.release()
         raise
-    return Context(cfg, meta, backend, keys), lock
+    return Context(cfg, meta, backend, keys, root_key), lock
 
 
 # ---------------------------------------------------------------------- checks
@@ -172,6 +173,20 @@ def check_database(ctx: Context, report: Report, quick: bool) -> bool:
         report.add("unclean", NOTE, "the store was not unmounted cleanly (the next mount, or --repair, "
                                     "collects what the stop left behind)")
     return True
+
+
+def check_journal(ctx: Context, report: Report) -> None:
+    """An S3 store: the bucket's snapshot and journal authenticate as a mount replays them,
+    without a gap, and are not older than what this machine has seen (docs/S3.md)."""
+    if ctx.cfg.backend.get("type") != "s3" or ctx.root_key is None:
+        return
+    from .s3journal import check_bucket
+    from .s3store import Snapshotter, journal_name, read_seq
+
+    s3 = ctx.backend.s3
+    for _kind, text in check_bucket(ctx.cfg, s3, ctx.root_key,
+                                   Snapshotter(ctx.cfg, s3, ctx.root_key, read_seq(ctx.cfg.path)), journal_name):
+        report.add("journal", DAMAGE, f"{text}; a mount refuses this bucket until it is put right")
 
 
 def check_recovery(ctx: Context, report: Report) -> None:
@@ -652,6 +667,7 @@ async def _run(ctx: Context, repair_it: bool, quick: bool, progress: Progress) -
         check_block_map(ctx, report)
         check_keys(ctx, report)
         check_recovery(ctx, report)
+        check_journal(ctx, report)
         await check_objects(ctx, report, quick, progress)
         progress.end()
         if repair_it:

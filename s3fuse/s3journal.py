@@ -333,3 +333,40 @@ def diverged_paths(copy: str) -> list[tuple[str, bytes, str]]:
         elif a != b:
             out.append(("~", path, f"differs: {a[1]} bytes in the copy, {b[1]} now"))
     return out
+
+
+def check_bucket(cfg, s3: S3Client, root_key: bytes, snapshots, allowed) -> list[tuple[str, str]]:
+    """fsck: authenticate the bucket's newest snapshot and every record after it, as a mount
+    would replay them, and compare the head with this machine's; (kind, text) per problem.
+    Blocking; changes nothing but a temporary directory."""
+    from .s3store import list_snapshots
+
+    snaps = list_snapshots(s3)
+    if not snaps:
+        return [("journal", f"{s3.loc.url} holds no metadata snapshot")]
+    try:
+        head = bucket_head(s3, snaps[-1])
+    except StoreError as exc:
+        return [("journal", str(exc))]
+    problems = []
+    j = Journal(cfg, s3, root_key, snapshots, allowed)
+    local = j.state
+    if local is not None and head < local.head:
+        problems.append(("journal", f"the bucket's head is snapshot {head[0]} record {head[1]}, older than "
+                                    f"snapshot {local.epoch} record {local.seq} this machine has seen "
+                                    "(rolled back or deleted?)"))
+    tmp = os.path.join(cfg.path, ".fsck-journal")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp, 0o700)
+    try:
+        _, header = snapshots.restore_into(head[0], tmp)
+        prev = journal.link(header)
+        for seq in range(1, head[1] + 1):
+            body, _ = s3.get(record_key(s3, head[0], seq))
+            journal.open_record(j.key, cfg.store_id, head[0], seq, prev, body, allowed)
+            prev = journal.link(body)
+    except IntegrityError as exc:
+        problems.append(("journal", str(exc)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return problems

@@ -43,7 +43,7 @@ _SNAPSHOT_NAME = re.compile(r"meta\.db|audit\.log|(keyring|kms|s3keys)(\.\d+)?\.
 KEEP_SNAPSHOTS = 3
 
 
-def _journal_name(name: str) -> bool:
+def journal_name(name: str) -> bool:
     """A file a journal record may carry: what a snapshot may, but the database (its
     changes come as WAL frames)."""
     return name != "meta.db" and _SNAPSHOT_NAME.fullmatch(name) is not None
@@ -134,7 +134,7 @@ def init_s3_store(url: str, *, state_dir: str | None, endpoint_url: str | None, 
         raise StoreError(f"{loc.url} already holds an s3fuse store (created meanwhile)", errno.EEXIST) from exc
     root_key = obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
     # snapshot 1, where the journal starts
-    Journal(cfg, s3, root_key, Snapshotter(cfg, s3, root_key, 0), _journal_name).compact()
+    Journal(cfg, s3, root_key, Snapshotter(cfg, s3, root_key, 0), journal_name).compact()
     return cfg
 
 
@@ -351,7 +351,7 @@ class S3Mount:
         head = bucket_head(self.s3, newest)
         self._note_head_time(head)
         self.snapshots = Snapshotter(self.cfg, self.s3, root_key, read_seq(self.cfg.path))
-        self.journal = Journal(self.cfg, self.s3, root_key, self.snapshots, _journal_name)
+        self.journal = Journal(self.cfg, self.s3, root_key, self.snapshots, journal_name)
         st = self.journal.state
         local = st.head if st is not None else (read_seq(self.cfg.path), 0)
         have_db = os.path.exists(self.cfg.meta_path)

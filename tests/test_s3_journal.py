@@ -148,6 +148,8 @@ def test_tampered_journal_is_refused(mount_factory, workdir, s3_server, store_ba
         assert expect in r.stderr and TRACEBACK not in r.stderr, (what, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (state / "meta.db").exists(), what  # nothing was changed
+        r = run_cli("fsck", m.store, "--quick")  # fsck of the crashed host's state reports it too
+        assert r.returncode == 4 and "journal" in r.stdout and expect in r.stdout, (what, r.stdout, r.stderr)
         for k, body in full.items():
             put(k, body)
 

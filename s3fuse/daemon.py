@@ -46,7 +46,7 @@ from .rotation import MasterKeys
 from .keys import generation as keygen
 from .s3api.credentials import AccessKeys
 from .s3api.service import S3Service
-from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
+from .store import StoreLock, load_config, load_keyring, obtain_root_key, open_meta, remove_stale_key_files
 from .util import syncfs
 
 log = logging.getLogger(__name__)
@@ -273,10 +273,14 @@ class Daemon:
         stale = remove_stale_key_files(self.cfg)
         if stale:
             log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
-        self.meta = Meta(self.cfg.meta_path)
         # a keyring.bin put back from before a rotation is refused here, before anything changes
-        keygen.check(self.meta.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
-                     self.cfg.keyring_path)
+        plain = Meta(self.cfg.meta_path)
+        try:
+            keygen.check(plain.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
+                         self.cfg.keyring_path)
+        finally:
+            plain.close()
+        self.meta, keyring = open_meta(self.cfg, keyring, root_key)
         with self.meta.transaction():
             self.meta.set_state(keygen.STATE_KEY, keygen.record_value(keyring, self.cfg.store_id))
         self.audit = AuditLog.open(self.audit_path)

@@ -311,6 +311,7 @@ class Daemon:
             self.cfg.store_id, self.mountpoint, self.options.s3_api,
             invalidate_entry=_invalidate_entry)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
+        self.pusher: PageCachePusher | None = None  # while mounted
 
     def _default_policy(self, kms: KmsProvider) -> Policy:
         """The encryption of files with no directory setting above them: the file's, else the store's."""
@@ -369,9 +370,9 @@ class Daemon:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise S3fuseError(f"could not mount on {self.mountpoint}: {exc}", errno.EIO) from None
-        self.data.pusher = PageCachePusher(
+        self.pusher = PageCachePusher(
             pyfuse3.notify_store, lambda ino: pyfuse3.invalidate_inode(ino, attr_only=True))
-        self.data.attrs_changed = self.data.pusher.attrs_changed
+        self.data.mounted(self.pusher)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
@@ -403,8 +404,8 @@ class Daemon:
         finally:
             self._announce_stop()
             stored = await self._final_flush()
-            pusher, self.data.pusher = self.data.pusher, None
-            self.data.attrs_changed = None
+            pusher, self.pusher = self.pusher, None
+            self.data.unmounted()
             pusher.close()  # before the session it writes to goes away
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()
@@ -560,8 +561,8 @@ class Daemon:
             "unstored_files": d.failing(),
             "recovery_pending": self.recovery.pending(),
             **self.master.status(),
-            **(d.pusher.stats if d.pusher is not None else {}),
-            "pagecache_pushes_pending": d.pusher.pending if d.pusher is not None else 0,
+            **(self.pusher.stats if self.pusher is not None else {}),
+            "pagecache_pushes_pending": self.pusher.pending if self.pusher is not None else 0,
             **heap_usage(),
             **self.heap_stats,
             "fuse_waits_fast": fuseloop.wait_readable.fast,

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the store's rotation_interval, 30 days at init; 0 or never = never)")
     s.add_argument("--rewrap-batch", type=int, metavar="N", help=argparse.SUPPRESS)
     s.add_argument("--rewrap-rate", type=float, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument("--metadata-sync-seconds", type=_duration, metavar="DURATION", dest="metadata_sync_seconds",
+                   help="S3 stores: ship committed metadata changes to the bucket at least this often "
+                        "(default 5; 0 = at every commit; fsync always does at once)")
     s.add_argument("--s3-api", metavar="HOST:PORT", dest="s3_api",
                    help="also serve the store as an S3 endpoint here (docs/S3API.md)")
 
@@ -112,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-pending", action="store_true",
                    help="unmount even if some files cannot be stored now: their data is kept, encrypted, "
                         "in the store's recovery area and stored at the next mount")
+
+    s = sub.add_parser("sync", help="store everything written to a mount; for an S3 store, also every "
+                       "committed metadata change in the bucket (sync(1) does not reach the bucket)")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--timeout", type=_duration, default=defaults.UMOUNT_TIMEOUT, metavar="DURATION",
+                   help=f"how long to wait: seconds, or e.g. 10m (default {defaults.UMOUNT_TIMEOUT:g})")
+
+    s = sub.add_parser("diverged", help="what a state directory kept aside at mount holds that the "
+                       "store's current metadata lacks (docs/S3.md)")
+    s.add_argument("copy", metavar="DIR", help="the kept copy (STATE_DIR/diverged-TIME)")
 
     s = sub.add_parser("status", help="show a mounted store's state")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -477,7 +490,10 @@ def _mount_settings(args):
            "cache_limit": args.cache_limit, "rotation_interval": args.rotation_interval,
            "root_key_file": args.root_key_file, "passphrase_file": args.passphrase_file,
            "s3_api": args.s3_api}
-    return config.resolve(cli, file)
+    settings = config.resolve(cli, file)
+    if args.metadata_sync_seconds is not None:
+        settings.backend["metadata_sync_seconds"] = args.metadata_sync_seconds
+    return settings
 
 
 def _obtain_root_key(args, cfg, settings=None) -> bytes:
@@ -664,6 +680,23 @@ def cmd_umount(args) -> int:
     _fusermount(mnt)
     if not _wait_for_exit(pid, args.timeout):
         raise S3fuseError(f"the daemon (pid {pid}) did not exit within {args.timeout:.0f} s", errno.ETIMEDOUT)
+    return 0
+
+
+def cmd_sync(args) -> int:
+    with ControlClient(_socket_for(args.mountpoint), timeout=args.timeout) as client:
+        client.call("sync")
+    return 0
+
+
+def cmd_diverged(args) -> int:
+    from .s3journal import diverged_paths
+
+    changes = diverged_paths(os.path.abspath(args.copy))
+    for mark, path, what in changes:
+        print(f"{mark} {os.fsdecode(path)}  {what}")
+    if not changes:
+        print("the kept copy holds nothing the current metadata lacks")
     return 0
 
 
@@ -1084,6 +1117,7 @@ def cmd_fsck(args) -> int:
 
 
 COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
+            "sync": cmd_sync, "diverged": cmd_diverged,
             "key": cmd_key, "kms": cmd_kms, "sse": cmd_sse, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
             "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "seal-settings": cmd_seal_settings, "fsck": cmd_fsck,
             "s3-key": cmd_s3_key, "presign": cmd_presign}

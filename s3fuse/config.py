@@ -211,6 +211,7 @@ SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "cache_writes_upto_kib": _non_negative_int,
         "multipart_threshold_mib": _positive_int,
         "snapshot_interval": _duration,
+        "metadata_sync_seconds": _duration,
         "lease_seconds": _duration,
     },
 }

@@ -151,6 +151,9 @@ class KeyManager:
         self.kms = kms
         self.customer = customer or CustomerKeys()
         self.audit = audit
+        # data keys, one small class per SSE mode
+        self._modes: dict[str, ModeKeys] = {SSE_S3: MasterKeyMode(self), SSE_KMS: KmsMode(self),
+                                            SSE_C: CustomerKeyMode(self)}
 
     # ------------------------------------------------------------------ audit
     def record(self, op: str, who: Caller, outcome: str = "allowed", **fields) -> None:
@@ -204,71 +207,28 @@ class KeyManager:
         raise KeyUnavailable(f"customer key {policy.name or policy.key} is not loaded for uid {who.uid}",
                              errno.ENOKEY)
 
-    # ------------------------------------------------------------------ new objects
-    def new_data_key(self, policy: Policy, object_id: bytes, inode: int, block: int, who: Caller,
-                     path: str | None = None, grant: WriteGrant | None = None) -> tuple[bytes, WrappedKey]:
-        if policy.mode == SSE_S3:
-            data_key = os.urandom(fmt.DATA_KEY_LEN)
-            version = self.keyring.current
-            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_S3, "")
-            slot = fmt.wrap_data_key(self.keyring.key(version), data_key, aad)
-            return data_key, WrappedKey(SSE_S3, "", version, slot)
-        if policy.mode == SSE_KMS:
-            kms = self._kms()
-            generate = kms.generate_data_key_accepted if _accepted(grant, policy) else kms.generate_data_key
-            try:
-                result = generate(policy.key, self._context(object_id, inode, block), who.principal)
-            except S3fuseError as exc:
-                self._generate_denied(policy, object_id, who, path, exc)
-                raise
-            return self._generated(result, object_id, who, path)
-        if policy.mode == SSE_C:
-            if grant is not None and grant.customer is not None and grant.policy == policy:
-                material = grant.customer  # the key the data was accepted under
-            else:
-                material = self._customer_key(policy, who).material
-            verifier = ssec.new_verifier(material)
-            data_key = os.urandom(fmt.DATA_KEY_LEN)
-            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_C, verifier)
-            slot = fmt.wrap_data_key(ssec.wrapping_key(material, verifier, object_id), data_key, aad)
-            return data_key, WrappedKey(SSE_C, verifier, 0, slot)
-        raise S3fuseError(f"unknown encryption mode {policy.mode!r}", errno.EINVAL)
+    # ------------------------------------------------------------------ data keys
+    def _mode_keys(self, mode: str) -> "ModeKeys | None":
+        return self._modes.get(mode)
 
-    # ------------------------------------------------------------------ existing objects
-    def open_data_key(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey,
-                      who: Caller, path: str | None = None, grant: WriteGrant | None = None) -> bytes:
+    async def new_data_key(self, policy: Policy, object_id: bytes, inode: int, block: int, who: Caller,
+                           path: str | None = None, grant: WriteGrant | None = None) -> tuple[bytes, WrappedKey]:
+        """A fresh data key for a new object under `policy`, and its wrapped form. A network
+        KMS's call runs in a worker thread; the others do not wait."""
+        keys = self._mode_keys(policy.mode)
+        if keys is None:
+            raise S3fuseError(f"unknown encryption mode {policy.mode!r}", errno.EINVAL)
+        return await keys.new(policy, object_id, inode, block, who, path, grant)
+
+    async def open_data_key(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey,
+                            who: Caller, path: str | None = None, grant: WriteGrant | None = None) -> bytes:
         """The data key of a stored object. `grant`: the live grant of the file the object
         belongs to, for a read-modify-write of its own block: its key opens the object
         even if it was removed, disabled or denied since the open (see WriteGrant)."""
-        if wrapped.mode == SSE_S3:
-            try:
-                kek = self.keyring.key(wrapped.key_version)
-            except KeyError as exc:
-                raise KeyUnavailable(str(exc), errno.EKEYEXPIRED) from None
-            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_S3, wrapped.key_ref)
-            return self._unwrap(kek, wrapped.key_slot, aad, object_id)
-        if wrapped.mode == SSE_KMS:
-            kms = self._kms()
-            decrypt = kms.decrypt_accepted if _opens(grant, wrapped) else kms.decrypt
-            try:
-                result = decrypt(wrapped.key_slot, self._context(object_id, inode, block), who.principal)
-            except S3fuseError as exc:
-                self._decrypt_failed(object_id, wrapped, who, path, exc)
-                raise
-            return self._decrypted(result, object_id, wrapped, who, path)
-        if wrapped.mode == SSE_C:
-            key = self.customer_key_for_object(who, wrapped.key_ref)
-            if key is not None:
-                material = key.material
-            elif _opens(grant, wrapped) and ssec.matches(grant.customer, wrapped.key_ref):
-                material = grant.customer  # the key the file's writes were accepted under
-            else:
-                raise KeyUnavailable(f"no loaded customer key of uid {who.uid} matches object "
-                                     f"{object_id.hex()}", errno.ENOKEY)
-            aad = fmt.key_slot_aad(self.store_id, object_id, inode, block, SSE_C, wrapped.key_ref)
-            kek = ssec.wrapping_key(material, wrapped.key_ref, object_id)
-            return self._unwrap(kek, wrapped.key_slot, aad, object_id)
-        raise IntegrityError(f"object {object_id.hex()} has unknown mode {wrapped.mode!r}")
+        keys = self._mode_keys(wrapped.mode)
+        if keys is None:
+            raise IntegrityError(f"object {object_id.hex()} has unknown mode {wrapped.mode!r}")
+        return await keys.open(object_id, inode, block, wrapped, who, path, grant)
 
     # ------------------------------------------------------------------ KMS results and audit
     def _generate_denied(self, policy: Policy, object_id: bytes, who: Caller, path, exc) -> None:
@@ -313,38 +273,7 @@ class KeyManager:
         return await trio.to_thread.run_sync(functools.partial(fn, *args),
                                              limiter=provider.limiter)
 
-    async def new_data_key_async(self, policy: Policy, object_id: bytes, inode: int, block: int,
-                                 who: Caller, path: str | None = None,
-                                 grant: WriteGrant | None = None) -> tuple[bytes, WrappedKey]:
-        """`new_data_key`, with a network KMS's call in a worker thread."""
-        if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
-            return self.new_data_key(policy, object_id, inode, block, who, path, grant)
-        kms = self._kms()
-        generate = kms.generate_data_key_accepted if _accepted(grant, policy) else kms.generate_data_key
-        try:
-            result = await self._offload(policy.key, None, generate, policy.key,
-                                         self._context(object_id, inode, block), who.principal)
-        except S3fuseError as exc:
-            self._generate_denied(policy, object_id, who, path, exc)
-            raise
-        return self._generated(result, object_id, who, path)
-
-    async def open_data_key_async(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey,
-                                  who: Caller, path: str | None = None,
-                                  grant: WriteGrant | None = None) -> bytes:
-        """`open_data_key`, with a network KMS's call in a worker thread."""
-        if wrapped.mode != SSE_KMS or not self.kms_blocks(blob=wrapped.key_slot):
-            return self.open_data_key(object_id, inode, block, wrapped, who, path, grant)
-        kms = self._kms()
-        try:
-            result = await self._offload(None, wrapped.key_slot, kms.decrypt, wrapped.key_slot,
-                                         self._context(object_id, inode, block), who.principal)
-        except S3fuseError as exc:
-            self._decrypt_failed(object_id, wrapped, who, path, exc)
-            raise
-        return self._decrypted(result, object_id, wrapped, who, path)
-
-    def grant_write(self, policy: Policy, who: Caller, inode: int, path=None) -> WriteGrant | None:
+    async def grant_write(self, policy: Policy, who: Caller, inode: int, path=None) -> WriteGrant | None:
         """`check_write`, keeping what later stores of the file's data need (see WriteGrant):
         None for SSE-S3, whose master key is the store's own."""
         if policy.mode == SSE_S3:
@@ -354,7 +283,7 @@ class KeyManager:
             return WriteGrant(policy, bytearray(key.material), key.fingerprint)
         path = path() if callable(path) else path
         object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        data_key, wrapped = self.new_data_key(policy, object_id, inode, 0, who, path)
+        data_key, wrapped = await self.new_data_key(policy, object_id, inode, 0, who, path)
         return WriteGrant(policy, prepared={0: (object_id, data_key, wrapped)})
 
     async def prepare_async(self, grant: WriteGrant, who: Caller, inode: int, path=None) -> None:
@@ -362,7 +291,7 @@ class KeyManager:
         kept unless the grant was wiped meanwhile."""
         path = path() if callable(path) else path
         object_id = os.urandom(fmt.OBJECT_ID_LEN)
-        data_key, wrapped = await self.new_data_key_async(grant.policy, object_id, inode, 0, who, path)
+        data_key, wrapped = await self.new_data_key(grant.policy, object_id, inode, 0, who, path)
         if not grant.wiped:
             grant.prepared.setdefault(0, (object_id, data_key, wrapped))
 
@@ -481,3 +410,105 @@ class KeyManager:
                     self.record("kms:Decrypt", who, "denied", key_id=key_ref, path=path, errno=exc.errno)
                     raise
                 self.record("kms:Decrypt", who, key_id=key_ref, path=path)
+
+
+class ModeKeys:
+    """Data keys of one SSE mode: made for new objects, unwrapped for stored ones."""
+
+    def __init__(self, km: KeyManager) -> None:
+        self.km = km
+
+    async def new(self, policy: Policy, object_id: bytes, inode: int, block: int, who: Caller,
+                  path: str | None, grant: WriteGrant | None) -> tuple[bytes, WrappedKey]:
+        raise NotImplementedError
+
+    async def open(self, object_id: bytes, inode: int, block: int, wrapped: WrappedKey, who: Caller,
+                   path: str | None, grant: WriteGrant | None) -> bytes:
+        raise NotImplementedError
+
+
+class MasterKeyMode(ModeKeys):
+    """SSE-S3: data keys wrapped under the store's master key (the keyring's current version)."""
+
+    async def new(self, policy, object_id, inode, block, who, path, grant):
+        km = self.km
+        data_key = os.urandom(fmt.DATA_KEY_LEN)
+        version = km.keyring.current
+        aad = fmt.key_slot_aad(km.store_id, object_id, inode, block, SSE_S3, "")
+        slot = fmt.wrap_data_key(km.keyring.key(version), data_key, aad)
+        return data_key, WrappedKey(SSE_S3, "", version, slot)
+
+    async def open(self, object_id, inode, block, wrapped, who, path, grant):
+        km = self.km
+        try:
+            kek = km.keyring.key(wrapped.key_version)
+        except KeyError as exc:
+            raise KeyUnavailable(str(exc), errno.EKEYEXPIRED) from None
+        aad = fmt.key_slot_aad(km.store_id, object_id, inode, block, SSE_S3, wrapped.key_ref)
+        return km._unwrap(kek, wrapped.key_slot, aad, object_id)
+
+
+class KmsMode(ModeKeys):
+    """SSE-KMS: data keys from the KMS, under a KMS key; a network KMS's calls run in a worker
+    thread, the built-in KMS's on the loop. Data accepted through a live grant is stored and
+    merged under its key even after the key was disabled or its policy changed."""
+
+    async def _call(self, blocks: bool, provider_key: str | None, blob: bytes | None, fn, *args):
+        if blocks:
+            return await self.km._offload(provider_key, blob, fn, *args)
+        return fn(*args)
+
+    async def new(self, policy, object_id, inode, block, who, path, grant):
+        km = self.km
+        kms = km._kms()
+        generate = kms.generate_data_key_accepted if _accepted(grant, policy) else kms.generate_data_key
+        try:
+            result = await self._call(km.kms_blocks(key=policy.key), policy.key, None, generate, policy.key,
+                                      km._context(object_id, inode, block), who.principal)
+        except S3fuseError as exc:
+            km._generate_denied(policy, object_id, who, path, exc)
+            raise
+        return km._generated(result, object_id, who, path)
+
+    async def open(self, object_id, inode, block, wrapped, who, path, grant):
+        km = self.km
+        kms = km._kms()
+        decrypt = kms.decrypt_accepted if _opens(grant, wrapped) else kms.decrypt
+        try:
+            result = await self._call(km.kms_blocks(blob=wrapped.key_slot), None, wrapped.key_slot, decrypt,
+                                      wrapped.key_slot, km._context(object_id, inode, block), who.principal)
+        except S3fuseError as exc:
+            km._decrypt_failed(object_id, wrapped, who, path, exc)
+            raise
+        return km._decrypted(result, object_id, wrapped, who, path)
+
+
+class CustomerKeyMode(ModeKeys):
+    """SSE-C: data keys wrapped under a key derived from the caller's customer key (or the
+    copy a live grant holds of the key its writes were accepted under)."""
+
+    async def new(self, policy, object_id, inode, block, who, path, grant):
+        km = self.km
+        if grant is not None and grant.customer is not None and grant.policy == policy:
+            material = grant.customer  # the key the data was accepted under
+        else:
+            material = km._customer_key(policy, who).material
+        verifier = ssec.new_verifier(material)
+        data_key = os.urandom(fmt.DATA_KEY_LEN)
+        aad = fmt.key_slot_aad(km.store_id, object_id, inode, block, SSE_C, verifier)
+        slot = fmt.wrap_data_key(ssec.wrapping_key(material, verifier, object_id), data_key, aad)
+        return data_key, WrappedKey(SSE_C, verifier, 0, slot)
+
+    async def open(self, object_id, inode, block, wrapped, who, path, grant):
+        km = self.km
+        key = km.customer_key_for_object(who, wrapped.key_ref)
+        if key is not None:
+            material = key.material
+        elif _opens(grant, wrapped) and ssec.matches(grant.customer, wrapped.key_ref):
+            material = grant.customer  # the key the file's writes were accepted under
+        else:
+            raise KeyUnavailable(f"no loaded customer key of uid {who.uid} matches object "
+                                 f"{object_id.hex()}", errno.ENOKEY)
+        aad = fmt.key_slot_aad(km.store_id, object_id, inode, block, SSE_C, wrapped.key_ref)
+        kek = ssec.wrapping_key(material, wrapped.key_ref, object_id)
+        return km._unwrap(kek, wrapped.key_slot, aad, object_id)

@@ -273,14 +273,15 @@ class Daemon:
         stale = remove_stale_key_files(self.cfg)
         if stale:
             log.info("removed sealed files of another root-key generation: %s", ", ".join(stale))
+        self.meta = Meta(self.cfg.meta_path)
+        if self.s3 is not None:
+            self.s3.attach(self.meta)
         # a keyring.bin put back from before a rotation is refused here, before anything changes
-        plain = Meta(self.cfg.meta_path)
-        try:
-            keygen.check(plain.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
-                         self.cfg.keyring_path)
-        finally:
-            plain.close()
-        self.meta, keyring = open_meta(self.cfg, keyring, root_key)
+        keygen.check(self.meta.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
+                     self.cfg.keyring_path)
+        keyring = open_meta(self.cfg, self.meta, keyring, root_key)
+        if self.s3 is not None:
+            self.s3.publish_settings(self.cfg.raw)
         with self.meta.transaction():
             self.meta.set_state(keygen.STATE_KEY, keygen.record_value(keyring, self.cfg.store_id))
         self.audit = AuditLog.open(self.audit_path)
@@ -306,11 +307,14 @@ class Daemon:
         self.admin = AdminHandlers(self.keys, self.data, self.meta, self.core, self.master,
                                    self.audit, self.audit_path, recovery=self.recovery)
         self.ops = Operations(self.core, statfs_source=self.cfg.path)
+        if self.s3 is not None:
+            self.ops.metadata_durable = self.s3.sync_metadata
         self.s3api = S3Service(
             self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
             self.cfg.store_id, self.mountpoint, self.options.s3_api,
             invalidate_entry=_invalidate_entry)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
+        self.pusher: PageCachePusher | None = None  # while mounted
 
     def _default_policy(self, kms: KmsProvider) -> Policy:
         """The encryption of files with no directory setting above them: the file's, else the store's."""
@@ -334,7 +338,13 @@ class Daemon:
         if not clean:
             log.warning("the store was not unmounted cleanly; collecting unreferenced objects")
             self.backend.clear_tmp()
-            removed = await self.data.sweep_unreferenced()
+            if self.s3 is not None:
+                removed, kept = await self.s3.sweep_unreferenced(self.meta)
+                if kept:
+                    log.info("kept %d unreferenced objects stored shortly before the bucket's newest "
+                             "metadata: a record the previous holder did not ship may name them", kept)
+            else:
+                removed = await self.data.sweep_unreferenced()
             log.info("removed %d unreferenced objects", removed)
         await self.data.collect_garbage()
 
@@ -363,9 +373,9 @@ class Daemon:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise S3fuseError(f"could not mount on {self.mountpoint}: {exc}", errno.EIO) from None
-        self.data.pusher = PageCachePusher(
+        self.pusher = PageCachePusher(
             pyfuse3.notify_store, lambda ino: pyfuse3.invalidate_inode(ino, attr_only=True))
-        self.data.attrs_changed = self.data.pusher.attrs_changed
+        self.data.mounted(self.pusher)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
@@ -397,8 +407,8 @@ class Daemon:
         finally:
             self._announce_stop()
             stored = await self._final_flush()
-            pusher, self.data.pusher = self.data.pusher, None
-            self.data.attrs_changed = None
+            pusher, self.pusher = self.pusher, None
+            self.data.unmounted()
             pusher.close()  # before the session it writes to goes away
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()
@@ -483,10 +493,11 @@ class Daemon:
                     self.meta.set_state("audit_head", self.audit.head)
                     self.meta.set_state("audit_seq", self.audit.seq)
                     self.meta.set_state("clean", 1 if stored else 0)
+                shipped = await self.s3.before_close() if self.s3 is not None else True
                 self.meta.close()
                 if self.s3 is not None:
                     try:
-                        await self.s3.finish()
+                        await self.s3.finish(shipped)
                     except S3fuseError as exc:  # the bucket is unreachable: told once, no traceback
                         stored = False
                         log.error("could not finish with the bucket (the next mount recovers): %s", exc)
@@ -527,6 +538,7 @@ class Daemon:
         return {
             "status": self._status,
             "flush": self._flush,
+            "sync": self._sync,
             "unmount": self._unmount,
             **self.admin.handlers(),
             **self.s3api.handlers(),
@@ -552,8 +564,8 @@ class Daemon:
             "unstored_files": d.failing(),
             "recovery_pending": self.recovery.pending(),
             **self.master.status(),
-            **(d.pusher.stats if d.pusher is not None else {}),
-            "pagecache_pushes_pending": d.pusher.pending if d.pusher is not None else 0,
+            **(self.pusher.stats if self.pusher is not None else {}),
+            "pagecache_pushes_pending": self.pusher.pending if self.pusher is not None else 0,
             **heap_usage(),
             **self.heap_stats,
             "fuse_waits_fast": fuseloop.wait_readable.fast,
@@ -562,6 +574,7 @@ class Daemon:
             "fuse_lock_waited": fuseloop.lock_counts.waited,
             **self.backend.stats,
             **self._kms_breaker_stats(),
+            **(self.s3.stats() if self.s3 is not None else {}),
         }
 
     def _kms_breaker_stats(self) -> dict:
@@ -573,6 +586,15 @@ class Daemon:
     async def _flush(self, peer: Peer, args: dict) -> None:
         self._require_owner(peer)
         await self.data.flush_all(durable=True)
+
+    async def _sync(self, peer: Peer, args: dict) -> dict:
+        """Store every buffered byte and, for an S3 store, ship every committed metadata change
+        to the bucket (the kernel passes no syncfs to a FUSE daemon)."""
+        self._require_owner(peer)
+        await self.data.flush_all(durable=True)
+        if self.s3 is not None:
+            await self.s3.sync_metadata()
+        return {"bucket": self.s3 is not None}
 
     async def _unmount(self, peer: Peer, args: dict) -> dict:
         """Store everything; if some files cannot be stored, say which and why and stay

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # How long the kernel may trust the attributes and names it was given. Every change of a
 # name or attribute goes through the kernel, which updates or drops what it caches, except
-# st_blocks after a background flush: the data path invalidates those (DataStore.attrs_changed).
+# st_blocks after a background flush: the data path invalidates those (DataStore.mounted hands it the pusher).
 # So the timeout can be long, as in S3QL, and a file that is stat'ed or opened again costs
 # no LOOKUP or GETATTR round trip.
 ATTR_TIMEOUT = 300.0
@@ -87,6 +87,8 @@ class Operations(pyfuse3.Operations):
         self.requests = 0  # FUSE requests handled: the daemon trims its heap when this stands still
         self.core = core
         self.statfs_source = statfs_source
+        # an S3 store's: returns once the committed metadata is in the bucket (fsync's promise)
+        self.metadata_durable = None
         # open handles: reads carry no request context, so each handle remembers its opener
         self.handles: dict[int, tuple[int, Caller]] = {}
         self._writers: set[int] = set()  # handles opened for writing: told of write-back failures
@@ -223,6 +225,8 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def fsync(self, fh, datasync):
         await self.core.fsync(self.handles[fh][0])
+        if self.metadata_durable is not None:
+            await self.metadata_durable()
 
     # directories
     @_translate
@@ -258,6 +262,8 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def fsyncdir(self, fh, datasync):
         await trio.to_thread.run_sync(self.core.meta.sync)
+        if self.metadata_durable is not None:
+            await self.metadata_durable()
 
     @_translate
     async def statfs(self, ctx):

@@ -446,7 +446,7 @@ async def _authenticate(ctx: Context, ref: BlockRef, whole: bool, counters: dict
     wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
     try:
         # a network KMS's call goes to a worker thread, so the other checks go on meanwhile
-        data_key = await ctx.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno, wrapped, SYSTEM)
+        data_key = await ctx.keys.open_data_key(ref.object_id, ref.inode, ref.blockno, wrapped, SYSTEM)
     except IntegrityError as exc:
         return "bad-key-slot", f"key slot does not open: {exc}"
     except KeyUnavailable as exc:

@@ -221,6 +221,16 @@ class Meta:
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
 
+    def hold_checkpoints(self) -> None:
+        """No automatic checkpoints: the owner calls `checkpoint` (an S3 store's journal ships
+        WAL frames, and a checkpoint must not drop frames it has not shipped)."""
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and empty it; False if readers kept it from completing."""
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One mutation = one transaction. Nested use joins the outer one."""
@@ -510,7 +520,7 @@ class Meta:
             " LEFT JOIN blocks b ON b.inode = d.inode AND b.blockno = 0"
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?", (parent, cursor, limit)).fetchall()
         if self.key is None:
-            return [(r[0], r[1], r[2], r[3], BlockRef(*r[4:]) if r[4] is not None else None) for r in rows]
+            return [(r[0], r[1], r[2], r[3], BlockRef(*r[4:14]) if r[4] is not None else None) for r in rows]
         # a read-ahead hint only (the open checks the file): a row that does not authenticate
         # is not fetched
         out = []
@@ -825,6 +835,13 @@ class Meta:
                 self.db.execute("ALTER TABLE inodes ADD COLUMN digest BLOB")
             if "mac" not in cols:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN mac BLOB")
+
+    def use_key(self, key: bytes) -> None:
+        """Sign and check rows under `key` from now on (a connection opened before the
+        keyring was read, as an S3 store's journal needs it from the start)."""
+        self.key = key
+        self._rows.clear()
+        self._verified.clear()
 
     def authenticate_all(self, key: bytes) -> int:
         """Sign every row of a store made before authenticated metadata (its rows as they

@@ -214,3 +214,33 @@ class MetaQuery:
     def key_refs(self, mode: str) -> list[tuple[str, int]]:
         """(key reference, rows) of `mode`'s rows."""
         return self._all("SELECT key_ref, count(*) FROM blocks WHERE mode = ? GROUP BY key_ref", (mode,))
+
+
+def path_listing(db_path: str) -> dict[bytes, tuple]:
+    """Every path of a metadata database (opened read-only) with what tells versions of it
+    apart: (mode, size, mtime_ns, the objects holding its blocks)."""
+    if not os.path.exists(db_path):
+        raise S3fuseError(f"{db_path} does not exist", errno.ENOENT)
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        inodes = {row[0]: row[1:] for row in db.execute("SELECT id, mode, size, mtime_ns FROM inodes")}
+        objects: dict[int, list[bytes]] = {}
+        for ino, oid in db.execute("SELECT inode, object_id FROM blocks ORDER BY inode, blockno"):
+            objects.setdefault(ino, []).append(oid)
+        children: dict[int, list[tuple[bytes, int]]] = {}
+        for parent, name, ino in db.execute("SELECT parent, name, inode FROM dentries"):
+            children.setdefault(parent, []).append((bytes(name), ino))
+    finally:
+        db.close()
+    out: dict[bytes, tuple] = {}
+    stack, seen = [(b"", 1)], {1}
+    while stack:
+        prefix, ino = stack.pop()
+        for name, child in children.get(ino, ()):
+            path = prefix + b"/" + name
+            mode, size, mtime = inodes.get(child, (0, 0, 0))
+            out[path] = (mode, size, mtime, tuple(objects.get(child, ())))
+            if (mode & _S_IFMT) == _S_IFDIR and child not in seen:
+                seen.add(child)
+                stack.append((path, child))
+    return out

@@ -153,14 +153,14 @@ class RecoveryArea:
         S3fuseError if even that fails."""
         record_id = os.urandom(RECORD_ID_LEN)
         try:
-            data_key, wrapped = await self.keys.new_data_key_async(policy, record_id, inode, RECOVERY_BLOCK,
-                                                                   writer, file_path, grant)
+            data_key, wrapped = await self.keys.new_data_key(policy, record_id, inode, RECOVERY_BLOCK,
+                                                             writer, file_path, grant)
         except S3fuseError as exc:
             if policy.mode == SSE_C:
                 raise  # an SSE-C file's data is never sealed under anything but its own key
             log.warning("inode %d (%s): its KMS key could not seal the recovery record (%s); "
                         "sealed under the master key", inode, file_path, exc)
-            data_key, wrapped = self.keys.new_data_key(Policy(SSE_S3), record_id, inode, RECOVERY_BLOCK, SYSTEM)
+            data_key, wrapped = await self.keys.new_data_key(Policy(SSE_S3), record_id, inode, RECOVERY_BLOCK, SYSTEM)
         nbytes = sum(len(b) for _, b in body["blocks"])
         blob = seal(record_id, inode, data_key, wrapped,
                     {"path": file_path, "reason": reason, "bytes": nbytes, "uid": writer.uid,
@@ -196,8 +196,8 @@ class RecoveryArea:
             raise S3fuseError(f"recovery record {record.path}: {exc}", errno.EIO) from None
         wrapped = WrappedKey(header["mode"], header["key_ref"], header["key_version"], header["key_slot"])
         who = Caller(int(header.get("uid", 0)), int(header.get("gid", 0)))
-        data_key = await self.keys.open_data_key_async(header["id"], int(header["inode"]), RECOVERY_BLOCK,
-                                                       wrapped, who if wrapped.mode == SSE_C else SYSTEM)
+        data_key = await self.keys.open_data_key(header["id"], int(header["inode"]), RECOVERY_BLOCK,
+                                                 wrapped, who if wrapped.mode == SSE_C else SYSTEM)
         try:
             body = open_body(data_key, blob, end)
         except Exception:  # noqa: BLE001 - InvalidTag or a malformed body: not authentic

@@ -26,7 +26,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -321,7 +321,7 @@ class MasterKeys:
             await trio.sleep(max(0.0, pause))
 
     # ------------------------------------------------------------------ the scheduler
-    async def scheduler(self, kms_tick: Callable[[float], None] | None = None) -> None:
+    async def scheduler(self, kms_tick: Callable[[float], Awaitable[None]] | None = None) -> None:
         """Rotates the master key when its interval has passed, and runs the KMS's timers."""
         next_kms = 0.0
         while True:
@@ -337,7 +337,7 @@ class MasterKeys:
                     due = self.next_rotation()
             if kms_tick is not None and now >= next_kms:
                 try:
-                    kms_tick(now)
+                    await kms_tick(now)
                 except Exception:
                     log.exception("KMS key scheduler failed; will retry")
                 next_kms = now + KMS_PERIOD

@@ -28,7 +28,9 @@ import trio
 from . import snapshot
 from .backends.s3 import S3Backend, S3Client, S3Location, describe_probe_error, parse_s3_url
 from .errors import S3fuseError, StoreError
+from .format import OBJECT_ID_LEN
 from .lease import DEFAULT_LEASE_SECONDS, BucketLease
+from .s3journal import Journal, bucket_head
 from .store import CONFIG_NAME, StoreConfig, init_store
 from .util import atomic_write
 
@@ -39,7 +41,16 @@ SEQ_FILE = "snapshot.seq"
 SNAPSHOT_FILES = ("meta.db", "keyring.bin", "kms.bin", "s3keys.bin", "audit.log")  # sealed: .G.bin after rekey-root
 _SNAPSHOT_NAME = re.compile(r"meta\.db|audit\.log|(keyring|kms|s3keys)(\.\d+)?\.bin")
 KEEP_SNAPSHOTS = 3
+
+
+def _journal_name(name: str) -> bool:
+    """A file a journal record may carry: what a snapshot may, but the database (its
+    changes come as WAL frames)."""
+    return name != "meta.db" and _SNAPSHOT_NAME.fullmatch(name) is not None
 DEFAULT_SNAPSHOT_INTERVAL = 60.0
+DEFAULT_METADATA_SYNC = 5.0
+SWEEP_SLACK = 60.0  # seconds added to the retry budget in the collector's age rule (docs/S3.md)
+IMMEDIATE_POLL = 0.01  # metadata_sync_seconds = 0: how often the daemon looks for a new commit
 PROBE_RETRY_BUDGET = 5.0
 
 
@@ -121,7 +132,9 @@ def init_s3_store(url: str, *, state_dir: str | None, endpoint_url: str | None, 
         s3.put(loc.key(CONFIG_NAME), public, IfNoneMatch="*", ContentType="application/json")
     except bex.ClientError as exc:
         raise StoreError(f"{loc.url} already holds an s3fuse store (created meanwhile)", errno.EEXIST) from exc
-    Snapshotter(cfg, s3, obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file), 0).take()
+    root_key = obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
+    # snapshot 1, where the journal starts
+    Journal(cfg, s3, root_key, Snapshotter(cfg, s3, root_key, 0), _journal_name).compact()
     return cfg
 
 
@@ -202,6 +215,7 @@ class Snapshotter:
     def __init__(self, cfg: StoreConfig, s3: S3Client, root_key: bytes, seq: int) -> None:
         self.cfg, self.s3, self.seq = cfg, s3, seq
         self.key = snapshot.snapshot_key(root_key, cfg.store_id)
+        self.last_header = b""
 
     def _tmp(self, name: str) -> str:
         return os.path.join(self.cfg.path, f".snapshot-{name}")
@@ -229,8 +243,11 @@ class Snapshotter:
             os.unlink(db)
             snapshot.encrypt(plain, sealed, self.key, self.cfg.store_id, seq)
             os.unlink(plain)
+            with open(sealed, "rb") as f:
+                header = f.read(snapshot.HEADER.size)
             # never overwrite a snapshot: if another daemon took the same number, fail
             self.s3.put_file(_snapshot_key(self.s3.loc, seq), sealed, if_absent=True)
+            self.last_header = header  # what the journal's first record after it links to
         finally:
             for p in (db, plain, sealed):
                 if os.path.exists(p):
@@ -241,8 +258,9 @@ class Snapshotter:
             self.s3.delete(_snapshot_key(self.s3.loc, old))
         return seq
 
-    def restore(self, seq: int) -> None:
-        """Replace the local state by snapshot `seq` (blocking)."""
+    def restore_into(self, seq: int, dest: str) -> tuple[list[str], bytes]:
+        """Fetch, authenticate and unpack snapshot `seq` into the directory `dest` (blocking).
+        Returns the names of its files and its header (which the journal links to)."""
         sealed, plain = self._tmp("download"), self._tmp("plain")
         key = _snapshot_key(self.s3.loc, seq)
         try:
@@ -255,19 +273,19 @@ class Snapshotter:
                     if off >= total or not body:
                         break
             snapshot.decrypt(sealed, plain, self.key, self.cfg.store_id, seq)
-            for suffix in ("", "-wal", "-shm"):
-                p = self.cfg.meta_path + suffix
-                if os.path.exists(p):
-                    os.unlink(p)
-            names = snapshot.unpack(plain, self.cfg.path, _SNAPSHOT_NAME)
-            self._adopt_generation(names)
+            with open(sealed, "rb") as f:
+                header = f.read(snapshot.HEADER.size)
+            return snapshot.unpack(plain, dest, _SNAPSHOT_NAME), header
         finally:
             for p in (sealed, plain):
                 if os.path.exists(p):
                     os.unlink(p)
+
+    def adopt(self, names: list[str], seq: int) -> None:
+        """The state directory now holds snapshot `seq` (and records after it)."""
+        self._adopt_generation(names)
         _write_seq(self.cfg.path, seq)
         self.seq = seq
-
 
     def _adopt_generation(self, names: list[str]) -> None:
         """A snapshot taken after `rekey-root` holds keyring.G.bin: record generation G in the
@@ -288,7 +306,8 @@ class Snapshotter:
 
 
 class S3Mount:
-    """The S3 side of a mount: probe, lease, state from the bucket, snapshots, deferred deletes."""
+    """The S3 side of a mount: probe, lease, state from the bucket (snapshot + journal), the
+    journal's shipping, snapshots as its compaction, deferred deletes."""
 
     def __init__(self, cfg: StoreConfig, mountpoint: str, backend: S3Backend, settings: dict | None = None) -> None:
         self.cfg = cfg
@@ -296,63 +315,213 @@ class S3Mount:
         self.s3 = backend.s3
         b = settings if settings is not None else cfg.backend  # store.json's backend + mount overrides
         self.interval = float(b.get("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL))
+        self.sync_seconds = float(b.get("metadata_sync_seconds", DEFAULT_METADATA_SYNC))
         self.lease = BucketLease(self.s3, mountpoint, float(b.get("lease_seconds", DEFAULT_LEASE_SECONDS)))
         self.snapshots: Snapshotter | None = None
+        self.journal: Journal | None = None
+        self.meta = None  # the daemon's Meta, once open (attach)
         self._changes = -1
-        self.restored = False  # this mount's metadata came from the bucket's snapshot
+        self._lock = trio.Lock()  # one shipment or snapshot at a time
+        self._started = 0  # shipments begun, and the newest that succeeded (see sync_metadata)
+        self._succeeded = 0
+        self.shipped_changes = 0  # the metadata's change count when the newest shipment began
+        self.restored = False  # this mount's metadata came from the bucket, not this machine's
+        self.head_written = 0.0  # the server's time of the bucket's head at mount
+        self.sweep_margin = max(float(b.get("retry_budget", 60.0)), 0.0) + SWEEP_SLACK
 
     def open(self, root_key: bytes) -> None:
-        """Before the metadata is opened: take the lease and bring the local state up to
-        the bucket's newest snapshot. Blocking."""
+        """Before the metadata is opened: take the lease and bring the local state up to the
+        bucket's head (newest snapshot + its journal), or ship what this machine holds that
+        the bucket lacks; refuse rollback, gaps, tampering and divergence. Blocking."""
         _probe(self.s3)
         self.lease.acquire()
         try:
-            local = read_seq(self.cfg.path)
-            snaps = list_snapshots(self.s3)
-            newest = snaps[-1] if snaps else 0
-            self.snapshots = Snapshotter(self.cfg, self.s3, root_key, local)
-            if newest < local:
-                raise StoreError(
-                    f"the newest metadata snapshot in {self.s3.loc.url} is {newest}, but this machine has "
-                    f"already seen snapshot {local}: refusing an older state (rolled back or deleted?)",
-                    errno.EIO)
-            if newest > local or not os.path.exists(self.cfg.meta_path):
-                if newest == 0:
-                    raise StoreError(f"{self.s3.loc.url} holds no metadata snapshot", errno.EIO)
-                log.info("restoring metadata snapshot %d from %s", newest, self.s3.loc.url)
-                self.snapshots.restore(newest)
-                self.restored = True
+            self._open(root_key)
             self.backend.defer_deletes = True
         except BaseException:
             self.lease.release()
             raise
 
+    def _open(self, root_key: bytes) -> None:
+        url = self.s3.loc.url
+        snaps = list_snapshots(self.s3)
+        newest = snaps[-1] if snaps else 0
+        if newest == 0:
+            raise StoreError(f"{url} holds no metadata snapshot", errno.EIO)
+        head = bucket_head(self.s3, newest)
+        self._note_head_time(head)
+        self.snapshots = Snapshotter(self.cfg, self.s3, root_key, read_seq(self.cfg.path))
+        self.journal = Journal(self.cfg, self.s3, root_key, self.snapshots, _journal_name)
+        st = self.journal.state
+        local = st.head if st is not None else (read_seq(self.cfg.path), 0)
+        have_db = os.path.exists(self.cfg.meta_path)
+        if head < local:
+            raise StoreError(
+                f"the newest metadata in {url} is snapshot {head[0]} record {head[1]}, but this machine has "
+                f"already seen snapshot {local[0]} record {local[1]}: refusing an older state "
+                "(rolled back or deleted?)", errno.EIO)
+        if not have_db:
+            self._restore(head)
+            return
+        if head == local:
+            # this machine's state continues the bucket's head: ship what it holds beyond it
+            why = self.journal.local_changes() if st is not None else "a state directory from before the journal"
+            if why:
+                log.info("shipping what this machine holds beyond the bucket's head (%s)", why)
+                self.journal.ship()
+            return
+        why = self.journal.local_changes() if st is not None else None
+        if why is None:
+            self._restore(head)
+            return
+        aside = self.journal.keep_aside()
+        self._restore(head)
+        raise StoreError(
+            f"this machine's metadata holds commits that {url} lacks ({why}), and the bucket has moved on "
+            f"without them (to snapshot {head[0]} record {head[1]}; this machine last shipped snapshot "
+            f"{local[0]} record {local[1]}). Its copy is kept in {aside} and the state directory now holds the "
+            f"bucket's; see what the copy holds with: s3fuse diverged {aside} -- then mount again", errno.EEXIST)
+
+    def _note_head_time(self, head: tuple[int, int]) -> None:
+        """When the bucket's head was written (server clock): see sweep_unreferenced."""
+        from .s3journal import record_key
+
+        key = record_key(self.s3, *head) if head[1] else _snapshot_key(self.s3.loc, head[0])
+        info = self.s3.head(key)
+        self.head_written = info["LastModified"].timestamp() if info else 0.0
+
+    def _restore(self, head: tuple[int, int]) -> None:
+        log.info("restoring metadata snapshot %d and %d journal record(s) from %s", head[0], head[1],
+                 self.s3.loc.url)
+        self.journal.restore(head)
+        self.restored = True
+
     def recovery_allowed(self, entry: dict) -> bool:
         """May a recovery record (recovery.py) of this state directory be stored over the
-        file `entry` describes? Conservative until the bucket journal's divergence check
-        exists: only when this mount continues this machine's own metadata. If it restored
-        a snapshot from the bucket, another host may have written since the stop that kept
+        file `entry` describes? Only when this mount continues this machine's own metadata:
+        the bucket's head was what this machine itself shipped last (the open checked it). If
+        the state came from the bucket, another host may have written since the stop that kept
         the record, and the record stays (reported) rather than overwrite newer data."""
         return not self.restored
+
+    async def sweep_unreferenced(self, meta) -> tuple[int, int]:
+        """After an unclean stop: delete (deferred, like every delete) the objects that the
+        replayed metadata does not reference and that were stored more than the margin before
+        the bucket's head was written; newer ones a record the crashed holder never shipped
+        could name, and they stay (docs/S3.md, "Collection after a crash"). Returns
+        (removed, kept)."""
+        cutoff = self.head_written - self.sweep_margin
+        prefix = self.s3.loc.key("objects/")
+        removed = kept = 0
+        token = None
+        while True:
+            items, token = await trio.to_thread.run_sync(self.s3.list_dated_page, prefix, token)
+            for key, modified in items:
+                name = key[len(prefix):]
+                try:
+                    oid = bytes.fromhex(name)
+                except ValueError:
+                    continue
+                if len(oid) != OBJECT_ID_LEN or meta.is_referenced(oid):
+                    continue
+                if modified >= cutoff:
+                    kept += 1
+                    continue
+                await self.backend.delete(name)
+                removed += 1
+            if token is None:
+                return removed, kept
+
+    def publish_settings(self, raw: dict) -> None:
+        """Bring the bucket's store.json (what a new machine starts from) up to the local one's
+        format and authenticated key settings, after an upgrade or `seal-settings`; the rest
+        of it (host-specific paths and endpoints) stays as init wrote it. Blocking."""
+        from . import metaauth as ma
+
+        shared = ("format", ma.CONFIG_MAC, *ma.CONFIG_FIELDS)
+        body, _ = self.s3.get(self.s3.loc.key(CONFIG_NAME))
+        public = json.loads(body)
+        if all(public.get(name) == raw.get(name) for name in shared):
+            return
+        public.update({name: raw[name] for name in shared if name in raw})
+        self.s3.put(self.s3.loc.key(CONFIG_NAME), (json.dumps(public, indent=2) + "\n").encode(),
+                    ContentType="application/json")
+        log.info("updated %s in %s (format %s)", CONFIG_NAME, self.s3.loc.url, raw.get("format"))
+
+    def attach(self, meta) -> None:
+        """The daemon opened the metadata: checkpoints are the journal's from now on (a
+        checkpoint must never drop WAL frames that are not shipped yet)."""
+        self.meta = meta
+        meta.hold_checkpoints()
 
     def note_changes(self, total_changes: int) -> bool:
         changed = total_changes != self._changes
         self._changes = total_changes
         return changed
 
-    async def snapshot_now(self) -> None:
-        """Take a snapshot, then delete the objects it no longer refers to."""
+    def _check_writable(self, what: str) -> None:
         if self.backend.fenced:
-            raise StoreError(f"no snapshot: {self.backend.fenced}", errno.EIO)
+            raise StoreError(f"no {what}: {self.backend.fenced}", errno.EIO)
         if not self.lease.valid():  # expired while renewals failed: a successor may own the prefix
-            raise StoreError(f"no snapshot: the lease on {self.s3.loc.url} has not been renewed in time",
+            raise StoreError(f"no {what}: the lease on {self.s3.loc.url} has not been renewed in time",
                              errno.EIO)
-        pending = self.backend.take_pending_deletes()
+
+    async def sync_metadata(self) -> None:
+        """Return once every change committed before the call is in the bucket (fsync,
+        `s3fuse sync`). Callers arriving while a shipment runs share the next one."""
+        arrived = self._started
+        async with self._lock:
+            if self._succeeded > arrived:  # a shipment that began after we arrived is done
+                return
+            await self._ship_locked()
+
+    def stats(self) -> dict:
+        st = self.journal.state if self.journal is not None else None
+        return {"metadata_changes": self.meta.db.total_changes if self.meta is not None else 0,
+                "metadata_shipped_changes": self.shipped_changes,
+                "journal_records": self.journal.records if self.journal is not None else 0,
+                "journal_snapshots": self.journal.compactions if self.journal is not None else 0,
+                "journal_head": f"{st.epoch}/{st.seq}" if st is not None else ""}
+
+    async def _ship_locked(self) -> None:
+        self._started += 1
+        mine = self._started
+        changes = self.meta.db.total_changes if self.meta is not None else 0
+        self._check_writable("metadata journal record")
         try:
-            seq = await trio.to_thread.run_sync(self.snapshots.take)
-        except BaseException:
-            self.backend.requeue_deletes(pending)
-            raise
+            await trio.to_thread.run_sync(self.journal.ship)
+        except Exception as exc:  # noqa: BLE001 - S3 and botocore errors, worded and logged once
+            err = StoreError(f"could not store the metadata journal in {self.s3.loc.url} (fsync and "
+                             f"`s3fuse sync` fail until it can): {exc}", errno.EIO)
+            log.error("%s", err)
+            raise err from None
+        self._succeeded = max(self._succeeded, mine)
+        self.shipped_changes = max(self.shipped_changes, changes)
+        self._maybe_checkpoint()
+
+    def _maybe_checkpoint(self) -> None:
+        # on the trio thread, with no await between the check and the checkpoint: no commit
+        # can slip in between, so the checkpoint drops shipped frames only
+        if self.meta is None:
+            return
+        try:
+            size = os.stat(self.cfg.meta_path + "-wal").st_size
+        except FileNotFoundError:
+            return
+        if self.journal.checkpoint_due(size) and self.meta.checkpoint():
+            self.journal.checkpointed()
+
+    async def snapshot_now(self) -> None:
+        """Take a snapshot (the journal's compaction), then delete the objects it no longer
+        refers to."""
+        self._check_writable("snapshot")
+        async with self._lock:
+            pending = self.backend.take_pending_deletes()
+            try:
+                seq = await trio.to_thread.run_sync(self.journal.compact)
+            except BaseException:
+                self.backend.requeue_deletes(pending)
+                raise
         log.debug("metadata snapshot %d stored", seq)
         if pending:
             try:
@@ -362,10 +531,23 @@ class S3Mount:
                 self.backend.requeue_deletes(pending)
 
     async def periodic(self, meta) -> None:
-        """Snapshot every `interval` seconds while the metadata changes (a trio task)."""
+        """Ship the journal every `metadata_sync_seconds` (0: as soon as a commit is seen),
+        and take a snapshot every `snapshot_interval` seconds while the metadata changes."""
         self.note_changes(meta.db.total_changes)
+        last_snapshot = trio.current_time()
+        seen = meta.db.total_changes
         while True:
-            await trio.sleep(self.interval)
+            await trio.sleep(self.sync_seconds if self.sync_seconds > 0 else IMMEDIATE_POLL)
+            now = meta.db.total_changes
+            if self.sync_seconds > 0 or now != seen:
+                seen = now
+                try:
+                    await self.sync_metadata()
+                except Exception:  # noqa: BLE001, S110 - logged where it failed; retried at the next interval
+                    pass
+            if trio.current_time() - last_snapshot < self.interval:
+                continue
+            last_snapshot = trio.current_time()
             if not self.note_changes(meta.db.total_changes):
                 continue
             try:
@@ -374,8 +556,21 @@ class S3Mount:
                 log.warning("metadata snapshot failed (will retry): %s", exc)
                 self._changes = -1
 
-    async def finish(self) -> None:
+    async def before_close(self) -> bool:
+        """At a clean stop, before the metadata is closed (which checkpoints its WAL): ship
+        everything. False if that failed (the close then leaves the next ship to a snapshot)."""
+        try:
+            await self.sync_metadata()
+            return True
+        except Exception as exc:  # noqa: BLE001
+            log.error("final metadata journal shipment failed: %s", exc)
+            return False
+
+    async def finish(self, shipped: bool = True) -> None:
         """At a clean stop, after the metadata is closed: last snapshot, deletes, lease."""
+        self.meta = None
+        if self.journal is not None:
+            await trio.to_thread.run_sync(self.journal.finish_closed, shipped)
         try:
             await self.snapshot_now()
         except Exception as exc:  # noqa: BLE001

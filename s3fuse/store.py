@@ -237,8 +237,9 @@ def seal_settings(cfg: StoreConfig, keyring: Keyring) -> None:
     cfg.raw = raw
 
 
-def open_meta(cfg: StoreConfig, keyring: Keyring, root_key: bytes) -> tuple[Meta, Keyring]:
-    """The metadata database, signing and checking rows under the keyring's metadata key.
+def open_meta(cfg: StoreConfig, meta: Meta, keyring: Keyring, root_key: bytes) -> Keyring:
+    """Make `meta` (opened without a key) sign and check rows under the keyring's metadata
+    key -> the keyring, with that key.
 
     Call with the store locked, after the keyring passed its checks. A store made before
     authenticated metadata (a keyring without a metadata key) is upgraded first: every row
@@ -252,17 +253,12 @@ def open_meta(cfg: StoreConfig, keyring: Keyring, root_key: bytes) -> tuple[Meta
                              "metadata is authenticated: it is a copy from before the upgrade; put "
                              "back the newest keyring", errno.EKEYEXPIRED)
         key = os.urandom(ma.KEY_LEN)
-        meta = Meta(cfg.meta_path)
-        try:
-            count = meta.authenticate_all(key)
-            raw = {**cfg.raw, ma.CONFIG_MAC: ma.config_mac(key, cfg.raw)}
-            write_config(cfg, raw)
-            cfg.raw = raw
-            keyring = keyring.with_meta_key(key)
-            keyring.save(cfg.keyring_path, root_key, cfg.store_id)
-        except BaseException:
-            meta.close()
-            raise
+        count = meta.authenticate_all(key)
+        raw = {**cfg.raw, ma.CONFIG_MAC: ma.config_mac(key, cfg.raw)}
+        write_config(cfg, raw)
+        cfg.raw = raw
+        keyring = keyring.with_meta_key(key)
+        keyring.save(cfg.keyring_path, root_key, cfg.store_id)
         log.warning("store %s was made before authenticated metadata: its %d inodes and their rows "
                     "are authenticated from now on (store format %d)", cfg.path, count, STORE_FORMAT)
     else:
@@ -270,17 +266,16 @@ def open_meta(cfg: StoreConfig, keyring: Keyring, root_key: bytes) -> tuple[Meta
             raise StoreError(f"{cfg.path}/{CONFIG_NAME}: its key settings ({', '.join(ma.CONFIG_FIELDS)}) "
                              "do not authenticate: it was edited outside s3fuse; put back the "
                              "settings it had", errno.EIO)
-        meta = Meta(cfg.meta_path, keyring.meta_key)
         version = meta.get_state("schema_version")
         if version != SCHEMA_VERSION:
-            meta.close()
             raise StoreError(f"{cfg.meta_path}: schema version {version!r}, expected {SCHEMA_VERSION}",
                              errno.EIO)
+        meta.use_key(keyring.meta_key)
     if cfg.raw.get("format") != STORE_FORMAT:
         raw = {**cfg.raw, "format": STORE_FORMAT}
         write_config(cfg, raw)
         cfg.raw = raw
-    return meta, keyring
+    return keyring
 
 
 def read_root_key(cfg: StoreConfig, *, key_file: str | None = None,

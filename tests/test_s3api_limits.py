@@ -340,3 +340,51 @@ def test_body_that_does_not_match_its_signed_hash_is_refused(limited_api):
     conn.close()
     assert resp.status == 400 and b"XAmzContentSHA256Mismatch" in body
     assert os.listdir(m.mnt / "hashes") == []
+
+
+def test_a_get_whose_later_block_fails_authentication_is_cut_off(limited_api):
+    """A GET streams its object a block at a time, the next block read and authenticated
+    while the previous one is sent: a block that fails authentication ends the connection
+    before the declared length, after only the authenticated bytes before it."""
+    import sqlite3
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from .conftest import object_path
+
+    m, endpoint, c, (akid, secret) = limited_api
+    block = 4 << 20
+    data = os.urandom(3 * block + 100)
+    c.create_bucket(Bucket="cutoff")
+    c.put_object(Bucket="cutoff", Key="obj", Body=data)
+    con = sqlite3.connect(f"file:{m.store / 'meta.db'}?mode=ro", uri=True)
+    try:
+        (bucket,) = con.execute("SELECT inode FROM dentries WHERE parent=1 AND name=?", (b"cutoff",)).fetchone()
+        (ino,) = con.execute("SELECT inode FROM dentries WHERE parent=? AND name=?", (bucket, b"obj")).fetchone()
+        (oid,) = con.execute("SELECT object_id FROM blocks WHERE inode=? AND blockno=2", (ino,)).fetchone()
+    finally:
+        con.close()
+    path = object_path(m.store, oid.hex())
+    with open(path, "r+b") as f:  # one ciphertext byte of block 2 flipped in place
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    req = AWSRequest("GET", f"{endpoint}/cutoff/obj", headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    S3SigV4Auth(Credentials(akid, secret), "s3", "us-east-1").add_auth(req)
+    conn = http.client.HTTPConnection(endpoint.split("://")[1], timeout=30)
+    try:
+        conn.request("GET", "/cutoff/obj", headers=dict(req.prepare().headers))
+        resp = conn.getresponse()
+        assert resp.status == 200 and int(resp.getheader("content-length")) == len(data)
+        with pytest.raises(http.client.IncompleteRead) as info:
+            resp.read()
+    finally:
+        conn.close()
+    got = info.value.partial
+    assert len(got) <= 2 * block and got == data[:len(got)]
+    # the daemon goes on serving, and the damaged object stays refused
+    c.put_object(Bucket="cutoff", Key="small", Body=b"fine")
+    assert c.get_object(Bucket="cutoff", Key="small")["Body"].read() == b"fine"

@@ -4,6 +4,7 @@ signed by botocore's own signers (header and presigned) for awkward keys."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 from urllib.parse import urlsplit
 
 import pytest
@@ -50,6 +51,34 @@ def test_aws_example_get_object_header():
     assert code_of(sigv4.verify, "GET", "/test.txt", "", bad, secrets, T0) == "SignatureDoesNotMatch"
     # the same request, one byte of the path changed
     assert code_of(sigv4.verify, "GET", "/test.txT", "", headers, secrets, T0) == "SignatureDoesNotMatch"
+
+
+
+def test_remembered_signing_key_still_rejects_a_wrong_secret_or_another_date():
+    """Signing keys are derived once per (secret, date, region) and remembered: a request
+    verified under one secret leaves nothing that lets the same request pass under
+    another secret, and a key of one day never signs for another."""
+    sig = "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    headers = EXAMPLE_GET + [_auth_header("host;range;x-amz-content-sha256;x-amz-date", sig)]
+    sigv4.verify("GET", "/test.txt", "", headers, secrets, T0 + 60)  # the key is remembered now
+    assert sigv4.signing_key(SECRET, "20130524", "us-east-1") == sigv4.signing_key(SECRET, "20130524",
+                                                                                   "us-east-1")
+
+    def other_secret(akid):
+        return SECRET[:-1] + "X" if akid == AKID else None
+
+    assert code_of(sigv4.verify, "GET", "/test.txt", "", headers, other_secret, T0 + 60) == "SignatureDoesNotMatch"
+    # the same signature with the next day's date (and scope): a different signing key
+    next_day = [(k, "20130525T000000Z" if k == "x-amz-date" else v) for k, v in EXAMPLE_GET]
+    cred = _auth_header("host;range;x-amz-content-sha256;x-amz-date", sig)[1].replace("/20130524/", "/20130525/")
+    assert code_of(sigv4.verify, "GET", "/test.txt", "", next_day + [("authorization", cred)], secrets,
+                   T0 + 86400) == "SignatureDoesNotMatch"
+    # and the remembered key is the derivation's, for both days
+    for date in ("20130524", "20130525"):
+        k = ("AWS4" + SECRET).encode()
+        for part in (date, "us-east-1", "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+        assert sigv4.signing_key(SECRET, date, "us-east-1") == k
 
 
 def test_aws_example_presigned_url():

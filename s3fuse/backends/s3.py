@@ -310,6 +310,14 @@ class S3Client:
         items = [(o["Key"], o["Size"]) for o in res.get("Contents", [])]
         return items, res.get("NextContinuationToken") if res.get("IsTruncated") else None
 
+    def list_dated_page(self, prefix: str, token: str | None) -> tuple[list[tuple[str, float]], str | None]:
+        """(key, LastModified as unix time, by the server's clock) of one page of a listing."""
+        kw = {"ContinuationToken": token} if token else {}
+        res = self.call(f"LIST {prefix}", self.client.list_objects_v2, Bucket=self.loc.bucket,
+                        Prefix=prefix, MaxKeys=1000, **kw)
+        items = [(o["Key"], o["LastModified"].timestamp()) for o in res.get("Contents", [])]
+        return items, res.get("NextContinuationToken") if res.get("IsTruncated") else None
+
     def list_all(self, prefix: str) -> list[tuple[str, int]]:
         out, token = [], None
         while True:

@@ -123,10 +123,10 @@ class AdminHandlers:
     # ---------------------------------------------------------------- KMS
     def _kms_handler(self, op: str):
         async def handler(peer: Peer, args: dict):
-            return self.kms_call(op, peer, args)
+            return await self.kms_call(op, peer, args)
         return handler
 
-    def kms_call(self, op: str, peer: Peer, args: dict):
+    async def kms_call(self, op: str, peer: Peer, args: dict):
         kms = self.keys.configured_kms()
         who = peer.caller()
         p = who.principal
@@ -178,7 +178,7 @@ class AdminHandlers:
         self.keys.record(kms_op(op), who, **fields)
         result = result if isinstance(result, dict) else kms.describe(key)
         if op == "rotate":
-            self.data.renew_prepared(kms.resolve(key))
+            await self.data.renew_prepared(kms.resolve(key))
         if op in ("disable", "schedule-deletion", "set-policy"):
             # files opened for writing before the change are still stored under the key
             result = {**result, "waiting": self.data.waiting_for_key(SSE_KMS, kms.resolve(key))}
@@ -195,7 +195,7 @@ class AdminHandlers:
             return {"key_id": key}
         return {"key_id": key_id, "alias": key if key != key_id else None}
 
-    def kms_tick(self, now: float) -> None:
+    async def kms_tick(self, now: float) -> None:
         """The KMS's timers, run by the daemon's one key scheduler (rotation.MasterKeys.scheduler):
         automatic rotation of keys that have it enabled, and deletion of keys past their waiting period."""
         kms = self.keys.kms
@@ -204,7 +204,7 @@ class AdminHandlers:
         system = Caller(0, 0, 0)
         for key_id in kms.rotate_due(now):
             self.keys.record(kms_op("rotate"), system, key_id=key_id, trigger="schedule")
-            self.data.renew_prepared(key_id)
+            await self.data.renew_prepared(key_id)
         for key_id in kms.purge_expired(now):
             self.forget_cached_keys()
             self.keys.record(kms_op("delete"), system, key_id=key_id, trigger="schedule")

@@ -104,31 +104,20 @@ class ObjectCodec:
         """Whether new objects under `policy` need a network KMS call (then: a task each)."""
         return policy.mode == SSE_KMS and self.keys.kms_blocks(key=policy.key)
 
-    def new_object(self, ino: int, blockno: int, length: int, policy: Policy, who: Caller,
-                   grant: WriteGrant | None = None) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
-        """A fresh object id, data key and header. Runs on the loop: KMS and audit live there."""
-        made = prepared(grant, policy, blockno)
-        if made is not None:
-            object_id, data_key, wrapped = made
-        else:
-            object_id = os.urandom(fmt.OBJECT_ID_LEN)
-            path = self._path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
-            data_key, wrapped = self.keys.new_data_key(policy, object_id, ino, blockno, who, path, grant)
-        return self._header(object_id, ino, blockno, length, wrapped), data_key, wrapped
-
-    async def new_object_async(self, ino: int, blockno: int, length: int, policy: Policy, who: Caller,
-                               grant: WriteGrant | None = None) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
-        """`new_object` for a network KMS: the data-key call runs in a worker thread."""
-        if grant is not None and blockno == 0:
+    async def new_object(self, ino: int, blockno: int, length: int, policy: Policy, who: Caller,
+                         grant: WriteGrant | None = None) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
+        """A fresh object id, data key and header: the key its file's open made for it, if
+        any, else a new one (a network KMS's call in a worker thread)."""
+        remote = self.remote_key(policy)
+        if remote and grant is not None and blockno == 0:
             await grant.wait_ready(GRANT_WAIT)
         made = prepared(grant, policy, blockno)
         if made is not None:
             object_id, data_key, wrapped = made
         else:
             object_id = os.urandom(fmt.OBJECT_ID_LEN)
-            path = self._path_of(ino)
-            data_key, wrapped = await self.keys.new_data_key_async(policy, object_id, ino, blockno, who, path,
-                                                                   grant)
+            path = self._path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
+            data_key, wrapped = await self.keys.new_data_key(policy, object_id, ino, blockno, who, path, grant)
         return self._header(object_id, ino, blockno, length, wrapped), data_key, wrapped
 
     def _header(self, object_id: bytes, ino: int, blockno: int, length: int,
@@ -140,21 +129,18 @@ class ObjectCodec:
                    grant: WriteGrant | None = None) -> tuple[bytes, BlockRef]:
         """An object for one block: -> its bytes and its block-map row. Encryption runs in a
         worker thread when the block is large."""
-        if self.remote_key(policy):
-            header, data_key, wrapped = await self.new_object_async(ino, blockno, len(data), policy, who, grant)
-        else:
-            header, data_key, wrapped = self.new_object(ino, blockno, len(data), policy, who, grant)
+        header, data_key, wrapped = await self.new_object(ino, blockno, len(data), policy, who, grant)
         if len(data) > THREAD_THRESHOLD:
             blob, header_len = await self.crypto.run(fmt.encrypt_object_buffer, header, data_key, data)
         else:
             blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
         return blob, block_ref(header, wrapped, header_len)
 
-    def seal_here(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller,
-                  grant: WriteGrant | None = None) -> tuple[bytearray, BlockRef]:
+    async def seal_here(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller,
+                        grant: WriteGrant | None = None) -> tuple[bytearray, BlockRef]:
         """`seal` on the loop, for a small block (cheaper than a thread hop) under a key that
         needs no network call."""
-        header, data_key, wrapped = self.new_object(ino, blockno, len(data), policy, who, grant)
+        header, data_key, wrapped = await self.new_object(ino, blockno, len(data), policy, who, grant)
         blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
         return blob, block_ref(header, wrapped, header_len)
 
@@ -172,7 +158,7 @@ class ObjectCodec:
         Raises IntegrityError (from the key slot) or fmt.FormatError."""
         wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
         try:
-            data_key = await self.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno,
+            data_key = await self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno,
                                                            wrapped, who, grant=grant)
         except KeyUnavailable:
             # `ref` was read before an await: the re-wrap sweep may have moved the row to a
@@ -181,7 +167,7 @@ class ObjectCodec:
             if ref.mode != SSE_S3 or now is None or now[0] == ref.key_version:
                 raise
             wrapped = WrappedKey(ref.mode, ref.key_ref, now[0], now[1])
-            data_key = await self.keys.open_data_key_async(ref.object_id, ref.inode, ref.blockno,
+            data_key = await self.keys.open_data_key(ref.object_id, ref.inode, ref.blockno,
                                                            wrapped, who)
         opened = open_header(header_bytes, data_key, ref, self.store_id, self.segment_size)
         self._objects[ref.object_id] = opened

@@ -158,7 +158,7 @@ class Flusher:
                             for blockno, blk in self.wb.jobs(fs, only_full):
                                 jobs.append((fs, blockno, blk))
                                 if len(blk.data) <= THREAD_THRESHOLD and not self.codec.remote_key(fs.policy):
-                                    done.append(self._seal_small(fs, blockno, blk, small.setdefault(fs.ino, [])))
+                                    done.append(await self._seal_small(fs, blockno, blk, small.setdefault(fs.ino, [])))
                                 else:
                                     nursery.start_soon(self._store_block_of, fs, blockno, blk, done, failed)
                         except S3fuseError as exc:  # its key: this file's failure only
@@ -187,14 +187,14 @@ class Flusher:
         self._space.set()
         return failed
 
-    def _seal_small(self, fs: FileState, blockno: int, blk: Block,
+    async def _seal_small(self, fs: FileState, blockno: int, blk: Block,
                     batch: list[tuple[str, bytearray]]) -> Stored:
         """Seal a small block on the loop (cheaper than a thread hop) and queue its put."""
         version = blk.version
         data = bytes(blk.data)
         if _all_zero(data):
             return (fs.ino, blockno), version, None  # all zeros: a hole costs no object
-        blob, ref = self.codec.seal_here(fs.ino, blockno, data, fs.policy, fs.writer, fs.grant)
+        blob, ref = await self.codec.seal_here(fs.ino, blockno, data, fs.policy, fs.writer, fs.grant)
         self._attempted.setdefault(fs.ino, []).append(ref.object_id)
         batch.append((ref.object_id.hex(), blob))
         return (fs.ino, blockno), version, self._counted(ref, len(blob))

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from ..util import one_error
 from .errors import S3Error
 
 log = logging.getLogger(__name__)
 
 HEADER_LIMIT = 16 * 1024
 READ_SIZE = 256 * 1024
+STREAM_AHEAD = 1  # pieces of a streamed body produced ahead of the one being sent
 
 
 @dataclass
@@ -257,14 +259,33 @@ class HttpServer:
         # head, body and end go out in as few socket writes as possible (each costs a wake-up)
         if not head_only and resp.status not in (204, 304):
             if resp.stream is not None:
-                async for piece in resp.stream():
-                    for data in conn.h11.send_with_data_passthrough(h11.Data(data=piece)):
-                        if out:  # the head goes with the first piece
-                            out += data
-                            data, out = out, bytearray()
-                        await conn.stream.send_all(data)
+                out = await self._send_stream(conn, resp, out)
             elif resp.body:
                 out += conn.h11.send(h11.Data(data=resp.body))
         out += conn.h11.send(h11.EndOfMessage()) or b""
         if out:
             await conn.stream.send_all(out)
+
+    async def _send_stream(self, conn: _Connection, resp: Response, head: bytearray) -> bytearray:
+        """Send a streamed body, producing the next piece (read, decrypted) while the current
+        one goes out: at most STREAM_AHEAD pieces wait beside the one being sent."""
+        send, receive = trio.open_memory_channel(STREAM_AHEAD)
+
+        async def produce() -> None:
+            async with send:
+                async for piece in resp.stream():
+                    await send.send(piece)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                async with receive:
+                    async for piece in receive:
+                        for data in conn.h11.send_with_data_passthrough(h11.Data(data=piece)):
+                            if head:  # the head goes with the first piece
+                                head += data
+                                data, head = head, bytearray()
+                            await conn.stream.send_all(data)
+        except BaseExceptionGroup as group:
+            raise one_error(group, BaseException) from None  # the producer's or the sender's own error
+        return head

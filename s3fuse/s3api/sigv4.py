@@ -44,6 +44,8 @@ DEFAULT_REGION = "us-east-1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _AMZ_DATE = re.compile(r"^\d{8}T\d{6}Z$")
 _SPACES = re.compile(r"\s+")
+SIGNING_KEYS = 256  # derived signing keys remembered, at most
+_signing_keys: dict[tuple[str, str, str, str], bytes] = {}
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,21 @@ def _hmac(key: bytes, msg: str) -> bytes:
 
 
 def signing_key(secret: str, date: str, region: str, service: str = "s3") -> bytes:
-    k = _hmac(("AWS4" + secret).encode(), date)
-    k = _hmac(k, region)
-    k = _hmac(k, service)
-    return _hmac(k, "aws4_request")
+    """The scope's signing key. A key depends only on these four values and serves every
+    request of a day, so the derivation (four HMACs) is done once and remembered; the
+    secret comes from the store, never from a request, and the signature comparison that
+    uses the key stays constant-time."""
+    ident = (secret, date, region, service)
+    key = _signing_keys.get(ident)
+    if key is None:
+        k = _hmac(("AWS4" + secret).encode(), date)
+        k = _hmac(k, region)
+        k = _hmac(k, service)
+        key = _hmac(k, "aws4_request")
+        if len(_signing_keys) >= SIGNING_KEYS:
+            _signing_keys.clear()  # a new day, or many keys: start again, bounded
+        _signing_keys[ident] = key
+    return key
 
 
 def canonical_uri(raw_path: str) -> str:

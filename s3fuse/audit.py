@@ -75,7 +75,7 @@ OPS = frozenset(
     {f"kms:{a}" for a in KMS_ACTIONS.values()}
     | {"kms:GenerateDataKey", "kms:Decrypt", "ssec:AddKey", "ssec:RemoveKey",
        "sse-s3:RotateMasterKey", "sse-s3:RetireMasterKey", "sse-s3:PauseRewrap",
-       "sse-s3:ResumeRewrap", "sse-s3:RewrapDone", "root:RekeyRoot",
+       "sse-s3:ResumeRewrap", "sse-s3:RewrapDone", "root:RekeyRoot", "root:SealSettings",
        "s3:CreateAccessKey", "s3:DeleteAccessKey", "s3:Presign"})
 # Names that earlier versions wrote: readers of old logs map them with `canonical_op`.
 LEGACY_OPS = {

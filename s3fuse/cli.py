@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pause-sweep", action="store_true", help="instead: hold the re-wrap sweep")
     g.add_argument("--resume-sweep", action="store_true", help="instead: let a held re-wrap sweep go on")
 
+    s = sub.add_parser("seal-settings", help="accept store.json's key settings as they are now, after an edit "
+                                             "(store not mounted; needs the root key)")
+    s.add_argument("store", metavar="STORE")
+    _root_key_options(s)
+
     s = sub.add_parser("rekey-root", help="seal the keyring and KMS keystore under a new root key "
                                           "(store not mounted)")
     s.add_argument("store", metavar="STORE")
@@ -778,6 +783,26 @@ def cmd_rotate(args) -> int:
     return 0
 
 
+def cmd_seal_settings(args) -> int:
+    """store.json's key settings carry a MAC under the metadata key (docs/FORMAT.md), so that
+    whoever can write the store directory cannot point the store at another KMS; an
+    administrator with the root key accepts an edit here."""
+    from .store import StoreLock, load_config, load_keyring, seal_settings
+
+    cfg = load_config(args.store)
+    lock = StoreLock(cfg)
+    lock.acquire("seal-settings")
+    try:
+        keyring = load_keyring(cfg, _obtain_root_key(args, cfg))
+        seal_settings(cfg, keyring)
+        _audit_offline(cfg, "root:SealSettings", default_sse=cfg.default_sse, kms=json.dumps(cfg.kms, sort_keys=True))
+    finally:
+        lock.release()
+    print(f"store {cfg.path}: store.json's key settings sealed (default_sse {cfg.default_sse}, "
+          f"kms {json.dumps(cfg.kms, sort_keys=True)})")
+    return 0
+
+
 def cmd_rekey_root(args) -> int:
     from . import rootkey
     from .store import StoreLock, load_config, rekey_root
@@ -1094,7 +1119,7 @@ def cmd_fsck(args) -> int:
 COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
             "sync": cmd_sync, "diverged": cmd_diverged,
             "key": cmd_key, "kms": cmd_kms, "sse": cmd_sse, "audit": cmd_audit, "reencrypt": cmd_reencrypt,
-            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "fsck": cmd_fsck,
+            "rotate": cmd_rotate, "rekey-root": cmd_rekey_root, "seal-settings": cmd_seal_settings, "fsck": cmd_fsck,
             "s3-key": cmd_s3_key, "presign": cmd_presign}
 
 

@@ -124,8 +124,7 @@ class Filesystem:
         """Delete an inode that no entry, kernel reference or open handle uses."""
         if ino == ROOT_INODE or ino in self.lookups:
             return
-        fs = self.data.overlay(ino)
-        if fs is not None and fs.open_count > 0:
+        if self.data.is_open(ino):
             return
         row = self.meta.inode(ino)
         if row is None or row.nlink > 0:
@@ -433,15 +432,11 @@ class Filesystem:
         """`caller`: who changes the size by path (no open handle); such a size change
         passes the key checks of an open for writing. A handle's (ftruncate) passed them
         at open."""
-        fs = self.data.overlay(ino)
-        if (fs is not None and fs.dirty and size is None and mode is None and uid is None
-                and gid is None and atime_ns is None):
+        if (size is None and mode is None and uid is None and gid is None and atime_ns is None
+                and self.data.has_unstored(ino)):
             # The kernel's write-back cache sends the times of its writes at close: the
             # flush that is coming commits them, so no transaction is needed now.
-            now = now_ns()
-            if mtime_ns is not None:
-                fs.mtime_ns = mtime_ns
-            fs.ctime_ns = ctime_ns if ctime_ns is not None else now
+            self.data.set_times(ino, mtime_ns, ctime_ns if ctime_ns is not None else now_ns())
             return self.attr(ino)
         row = self._inode(ino)
         now = now_ns()
@@ -473,11 +468,7 @@ class Filesystem:
         fields["ctime_ns"] = ctime_ns if ctime_ns is not None else now
         with self.meta.transaction():
             self.meta.update_inode(ino, **fields)
-        fs = self.data.overlay(ino)
-        if fs is not None:
-            if mtime_ns is not None:
-                fs.mtime_ns = mtime_ns
-            fs.ctime_ns = fields["ctime_ns"]
+        self.data.set_times(ino, mtime_ns, fields["ctime_ns"])
         return self.attr(ino)
 
     # ------------------------------------------------------------------ files
@@ -487,7 +478,7 @@ class Filesystem:
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
-        if ino in self.data.damaged:  # a stop dropped written data of it: not a state it had
+        if self.data.is_damaged(ino):  # a stop dropped written data of it: not a state it had
             raise _err(errno.EIO, f"inode {ino} lost written data at a stop (see {pol.XATTR_DAMAGE.decode()})")
         if stat.S_ISREG(row.mode):
             # Key checks happen here, per caller: later reads may be served from shared caches.

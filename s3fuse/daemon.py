@@ -46,7 +46,7 @@ from .rotation import MasterKeys
 from .keys import generation as keygen
 from .s3api.credentials import AccessKeys
 from .s3api.service import S3Service
-from .store import StoreLock, load_config, load_keyring, obtain_root_key, remove_stale_key_files
+from .store import StoreLock, load_config, load_keyring, obtain_root_key, open_meta, remove_stale_key_files
 from .util import syncfs
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,9 @@ class Daemon:
         # a keyring.bin put back from before a rotation is refused here, before anything changes
         keygen.check(self.meta.get_state(keygen.STATE_KEY), keyring, self.cfg.store_id,
                      self.cfg.keyring_path)
+        keyring = open_meta(self.cfg, self.meta, keyring, root_key)
+        if self.s3 is not None:
+            self.s3.publish_settings(self.cfg.raw)
         with self.meta.transaction():
             self.meta.set_state(keygen.STATE_KEY, keygen.record_value(keyring, self.cfg.store_id))
         self.audit = AuditLog.open(self.audit_path)
@@ -311,6 +314,7 @@ class Daemon:
             self.cfg.store_id, self.mountpoint, self.options.s3_api,
             invalidate_entry=_invalidate_entry)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
+        self.pusher: PageCachePusher | None = None  # while mounted
 
     def _default_policy(self, kms: KmsProvider) -> Policy:
         """The encryption of files with no directory setting above them: the file's, else the store's."""
@@ -369,9 +373,9 @@ class Daemon:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise S3fuseError(f"could not mount on {self.mountpoint}: {exc}", errno.EIO) from None
-        self.data.pusher = PageCachePusher(
+        self.pusher = PageCachePusher(
             pyfuse3.notify_store, lambda ino: pyfuse3.invalidate_inode(ino, attr_only=True))
-        self.data.attrs_changed = self.data.pusher.attrs_changed
+        self.data.mounted(self.pusher)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
@@ -403,8 +407,8 @@ class Daemon:
         finally:
             self._announce_stop()
             stored = await self._final_flush()
-            pusher, self.data.pusher = self.data.pusher, None
-            self.data.attrs_changed = None
+            pusher, self.pusher = self.pusher, None
+            self.data.unmounted()
             pusher.close()  # before the session it writes to goes away
             pyfuse3.close(unmount=not unmounted or self._stopping)
             self.lock.release()
@@ -560,8 +564,8 @@ class Daemon:
             "unstored_files": d.failing(),
             "recovery_pending": self.recovery.pending(),
             **self.master.status(),
-            **(d.pusher.stats if d.pusher is not None else {}),
-            "pagecache_pushes_pending": d.pusher.pending if d.pusher is not None else 0,
+            **(self.pusher.stats if self.pusher is not None else {}),
+            "pagecache_pushes_pending": self.pusher.pending if self.pusher is not None else 0,
             **heap_usage(),
             **self.heap_stats,
             "fuse_waits_fast": fuseloop.wait_readable.fast,

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # How long the kernel may trust the attributes and names it was given. Every change of a
 # name or attribute goes through the kernel, which updates or drops what it caches, except
-# st_blocks after a background flush: the data path invalidates those (DataStore.attrs_changed).
+# st_blocks after a background flush: the data path invalidates those (DataStore.mounted hands it the pusher).
 # So the timeout can be long, as in S3QL, and a file that is stat'ed or opened again costs
 # no LOOKUP or GETATTR round trip.
 ATTR_TIMEOUT = 300.0

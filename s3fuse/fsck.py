@@ -39,7 +39,7 @@ from .meta import ROOT_INODE, BlockRef, Meta
 from .metaquery import MetaQuery
 from .policy import LOST_AT_STOP, SSE_C, SSE_KMS, SSE_S3, XATTR_DAMAGE
 from .recovery import RecoveryArea
-from .store import StoreConfig, StoreLock, load_config, load_keyring, obtain_root_key
+from .store import StoreConfig, StoreLock, check_config_mac, load_config, load_keyring, obtain_root_key
 
 EXIT_CLEAN = 0  # no damage (notes about benign leftovers may be printed)
 EXIT_REPAIRED = 1  # damage or leftovers were repaired; no damage remains
@@ -76,6 +76,8 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
     # inodes whose data is damaged: ino -> reasons (what --repair quarantines)
     damaged_files: dict[int, list[str]] = field(default_factory=dict)
+    forged_dirs: set[int] = field(default_factory=set)  # entries that do not authenticate
+    forged_inodes: set[int] = field(default_factory=set)  # never signed again by a repair
 
     def add(self, kind: str, severity: str, message: str, inode: int | None = None,
             object_id: str | None = None) -> Finding:
@@ -109,6 +111,7 @@ class Context:
     meta: Meta
     backend: Backend
     keys: KeyManager
+    settings_forged: bool = False  # store.json's key settings do not authenticate
     root_key: bytes | None = None  # an S3 store's journal check authenticates with it
 
     @property
@@ -140,13 +143,16 @@ def open_context(store: str, customer_keys: dict[str, bytes] | None = None, *, k
     try:
         root_key = obtain_root_key(cfg, key_file=key_file, passphrase_file=passphrase_file)
         keyring = load_keyring(cfg, root_key)
-        kms = open_kms(cfg, root_key)
+        forged = not check_config_mac(cfg, keyring)
+        # forged settings may name a KMS of someone else's: not asked
+        kms = None if forged else open_kms(cfg, root_key)
         customer = CustomerKeys()
         for name, raw in (customer_keys or {}).items():
             customer.add(name, raw, 0, True)
         if not os.path.exists(cfg.meta_path):
             raise StoreError(f"{cfg.meta_path} does not exist")
-        meta = Meta(cfg.meta_path)
+        meta = Meta(cfg.meta_path, keyring.meta_key)
+        meta.check_reads = False  # check_records checks every row
         backend = open_backend(cfg.path, {"backend": cfg.backend})
         # no audit trail: fsck runs offline, and records appended after the daemon's
         # stored head would read as tampering to `s3fuse audit verify`
@@ -154,7 +160,7 @@ def open_context(store: str, customer_keys: dict[str, bytes] | None = None, *, k
     except BaseException:
         lock.release()
         raise
-    return Context(cfg, meta, backend, keys, root_key), lock
+    return Context(cfg, meta, backend, keys, forged, root_key), lock
 
 
 # ---------------------------------------------------------------------- checks
@@ -235,6 +241,31 @@ def check_namespace(ctx: Context, report: Report) -> None:
     for table, n in (("xattrs", q.stray_xattr_rows()), ("symlinks", q.stray_symlink_rows())):
         if n:
             report.add("stray-rows", NOTE, f"{n} {table} rows belong to no inode")
+
+
+def check_records(ctx: Context, report: Report) -> None:
+    """Authenticated metadata: every row's MAC and every inode's set digest (docs/FORMAT.md)."""
+    if ctx.settings_forged:
+        report.add("forged-settings", DAMAGE, f"{ctx.cfg.path}/store.json: its key settings (default_sse, kms, "
+                   "block and segment size, store id) do not authenticate: they were edited outside "
+                   "s3fuse; put back the settings it had (not repairable by fsck)")
+    if ctx.meta.key is None:
+        report.add("unauthenticated", NOTE, "the store was made before authenticated metadata; its next "
+                   "mount authenticates it")
+        return
+    quarantined = _quarantined(ctx)
+    for ino, record in ctx.meta.forged_records():
+        why = f"its {record} does not authenticate (meta.db edited outside s3fuse)"
+        if ino in quarantined:
+            report.add("quarantined", NOTE, f"inode {ino} ({ctx.path(ino)}): {why}; the file is quarantined "
+                       "with its damage recorded", inode=ino)
+            continue
+        report.add("forged-record", DAMAGE, f"inode {ino} ({ctx.path(ino)}): {why}", inode=ino)
+        if record.startswith("entry"):
+            report.forged_dirs.add(ino)
+        else:
+            report.damaged_files.setdefault(ino, []).append(f"{record}: forged")
+            report.forged_inodes.add(ino)
 
 
 def _unreachable(ctx: Context) -> list[int]:
@@ -483,6 +514,13 @@ async def repair(ctx: Context, report: Report) -> None:
         for f in report.of("stray-rows"):
             meta.remove_stray_rows()
             f.repaired = True
+        # entries that do not authenticate are dropped (their inodes, disconnected, go to
+        # lost+found below); a directory's digest then sums the entries that authenticate
+        for parent in sorted(report.forged_dirs - report.forged_inodes):
+            meta.reseal_entries(parent)
+        for f in report.of("forged-record"):
+            if f.inode in report.forged_dirs and f.inode not in report.forged_inodes:
+                f.repaired = True
         lf = None
 
         def lost_found() -> int:
@@ -530,7 +568,7 @@ async def repair(ctx: Context, report: Report) -> None:
                 f.repaired = True
         # counts last: the moves above change them
         for ino, mode, nlink, want in q.link_counts():
-            if nlink != want and not (nlink == 0 and want == 0):
+            if nlink != want and not (nlink == 0 and want == 0) and ino not in report.forged_inodes:
                 meta.update_inode(ino, nlink=want)
         for f in report.of("link-count"):
             f.repaired = True
@@ -563,7 +601,7 @@ async def repair(ctx: Context, report: Report) -> None:
 
 
 _DATA_DAMAGE = {"missing-object", "corrupt-object", "bad-key-slot", "missing-key", "unreadable-object",
-                "bad-block-row"}
+                "bad-block-row", "forged-record"}
 
 
 def _lost_found(meta: Meta, now: int) -> int:
@@ -663,6 +701,7 @@ class Progress:
 async def _run(ctx: Context, repair_it: bool, quick: bool, progress: Progress) -> Report:
     report = Report()
     if check_database(ctx, report, quick):
+        check_records(ctx, report)
         check_namespace(ctx, report)
         check_block_map(ctx, report)
         check_keys(ctx, report)

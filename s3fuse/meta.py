@@ -45,10 +45,12 @@ CREATE TABLE inodes (
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
     stored_bytes INTEGER NOT NULL DEFAULT 0, -- plaintext bytes held in objects (st_blocks)
-    sse BLOB,                       -- msgpack: encryption of this file's new objects, or a
-                                    -- directory's default for new children (NULL: inherit)
-    digest BLOB,                    -- sum of the MACs of the rows it owns (metaauth.py)
-    mac BLOB                        -- HMAC of the row under the metadata key (metaauth.py)
+    -- sse: msgpack, the encryption of this file's new objects, or a directory's default for
+    -- new children (NULL: inherit); digest: the sum of the MACs of the rows it owns; mac: the
+    -- row's HMAC (metaauth.py)
+    sse BLOB,
+    digest BLOB,
+    mac BLOB
 );
 -- Directory entries; id is a never-reused cursor for readdir.
 CREATE TABLE dentries (
@@ -174,6 +176,8 @@ class Meta:
         # inodes whose owned rows (blocks, entries, symlink) matched their set digest
         self._verified: set[int] = set()
         self._reported: set[tuple[int, str]] = set()  # (inode, record) logged once
+        # fsck turns this off: it reads every row as it is and checks them all itself
+        self.check_reads = True
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -188,6 +192,7 @@ class Meta:
         if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='dentries'").fetchone():
             # stores made before this index existed get it on first open
             self.db.execute("CREATE INDEX IF NOT EXISTS dentries_by_inode ON dentries (inode)")
+            self._add_auth_columns()
         self._in_tx = False
         # Inode rows as the database holds them (this connection's view, uncommitted changes
         # included): every change of the inodes table goes through this class and updates
@@ -278,7 +283,7 @@ class Meta:
             row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id=?", (ino,)).fetchone()
             if row is None:
                 return None
-            if self.key is not None and not ma.same(row[_MAC], inode_mac(self.key, row)):
+            if self.key is not None and self.check_reads and not ma.same(row[_MAC], inode_mac(self.key, row)):
                 self._forged(ino, "inode row")
             self._remember(ino, row)
         return row
@@ -297,7 +302,7 @@ class Meta:
     def _check_blocks(self, ino: int) -> dict[int, BlockRef] | None:
         """Check a file's block rows against its set digest, the first time they are needed ->
         the rows (all checked now), or None if they were checked before."""
-        if self.key is None or ino in self._verified:
+        if self.key is None or not self.check_reads or ino in self._verified:
             return None
         row = self._row(ino)
         if row is None:
@@ -317,7 +322,7 @@ class Meta:
     def _check_entries(self, parent: int) -> bool:
         """Check a directory's entries against its set digest the first time -> whether
         they were checked now (every row as it is now is authentic)."""
-        if self.key is None or parent in self._verified:
+        if self.key is None or not self.check_reads or parent in self._verified:
             return False
         row = self._row(parent)
         if row is None:
@@ -424,6 +429,8 @@ class Meta:
             return None
         if not checked and not ma.same(row[1], ma.entry_mac(self.key, parent, name, row[0])):
             self._forged(parent, f"entry {bytes(name)!r}")
+        if self._row(row[0]) is None:  # an authentic entry: its inode must be there
+            self._forged(row[0], "inode row (missing)")
         return row[0]
 
     def _entry_mac(self, parent: int, name: bytes, ino: int) -> bytes | None:
@@ -819,18 +826,28 @@ class Meta:
         self._remove_entries("inode = ? AND id != (SELECT min(id) FROM dentries WHERE inode = ?)", (ino, ino))
 
     # authenticated metadata: the upgrade of an older store, and fsck's full check
+    def _add_auth_columns(self) -> None:
+        """A store made before authenticated metadata gets the (empty) columns on first open:
+        the queries name them. Rows stay unsigned until authenticate_all."""
+        for table in ("inodes", "dentries", "symlinks", "blocks"):
+            cols = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if table == "inodes" and "digest" not in cols:
+                self.db.execute("ALTER TABLE inodes ADD COLUMN digest BLOB")
+            if "mac" not in cols:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN mac BLOB")
+
+    def use_key(self, key: bytes) -> None:
+        """Sign and check rows under `key` from now on (a connection opened before the
+        keyring was read, as an S3 store's journal needs it from the start)."""
+        self.key = key
+        self._rows.clear()
+        self._verified.clear()
+
     def authenticate_all(self, key: bytes) -> int:
         """Sign every row of a store made before authenticated metadata (its rows as they
         are: the upgrade trusts the store it is given), in one transaction -> inodes signed.
         From then on this connection signs and checks under `key`."""
-        cols = {t: {r[1] for r in self.db.execute(f"PRAGMA table_info({t})")}
-                for t in ("inodes", "dentries", "symlinks", "blocks")}
         with self.transaction():
-            for table in ("inodes", "dentries", "symlinks", "blocks"):
-                if "mac" not in cols[table]:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN mac BLOB")
-            if "digest" not in cols["inodes"]:
-                self.db.execute("ALTER TABLE inodes ADD COLUMN digest BLOB")
             sums: dict[int, int] = {}
 
             def owned(ino: int, mac: bytes) -> None:
@@ -866,9 +883,27 @@ class Meta:
         self._verified.clear()
         return len(updates)
 
+    def reseal_entries(self, parent: int) -> int:
+        """fsck --repair: drop a directory's entries that do not authenticate and make its
+        digest the sum of those that do (entries it lost stay lost: their inodes are then
+        disconnected, and reconnected in lost+found) -> entries dropped. The directory's own
+        row must authenticate (it is not signed again otherwise)."""
+        key = self.key
+        assert key is not None
+        good, bad = [], []
+        for entry_id, name, ino, mac in self.db.execute(
+                "SELECT id, name, inode, mac FROM dentries WHERE parent=?", (parent,)).fetchall():
+            m = ma.entry_mac(key, parent, name, ino)
+            (good if ma.same(mac, m) else bad).append(m if ma.same(mac, m) else entry_id)
+        self.db.executemany("DELETE FROM dentries WHERE id=?", [(i,) for i in bad])
+        self.update_inode(parent, digest=ma.digest_of(good))
+        self._verified.discard(parent)
+        return len(bad)
+
     def forged_records(self) -> list[tuple[int, str]]:
         """(inode, record) of every row that does not authenticate, and of every inode whose
-        owned rows do not add up to its digest (fsck). Needs the key."""
+        owned rows do not add up to its digest (fsck). Needs the key. A record naming an
+        entry starts with "entry"."""
         key = self.key
         assert key is not None
         bad: list[tuple[int, str]] = []

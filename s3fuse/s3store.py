@@ -432,6 +432,22 @@ class S3Mount:
             if token is None:
                 return removed, kept
 
+    def publish_settings(self, raw: dict) -> None:
+        """Bring the bucket's store.json (what a new machine starts from) up to the local one's
+        format and authenticated key settings, after an upgrade or `seal-settings`; the rest
+        of it (host-specific paths and endpoints) stays as init wrote it. Blocking."""
+        from . import metaauth as ma
+
+        shared = ("format", ma.CONFIG_MAC, *ma.CONFIG_FIELDS)
+        body, _ = self.s3.get(self.s3.loc.key(CONFIG_NAME))
+        public = json.loads(body)
+        if all(public.get(name) == raw.get(name) for name in shared):
+            return
+        public.update({name: raw[name] for name in shared if name in raw})
+        self.s3.put(self.s3.loc.key(CONFIG_NAME), (json.dumps(public, indent=2) + "\n").encode(),
+                    ContentType="application/json")
+        log.info("updated %s in %s (format %s)", CONFIG_NAME, self.s3.loc.url, raw.get("format"))
+
     def attach(self, meta) -> None:
         """The daemon opened the metadata: checkpoints are the journal's from now on (a
         checkpoint must never drop WAL frames that are not shipped yet)."""

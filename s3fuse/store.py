@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hmac
 import json
+import logging
 import os
 import re
 import time
@@ -26,14 +27,20 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import defaults, rootkey
+from . import metaauth as ma
 from .backends import LocalBackend
 from .errors import StoreError
 from .keys.keyring import Keyring
-from .meta import Meta
+from .meta import SCHEMA_VERSION, Meta
 from .util import atomic_write, fsync_dir
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "store.json"
-STORE_FORMAT = 1
+# 2: authenticated metadata (docs/FORMAT.md); an s3fuse that knows only 1 refuses the store,
+# so it never writes unsigned rows into it
+STORE_FORMAT = 2
+_FORMATS = (1, 2)  # 1 is upgraded at the first mount
 DEFAULT_BLOCK_SIZE = defaults.BLOCK_SIZE
 DEFAULT_SEGMENT_SIZE = defaults.SEGMENT_SIZE
 DAY = defaults.DAY
@@ -137,10 +144,12 @@ def init_store(path: str, block_size: int = DEFAULT_BLOCK_SIZE,
     if kms:
         config["kms"] = kms
     cfg = _parse_config(path, config)
-    Keyring.new().save(cfg.keyring_path, root_key, store_id)
+    keyring = Keyring.new()
+    config[ma.CONFIG_MAC] = ma.config_mac(keyring.meta_key, config)
+    keyring.save(cfg.keyring_path, root_key, store_id)
     if cfg.backend.get("type", "local") == "local":
         LocalBackend.create(os.path.join(path, "objects"))
-    meta = Meta.create(cfg.meta_path, os.getuid(), os.getgid(), time.time_ns())
+    meta = Meta.create(cfg.meta_path, os.getuid(), os.getgid(), time.time_ns(), key=keyring.meta_key)
     meta.close()
     # the config is written last: its presence marks a complete store
     atomic_write(os.path.join(path, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode(), mode=0o600)
@@ -160,7 +169,7 @@ def _new_key_file(store: str, key_path: str) -> tuple[bytes, dict]:
 
 def _parse_config(path: str, raw: dict) -> StoreConfig:
     try:
-        if raw["format"] != STORE_FORMAT:
+        if raw["format"] not in _FORMATS:
             raise StoreError(f"{path}: store format {raw['format']} is not supported")
         desc = raw["root_key"]
         if desc.get("source", "file") not in rootkey.SOURCES:
@@ -211,6 +220,62 @@ def load_config(path: str) -> StoreConfig:
 def write_config(cfg: StoreConfig, raw: dict) -> None:
     """Replace store.json atomically (the commit point of `rekey_root`)."""
     atomic_write(os.path.join(cfg.path, CONFIG_NAME), (json.dumps(raw, indent=2) + "\n").encode(), mode=0o600)
+
+
+def check_config_mac(cfg: StoreConfig, keyring: Keyring) -> bool:
+    """Whether store.json's key settings (metaauth.CONFIG_FIELDS) authenticate. A keyring
+    without a metadata key (a store from before format 2) has nothing to check them with."""
+    return keyring.meta_key is None or ma.check_config(keyring.meta_key, cfg.raw)
+
+
+def seal_settings(cfg: StoreConfig, keyring: Keyring) -> None:
+    """MAC store.json's key settings as they are (`s3fuse seal-settings`, with the root key)."""
+    if keyring.meta_key is None:
+        raise StoreError(f"store {cfg.path} has no metadata key yet: mount it once first", errno.EINVAL)
+    raw = {**cfg.raw, ma.CONFIG_MAC: ma.config_mac(keyring.meta_key, cfg.raw)}
+    write_config(cfg, raw)
+    cfg.raw = raw
+
+
+def open_meta(cfg: StoreConfig, meta: Meta, keyring: Keyring, root_key: bytes) -> Keyring:
+    """Make `meta` (opened without a key) sign and check rows under the keyring's metadata
+    key -> the keyring, with that key.
+
+    Call with the store locked, after the keyring passed its checks. A store made before
+    authenticated metadata (a keyring without a metadata key) is upgraded first: every row
+    is signed under a new key, store.json gets its MAC, then the keyring with the key is
+    saved, which is the commit (a crash before it upgrades again at the next mount; the
+    keyring, sealed by the root key, decides, so editing store.json cannot ask for a
+    second upgrade). Last, store.json's format becomes 2."""
+    if keyring.meta_key is None:
+        if cfg.raw.get("format") == STORE_FORMAT:
+            raise StoreError(f"the keyring {cfg.keyring_path} holds no metadata key, but the store's "
+                             "metadata is authenticated: it is a copy from before the upgrade; put "
+                             "back the newest keyring", errno.EKEYEXPIRED)
+        key = os.urandom(ma.KEY_LEN)
+        count = meta.authenticate_all(key)
+        raw = {**cfg.raw, ma.CONFIG_MAC: ma.config_mac(key, cfg.raw)}
+        write_config(cfg, raw)
+        cfg.raw = raw
+        keyring = keyring.with_meta_key(key)
+        keyring.save(cfg.keyring_path, root_key, cfg.store_id)
+        log.warning("store %s was made before authenticated metadata: its %d inodes and their rows "
+                    "are authenticated from now on (store format %d)", cfg.path, count, STORE_FORMAT)
+    else:
+        if not ma.check_config(keyring.meta_key, cfg.raw):
+            raise StoreError(f"{cfg.path}/{CONFIG_NAME}: its key settings ({', '.join(ma.CONFIG_FIELDS)}) "
+                             "do not authenticate: it was edited outside s3fuse; put back the "
+                             "settings it had", errno.EIO)
+        version = meta.get_state("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{cfg.meta_path}: schema version {version!r}, expected {SCHEMA_VERSION}",
+                             errno.EIO)
+        meta.use_key(keyring.meta_key)
+    if cfg.raw.get("format") != STORE_FORMAT:
+        raw = {**cfg.raw, "format": STORE_FORMAT}
+        write_config(cfg, raw)
+        cfg.raw = raw
+    return keyring
 
 
 def read_root_key(cfg: StoreConfig, *, key_file: str | None = None,

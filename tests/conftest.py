@@ -220,6 +220,29 @@ def write_file(p, data: bytes, fsync: bool = False) -> None:
         os.close(fd)
 
 
+def resign_metadata(store: Path) -> None:
+    """Sign meta.db's rows again, as they are, under the store's metadata key: a test that
+    edits rows to make damage of another kind (a wrong link count, a missing inode) than a
+    forged row uses it, so that fsck sees that damage and not the edit (tests/test_meta_tamper.py
+    covers edits as forgeries)."""
+    from s3fuse.keys.keyring import Keyring
+    from s3fuse.meta import Meta
+    from s3fuse.store import load_config, read_root_key
+
+    cfg = load_config(str(store))
+    keyring = Keyring.unseal(Path(cfg.keyring_path).read_bytes(), read_root_key(cfg), cfg.store_id)
+    m = Meta(cfg.meta_path)
+    m.authenticate_all(keyring.meta_key)
+    m.close()
+
+
+def seal_settings(store: Path) -> None:
+    """Accept an edit of store.json's key settings (kms, default_sse), as an administrator
+    does with `s3fuse seal-settings`."""
+    r = run_cli("seal-settings", store)
+    assert r.returncode == 0, r.stderr
+
+
 def list_objects(store: Path) -> set[str]:
     """Object ids in the store (files under STORE/objects, or keys under PREFIX/objects/)."""
     if store_is_s3(store):

@@ -25,7 +25,7 @@ import pytest
 from s3fuse import format as fmt
 from s3fuse.control import protocol
 
-from .conftest import object_path, run_cli, wait_until
+from .conftest import object_path, resign_metadata, run_cli, wait_until
 
 KiB = 1024
 BS = 256 * KiB  # block size of the prepared store
@@ -282,6 +282,9 @@ def test_wrapped_key_copied_from_another_object(prepared, store, mount_factory):
     con = _db(store)
     con.execute("UPDATE blocks SET key_slot=? WHERE inode=? AND blockno=1", (slot, _ino(store, "A")))
     con.close()
+    # signed again: the row's MAC would catch the edit first (tests/test_meta_tamper.py); this
+    # shows that the key slot's own binding holds even for a row that authenticates
+    resign_metadata(store)
     check(mount_factory(store=store), prepared, {"A": {1}}, [_oid(store, "A", 1)])
 
 
@@ -300,6 +303,7 @@ def test_database_points_a_file_at_another_files_object(prepared, store, mount_f
                     " WHERE inode=? AND blockno=2",
                     (b["object_id"], b["key_slot"], b["length"], b["obj_length"], b["hdr_len"], _ino(store, "A")))
     con.close()
+    resign_metadata(store)  # as above: the object's binding, past the row's MAC
     check(mount_factory(store=store), prepared, {"A": {2}}, [b["object_id"].hex()])
 
 

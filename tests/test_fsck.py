@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import S3FUSE, TRACEBACK, list_objects, object_path, run_cli
+from .conftest import S3FUSE, TRACEBACK, list_objects, object_path, resign_metadata, run_cli
 
 KiB = 1024
 BS = 256 * KiB  # the prepared store's block size: several blocks per file stay cheap
@@ -92,8 +92,21 @@ def kinds(report: dict, severity: str | None = None) -> set[str]:
     return {f["kind"] for f in report["findings"] if severity is None or f["severity"] == severity}
 
 
+class _Edit(sqlite3.Connection):
+    """A connection whose edits, once closed, are signed again (conftest.resign_metadata):
+    these tests make structural damage, not forgeries."""
+
+    store: Path
+
+    def close(self) -> None:
+        super().close()
+        resign_metadata(self.store)
+
+
 def db(store: Path) -> sqlite3.Connection:
-    return sqlite3.connect(store / "meta.db", isolation_level=None)
+    con = sqlite3.connect(store / "meta.db", isolation_level=None, factory=_Edit)
+    con.store = store
+    return con
 
 
 def inode_of(store: Path, path: str) -> int:

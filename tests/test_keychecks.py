@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from .conftest import UNPRIV_PYTHON, run_as, run_cli
+from .conftest import UNPRIV_PYTHON, run_as, run_cli, seal_settings
 from .test_cli import assert_cli_error
 from .test_sse import (ALICE, ALLOW_OTHER, BOB, add_key, audit_records, cli_ok, errno_of,
                        kms_create, owned_dir, read_file, setfattr_ok, write_file)
@@ -265,6 +265,7 @@ def test_kms_key_quota_per_uid(mount_factory):
     cfg = json.loads(cfg_path.read_text())
     cfg["kms"] = {"key_quota": 2}
     cfg_path.write_text(json.dumps(cfg))
+    seal_settings(m.store)
     m.start()
     for _ in range(2):
         cli_ok("kms", "create-key", "-m", m.mnt, uid=ALICE)

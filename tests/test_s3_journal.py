@@ -256,3 +256,30 @@ def test_fsync_fails_while_the_bucket_is_down_and_a_diverged_host_is_refused(own
     assert (m.mnt / "fromB").read_bytes() == b"B"
     assert not (m.mnt / "onlyA").exists()
     assert (kept[0] / "meta.db").exists()
+
+
+def test_settings_sealed_on_one_host_reach_a_new_host(mount_factory, workdir, s3_server, store_backend):
+    """store.json's authenticated settings, changed and sealed on host A, are what a host
+    starting from the bucket gets (not the bucket's copy from init, which still authenticates)."""
+    m = mount_factory(start=False)
+    cfg_path = m.store / "store.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["default_sse"] = "aws:kms:alias/team"
+    cfg_path.write_text(json.dumps(raw))
+    r = run_cli("seal-settings", m.store)
+    assert r.returncode == 0, r.stderr
+    m.start()
+    os.mkdir(m.mnt / "d")
+    m.unmount()
+    sealed = store_config(m.store)
+
+    state, mnt2, args = _elsewhere(workdir, m.store, s3_server.endpoint, "b")
+    r = run_cli("mount", _url(m.store), mnt2, *args)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.listdir(mnt2) == ["d"]
+    finally:
+        assert run_cli("umount", mnt2).returncode == 0
+    got = json.loads((state / "store.json").read_text())
+    assert got["default_sse"] == "aws:kms:alias/team"
+    assert got["meta_mac"] == sealed["meta_mac"] and got["format"] == sealed["format"]

@@ -21,7 +21,7 @@ import pytest
 from s3fuse.keys.transit import derivation_context, parse_blob
 
 from .baoserver import free_port
-from .conftest import TRACEBACK, py_as, run_cli, wait_until
+from .conftest import TRACEBACK, py_as, run_cli, seal_settings, wait_until
 
 SSE = "user.s3fuse.sse"
 FAST = {"timeout": 1.0, "attempts": 2, "backoff": 0.05, "backoff_max": 0.1, "cache_ttl": 0}
@@ -48,6 +48,7 @@ def set_kms(store: Path, **settings) -> None:
     cfg = json.loads(path.read_text())
     cfg["kms"].update(settings)
     path.write_text(json.dumps(cfg))
+    seal_settings(store)  # the key settings are authenticated: an administrator accepts the edit
 
 
 def write(path: Path, data: bytes) -> None:

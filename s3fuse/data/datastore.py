@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
 
 import trio
 
@@ -77,24 +76,21 @@ class DataStore:
     def dirty_bytes(self) -> int:
         return self.wb.dirty_bytes
 
-    @property
-    def pusher(self) -> PageCachePusher | None:
-        return self.reads.pusher
-
-    @pusher.setter
-    def pusher(self, pusher: PageCachePusher | None) -> None:
-        """Set while mounted: hands the rest of a fetched segment to the kernel's page cache."""
-        self.reads.pusher = pusher
-
-    @property
-    def attrs_changed(self) -> Callable[[list[int]], None] | None:
-        return self.flushing.attrs_changed
-
-    @attrs_changed.setter
-    def attrs_changed(self, hook: Callable[[list[int]], None] | None) -> None:
-        """Set while mounted: told of inodes whose attributes changed without a kernel request
+    def mounted(self, pusher: PageCachePusher) -> None:
+        """While mounted, fetched plaintext goes to the kernel's page cache through `pusher`,
+        which is also told of inodes whose attributes changed without a kernel request
         (st_blocks after a commit), so that the kernel drops what it caches of them."""
-        self.flushing.attrs_changed = hook
+        self.reads.pusher = pusher
+        self.flushing.attrs_changed = pusher.attrs_changed
+
+    def unmounted(self) -> None:
+        self.reads.pusher = None
+        self.flushing.attrs_changed = None
+
+    def tell_attrs_changed(self, inos: list[int]) -> None:
+        """Attributes of `inos` changed without a kernel request: the kernel drops its copy."""
+        if self.flushing.attrs_changed is not None:
+            self.flushing.attrs_changed(inos)
 
     async def flusher(self) -> None:
         await self.flushing.run()
@@ -121,9 +117,14 @@ class DataStore:
                                        policy=Policy.decode(row.sse) or DEFAULT, stored_reported=row.stored_bytes))
         return fs
 
-    def overlay(self, ino: int) -> FileState | None:
-        """Unflushed size and times of a file, if it has any, for getattr."""
-        return self.wb.get(ino)
+    def is_open(self, ino: int) -> bool:
+        fs = self.wb.get(ino)
+        return fs is not None and fs.open_count > 0
+
+    def has_unstored(self, ino: int) -> bool:
+        """Written data or a size not yet stored (a commit is coming)."""
+        fs = self.wb.get(ino)
+        return fs is not None and fs.dirty
 
     def with_overlay(self, row: Inode) -> Inode:
         """A committed inode row with the file's unstored size, times and buffered bytes
@@ -463,6 +464,9 @@ class DataStore:
         with self.meta.transaction():
             self.meta.set_xattr(ino, XATTR_DAMAGE, LOST_AT_STOP + why.encode("utf-8", "replace"))
         self.damaged.add(ino)
+
+    def is_damaged(self, ino: int) -> bool:
+        return ino in self.damaged
 
     def clear_damage(self, ino: int) -> None:
         """The owner removed the damage record: reads are served again."""

@@ -11,8 +11,9 @@ Each mount and each keyring change records it in meta.db's `state` table, under
 then, MAC = HMAC-SHA256(HKDF-SHA256(master key VERSION, info "s3fuse/v1/keyring-generation"),
 store_id || u64 GEN || u64 VERSION), hex. The record is keyed from the keyring, not the root
 key, so `rekey-root` (same keyring, new seal) leaves it valid. A mount refuses a keyring whose
-generation is below the record, or that does not authenticate the record. (`store.json`
-is not authenticated; authenticated metadata as a whole will take this record over.)
+generation is below the record, or that does not authenticate the record. The metadata key
+(metaauth.py) lives in the keyring this record guards, so the record stays keyed from the
+master keys rather than from it.
 """
 
 from __future__ import annotations

@@ -153,9 +153,7 @@ class Namespace:
         self.changed_attrs(parent)
 
     def changed_attrs(self, ino: int) -> None:
-        notify = self.core.data.attrs_changed
-        if notify is not None:
-            notify([ino])
+        self.core.data.tell_attrs_changed([ino])
 
     # ---------------------------------------------------------------- lookups
     def child(self, parent: int, name: bytes) -> Inode | None:

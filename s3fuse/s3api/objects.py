@@ -43,10 +43,9 @@ def http_date(ns: int) -> str:
 def etag_of(api, row: Inode) -> str:
     """The object's ETag, unquoted (etag.py says how it is made)."""
     core = api.core
-    fs = core.data.overlay(row.id)
     blocks = core.meta.blocks_of(row.id)
     ids = [b.object_id for b in blocks]
-    if fs is None or not fs.dirty:
+    if not core.data.has_unstored(row.id):
         record = core.meta.get_xattr(row.id, etags.XATTR)
         if record is not None:
             value = etags.unseal(api.access_keys.etag_key, api.store_id, row.id, row.size, ids, record)

@@ -167,22 +167,15 @@ class Filesystem:
         return gid, mode
 
     def _make(self, parent_ino: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
-              target: bytes | None = None, checked: Policy | None = None,
-              policy: Policy | None = None) -> Inode:
+              target: bytes | None = None, policy: Policy | None = None) -> Inode:
+        """`policy`: a regular file's encryption, already checked (`_check_new_file`)."""
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
             raise _err(errno.ENOENT)
         gid, mode = self._new_owner(parent, caller, mode)
         is_dir = stat.S_ISDIR(mode)
-        sse = None
-        if stat.S_ISREG(mode):
-            # a file takes its encryption from the nearest setting above it, once, now
-            # (or from the request that made it: an S3 PUT's SSE headers)
-            policy = policy or self.effective_policy(parent_ino)
-            if policy != checked:
-                self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
-            sse = policy.encode()
+        sse = policy.encode() if stat.S_ISREG(mode) else None
         now = now_ns()
         with self.meta.transaction():
             row = self.meta.create_inode(mode, caller.uid, gid, 2 if is_dir else 1, now, rdev,
@@ -199,23 +192,19 @@ class Filesystem:
                                    nlink=parent.nlink + (1 if is_dir else 0))
         return row
 
-    async def _precheck_write(self, parent_ino: int, mode: int, caller: Caller) -> Policy | None:
-        """A network KMS's key check before a regular file is created (the loop does not wait
-        on it); -> the policy it checked, or None if `_make` checks on its own."""
-        if not stat.S_ISREG(mode):
-            return None
+    async def _check_new_file(self, parent_ino: int, caller: Caller, policy: Policy | None = None) -> Policy:
+        """The encryption of a regular file about to be made: the nearest setting above it,
+        fixed once, now (or the request's own, an S3 PUT's SSE headers), checked for `caller`."""
         self._dir(parent_ino)
-        policy = self.effective_policy(parent_ino)
-        if policy.mode != pol.SSE_KMS or not self.keys.kms_blocks(key=policy.key):
-            return None
-        await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(parent_ino))
+        policy = policy or self.effective_policy(parent_ino)
+        await self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
         return policy
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
-        checked = await self._precheck_write(parent, mode, caller)
-        return self._make(parent, name, mode, caller, rdev=rdev, checked=checked)
+        policy = await self._check_new_file(parent, caller) if stat.S_ISREG(mode) else None
+        return self._make(parent, name, mode, caller, rdev=rdev, policy=policy)
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
@@ -224,12 +213,8 @@ class Filesystem:
                      policy: Policy | None = None) -> Inode:
         """`policy`: the new file's encryption, instead of its directory's (checked here)."""
         mode = stat.S_IFREG | (mode & 0o7777)
-        if policy is None:
-            checked = await self._precheck_write(parent, mode, caller)
-        else:
-            await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(parent))
-            checked = policy
-        row = self._make(parent, name, mode, caller, checked=checked, policy=policy)
+        policy = await self._check_new_file(parent, caller, policy)
+        row = self._make(parent, name, mode, caller, policy=policy)
         await self.data.block_pushes(row.id)  # an inode number can be reused: no stale pushes
         self.data.opened(row.id, writer=caller, grant=await self._grant_at_create(row, caller))
         return row
@@ -255,7 +240,7 @@ class Filesystem:
         if policy.mode != pol.SSE_KMS or not self.keys.kms_blocks(key=policy.key):
             return await self.keys.grant_write(policy, caller, ino, path=path)
         if not checked:
-            await self.keys.check_write_async(policy, caller, path=path)
+            await self.keys.check_write(policy, caller, path=path)
         grant = WriteGrant(policy)
         grant.preparing()
         if not self.data.run_in_background(self._prepare_grant, grant, caller, ino, path):
@@ -445,7 +430,7 @@ class Filesystem:
                 raise _err(errno.EINVAL)
             if caller is not None:
                 policy = Policy.decode(row.sse) or pol.DEFAULT
-                await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
+                await self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(ino))
             await self.data.truncate(ino, size)
         fields: dict[str, int] = {}
         if mode is not None:
@@ -493,7 +478,7 @@ class Filesystem:
                     refs = [] if first is None else [(first.mode, first.key_ref)]
                 else:
                     refs = self.meta.key_refs(ino)
-                await self.keys.check_read_async(refs, caller, path=path, policy=policy)
+                await self.keys.check_read(refs, caller, path=path, policy=policy)
             if writing:
                 # the key this open's writes will be stored under, fixed now that the check passes
                 grant = await self._grant(policy, caller, ino, path, checked=False)
@@ -718,7 +703,7 @@ class Filesystem:
             return
         if Policy.decode(row.sse) == policy:
             return  # already so: re-encryption is resumable
-        await self.keys.check_write_async(policy, caller, path=lambda: self.meta.path_of(ino))
+        await self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(ino))
         await self.data.reencrypt(ino, policy, caller)
 
     def _note_refusal(self, uid: int, ino: int, reason: str) -> None:

@@ -128,6 +128,11 @@ class WriteGrant:
         self.prepared.clear()
 
 
+def _path(path) -> str | None:
+    """An audit record's path, given as is or as a callable (computed only when recorded)."""
+    return path() if callable(path) else path
+
+
 def _accepted(grant: WriteGrant | None, policy: Policy) -> bool:
     """Whether data stored under `policy` was accepted through a handle whose key checks
     passed at its open (a live grant for the same setting)."""
@@ -295,41 +300,6 @@ class KeyManager:
         if not grant.wiped:
             grant.prepared.setdefault(0, (object_id, data_key, wrapped))
 
-    async def check_write_async(self, policy: Policy, who: Caller, path=None) -> None:
-        """`check_write`, with a network KMS's authorization in a worker thread."""
-        if policy.mode != SSE_KMS or not self.kms_blocks(key=policy.key):
-            return self.check_write(policy, who, path)
-        path = path() if callable(path) else path
-        kms = self._kms()
-        try:
-            await self._offload(policy.key, None, kms.authorize, policy.key, "encrypt", who.principal)
-        except S3fuseError as exc:
-            self.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=path,
-                        errno=exc.errno)
-            raise
-
-    async def check_read_async(self, refs: list[tuple[str, str]], who: Caller, path=None,
-                               policy: Policy | None = None) -> None:
-        """`check_read`, with a network KMS's authorizations in a worker thread."""
-        keys = [ref for mode, ref in refs if mode == SSE_KMS]
-        if policy is not None and policy.mode == SSE_KMS:
-            keys.append(policy.key)
-        remote = [k for k in dict.fromkeys(keys) if self.kms_blocks(key=k)]
-        if not remote:
-            return self.check_read(refs, who, path, policy)
-        path = path() if callable(path) else path
-        kms = self._kms()
-        for key_ref in remote:
-            try:
-                await self._offload(key_ref, None, kms.authorize, key_ref, "decrypt", who.principal)
-            except S3fuseError as exc:
-                self.record("kms:Decrypt", who, "denied", key_id=key_ref, path=path, errno=exc.errno)
-                raise
-            self.record("kms:Decrypt", who, key_id=key_ref, path=path)
-        local_refs = [(m, r) for m, r in refs if not (m == SSE_KMS and r in remote)]
-        local_policy = policy if policy is None or policy.key not in remote else None
-        self.check_read(local_refs, who, path, local_policy)
-
     async def describe_kms_key(self, key_id: str) -> dict:
         """A KMS key's description; a network KMS's lookup in a worker thread."""
         kms = self._kms()
@@ -358,58 +328,25 @@ class KeyManager:
             raise IntegrityError(f"key slot of object {object_id.hex()}: {exc}") from None
 
     # ------------------------------------------------------------------ access checks
-    def check_write(self, policy: Policy, who: Caller, path=None) -> None:
-        """May `who` create objects under `policy`? (At create and open-for-write.)
+    async def check_write(self, policy: Policy, who: Caller, path=None) -> None:
+        """May `who` create objects under `policy`? (At create, open-for-write, truncate and
+        an encryption change.) `path`, or a callable giving it, is for audit records."""
+        await self._modes[policy.mode].may_write(policy, who, path)
 
-        `path` is a callable giving the path for audit records (computed only when needed).
-        """
-        if policy.mode == SSE_S3:
-            return
-        path = path() if callable(path) else path
-        if policy.mode == SSE_C:
-            self._customer_key(policy, who)
-        elif policy.mode == SSE_KMS:
-            kms = self._kms()
-            try:
-                kms.authorize(policy.key, "encrypt", who.principal)
-            except S3fuseError as exc:
-                self.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=path,
-                            errno=exc.errno)
-                raise
-
-    def check_read(self, refs: list[tuple[str, str]], who: Caller, path=None,
-                   policy: Policy | None = None) -> None:
+    async def check_read(self, refs: list[tuple[str, str]], who: Caller, path=None,
+                         policy: Policy | None = None) -> None:
         """May `who` read objects with these (mode, key_ref)s? (At open.)
 
         `policy` is the file's own setting: data not yet stored is readable only by a
-        caller who holds its key too.
-        """
-        if policy is not None and policy.mode != SSE_S3:
-            if policy.mode == SSE_C:
-                # first: a loaded key of the file's key name that is not its key is
-                # EKEYREJECTED, which the objects' verifiers alone cannot tell from ENOKEY
-                refs = [("SSE-C-policy", policy.key), *refs]
-            else:
-                refs = [*refs, (SSE_KMS, policy.key)]
-        if all(mode == SSE_S3 for mode, _ in refs):
-            return
-        path = path() if callable(path) else path
+        caller who holds its key too."""
+        if policy is not None and policy.mode == SSE_C:
+            # first: a loaded key of the file's key name that is not its key is EKEYREJECTED,
+            # which the objects' verifiers alone cannot tell from ENOKEY
+            await self._modes[SSE_C].may_write(policy, who, path)
+        elif policy is not None and policy.mode == SSE_KMS:
+            refs = [*refs, (SSE_KMS, policy.key)]
         for mode, key_ref in dict.fromkeys(refs):  # each key once, in order
-            if mode == "SSE-C-policy":
-                self._customer_key(policy, who)
-                continue
-            if mode == SSE_C:
-                if self.customer_key_for_object(who, key_ref) is None:
-                    raise KeyUnavailable(f"no loaded customer key of uid {who.uid} opens {path or 'this file'}",
-                                         errno.ENOKEY)
-            elif mode == SSE_KMS:
-                kms = self._kms()
-                try:
-                    kms.authorize(key_ref, "decrypt", who.principal)
-                except S3fuseError as exc:
-                    self.record("kms:Decrypt", who, "denied", key_id=key_ref, path=path, errno=exc.errno)
-                    raise
-                self.record("kms:Decrypt", who, key_id=key_ref, path=path)
+            await self._modes[mode].may_read(key_ref, who, path)
 
 
 class ModeKeys:
@@ -417,6 +354,12 @@ class ModeKeys:
 
     def __init__(self, km: KeyManager) -> None:
         self.km = km
+
+    async def may_write(self, policy: Policy, who: Caller, path) -> None:
+        """Refuse (raise) unless `who` may store data under `policy`."""
+
+    async def may_read(self, key_ref: str, who: Caller, path) -> None:
+        """Refuse (raise) unless `who` may read objects under the key `key_ref`."""
 
     async def new(self, policy: Policy, object_id: bytes, inode: int, block: int, who: Caller,
                   path: str | None, grant: WriteGrant | None) -> tuple[bytes, WrappedKey]:
@@ -458,6 +401,26 @@ class KmsMode(ModeKeys):
             return await self.km._offload(provider_key, blob, fn, *args)
         return fn(*args)
 
+    async def may_write(self, policy, who, path):
+        km = self.km
+        try:
+            await self._call(km.kms_blocks(key=policy.key), policy.key, None, km._kms().authorize,
+                             policy.key, "encrypt", who.principal)
+        except S3fuseError as exc:
+            km.record("kms:GenerateDataKey", who, "denied", key_id=policy.key, path=_path(path),
+                      errno=exc.errno)
+            raise
+
+    async def may_read(self, key_ref, who, path):
+        km = self.km
+        try:
+            await self._call(km.kms_blocks(key=key_ref), key_ref, None, km._kms().authorize,
+                             key_ref, "decrypt", who.principal)
+        except S3fuseError as exc:
+            km.record("kms:Decrypt", who, "denied", key_id=key_ref, path=_path(path), errno=exc.errno)
+            raise
+        km.record("kms:Decrypt", who, key_id=key_ref, path=_path(path))
+
     async def new(self, policy, object_id, inode, block, who, path, grant):
         km = self.km
         kms = km._kms()
@@ -486,6 +449,14 @@ class KmsMode(ModeKeys):
 class CustomerKeyMode(ModeKeys):
     """SSE-C: data keys wrapped under a key derived from the caller's customer key (or the
     copy a live grant holds of the key its writes were accepted under)."""
+
+    async def may_write(self, policy, who, path):
+        self.km._customer_key(policy, who)
+
+    async def may_read(self, key_ref, who, path):
+        if self.km.customer_key_for_object(who, key_ref) is None:
+            raise KeyUnavailable(f"no loaded customer key of uid {who.uid} opens {_path(path) or 'this file'}",
+                                 errno.ENOKEY)
 
     async def new(self, policy, object_id, inode, block, who, path, grant):
         km = self.km

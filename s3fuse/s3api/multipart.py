@@ -124,7 +124,7 @@ class Multipart:
             parent = row
         policy = await target_policy(ctx, parent, req_sse)
         try:
-            await ctx.api.keys.check_write_async(policy, ctx.who, path=key)
+            await ctx.api.keys.check_write(policy, ctx.who, path=key)
         except S3fuseError as exc:
             raise key_error(exc) from None
         ups = self._uploads_dir(ctx, bucket, create=True)

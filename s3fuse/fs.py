@@ -212,7 +212,8 @@ class Operations(pyfuse3.Operations):
         # With the write-back cache it still writes a file's dirty pages to us before close
         # returns (failures of those writes are close's errors); our own store of the data
         # happens later in the background, as ext4's delayed allocation does, and a failure
-        # of it is reported by the file's next write or fsync (DataStore.take_error).
+        # of it is reported by the file's next fsync, or a write that waits for room
+        # (DataStore.take_error).
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_translate

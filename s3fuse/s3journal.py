@@ -1,4 +1,4 @@
-"""The metadata journal of an S3 store in the bucket: shipping and replay (docs/S3.md, "Journal").
+"""The metadata journal of an S3 store in the bucket: shipping and replay (docs/S3.md, "Metadata journal").
 
 Records (journal.py) go to PREFIX/journal/<epoch>/<seq>, epoch being the snapshot they
 follow. What has been shipped is kept in the state directory's journal.json: the bucket's

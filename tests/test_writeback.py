@@ -214,6 +214,21 @@ def test_a_closed_clean_file_is_forgotten_and_its_grant_wiped():
     assert wb.drop(fs) and wb.get(1) is None and grant.wiped and grant.customer is None
 
 
+def test_the_last_writer_closing_wipes_the_grant_though_a_reader_stays_open():
+    wb = _wb()
+    fs = _file(wb, 1)  # the writer's handle
+    fs.writers = 1
+    fs.open_count += 1  # and a reader's
+    grant = WriteGrant(Policy(SSE_C, "fp", "k"), bytearray(b"k" * 32), "fp")
+    fs.set_writer(fs.writer, grant)
+    _write(wb, fs, 0, b"e")
+    wb.released(fs, writer=True)
+    assert not wb.drop(fs) and not grant.wiped  # its data still needs the key
+    _stored(wb, [fs])
+    assert not wb.drop(fs)  # the reader's handle is open: the state stays
+    assert wb.get(1) is fs and grant.wiped and grant.customer is None and fs.grant is None
+
+
 def test_discarding_a_file_frees_its_buffers_and_names_its_deferred_objects():
     wb = _wb()
     fs = _file(wb, 1)

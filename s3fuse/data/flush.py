@@ -116,7 +116,7 @@ class Flusher:
             async with self.lock:
                 await self.flush_batch(batch, durable=False, only_full=only_full)
         except S3fuseError:
-            ok = False  # the error is reported to each file's next write or fsync
+            ok = False  # the error is reported to each file's next fsync (or a write that waits for room)
         except Exception:
             # a bug must not stop the flusher (and with it the daemon): log it, keep the data
             log.exception("flush failed unexpectedly; its data is kept in memory")
@@ -268,7 +268,7 @@ class Flusher:
 
     def _batch_failed(self, files: list[FileState], refs: list[BlockRef | None], exc: S3fuseError) -> None:
         """A shared failure (sync, commit): the data stays in memory (dirty), each file
-        remembers the error for its next write or fsync, and the objects this batch did put
+        remembers the error for its next fsync (or a write that waits for room), and the objects this batch did put
         are garbage. The flusher retries the whole batch."""
         if self.wb.batch_failed(files, exc):  # a retry that fails the same way is not news
             log.error("flush of inode(s) %s failed, their data is kept in memory: %s (errno %s)",
@@ -279,7 +279,7 @@ class Flusher:
 
     def _file_failed(self, fs: FileState, refs: list[BlockRef | None], exc: S3fuseError) -> None:
         """One file could not be stored for a reason of its own: its data stays in memory, the
-        error goes to its next write or fsync, it is retried alone with backoff, and the
+        error goes to its next fsync (or a write that waits for room), it is retried alone with backoff, and the
         objects it did put are garbage."""
         if self.wb.file_failed(fs, exc, time.monotonic()):  # a retry that fails the same way is not news
             log.error("storing inode %d (%s) failed, its data is kept in memory and retried: %s",

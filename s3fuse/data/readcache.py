@@ -29,7 +29,7 @@ _SPECULATIVE = contextvars.ContextVar("s3fuse_speculative", default=False)
 PAGE = 4096  # the kernel's page size, the unit of its page cache
 READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block at once
 READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
-PREFETCH_BLOCKS = 8  # over S3, a sequential reader has the next 8 blocks' objects fetched ahead
+PREFETCH_BLOCKS = 8  # a sequential reader has the next 8 blocks' objects read ahead
 PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a block
 # a file up to this size opened for reading is fetched at once, while the kernel returns from
 # open(2) and sends its first read: the fetch's latency overlaps that round trip

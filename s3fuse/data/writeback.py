@@ -68,7 +68,7 @@ class FileState:
     open_count: int = 0
     flush_requested: bool = False
     dirty_since: float = 0.0
-    error: int = 0  # errno of a failed background flush, reported at the next write or fsync
+    error: int = 0  # errno of a failed background flush, reported at the next fsync (or a waiting write)
     # a store of this file failed for a reason of its own: retried alone, not before retry_at
     # (monotonic), with a delay that doubles per failure; `failure` says why, for status
     retry_delay: float = 0.0
@@ -154,12 +154,16 @@ class WriteBack:
         return fs.dirty or fs.ino in self.pending
 
     def drop(self, fs: FileState) -> bool:
-        """Forget a file that is closed, clean and committed. -> whether it was forgotten."""
-        if (fs.open_count <= 0 and fs.writers <= 0 and not fs.dirty and not fs.error
-                and fs.ino not in self.pending and self.files.get(fs.ino) is fs):
+        """Forget a file that is closed, clean and committed. -> whether it was forgotten.
+        One still open for reading only, with nothing left to store, keeps its state but
+        not its key copy: the grant is for storing what writers wrote."""
+        settled = fs.writers <= 0 and not fs.dirty and not fs.error and fs.ino not in self.pending
+        if settled and fs.open_count <= 0 and self.files.get(fs.ino) is fs:
             del self.files[fs.ino]
             fs.forget_grant()
             return True
+        if settled:
+            fs.forget_grant()
         return False
 
     def released(self, fs: FileState, writer: bool) -> None:
@@ -352,7 +356,7 @@ class WriteBack:
 
     def batch_failed(self, files: list[FileState], exc: S3fuseError) -> bool:
         """A shared failure (sync, commit): the data stays dirty, and each file remembers the
-        error for its next write or fsync. -> whether it is news (not the last one again)."""
+        error for its next fsync (or a write that waits for room). -> whether it is news (not the last one again)."""
         inos = ",".join(str(f.ino) for f in files)
         failure = f"{inos}/{exc.errno}"
         news = failure != self.last_failure
@@ -364,7 +368,7 @@ class WriteBack:
 
     def file_failed(self, fs: FileState, exc: S3fuseError, mono: float) -> bool:
         """One file could not be stored for a reason of its own: it keeps its data, is retried
-        alone with backoff, and its next write or fsync gets the error. -> whether it is news."""
+        alone with backoff, and its next fsync (or a write that waits for room) gets the error. -> whether it is news."""
         reason = f"{exc} (errno {errno.errorcode.get(exc.errno, exc.errno)})"
         news = reason != fs.failure
         fs.failure = reason

@@ -1,1 +1,2 @@
-"""Key management: the root key, the SSE-S3 master keyring, and (later) KMS and customer keys."""
+"""Key management: the root key, the keyring (SSE-S3 master keys, the metadata key), the
+built-in KMS and the Transit client, key generations."""

@@ -312,7 +312,8 @@ class Daemon:
         self.s3api = S3Service(
             self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
             self.cfg.store_id, self.mountpoint, self.options.s3_api,
-            invalidate_entry=_invalidate_entry)
+            invalidate_entry=_invalidate_entry,
+            metadata_durable=self.s3.sync_metadata if self.s3 is not None else None)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
         self.pusher: PageCachePusher | None = None  # while mounted
 

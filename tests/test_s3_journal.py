@@ -283,3 +283,26 @@ def test_settings_sealed_on_one_host_reach_a_new_host(mount_factory, workdir, s3
     got = json.loads((state / "store.json").read_text())
     assert got["default_sse"] == "aws:kms:alias/team"
     assert got["meta_mac"] == sealed["meta_mac"] and got["format"] == sealed["format"]
+
+
+def test_an_answered_s3_api_put_is_in_the_bucket(mount_factory, workdir, s3_server, store_backend):
+    """A PUT through the mount's S3 API is answered once its metadata is in the bucket, as an
+    fsync: a host that mounts from the bucket after a kill -9 has the object."""
+    from .s3api_helpers import client, endpoint_of, new_key
+
+    m = mount_factory(start=False, extra_args=["--s3-api", "127.0.0.1:0"])
+    s3_set_backend_options(m.store, metadata_sync_seconds=3600, snapshot_interval=3600)
+    m.start()
+    os.mkdir(m.mnt / "bkt")
+    endpoint = endpoint_of(m)
+    body = os.urandom(50_000)
+    client(endpoint, *new_key(m)).put_object(Bucket="bkt", Key="a/b/obj", Body=body)
+    m.kill9()
+
+    state, mnt2, args = _elsewhere(workdir, m.store, s3_server.endpoint, "b")
+    r = run_cli("mount", _url(m.store), mnt2, *args)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (mnt2 / "bkt" / "a" / "b" / "obj").read_bytes() == body
+    finally:
+        assert run_cli("umount", mnt2).returncode == 0

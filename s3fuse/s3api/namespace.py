@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -71,9 +71,13 @@ def split_key(key: str) -> tuple[list[bytes], bool]:
 
 
 class Namespace:
-    def __init__(self, core: Filesystem, invalidate_entry: Callable[[int, bytes], None] | None = None) -> None:
+    def __init__(self, core: Filesystem, invalidate_entry: Callable[[int, bytes], None] | None = None,
+                 metadata_durable: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`metadata_durable`: an S3 store's; returns once the committed metadata is in the
+        bucket, which an answered PUT promises as fsync does."""
         self.core = core
         self._invalidate_entry = invalidate_entry
+        self._metadata_durable = metadata_durable
         self._sync_round = 0  # group commit: the WAL syncs started so far
         self._synced_round = 0  # ... and finished
         self._syncing: trio.Event | None = None
@@ -117,8 +121,8 @@ class Namespace:
             raise S3fuseError(f"the object could not be stored: {entry.error}", entry.error.errno)
 
     async def make_durable(self, changed: tuple[int, bytes] | None = None) -> None:
-        """Everything committed so far survives a crash once this returns, and the kernel has
-        forgotten the entry `changed` (parent, name). Concurrent requests share one WAL sync
+        """Everything committed so far survives a crash once this returns (for an S3 store:
+        is in the bucket too), and the kernel has forgotten the entry `changed` (parent, name). Concurrent requests share one WAL sync
         (a group commit) and one thread hand-off: a request that arrives while a sync runs
         waits for the next one, which covers it."""
         if changed is not None:
@@ -142,6 +146,8 @@ class Namespace:
             finally:
                 self._syncing = None
                 done.set()
+        if self._metadata_durable is not None:
+            await self._metadata_durable()
 
     # ---------------------------------------------------------------- kernel caches
     async def changed_entry(self, parent: int, name: bytes) -> None:

@@ -47,7 +47,7 @@ CREATE TABLE inodes (
     stored_bytes INTEGER NOT NULL DEFAULT 0, -- plaintext bytes held in objects (st_blocks)
     -- sse: msgpack, the encryption of this file's new objects, or a directory's default for
     -- new children (NULL: inherit); digest: the sum of the MACs of the rows it owns; mac: the
-    -- row's HMAC (metaauth.py)
+    -- row's MAC (metaauth.py)
     sse BLOB,
     digest BLOB,
     mac BLOB
@@ -198,6 +198,9 @@ class Meta:
         # included): every change of the inodes table goes through this class and updates
         # it, and a rollback empties it.
         self._rows: dict[int, tuple] = {}
+        # Set digests changed in the open transaction: written with the inode's next UPDATE
+        # in it, or at its end, so that a change costs one UPDATE of the owner, not two.
+        self._pending_digest: dict[int, bytes] = {}
         self._next_ino: int | None = None  # see _new_inode_number
         # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
         # names that do not exist, and this answers them without a query
@@ -241,10 +244,14 @@ class Meta:
         self._in_tx = True
         try:
             yield self.db
+            while self._pending_digest:
+                ino = next(iter(self._pending_digest))
+                self.update_inode(ino, digest=self._pending_digest[ino])
         except BaseException:
             self._in_tx = False
             self._rows.clear()
             self._verified.clear()
+            self._pending_digest.clear()
             self.db.execute("ROLLBACK")
             raise
         self._in_tx = False
@@ -314,7 +321,7 @@ class Meta:
                 self._forged(ino, f"block {r[1]} row")
             refs[r[1]] = BlockRef(*r[:10])
             macs.append(m)
-        if not ma.same(row[_DIGEST], ma.digest_of(macs)):
+        if not ma.same(self._digest(ino, row), ma.digest_of(macs)):
             self._forged(ino, "block map (a row deleted, added or replayed)")
         self._mark_verified(ino)
         return refs
@@ -333,7 +340,7 @@ class Meta:
             if not ma.same(mac, m):
                 self._forged(parent, f"entry {bytes(name)!r}")
             macs.append(m)
-        if not ma.same(row[_DIGEST], ma.digest_of(macs)):
+        if not ma.same(self._digest(parent, row), ma.digest_of(macs)):
             self._forged(parent, "entry list (an entry deleted, added or replayed)")
         self._mark_verified(parent)
         return True
@@ -345,12 +352,22 @@ class Meta:
         row = self._row(ino)
         if row is None:
             return  # its owner is gone (rows of a deleted inode)
-        d = row[_DIGEST] if row[_DIGEST] is not None else ma.ZERO
+        d = self._digest(ino, row)
         for m in add:
             d = ma.add(d, m)
         for m in sub:
             d = ma.sub(d, m)
-        self.update_inode(ino, digest=d)
+        if self._in_tx:
+            self._pending_digest[ino] = d
+        else:
+            self.update_inode(ino, digest=d)
+
+    def _digest(self, ino: int, row: tuple) -> bytes:
+        """The set digest of the rows `ino` owns now (this transaction's changes included)."""
+        d = self._pending_digest.get(ino)
+        if d is not None:
+            return d
+        return row[_DIGEST] if row[_DIGEST] is not None else ma.ZERO
 
     def _remember(self, ino: int, row: tuple) -> None:
         if len(self._rows) >= INODE_CACHE:
@@ -386,6 +403,10 @@ class Meta:
         return Inode(*row)
 
     def update_inode(self, ino: int, **fields) -> None:
+        if self._pending_digest:
+            pending = self._pending_digest.pop(ino, None)
+            if pending is not None:
+                fields.setdefault("digest", pending)
         if self.key is not None and not _AUTH_FIELDS.isdisjoint(fields):
             row = self._row(ino)  # authenticated before it is signed again
             if row is not None:
@@ -411,6 +432,7 @@ class Meta:
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
         self._rows.pop(ino, None)
         self._verified.discard(ino)
+        self._pending_digest.pop(ino, None)
 
     def orphan_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]

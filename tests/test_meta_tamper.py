@@ -16,6 +16,7 @@ import pytest
 from s3fuse.policy import Policy
 
 from .conftest import run_cli
+from .test_sse import add_key
 
 MiB = 1 << 20
 
@@ -54,6 +55,10 @@ def prepared(module_mount_factory):
     (mnt / "e").mkdir()
     (mnt / "d" / "x").write_bytes(b"x")
     os.setxattr(mnt / "d", "user.s3fuse.sse", b"AES256")
+    (mnt / "c").mkdir()
+    add_key(mnt, "c1", os.urandom(32))
+    os.setxattr(mnt / "c", "user.s3fuse.sse", b"SSE-C:c1")
+    (mnt / "c" / "y").write_bytes(b"y")
     os.symlink("a", mnt / "l")
     (mnt / "r").write_bytes(b"first version")
     m.unmount()
@@ -136,6 +141,9 @@ ATTACKS = {
     "directory encryption setting switched": (
         lambda s, _: _sql(s, ("UPDATE inodes SET sse=? WHERE id=?", (Policy("aws:kms").encode(), _ino(s, "d")))),
         "d/x", _read),
+    "customer-key directory switched to SSE-S3": (
+        lambda s, _: _sql(s, ("UPDATE inodes SET sse=? WHERE id=?", (Policy("AES256").encode(), _ino(s, "c")))),
+        "c", _list),
 }
 
 

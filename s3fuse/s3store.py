@@ -489,7 +489,11 @@ class S3Mount:
         changes = self.meta.db.total_changes if self.meta is not None else 0
         self._check_writable("metadata journal record")
         try:
-            await trio.to_thread.run_sync(self.journal.ship)
+            written = os.stat(self.cfg.meta_path + "-wal").st_size  # no transaction is open here
+        except FileNotFoundError:
+            written = None
+        try:
+            await trio.to_thread.run_sync(self.journal.ship, written)
         except Exception as exc:  # noqa: BLE001 - S3 and botocore errors, worded and logged once
             err = StoreError(f"could not store the metadata journal in {self.s3.loc.url} (fsync and "
                              f"`s3fuse sync` fail until it can): {exc}", errno.EIO)

@@ -97,6 +97,26 @@ def test_an_unfinished_transaction_and_a_torn_frame_are_not_taken(tmp_path):
     assert (len(wal) - journal.WAL_HEADER.size) % frame == 0
 
 
+def test_frames_below_the_size_the_writer_left_are_taken_with_their_header_checksums(tmp_path):
+    """The daemon's own WAL, below the size it saw between its transactions: the same frames
+    and position as a full check; past that size every frame is checked again."""
+    src = str(tmp_path / "meta.db")
+    db = _db(src)
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+    for i in range(50):
+        db.execute("INSERT INTO t VALUES (?, ?)", (i, os.urandom(300)))
+    size = os.path.getsize(src + "-wal")
+    checked = journal.scan_wal(_reader(src + "-wal"), journal.WalPosition())
+    trusted = journal.scan_wal(_reader(src + "-wal"), journal.WalPosition(), written=size)
+    assert trusted.frames == checked.frames and trusted.end == checked.end
+    db.execute("INSERT INTO t VALUES (1000, x'01')")
+    wal = bytearray(open(src + "-wal", "rb").read())
+    db.close()
+    wal[-1] ^= 1  # a frame past the size seen: its checksum is checked, and fails
+    scan = journal.scan_wal(lambda o, n: bytes(wal[o:o + n]), trusted.end, written=size)
+    assert scan.frames == [] and scan.end == trusted.end
+
+
 def test_a_checkpointed_and_restarted_wal_is_reported(tmp_path):
     src = str(tmp_path / "meta.db")
     db = _db(src)

@@ -166,17 +166,18 @@ class Journal:
 
     # -- shipping ----------------------------------------------------------------------
 
-    def ship(self, written: int | None = None) -> int:
+    def ship(self, wal_size: int | None = None) -> int:
         """Ship every committed change as records (a snapshot instead when the WAL no longer
-        holds them). Returns the number of records written. Blocking. `written`: the WAL's
-        size seen on the daemon's own connection between transactions (journal.scan_wal)."""
+        holds them). Returns the number of records written. Blocking. `wal_size`: the WAL's
+        size seen on the daemon's own connection between transactions (journal.scan_wal's
+        `written`)."""
         st = self.state
         if st is None or st.unshipped:
             self.compact()
             return 0
         written = 0
         while True:
-            scan = journal.scan_wal(self._read_wal, st.wal, written=written)
+            scan = journal.scan_wal(self._read_wal, st.wal, written=wal_size)
             if scan.reset:
                 log.info("the local WAL was checkpointed before its frames were shipped: taking a snapshot")
                 self.compact()

@@ -306,6 +306,13 @@ class Meta:
             self._verified.clear()
         self._verified.add(ino)
 
+    def _trusted(self, ino: int) -> bool:
+        """Whether the rows `ino` owns may be used as read, without a MAC each: they were
+        checked against its set digest earlier in this mount, and every change since is this
+        mount's own (the model is edits made with the store unmounted); or this is fsck,
+        which checks every row itself."""
+        return ino in self._verified or not self.check_reads
+
     def _check_blocks(self, ino: int) -> dict[int, BlockRef] | None:
         """Check a file's block rows against its set digest, the first time they are needed ->
         the rows (all checked now), or None if they were checked before."""
@@ -326,14 +333,13 @@ class Meta:
         self._mark_verified(ino)
         return refs
 
-    def _check_entries(self, parent: int) -> bool:
-        """Check a directory's entries against its set digest the first time -> whether
-        they were checked now (every row as it is now is authentic)."""
+    def _check_entries(self, parent: int) -> None:
+        """Check a directory's entries against its set digest the first time they are needed."""
         if self.key is None or not self.check_reads or parent in self._verified:
-            return False
+            return
         row = self._row(parent)
         if row is None:
-            return False
+            return
         macs = []
         for name, ino, mac in self.db.execute("SELECT name, inode, mac FROM dentries WHERE parent=?", (parent,)):
             m = ma.entry_mac(self.key, parent, name, ino)
@@ -343,7 +349,6 @@ class Meta:
         if not ma.same(self._digest(parent, row), ma.digest_of(macs)):
             self._forged(parent, "entry list (an entry deleted, added or replayed)")
         self._mark_verified(parent)
-        return True
 
     def _adjust(self, ino: int, add: Iterable[bytes] = (), sub: Iterable[bytes] = ()) -> None:
         """Update an inode's set digest for rows it gained (`add`) and lost (`sub`)."""
@@ -445,11 +450,11 @@ class Meta:
         if self.key is None:
             row = self.db.execute("SELECT inode FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone()
             return None if row is None else row[0]
-        checked = self._check_entries(parent)
+        self._check_entries(parent)
         row = self.db.execute("SELECT inode, mac FROM dentries WHERE parent=? AND name=?", (parent, name)).fetchone()
         if row is None:
             return None
-        if not checked and not ma.same(row[1], ma.entry_mac(self.key, parent, name, row[0])):
+        if not self._trusted(parent) and not ma.same(row[1], ma.entry_mac(self.key, parent, name, row[0])):
             self._forged(parent, f"entry {bytes(name)!r}")
         if self._row(row[0]) is None:  # an authentic entry: its inode must be there
             self._forged(row[0], "inode row (missing)")
@@ -509,7 +514,7 @@ class Meta:
                 " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
                 (parent, cursor, limit),
             ).fetchall()
-        checked = self._check_entries(parent)
+        self._check_entries(parent)
         rows = self.db.execute(
             f"SELECT d.id, d.name, d.inode, d.mac, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
             " FROM dentries d LEFT JOIN inodes i ON i.id = d.inode"
@@ -517,9 +522,10 @@ class Meta:
             (parent, cursor, limit),
         ).fetchall()
         out, key, held = [], self.key, self._rows
+        check_each = not self._trusted(parent)
         for r in rows:
             name, ino, row = r[1], r[2], r[4:]
-            if not checked and not ma.same(r[3], ma.entry_mac(key, parent, name, ino)):
+            if check_each and not ma.same(r[3], ma.entry_mac(key, parent, name, ino)):
                 self._forged(parent, f"entry {bytes(name)!r}")
             if row[0] is None:
                 self._forged(ino, "inode row (missing)")
@@ -550,7 +556,7 @@ class Meta:
             ref = None
             if r[4] is not None:
                 ref = BlockRef(*r[4:14])
-                if not ma.same(r[14], block_mac(self.key, ref)):
+                if not self._trusted(r[1]) and not ma.same(r[14], block_mac(self.key, ref)):
                     ref = None
             out.append((r[0], r[1], r[2], r[3], ref))
         return out
@@ -626,7 +632,7 @@ class Meta:
                               (ino, blockno)).fetchone()
         if row is None:
             return None
-        if not ma.same(row[10], block_mac(self.key, row)):
+        if not self._trusted(ino) and not ma.same(row[10], block_mac(self.key, row)):
             self._forged(ino, f"block {blockno} row")
         return BlockRef(*row[:10])
 
@@ -637,9 +643,9 @@ class Meta:
         if self.key is None:
             return [BlockRef(*r) for r in self.db.execute(
                 f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? ORDER BY blockno", (ino,))]
-        out = []
+        out, check_each = [], not self._trusted(ino)
         for r in self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE inode=? ORDER BY blockno", (ino,)):
-            if not ma.same(r[10], block_mac(self.key, r)):
+            if check_each and not ma.same(r[10], block_mac(self.key, r)):
                 self._forged(ino, f"block {r[1]} row")
             out.append(BlockRef(*r[:10]))
         return out

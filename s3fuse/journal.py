@@ -162,6 +162,22 @@ def scan_wal(read, start: WalPosition, max_bytes: int = MAX_FRAMES_BYTES,
     return out
 
 
+def checkpoint_frames(frames: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """What a checkpoint of these committed frames (ending with a commit) writes, as frames:
+    the newest image of each page within the last commit's database size, in page order,
+    that size on the last frame and 0 on the others. Replaying them leaves the database file
+    as replaying every frame would, as SQLite's own checkpoint does; a page changed by many
+    transactions goes once."""
+    if not frames:
+        return []
+    size = frames[-1][1]
+    newest = {pgno: image for pgno, _commit, image in frames}
+    pages = sorted(p for p in newest if p <= size)
+    out = [(p, 0, newest[p]) for p in pages]
+    out[-1] = (pages[-1], size, newest[pages[-1]])
+    return out
+
+
 # -- records ---------------------------------------------------------------------------
 
 @dataclass

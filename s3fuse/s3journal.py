@@ -9,6 +9,7 @@ here block (S3 requests, file I/O): the daemon runs them in worker threads, one 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -120,12 +121,21 @@ class Journal:
         return os.path.join(self.cfg.path, "audit.log")
 
     def _read_wal(self, off: int, size: int) -> bytes:
+        with self._wal_reader() as read:
+            return read(off, size)
+
+    @contextlib.contextmanager
+    def _wal_reader(self):
+        """`read(offset, size)` over the WAL file, open for one scan (b"" if there is none)."""
         try:
-            with open(self.wal_path, "rb") as f:
-                f.seek(off)
-                return f.read(size)
+            fd = os.open(self.wal_path, os.O_RDONLY)
         except FileNotFoundError:
-            return b""
+            yield lambda off, size: b""
+            return
+        try:
+            yield lambda off, size: os.pread(fd, size, off)
+        finally:
+            os.close(fd)
 
     def _file_entries(self) -> tuple[list[journal.FileEntry], dict, int]:
         st = self.state
@@ -154,7 +164,8 @@ class Journal:
             return None
         if st.unshipped:
             return "changes made while the bucket could not be written"
-        scan = journal.scan_wal(self._read_wal, st.wal)
+        with self._wal_reader() as read:
+            scan = journal.scan_wal(read, st.wal)
         if scan.reset:
             return "a database checkpointed without its changes shipped"
         if scan.frames:
@@ -177,13 +188,14 @@ class Journal:
             return 0
         written = 0
         while True:
-            scan = journal.scan_wal(self._read_wal, st.wal, written=wal_size)
+            with self._wal_reader() as read:
+                scan = journal.scan_wal(read, st.wal, written=wal_size)
             if scan.reset:
                 log.info("the local WAL was checkpointed before its frames were shipped: taking a snapshot")
                 self.compact()
                 return written
             files, file_state, audit_len = self._file_entries() if not written else ([], st.files, st.audit_len)
-            entries = journal.Entries(scan.page_size, scan.frames, files)
+            entries = journal.Entries(scan.page_size, journal.checkpoint_frames(scan.frames), files)
             if not entries:
                 return written
             seq = st.seq + 1
@@ -227,9 +239,10 @@ class Journal:
     def compact(self) -> int:
         """Take a snapshot: the journal's next epoch starts at it. Blocking."""
         start = self.state.wal if self.state is not None and not self.state.unshipped else journal.WalPosition()
-        scan = journal.scan_wal(self._read_wal, start, max_bytes=1 << 62)
-        if scan.reset:
-            scan = journal.scan_wal(self._read_wal, journal.WalPosition(), max_bytes=1 << 62)
+        with self._wal_reader() as read:
+            scan = journal.scan_wal(read, start, max_bytes=1 << 62)
+            if scan.reset:
+                scan = journal.scan_wal(read, journal.WalPosition(), max_bytes=1 << 62)
         # everything committed up to `scan.end` is in the snapshot (taken after it); the next
         # record starts there, and any overlap with the snapshot replays the same page images
         files = {os.path.basename(p): _stat(p) for p in self._sealed_paths() if _stat(p) is not None}

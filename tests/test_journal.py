@@ -77,6 +77,41 @@ def test_wal_frames_replayed_onto_a_copy_rebuild_the_database(tmp_path):
     db.close()
 
 
+def test_a_checkpoint_of_the_frames_replays_to_the_same_database(tmp_path):
+    """A record keeps the newest image of each page: replayed onto the copy it rebuilds the
+    database as every frame does, through a shrink (VACUUM) and growth after it, with each
+    page once."""
+    src = str(tmp_path / "meta.db")
+    db = _db(src)
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+    db.execute("CREATE INDEX tv ON t (v)")
+    for i in range(300):
+        db.execute("INSERT INTO t VALUES (?, ?)", (i, os.urandom(200)))
+    copy = str(tmp_path / "copy.db")
+    bak = sqlite3.connect(copy)
+    db.backup(bak)
+    bak.close()
+    pos0 = journal.scan_wal(_reader(src + "-wal"), journal.WalPosition()).end
+    for i in range(300, 500):  # one transaction each, as small-file creates are
+        db.execute("INSERT INTO t VALUES (?, ?)", (i, os.urandom(200)))
+    db.execute("DELETE FROM t WHERE k < 400")
+    db.execute("VACUUM")
+    for i in range(500, 520):
+        db.execute("INSERT INTO t VALUES (?, ?)", (i, os.urandom(200)))
+    scan = journal.scan_wal(_reader(src + "-wal"), pos0, max_bytes=1 << 40)
+    frames = journal.checkpoint_frames(scan.frames)
+    pages = [p for p, _, _ in frames]
+    assert pages == sorted(set(pages)) and len(frames) * 4 < len(scan.frames)
+    assert [c for _, c, _ in frames[:-1]] == [0] * (len(frames) - 1)
+    assert frames[-1][1] == scan.frames[-1][1] and max(pages) <= frames[-1][1]
+    with open(copy, "r+b") as f:
+        journal.apply_frames(f, scan.page_size, frames)
+    assert os.path.getsize(copy) == frames[-1][1] * scan.page_size
+    assert _dump(copy) == _dump(src)
+    assert sqlite3.connect(copy).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+
+
 def test_an_unfinished_transaction_and_a_torn_frame_are_not_taken(tmp_path):
     src = str(tmp_path / "meta.db")
     db = _db(src)

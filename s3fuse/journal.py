@@ -116,7 +116,9 @@ def scan_wal(read, start: WalPosition, max_bytes: int = MAX_FRAMES_BYTES,
     written and are left for the next scan. `written`: the WAL's size as this process's own
     connection left it, seen between its transactions; frames wholly below it were written
     whole by SQLite, so their checksums are taken from their headers, not recomputed (the
-    recomputation is pure Python and would hold the GIL for about 150 us per page)."""
+    recomputation is pure Python and would hold the GIL for about 150 us per page); frames
+    past it are left for the next scan, so that a shipment covers what was committed before
+    it began and does not chase a writer that keeps committing."""
     out = WalScan(end=start)
     hdr = parse_wal_header(read(0, WAL_HEADER.size))
     if hdr is None:
@@ -143,7 +145,9 @@ def scan_wal(read, start: WalPosition, max_bytes: int = MAX_FRAMES_BYTES,
         pgno, commit, salt1, salt2, c0, c1 = FRAME_HEADER.unpack_from(buf)
         if (salt1, salt2) != salts or pgno == 0:
             break
-        if written is not None and WAL_HEADER.size + (n + 1) * frame_size <= written:
+        if written is not None:
+            if WAL_HEADER.size + (n + 1) * frame_size > written:
+                break
             s = (c0, c1)
         else:
             s = _checksum(memoryview(buf)[:8], big, *s)

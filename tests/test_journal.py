@@ -134,7 +134,8 @@ def test_an_unfinished_transaction_and_a_torn_frame_are_not_taken(tmp_path):
 
 def test_frames_below_the_size_the_writer_left_are_taken_with_their_header_checksums(tmp_path):
     """The daemon's own WAL, below the size it saw between its transactions: the same frames
-    and position as a full check; past that size every frame is checked again."""
+    and position as a full check; frames past that size wait for the next scan, which checks
+    them in full when it has no size."""
     src = str(tmp_path / "meta.db")
     db = _db(src)
     db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
@@ -147,9 +148,14 @@ def test_frames_below_the_size_the_writer_left_are_taken_with_their_header_check
     db.execute("INSERT INTO t VALUES (1000, x'01')")
     wal = bytearray(open(src + "-wal", "rb").read())
     db.close()
+    later = journal.scan_wal(lambda o, n: bytes(wal[o:o + n]), trusted.end, written=size)
+    assert later.frames == [] and later.end == trusted.end  # committed after the size was seen
     wal[-1] ^= 1  # a frame past the size seen: its checksum is checked, and fails
-    scan = journal.scan_wal(lambda o, n: bytes(wal[o:o + n]), trusted.end, written=size)
+    scan = journal.scan_wal(lambda o, n: bytes(wal[o:o + n]), trusted.end)
     assert scan.frames == [] and scan.end == trusted.end
+    wal[-1] ^= 1
+    scan = journal.scan_wal(lambda o, n: bytes(wal[o:o + n]), trusted.end, written=len(wal))
+    assert len(scan.frames) >= 1 and scan.end.frames > trusted.end.frames
 
 
 def test_a_checkpointed_and_restarted_wal_is_reported(tmp_path):

@@ -29,6 +29,7 @@ XATTR_SET_LIMIT = 100_000
 _ALWAYS_ASK: set[int] = set()
 # inodes whose owned rows were checked against their set digest are remembered (ids only)
 VERIFIED_LIMIT = 200_000
+_IN_LIST = 500  # ids per `IN (...)` query, well below SQLite's bound on parameters
 SCHEMA_VERSION = 2  # 2: rows carry MACs, inodes a set digest (docs/FORMAT.md)
 
 SCHEMA = """
@@ -525,8 +526,8 @@ class Meta:
         # inode rows held in memory are current (every write goes through update_inode); the
         # rest come in one query per batch, each checked as it is read into memory
         missing = [r[2] for r in rows if r[2] not in held]
-        for i in range(0, len(missing), 500):
-            part = missing[i:i + 500]
+        for i in range(0, len(missing), _IN_LIST):
+            part = missing[i:i + _IN_LIST]
             for row in self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id IN ({','.join('?' * len(part))})",
                                        part):
                 if self.check_reads and not ma.same(row[_MAC], inode_mac(key, row)):

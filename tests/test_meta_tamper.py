@@ -133,6 +133,8 @@ ATTACKS = {
     "old row replayed after a rewrite": (
         lambda s, old: _sql(s, ("DELETE FROM blocks WHERE inode=?", (old[0],)),
                             ("INSERT INTO blocks VALUES (" + ",".join("?" * len(old)) + ")", old)), "r", _read),
+    "a listed file's inode row edited": (  # met by readdir, not by a lookup
+        lambda s, _: _sql(s, ("UPDATE inodes SET mode = mode | 2 WHERE id=?", (_ino(s, "d/x"),))), "d", _list),
     "entry moved to another directory": (
         lambda s, _: _sql(s, ("UPDATE dentries SET parent=? WHERE name=?", (_ino(s, "e"), b"x"))), "e", _list),
     "symlink target changed": (

@@ -252,9 +252,7 @@ def decrypt_segments(
             raise FormatError(f"segment {i} truncated")
         try:
             out.append(
-                keys.segment.decrypt(
-                    bytes(seg[:NONCE_LEN]), bytes(seg[NONCE_LEN:]), _segment_aad(header.object_id, i, final)
-                )
+                keys.segment.decrypt(seg[:NONCE_LEN], seg[NONCE_LEN:], _segment_aad(header.object_id, i, final))
             )
         except InvalidTag:
             raise FormatError(f"segment {i} failed authentication") from None

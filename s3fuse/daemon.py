@@ -576,6 +576,7 @@ class Daemon:
             **self.backend.stats,
             **self._kms_breaker_stats(),
             **(self.s3.stats() if self.s3 is not None else {}),
+            **self.s3api.stats(),
         }
 
     def _kms_breaker_stats(self) -> dict:

@@ -5,6 +5,7 @@ presigned URLs per mode, credentials and permissions, and the refusals."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -440,3 +441,32 @@ def test_bucket_default_encryption(api, bucket):
         os.removexattr(m.mnt / bucket, "user.s3fuse.sse")
     finally:
         assert run_cli("key", "remove", "bk", "--mount", m.mnt).returncode == 0
+
+
+def test_concurrent_puts_share_store_batches_and_wal_syncs(api, bucket):
+    """PUTs that arrive together are stored in one batch, and the batch's renames are made
+    durable by one WAL sync: never more syncs than batches. Each object reads back whole."""
+    m, endpoint, _, (akid, secret) = api
+
+    def status() -> dict:
+        r = run_cli("status", m.mnt, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    before = status()
+    threads, per_thread = 8, 25
+    bodies = {f"group/{t}/{i}": os.urandom(4096) for t in range(threads) for i in range(per_thread)}
+    clients = [client(endpoint, akid, secret, max_pool_connections=2) for _ in range(threads)]
+    keys = sorted(bodies)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda t: [clients[t].put_object(Bucket=bucket, Key=k, Body=bodies[k])
+                                 for k in keys[t::threads]], range(threads)))
+    after = status()
+    batches = after["s3api_store_batches"] - before["s3api_store_batches"]
+    stored = after["s3api_stored_files"] - before["s3api_stored_files"]
+    syncs = after["s3api_wal_syncs"] - before["s3api_wal_syncs"]
+    assert stored == len(bodies)
+    assert 0 < batches <= stored
+    assert 0 < syncs <= batches, (syncs, batches)
+    for k in keys[::17]:
+        assert clients[0].get_object(Bucket=bucket, Key=k)["Body"].read() == bodies[k]

@@ -14,6 +14,7 @@ import errno
 import os
 import stat
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -30,10 +31,15 @@ TEMP_PREFIX = b".s3fuse-put-"  # a PUT's file until it is complete; never listed
 
 
 class _Pending:
-    __slots__ = ("ino", "done", "error")
+    """A file waiting in the group store; `then` runs in the batch once the file is stored."""
 
-    def __init__(self, ino: int) -> None:
-        self.ino, self.done, self.error = ino, False, None
+    __slots__ = ("ino", "then", "done", "abandoned", "error", "result")
+
+    def __init__(self, ino: int, then: Callable[[], Any] | None) -> None:
+        self.ino, self.then = ino, then
+        self.done = self.abandoned = False
+        self.error: BaseException | None = None
+        self.result: Any = None
 
 
 def allowed(row: Inode, who: Caller, want: int) -> bool:
@@ -84,6 +90,7 @@ class Namespace:
         self._to_forget: list[tuple[int, bytes]] = []  # entries the next sync round invalidates
         self._to_store: list[_Pending] = []  # group store: files waiting for the next batch
         self._storing: trio.Event | None = None
+        self._batches = self._batched = 0  # store batches run, and the files they held
 
     def _sync_and_forget(self, forget: list[tuple[int, bytes]]) -> None:
         """In a worker thread: the WAL sync, then the kernel's invalidations."""
@@ -92,43 +99,82 @@ class Namespace:
             for parent, name in forget:
                 self._invalidate_entry(parent, name)
 
-    async def store(self, ino: int) -> None:
-        """Store a new object's data (objects put, synced, rows committed). PUTs that arrive
-        together are stored as one batch: one sync barrier and one transaction for all."""
-        entry = _Pending(ino)
+    async def store(self, ino: int, then: Callable[[], Any] | None = None) -> Any:
+        """Store a new object's data (objects put, synced, rows committed), then run `then`
+        and return what it returns. PUTs that arrive together are stored as one batch: one
+        sync barrier and one transaction for all. Each PUT's `then` (its rename) runs in the
+        batch, before any PUT of it asks for durability, so that the batch then shares one
+        WAL sync (see `durable_ticket`) instead of queueing for one each."""
+        entry = _Pending(ino, then)
         self._to_store.append(entry)
-        while not entry.done:
-            if self._storing is not None:
-                await self._storing.wait()
-                continue
-            batch, self._to_store = self._to_store, []
-            self._storing = done = trio.Event()
-            try:
-                failed = await self.core.data.flush_files([e.ino for e in batch])
-            except S3fuseError as exc:  # shared by the batch
-                for e in batch:
-                    e.error, e.done = exc, True
-            except BaseException:  # this task was cancelled: another waiter stores the batch
-                self._to_store = batch + self._to_store
-                raise
-            else:
-                for e in batch:
-                    e.error, e.done = failed.get(e.ino), True
-            finally:
-                self._storing = None
-                done.set()
+        try:
+            while not entry.done:
+                if self._storing is not None:
+                    await self._storing.wait()
+                    continue
+                await self._store_batch()
+        except BaseException:
+            entry.abandoned = True  # its caller cleans up; the batch must not run its `then`
+            if entry in self._to_store:
+                self._to_store.remove(entry)
+            raise
         if entry.error is not None:
-            raise S3fuseError(f"the object could not be stored: {entry.error}", entry.error.errno)
+            raise entry.error
+        return entry.result
 
-    async def make_durable(self, changed: tuple[int, bytes] | None = None) -> None:
-        """Everything committed so far survives a crash once this returns (for an S3 store:
-        is in the bucket too), and the kernel has forgotten the entry `changed` (parent, name). Concurrent requests share one WAL sync
-        (a group commit) and one thread hand-off: a request that arrives while a sync runs
-        waits for the next one, which covers it."""
+    async def _store_batch(self) -> None:
+        batch, self._to_store = self._to_store, []
+        self._storing = done = trio.Event()
+        self._batches += 1
+        self._batched += len(batch)
+        try:
+            failed = await self.core.data.flush_files([e.ino for e in batch])
+        except S3fuseError as exc:  # shared by the batch
+            for e in batch:
+                e.error, e.done = self._not_stored(exc), True
+        except BaseException:  # this task was cancelled: another waiter stores the batch
+            self._to_store = [e for e in batch if not e.abandoned] + self._to_store
+            raise
+        else:
+            for e in batch:
+                exc = failed.get(e.ino)
+                if exc is not None:
+                    e.error = self._not_stored(exc)
+                elif e.then is not None and not e.abandoned:
+                    try:
+                        e.result = e.then()
+                    except Exception as then_exc:  # that PUT's own failure, raised in its task
+                        e.error = then_exc
+                e.done = True
+        finally:
+            self._storing = None
+            done.set()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Group commit at work, for `s3fuse status`: PUTs share a batch, and a batch a WAL sync."""
+        return {"s3api_store_batches": self._batches, "s3api_stored_files": self._batched,
+                "s3api_wal_syncs": self._synced_round}
+
+    @staticmethod
+    def _not_stored(exc: S3fuseError) -> S3fuseError:
+        return S3fuseError(f"the object could not be stored: {exc}", exc.errno)
+
+    def durable_ticket(self, changed: tuple[int, bytes] | None = None) -> int:
+        """For a change just committed: the WAL sync round that will cover it, to pass to
+        `make_durable`. The kernel forgets the entry `changed` (parent, name) in that round."""
         if changed is not None:
             self._to_forget.append(changed)
             self.changed_attrs(changed[0])
-        wanted = self._sync_round + 1  # a round that starts after this call
+        return self._sync_round + 1  # a round that starts after this call
+
+    async def make_durable(self, ticket: int | None = None) -> None:
+        """Everything committed before `ticket` was taken (by default: before this call)
+        survives a crash once this returns (for an S3 store: is in the bucket too), and the
+        kernel has forgotten the entries named with it. Concurrent requests share one WAL sync
+        (a group commit) and one thread hand-off: a request that arrives while a sync runs
+        waits for the next one, which covers it."""
+        wanted = self.durable_ticket() if ticket is None else ticket
         while self._synced_round < wanted:
             if self._syncing is not None:
                 await self._syncing.wait()

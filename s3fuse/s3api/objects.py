@@ -400,14 +400,10 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
         raise key_error(exc) from None
     ino = row.id
     released = False
-    try:
-        off = 0
-        async for piece in source:
-            await core.write(ino, off, piece)
-            off += len(piece)
-        if finish is not None:
-            finish()
-        await ns.store(ino)
+
+    def rename_into_place() -> tuple[str | None, int]:
+        """Run by the store batch once the data is committed: -> (etag, durable ticket)."""
+        nonlocal released
         core.release(ino, writer=True)
         released = True
         row = core.attr(ino)
@@ -422,6 +418,16 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
                 for xname, value in records.items():
                     core.meta.set_xattr(ino, xname, value)
         core.rename(parent.id, tmp, parent.id, name, 0)
+        return etag, ns.durable_ticket(changed=(parent.id, name))
+
+    try:
+        off = 0
+        async for piece in source:
+            await core.write(ino, off, piece)
+            off += len(piece)
+        if finish is not None:
+            finish()
+        etag, ticket = await ns.store(ino, then=rename_into_place)
     except BaseException:
         if not released:
             core.release(ino, writer=True)
@@ -430,7 +436,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
         except S3fuseError:
             pass
         raise
-    await ns.make_durable(changed=(parent.id, name))  # durable, and the kernel told, before the 200
+    await ns.make_durable(ticket)  # durable, and the kernel told, before the 200
     row = core.attr(ino)
     return row, etag if etag is not None else etag_of(ctx.api, row)
 

@@ -102,6 +102,9 @@ class S3Service:
         return f"{self.settings.scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
     # ---------------------------------------------------------------- control socket
+    def stats(self) -> dict[str, int]:
+        return self.api.ns.stats
+
     def handlers(self) -> dict:
         return {"s3key.add": self.key_add, "s3key.list": self.key_list, "s3key.remove": self.key_remove,
                 "s3.presign": self.presign, "s3.endpoint": self.endpoint_info}

@@ -30,7 +30,7 @@ import os
 
 import trio
 
-from s3fuse.backends.base import Backend
+from s3fuse.backends.base import BarrierFailed, Backend
 from s3fuse.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,15 @@ class FaultyBackend(Backend):
         await self._fault("put", key, _size(data))
         await self.inner.put(key, data)
 
-    async def put_many(self, items) -> None:
+    async def put_many(self, items, sync=False) -> None:
         for key, data in items:
             await self._fault("put", key, _size(data))
         await self.inner.put_many(items)
+        if sync:  # the barrier after the puts, where it fails for real
+            try:
+                await self.sync()
+            except BackendError as exc:
+                raise BarrierFailed(str(exc), exc.errno) from exc
 
     async def get(self, key, offset=0, length=None) -> bytes:
         await self._fault("get", key)

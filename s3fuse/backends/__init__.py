@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .base import Backend, NoSuchObject
+from .base import BarrierFailed, Backend, NoSuchObject
 from .local import LocalBackend
 
-__all__ = ["Backend", "NoSuchObject", "LocalBackend", "open_backend"]
+__all__ = ["Backend", "BarrierFailed", "NoSuchObject", "LocalBackend", "open_backend"]
 
 
 def open_backend(store_dir: str, config: dict) -> Backend:

@@ -18,6 +18,11 @@ from collections.abc import AsyncIterator
 from ..errors import BackendError
 
 
+class BarrierFailed(BackendError):
+    """The durability barrier after a batch of puts failed (`put_many` with `sync`): the
+    puts may be lost, whichever object they were."""
+
+
 class NoSuchObject(BackendError):
     """The object does not exist in the store."""
 
@@ -26,10 +31,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def put(self, key: str, data: bytes | list[bytes]) -> None: ...
 
-    async def put_many(self, items: list[tuple[str, bytes | list[bytes]]]) -> None:
-        """Several puts; backends may batch them (each one is still atomic)."""
+    async def put_many(self, items: list[tuple[str, bytes | list[bytes]]], sync: bool = False) -> None:
+        """Several puts; backends may batch them (each one is still atomic). With `sync`,
+        then the durability barrier of `sync()`."""
         for key, data in items:
             await self.put(key, data)
+        if sync:
+            try:
+                await self.sync()
+            except BackendError as exc:
+                raise BarrierFailed(str(exc), exc.errno) from exc
 
     @abc.abstractmethod
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...

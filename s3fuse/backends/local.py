@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from ..errors import BackendError
 from ..util import syncfs
 from ..workers import WorkerPool
-from .base import Backend, NoSuchObject
+from .base import BarrierFailed, Backend, NoSuchObject
 from .direct import DirectWriter
 
 # Objects this large are written with O_DIRECT (see direct.py). Small ones are not: a direct
@@ -147,14 +147,22 @@ class LocalBackend(Backend):
     async def put(self, key: str, data: bytes | list[bytes]) -> None:
         await self._run(self._put, key, data)
 
-    def _put_many(self, items: list[tuple[str, bytes | list[bytes]]]) -> None:
+    def _put_many(self, items: list[tuple[str, bytes | list[bytes]]], sync: bool) -> None:
         for key, data in items:
             self._put(key, data)
+        if sync:
+            try:
+                syncfs(self.root)
+            except OSError as exc:
+                raise BarrierFailed(f"local store: sync: {exc}", exc.errno or errno.EIO) from exc
 
-    async def put_many(self, items: list[tuple[str, bytes]]) -> None:
-        # one thread hand-off for a batch of small objects: the hand-off costs more than the I/O
+    async def put_many(self, items: list[tuple[str, bytes]], sync: bool = False) -> None:
+        # one thread hand-off for a batch of small objects (and the barrier after them): the
+        # hand-off costs more than the I/O
         if items:
-            await self._run(self._put_many, items)
+            await self._run(self._put_many, items, sync)
+        elif sync:
+            await self.sync()
 
     def _get_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes]:
         fd = os.open(self._path(key), os.O_RDONLY)

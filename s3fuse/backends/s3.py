@@ -525,7 +525,8 @@ class S3Backend(Backend):
     async def put(self, key: str, data: bytes | list[bytes]) -> None:
         await self._run(f"PUT {key}", self._put, key, data)
 
-    async def put_many(self, items: list[tuple[str, bytes | list[bytes]]]) -> None:
+    async def put_many(self, items: list[tuple[str, bytes | list[bytes]]], sync: bool = False) -> None:
+        # `sync` asks for nothing more: a PUT that answered 200 is durable
         try:
             async with trio.open_nursery() as nursery:
                 for key, data in items:

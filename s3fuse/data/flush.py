@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..backends import Backend
+from ..backends import Backend, BarrierFailed
 from ..errors import S3fuseError
 from ..meta import BlockRef, Meta
 from ..util import one_error
@@ -150,6 +150,8 @@ class Flusher:
         small: dict[int, list[tuple[str, bytearray]]] = {}  # objects put together in one batch
         failed: dict[int, S3fuseError] = {}
         self._attempted = {}  # every object this batch puts, even one whose put is cancelled
+        self._synced = False  # the small objects' put ended with the sync barrier (_put_small)
+        large = False
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -160,11 +162,14 @@ class Flusher:
                                 if len(blk.data) <= THREAD_THRESHOLD and not self.codec.remote_key(fs.policy):
                                     done.append(await self._seal_small(fs, blockno, blk, small.setdefault(fs.ino, [])))
                                 else:
+                                    large = True
                                     nursery.start_soon(self._store_block_of, fs, blockno, blk, done, failed)
                         except S3fuseError as exc:  # its key: this file's failure only
                             failed.setdefault(fs.ino, exc)
                     if small:
-                        nursery.start_soon(self._put_small, small, failed)
+                        # with no other object in this batch, the barrier can follow the
+                        # small ones in the same thread hand-off
+                        nursery.start_soon(self._put_small, small, failed, not large)
             except BaseExceptionGroup as group:
                 raise one_error(group, S3fuseError) from None  # one backend failure, not a group, for the callers
             refs = {key: ref for key, _, ref in done}
@@ -173,7 +178,7 @@ class Flusher:
             if only_full and not durable:
                 self._garbage(self.wb.defer(ok, mine, time.monotonic()), kick=False)
             elif ok or not files:
-                await self.commit(ok, mine, {fs.ino: fs.size for fs in ok}, durable)
+                await self.commit(ok, mine, {fs.ino: fs.size for fs in ok}, durable, synced=self._synced)
         except S3fuseError as exc:
             self._batch_failed(files, [ref for _, _, ref in done], exc)
             raise
@@ -239,15 +244,20 @@ class Flusher:
         return ref
 
     async def _put_small(self, small: dict[int, list[tuple[str, bytearray]]],
-                         failed: dict[int, S3fuseError]) -> None:
-        """The small objects of a batch in one call; if that fails, each file's objects on
-        their own, so that the failure is pinned on the files whose puts fail."""
+                         failed: dict[int, S3fuseError], sync: bool = False) -> None:
+        """The small objects of a batch in one call, with `sync` the barrier after them
+        (`self._synced` says whether it ran). If a put fails, each file's objects on their own,
+        so that the failure is pinned on the files whose puts fail; a failed barrier is the
+        whole batch's failure."""
         items = [item for ino, its in small.items() if ino not in failed for item in its]
         if not items:
             return
         try:
-            await self._put_many(items)
+            await self._put_many(items, sync)
+            self._synced = sync
             return
+        except BarrierFailed:
+            raise  # the batch's failure, as in `commit`: every file of it stays dirty
         except S3fuseError as exc:
             if len(small) == 1:
                 failed.setdefault(next(iter(small)), exc)
@@ -260,9 +270,9 @@ class Flusher:
             except S3fuseError as exc:
                 failed.setdefault(ino, exc)
 
-    async def _put_many(self, items: list[tuple[str, bytearray]]) -> None:
+    async def _put_many(self, items: list[tuple[str, bytearray]], sync: bool = False) -> None:
         try:
-            await self.backend.put_many(items)
+            await self.backend.put_many(items, sync)
         except BaseExceptionGroup as group:
             raise one_error(group, S3fuseError) from None
 
@@ -299,8 +309,10 @@ class Flusher:
             self._space.set()  # writers waiting for buffer space learn of the failure
 
     async def commit(self, files: list[FileState], refs: dict[tuple[int, int], BlockRef | None],
-                     sizes: dict[int, int], durable: bool) -> None:
-        """One sync, then one transaction for `refs` and everything deferred before them."""
+                     sizes: dict[int, int], durable: bool, synced: bool = False) -> None:
+        """One sync, then one transaction for `refs` and everything deferred before them.
+        `synced`: a barrier already followed every put of `refs`; the deferred blocks' puts
+        ended before it too, since they were stored by earlier batches under the same lock."""
         bs = self.wb.block_size
         deferred, pending_size = self.wb.deferred()  # what this commit covers
         by_ino: dict[int, dict[int, BlockRef | None]] = {ino: dict(p) for ino, p in deferred.items()}
@@ -311,7 +323,7 @@ class Flusher:
                 replaced.append(old.object_id)
             by_ino[ino][blockno] = ref
         changed: list[int] = []  # inodes whose st_blocks the kernel may hold a stale value of
-        if by_ino:
+        if by_ino and not synced:
             await self.backend.sync()
         # The deferred blocks this commit covers leave `pending`, whether committed or
         # superseded by a newer object in `refs` (then garbage, above: a superseded one left

@@ -451,8 +451,11 @@ class Filesystem:
         if mtime_ns is not None:
             fields["mtime_ns"] = mtime_ns
         fields["ctime_ns"] = ctime_ns if ctime_ns is not None else now
-        with self.meta.transaction():
-            self.meta.update_inode(ino, **fields)
+        if size is not None or any(getattr(row, name) != value for name, value in fields.items()):
+            # else nothing changes: the kernel writes back the times it holds when it evicts
+            # an inode, such as the ctime it gave an unlinked file, which is the row's own
+            with self.meta.transaction():
+                self.meta.update_inode(ino, **fields)
         self.data.set_times(ino, mtime_ns, fields["ctime_ns"])
         return self.attr(ino)
 

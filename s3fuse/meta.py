@@ -1,8 +1,9 @@
 """The metadata database: the namespace, attributes, xattrs and block map, in SQLite.
 
-SQLite runs on the trio thread (as in S3QL): every mutation is one transaction,
-and the code between two checkpoints is the critical section, so there are no
-database locks. `schema()` documents every column.
+SQLite runs on the trio thread (as in S3QL): every mutation is one transaction (a
+deferred one waits to be committed with others, `Meta.transaction`), and the code
+between two checkpoints is the critical section, so there are no database locks.
+`schema()` documents every column.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import metaauth as ma
@@ -31,6 +32,8 @@ _ALWAYS_ASK: set[int] = set()
 VERIFIED_LIMIT = 200_000
 _IN_LIST = 500  # ids per `IN (...)` query, well below SQLite's bound on parameters
 SCHEMA_VERSION = 2  # 2: rows carry MACs, inodes a set digest (docs/FORMAT.md)
+# deferred transactions (transaction(defer=True)) committed together at most
+GROUP_MAX = 256
 
 SCHEMA = """
 -- One row per file, directory, symlink, FIFO, socket or device node.
@@ -203,6 +206,15 @@ class Meta:
         # in it, or at its end, so that a change costs one UPDATE of the owner, not two.
         self._pending_digest: dict[int, bytes] = {}
         self._next_ino: int | None = None  # see _new_inode_number
+        # inodes to delete in the next transaction that commits (delete_inode_soon)
+        self._doomed: set[int] = set()
+        # Deferred transactions: their changes wait in a write transaction left open, each
+        # made a savepoint within it, until a transaction that commits (or `commit`).
+        self._open = False  # that write transaction is open
+        self._deferred = 0  # transactions waiting in it
+        # told (on the loop) when a transaction is deferred and none was: it arranges a
+        # commit soon; None: no transaction is deferred
+        self.on_deferred: Callable[[], None] | None = None
         # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
         # names that do not exist, and this answers them without a query
         self._xattr_inodes: set[int] | None = None
@@ -222,6 +234,7 @@ class Meta:
         return m
 
     def close(self) -> None:
+        self.commit()
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
 
@@ -231,20 +244,32 @@ class Meta:
         self.db.execute("PRAGMA wal_autocheckpoint=0")
 
     def checkpoint(self) -> bool:
-        """Copy the WAL into the database and empty it; False if readers kept it from completing."""
+        """Copy the WAL into the database and empty it; False if readers kept it from completing,
+        or deferred transactions wait (committing them here would add frames to the WAL)."""
+        if self._open:
+            return False
         busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return not busy
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One mutation = one transaction. Nested use joins the outer one."""
+    def transaction(self, defer: bool = False) -> Iterator[sqlite3.Connection]:
+        """One mutation = one transaction. Nested use joins the outer one.
+
+        `defer`: commit it with the next transaction that commits, or at `commit`, which
+        `on_deferred` arranges for soon (docs/ARCHITECTURE.md, "Crash consistency"). Only for
+        changes no other work relies on being committed: no garbage, nothing deleted that a
+        committed row refers to. It is rolled back alone if it fails."""
         if self._in_tx:
             yield self.db
             return
-        self.db.execute("BEGIN")
+        defer = defer and self.on_deferred is not None and self._deferred < GROUP_MAX
+        self.db.execute("SAVEPOINT op" if self._open else "BEGIN")
         self._in_tx = True
         try:
             yield self.db
+            if not defer and self._doomed:
+                for ino in sorted(self._doomed):
+                    self.delete_inode(ino)
             while self._pending_digest:
                 ino = next(iter(self._pending_digest))
                 self.update_inode(ino, digest=self._pending_digest[ino])
@@ -253,13 +278,50 @@ class Meta:
             self._rows.clear()
             self._verified.clear()
             self._pending_digest.clear()
-            self.db.execute("ROLLBACK")
+            if self._open:  # the deferred transactions before this one stay
+                self.db.execute("ROLLBACK TO op")
+                self.db.execute("RELEASE op")
+            else:
+                self.db.execute("ROLLBACK")
             raise
         self._in_tx = False
-        self.db.execute("COMMIT")
+        if self._open:
+            self.db.execute("RELEASE op")
+        if defer:
+            self._deferred += 1
+            if not self._open:
+                self._open = True
+                self.on_deferred()
+            return
+        self._commit()
+
+    def _commit(self) -> None:
+        deferred = self._deferred
+        self._open = False
+        self._deferred = 0
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls back a transaction whose commit failed for I/O or space, deferred
+            # transactions included; what this connection held in memory may be ahead of it
+            self._rows.clear()
+            self._verified.clear()
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if deferred:
+                log.error("a metadata commit failed: the last %d deferred changes are lost", deferred)
+            raise
+        self._doomed.clear()
+
+    def commit(self) -> None:
+        """Commit the deferred transactions and the deletions left for the next commit."""
+        if not self._in_tx and (self._open or self._doomed):
+            with self.transaction():
+                pass
 
     def sync(self) -> None:
-        """Make every committed transaction durable (fsync of the WAL). Blocking."""
+        """Make every committed transaction durable (fsync of the WAL). Blocking, so it may run in
+        a worker thread; deferred transactions are not committed ones (`commit` first, on the loop)."""
         wal = self.path + "-wal"
         try:
             fd = os.open(wal, os.O_RDONLY)
@@ -433,12 +495,24 @@ class Meta:
         """Remove an inode with everything it owns; its objects become garbage."""
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM blocks WHERE inode=?", (ino,))
-        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        if self._may_have_xattrs(ino):
+            self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
         self._rows.pop(ino, None)
         self._verified.discard(ino)
         self._pending_digest.pop(ino, None)
+
+    def delete_inode_soon(self, ino: int) -> None:
+        """`delete_inode` in the next transaction that commits (not a deferred one: its objects
+        become garbage, which must be committed before the collector sees it). An inode no entry,
+        kernel reference or handle uses is invisible, so it needs no commit of its own. A crash
+        before that commit leaves a row with no links, which the next mount deletes
+        (`orphan_inodes`)."""
+        self._doomed.add(ino)
+
+    def deletes_pending(self) -> bool:
+        return bool(self._doomed)
 
     def orphan_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]

@@ -177,6 +177,14 @@ class Filesystem:
 
     # ------------------------------------------------------------------ namespace
     def lookup(self, parent: int, name: bytes) -> Inode:
+        row = self.find(parent, name)
+        if row is None:
+            raise _err(errno.ENOENT)
+        return row
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """`lookup`, with None for a name that is not there (FUSE's negative lookups, one per
+        create, cost no exception)."""
         if name == b".":
             return self.attr(parent)
         if name == b"..":
@@ -184,9 +192,7 @@ class Filesystem:
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
         ino = self.meta.lookup(parent, name)
-        if ino is None:
-            raise _err(errno.ENOENT)
-        return self.attr(ino)
+        return None if ino is None else self.attr(ino)
 
     def _new_owner(self, parent: Inode, caller: Caller, mode: int) -> tuple[int, int]:
         gid = caller.gid
@@ -320,7 +326,7 @@ class Filesystem:
 
     def _unlink_entry(self, parent: int, name: bytes, row: Inode, now: int) -> None:
         """Remove one entry and drop its link; called inside a transaction."""
-        self.meta.remove_entry(parent, name)
+        self.meta.remove_entry(parent, name, row.id)
         if stat.S_ISDIR(row.mode):
             self._changed(row.id, now, nlink=0)
             p = self._inode(parent)

@@ -105,11 +105,8 @@ class Operations(pyfuse3.Operations):
     # namespace
     @_translate
     async def lookup(self, parent_inode, name, ctx):
-        try:
-            row = self.core.lookup(parent_inode, name)
-        except S3fuseError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        row = self.core.find(parent_inode, name)
+        if row is None:
             # st_ino 0: the kernel caches the miss; every change goes through it anyway
             miss = pyfuse3.EntryAttributes()
             miss.st_ino = 0

@@ -548,10 +548,12 @@ class Meta:
         if mac is not None:
             self._adjust(parent, add=[mac])
 
-    def remove_entry(self, parent: int, name: bytes) -> None:
-        ino = self._entry_inode(parent, name) if self.key is not None else None
+    def remove_entry(self, parent: int, name: bytes, ino: int | None = None) -> None:
+        """`ino`: the entry's inode, when the caller looked the entry up (saves a query)."""
+        if ino is None and self.key is not None:
+            ino = self._entry_inode(parent, name)
         self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-        if ino is not None:
+        if ino is not None and self.key is not None:
             self._adjust(parent, sub=[self._entry_mac(parent, name, ino)])
 
     def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
@@ -746,9 +748,17 @@ class Meta:
                               (object_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
+    def _owns_nothing(self, ino: int) -> bool:
+        """Whether `ino` owns no rows, as its set digest says: one checked against its rows in
+        this mount (or made in it) and changed by this mount only since (no query)."""
+        if self.key is None or ino not in self._verified:
+            return False
+        row = self._row(ino)
+        return row is not None and self._digest(ino, row) == ma.ZERO
+
     def put_block(self, ref: BlockRef) -> BlockRef | None:
         """Point a block at a new object; the replaced object (if any) becomes garbage."""
-        old = self.block(ref.inode, ref.blockno)
+        old = None if self._owns_nothing(ref.inode) else self.block(ref.inode, ref.blockno)
         if old is not None:
             self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (old.object_id,))
         mac = None if self.key is None else block_mac(self.key, ref)

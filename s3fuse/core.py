@@ -38,6 +38,7 @@ PLACES_HELD = 65536  # (directory, cursor) of entries readdir returned, for that
 # seconds within which deferred transactions commit (fs.py defers the FUSE requests' namespace
 # changes) and unused inodes are deleted, if no other transaction commits them first
 COMMIT_DELAY = 0.01
+COMMIT_RETRY = 1.0  # seconds between attempts while such commits fail
 
 
 @dataclass(eq=False)
@@ -151,11 +152,13 @@ class Filesystem:
                 self.commit_now()  # not mounted: no background tasks
 
     async def _commit_later(self) -> None:
-        await trio.sleep(COMMIT_DELAY)
+        # after a failed commit (Meta._redo), retried at this pace rather than at once
+        await trio.sleep(COMMIT_RETRY if self.meta.commit_failing else COMMIT_DELAY)
         try:
             self.commit_now()
-        except Exception:  # a background task: logged (Meta._commit), and the mount goes on
-            log.exception("committing deferred metadata changes failed")
+        except Exception:  # a background task: the mount goes on
+            if not self.meta.commit_failing:  # else Meta._redo logged it, and it is retried
+                log.exception("committing deferred metadata changes failed")
 
     def commit_now(self) -> None:
         """Commit the deferred transactions and the deletions left for the next commit."""

@@ -166,6 +166,28 @@ def block_mac(key: bytes, r) -> bytes:
     return ma.block_mac(key, *r[:10])
 
 
+class _Noting:
+    """The connection, noting each change it makes (for `Meta`'s deferred transactions)."""
+
+    def __init__(self, db: sqlite3.Connection, notes: list) -> None:
+        self._db = db
+        self.notes = notes
+
+    def execute(self, sql: str, params=()) -> sqlite3.Cursor:
+        if not sql.startswith("SELECT"):
+            self.notes.append((sql, params))
+        return self._db.execute(sql, params)
+
+    def executemany(self, sql: str, seq) -> sqlite3.Cursor:
+        seq = list(seq)
+        for params in seq:
+            self.notes.append((sql, params))
+        return self._db.executemany(sql, seq)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
 class Forged(IntegrityError):
     """A metadata record does not authenticate: EIO for the operation that met it."""
 
@@ -212,6 +234,9 @@ class Meta:
         # made a savepoint within it, until a transaction that commits (or `commit`).
         self._open = False  # that write transaction is open
         self._deferred = 0  # transactions waiting in it
+        # the changes they made, in order: made again if their commit fails (_commit)
+        self._notes: list[tuple[str, tuple]] = []
+        self.commit_failing = False  # the last commit of deferred transactions failed
         # told (on the loop) when a transaction is deferred and none was: it arranges a
         # commit soon; None: no transaction is deferred
         self.on_deferred: Callable[[], None] | None = None
@@ -265,6 +290,9 @@ class Meta:
         defer = defer and self.on_deferred is not None and self._deferred < GROUP_MAX
         self.db.execute("SAVEPOINT op" if self._open else "BEGIN")
         self._in_tx = True
+        noted = len(self._notes)
+        if defer:
+            self.db = _Noting(self.db, self._notes)
         try:
             yield self.db
             if not defer and self._doomed:
@@ -275,6 +303,9 @@ class Meta:
                 self.update_inode(ino, digest=self._pending_digest[ino])
         except BaseException:
             self._in_tx = False
+            if defer:
+                self.db = self.db._db
+                del self._notes[noted:]
             self._rows.clear()
             self._verified.clear()
             self._pending_digest.clear()
@@ -285,6 +316,8 @@ class Meta:
                 self.db.execute("ROLLBACK")
             raise
         self._in_tx = False
+        if defer:
+            self.db = self.db._db
         if self._open:
             self.db.execute("RELEASE op")
         if defer:
@@ -301,17 +334,40 @@ class Meta:
         self._deferred = 0
         try:
             self.db.execute("COMMIT")
-        except BaseException:
-            # SQLite rolls back a transaction whose commit failed for I/O or space, deferred
-            # transactions included; what this connection held in memory may be ahead of it
+        except BaseException as exc:
+            # SQLite rolls back a transaction whose commit failed for I/O or space; what this
+            # connection held in memory may be ahead of the database now
             self._rows.clear()
             self._verified.clear()
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             if deferred:
-                log.error("a metadata commit failed: the last %d deferred changes are lost", deferred)
+                self._redo(deferred, exc)
             raise
+        self._notes.clear()
         self._doomed.clear()
+        self.commit_failing = False
+
+    def _redo(self, deferred: int, exc: BaseException) -> None:
+        """Make the deferred transactions of a failed commit again, to be committed later:
+        their requests were answered, and written data may belong to the files they made.
+        (The transaction that failed to commit them fails alone, as it would have anyway.)"""
+        if not self.commit_failing:
+            log.error("committing %d metadata changes failed (%s): retried", deferred, exc)
+        self.commit_failing = True
+        self.db.execute("BEGIN")
+        try:
+            for sql, params in self._notes:
+                self.db.execute(sql, params)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._notes.clear()
+            log.critical("could not make %d metadata changes again: they are lost", deferred)
+            raise
+        self._open = True
+        self._deferred = deferred
+        if self.on_deferred is not None:
+            self.on_deferred()
 
     def commit(self) -> None:
         """Commit the deferred transactions and the deletions left for the next commit."""

@@ -153,3 +153,54 @@ def test_deferred_transactions_commit_together_and_fail_alone(tmp_path):
     # every row still authenticates from a fresh connection
     fresh = Meta(path, m.key)
     assert fresh.lookup(1, b"e") is not None and fresh.lookup(1, b"a") == a
+
+
+def test_deferred_transactions_whose_commit_fails_are_made_again(tmp_path):
+    """A commit that fails (disk full: SQLite rolls the transaction back) loses no deferred
+    transaction: their requests were answered, so they are made again and committed later."""
+    import os
+    import sqlite3
+
+    import pytest
+
+    path = str(tmp_path / "m.db")
+    m = Meta.create(path, 0, 0, time.time_ns(), key=os.urandom(32))
+    told = []
+    m.on_deferred = lambda: told.append(1)
+
+    class FullDisk:
+        def __init__(self, db):
+            self._db = db
+            self.fail = 0
+
+        def execute(self, sql, params=()):
+            if sql == "COMMIT" and self.fail:
+                self.fail -= 1
+                self._db.execute("ROLLBACK")
+                raise sqlite3.OperationalError("database or disk is full")
+            return self._db.execute(sql, params)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+    m.db = disk = FullDisk(m.db)
+    made = {}
+    for name in (b"a", b"b", b"c"):
+        with m.transaction(defer=True):
+            row = m.create_inode(0o100644, 0, 0, 1, time.time_ns())
+            m.add_entry(1, name, row.id)
+            made[name] = row.id
+    with m.transaction(defer=True):
+        m.remove_entry(1, b"c")
+        m.update_inode(made[b"c"], nlink=0)
+    disk.fail = 1
+    with pytest.raises(sqlite3.OperationalError), m.transaction():  # e.g. the flusher's commit
+        m.set_state("x", 1)
+    assert m.commit_failing and len(told) == 2  # a retry was asked for
+    assert m.get_state("x") is None  # the transaction that failed to commit failed alone
+    assert m.lookup(1, b"a") == made[b"a"] and m.lookup(1, b"c") is None
+    m.commit()
+    assert not m.commit_failing
+    fresh = Meta(path, m.key)
+    assert fresh.lookup(1, b"a") == made[b"a"] and fresh.lookup(1, b"b") == made[b"b"]
+    assert fresh.lookup(1, b"c") is None and fresh.inode(made[b"c"]).nlink == 0

@@ -152,8 +152,12 @@ class Filesystem:
                 self.commit_now()  # not mounted: no background tasks
 
     async def _commit_later(self) -> None:
-        # after a failed commit (Meta._redo), retried at this pace rather than at once
-        await trio.sleep(COMMIT_RETRY if self.meta.commit_failing else COMMIT_DELAY)
+        try:
+            # after a failed commit (Meta._redo), retried at this pace rather than at once
+            await trio.sleep(COMMIT_RETRY if self.meta.commit_failing else COMMIT_DELAY)
+        except BaseException:  # cancelled at unmount: what comes later asks again
+            self._commit_due = False
+            raise
         try:
             self.commit_now()
         except Exception:  # a background task: the mount goes on

@@ -567,9 +567,6 @@ class Meta:
         (`orphan_inodes`)."""
         self._doomed.add(ino)
 
-    def deletes_pending(self) -> bool:
-        return bool(self._doomed)
-
     def orphan_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
 

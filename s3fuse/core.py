@@ -16,6 +16,8 @@ import sqlite3
 import stat
 from dataclasses import dataclass, field
 
+import trio
+
 from . import policy as pol
 from .crypto import Caller, KeyManager, WriteGrant
 from .data import DataStore
@@ -33,6 +35,10 @@ _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 NAME_READAHEAD = 16  # files fetched ahead of a reader that opens a directory's files in order
 REFUSALS_KEPT = 256  # reasons kept for `s3fuse sse set` (each asked for once)
 PLACES_HELD = 65536  # (directory, cursor) of entries readdir returned, for that read-ahead
+# seconds within which deferred transactions commit (fs.py defers the FUSE requests' namespace
+# changes) and unused inodes are deleted, if no other transaction commits them first
+COMMIT_DELAY = 0.01
+COMMIT_RETRY = 1.0  # seconds between attempts while such commits fail
 
 
 @dataclass(eq=False)
@@ -72,6 +78,8 @@ class Filesystem:
         # inode -> (directory, cursor) of an entry readdir returned lately: saves opens a query
         self._places: dict[int, tuple[int, int]] = {}
         self._refusals: dict[tuple[int, int], str] = {}  # (uid, inode) -> why a setting was refused
+        self._commit_due = False  # a task will commit what waits for a commit (_commit_soon)
+        meta.on_deferred = self._commit_soon
 
     # ------------------------------------------------------------------ helpers
     def _inode(self, ino: int) -> Inode:
@@ -121,7 +129,9 @@ class Filesystem:
         self._maybe_reclaim(ino)
 
     def _maybe_reclaim(self, ino: int) -> None:
-        """Delete an inode that no entry, kernel reference or open handle uses."""
+        """Delete an inode that no entry, kernel reference or open handle uses: its rows go
+        with the next transaction that commits (`Meta.delete_inode_soon`), such as a group of
+        deferred ones, within `COMMIT_DELAY`."""
         if ino == ROOT_INODE or ino in self.lookups:
             return
         if self.data.is_open(ino):
@@ -130,12 +140,39 @@ class Filesystem:
         if row is None or row.nlink > 0:
             return
         self.data.discard(ino)
-        with self.meta.transaction():
-            self.meta.delete_inode(ino)
+        self.meta.delete_inode_soon(ino)
+        self._commit_soon()
+
+    def _commit_soon(self) -> None:
+        """Have what waits for a commit (deferred transactions, deletions) committed within
+        `COMMIT_DELAY`, unless another transaction commits it first."""
+        if not self._commit_due:
+            self._commit_due = True
+            if not self.data.run_in_background(self._commit_later):
+                self.commit_now()  # not mounted: no background tasks
+
+    async def _commit_later(self) -> None:
+        try:
+            # after a failed commit (Meta._redo), retried at this pace rather than at once
+            await trio.sleep(COMMIT_RETRY if self.meta.commit_failing else COMMIT_DELAY)
+        except BaseException:  # cancelled at unmount: what comes later asks again
+            self._commit_due = False
+            raise
+        try:
+            self.commit_now()
+        except Exception:  # a background task: the mount goes on
+            if not self.meta.commit_failing:  # else Meta._redo logged it, and it is retried
+                log.exception("committing deferred metadata changes failed")
+
+    def commit_now(self) -> None:
+        """Commit the deferred transactions and the deletions left for the next commit."""
+        self._commit_due = False
+        self.meta.commit()
 
     def forget_all(self) -> None:
         for ino in list(self.lookups):
             self.forget(ino, self.lookups[ino])
+        self.commit_now()
 
     def reclaim_orphans(self) -> int:
         """At mount: inodes unlinked while open when the last daemon stopped."""
@@ -147,6 +184,14 @@ class Filesystem:
 
     # ------------------------------------------------------------------ namespace
     def lookup(self, parent: int, name: bytes) -> Inode:
+        row = self.find(parent, name)
+        if row is None:
+            raise _err(errno.ENOENT)
+        return row
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """`lookup`, with None for a name that is not there (FUSE's negative lookups, one per
+        create, cost no exception)."""
         if name == b".":
             return self.attr(parent)
         if name == b"..":
@@ -154,9 +199,7 @@ class Filesystem:
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
         ino = self.meta.lookup(parent, name)
-        if ino is None:
-            raise _err(errno.ENOENT)
-        return self.attr(ino)
+        return None if ino is None else self.attr(ino)
 
     def _new_owner(self, parent: Inode, caller: Caller, mode: int) -> tuple[int, int]:
         gid = caller.gid
@@ -167,8 +210,10 @@ class Filesystem:
         return gid, mode
 
     def _make(self, parent_ino: int, name: bytes, mode: int, caller: Caller, rdev: int = 0,
-              target: bytes | None = None, policy: Policy | None = None) -> Inode:
-        """`policy`: a regular file's encryption, already checked (`_check_new_file`)."""
+              target: bytes | None = None, policy: Policy | None = None, defer: bool = False) -> Inode:
+        """`policy`: a regular file's encryption, already checked (`_check_new_file`).
+        `defer` (here and in the other namespace changes): a deferred transaction
+        (`Meta.transaction`), for a caller whose durability point commits it (FUSE's fsync)."""
         self._check_name(name)
         parent = self._dir(parent_ino)
         if parent.nlink == 0:
@@ -177,7 +222,7 @@ class Filesystem:
         is_dir = stat.S_ISDIR(mode)
         sse = policy.encode() if stat.S_ISREG(mode) else None
         now = now_ns()
-        with self.meta.transaction():
+        with self.meta.transaction(defer=defer):
             row = self.meta.create_inode(mode, caller.uid, gid, 2 if is_dir else 1, now, rdev,
                                          sse=sse)
             try:
@@ -200,21 +245,22 @@ class Filesystem:
         await self.keys.check_write(policy, caller, path=lambda: self.meta.path_of(parent_ino))
         return policy
 
-    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller,
+                    defer: bool = False) -> Inode:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         policy = await self._check_new_file(parent, caller) if stat.S_ISREG(mode) else None
-        return self._make(parent, name, mode, caller, rdev=rdev, policy=policy)
+        return self._make(parent, name, mode, caller, rdev=rdev, policy=policy, defer=defer)
 
-    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
-        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller, defer: bool = False) -> Inode:
+        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), caller, defer=defer)
 
     async def create(self, parent: int, name: bytes, mode: int, caller: Caller,
-                     policy: Policy | None = None) -> Inode:
+                     policy: Policy | None = None, defer: bool = False) -> Inode:
         """`policy`: the new file's encryption, instead of its directory's (checked here)."""
         mode = stat.S_IFREG | (mode & 0o7777)
         policy = await self._check_new_file(parent, caller, policy)
-        row = self._make(parent, name, mode, caller, policy=policy)
+        row = self._make(parent, name, mode, caller, policy=policy, defer=defer)
         await self.data.block_pushes(row.id)  # an inode number can be reused: no stale pushes
         self.data.opened(row.id, writer=caller, grant=await self._grant_at_create(row, caller))
         return row
@@ -257,10 +303,10 @@ class Filesystem:
         finally:
             grant.prepared_done()
 
-    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller, defer: bool = False) -> Inode:
         if len(target) > 4096:
             raise _err(errno.ENAMETOOLONG)
-        return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target)
+        return self._make(parent, name, stat.S_IFLNK | 0o777, caller, target=target, defer=defer)
 
     def readlink(self, ino: int) -> bytes:
         target = self.meta.symlink_target(ino)
@@ -268,7 +314,7 @@ class Filesystem:
             raise _err(errno.EINVAL)
         return target
 
-    def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+    def link(self, ino: int, new_parent: int, new_name: bytes, defer: bool = False) -> Inode:
         self._check_name(new_name)
         row = self._inode(ino)
         if stat.S_ISDIR(row.mode):
@@ -279,7 +325,7 @@ class Filesystem:
         if self.meta.lookup(new_parent, new_name) is not None:
             raise _err(errno.EEXIST)
         now = now_ns()
-        with self.meta.transaction():
+        with self.meta.transaction(defer=defer):
             self.meta.add_entry(new_parent, new_name, ino)
             self._changed(ino, now, nlink=row.nlink + 1)
             self._touch_dir(new_parent, now)
@@ -287,7 +333,7 @@ class Filesystem:
 
     def _unlink_entry(self, parent: int, name: bytes, row: Inode, now: int) -> None:
         """Remove one entry and drop its link; called inside a transaction."""
-        self.meta.remove_entry(parent, name)
+        self.meta.remove_entry(parent, name, row.id)
         if stat.S_ISDIR(row.mode):
             self._changed(row.id, now, nlink=0)
             p = self._inode(parent)
@@ -295,7 +341,7 @@ class Filesystem:
         else:
             self._changed(row.id, now, nlink=row.nlink - 1)
 
-    def unlink(self, parent: int, name: bytes) -> None:
+    def unlink(self, parent: int, name: bytes, defer: bool = False) -> None:
         self._dir(parent)
         ino = self.meta.lookup(parent, name)
         if ino is None:
@@ -304,12 +350,12 @@ class Filesystem:
         if stat.S_ISDIR(row.mode):
             raise _err(errno.EISDIR)
         now = now_ns()
-        with self.meta.transaction():
+        with self.meta.transaction(defer=defer):
             self._unlink_entry(parent, name, row, now)
             self._touch_dir(parent, now)
         self._maybe_reclaim(ino)
 
-    def rmdir(self, parent: int, name: bytes) -> None:
+    def rmdir(self, parent: int, name: bytes, defer: bool = False) -> None:
         if name == b".":
             raise _err(errno.EINVAL)
         if name == b"..":
@@ -324,7 +370,7 @@ class Filesystem:
         if self.meta.has_entries(ino):
             raise _err(errno.ENOTEMPTY)
         now = now_ns()
-        with self.meta.transaction():
+        with self.meta.transaction(defer=defer):
             self._unlink_entry(parent, name, row, now)
             self._touch_dir(parent, now)
         self._maybe_reclaim(ino)
@@ -340,7 +386,7 @@ class Filesystem:
         return ancestor == ROOT_INODE
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-               flags: int) -> None:
+               flags: int, defer: bool = False) -> None:
         self._check_name(new_name)
         self._dir(old_parent)
         self._dir(new_parent)
@@ -366,7 +412,7 @@ class Filesystem:
         if exchange and dst_dir and self._is_ancestor(dst_ino, old_parent):
             raise _err(errno.EINVAL)
         now = now_ns()
-        with self.meta.transaction():
+        with self.meta.transaction(defer=defer):
             if exchange:
                 self.meta.set_entry_inode(old_parent, old_name, dst_ino)
                 self.meta.set_entry_inode(new_parent, new_name, src_ino)
@@ -413,10 +459,11 @@ class Filesystem:
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, ctime_ns: int | None = None,
-                      caller: Caller | None = None) -> Inode:
+                      caller: Caller | None = None, defer: bool = False) -> Inode:
         """`caller`: who changes the size by path (no open handle); such a size change
         passes the key checks of an open for writing. A handle's (ftruncate) passed them
-        at open."""
+        at open. `defer`: as `_make`'s, for a change of attributes only (a size change's
+        transaction makes garbage, so it commits)."""
         if (size is None and mode is None and uid is None and gid is None and atime_ns is None
                 and self.data.has_unstored(ino)):
             # The kernel's write-back cache sends the times of its writes at close: the
@@ -451,8 +498,11 @@ class Filesystem:
         if mtime_ns is not None:
             fields["mtime_ns"] = mtime_ns
         fields["ctime_ns"] = ctime_ns if ctime_ns is not None else now
-        with self.meta.transaction():
-            self.meta.update_inode(ino, **fields)
+        if size is not None or any(getattr(row, name) != value for name, value in fields.items()):
+            # else nothing changes: the kernel writes back the times it holds when it evicts
+            # an inode, such as the ctime it gave an unlinked file, which is the row's own
+            with self.meta.transaction(defer=defer and size is None):
+                self.meta.update_inode(ino, **fields)
         self.data.set_times(ino, mtime_ns, fields["ctime_ns"])
         return self.attr(ino)
 
@@ -545,6 +595,7 @@ class Filesystem:
         return await self.data.write(ino, off, buf)
 
     async def fsync(self, ino: int) -> None:
+        self.commit_now()  # the file's deferred namespace changes are made durable too
         await self.data.flush(ino, durable=True)
 
     # ------------------------------------------------------------------ encryption settings

@@ -587,12 +587,14 @@ class Daemon:
 
     async def _flush(self, peer: Peer, args: dict) -> None:
         self._require_owner(peer)
+        self.core.commit_now()
         await self.data.flush_all(durable=True)
 
     async def _sync(self, peer: Peer, args: dict) -> dict:
         """Store every buffered byte and, for an S3 store, ship every committed metadata change
         to the bucket (the kernel passes no syncfs to a FUSE daemon)."""
         self._require_owner(peer)
+        self.core.commit_now()
         await self.data.flush_all(durable=True)
         if self.s3 is not None:
             await self.s3.sync_metadata()

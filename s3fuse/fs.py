@@ -105,11 +105,8 @@ class Operations(pyfuse3.Operations):
     # namespace
     @_translate
     async def lookup(self, parent_inode, name, ctx):
-        try:
-            row = self.core.lookup(parent_inode, name)
-        except S3fuseError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        row = self.core.find(parent_inode, name)
+        if row is None:
             # st_ino 0: the kernel caches the miss; every change goes through it anyway
             miss = pyfuse3.EntryAttributes()
             miss.st_ino = 0
@@ -141,6 +138,7 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
             caller=_caller(ctx) if fh is None and fields.update_size else None,
+            defer=True,
         )
         return entry(row)
 
@@ -150,37 +148,37 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        row = await self.core.mknod(parent_inode, name, mode, rdev, _caller(ctx))
+        row = await self.core.mknod(parent_inode, name, mode, rdev, _caller(ctx), defer=True)
         self.core.remember(row.id)
         return entry(row)
 
     @_translate
     async def mkdir(self, parent_inode, name, mode, ctx):
-        row = self.core.mkdir(parent_inode, name, mode, _caller(ctx))
+        row = self.core.mkdir(parent_inode, name, mode, _caller(ctx), defer=True)
         self.core.remember(row.id)
         return entry(row)
 
     @_translate
     async def unlink(self, parent_inode, name, ctx):
-        self.core.unlink(parent_inode, name)
+        self.core.unlink(parent_inode, name, defer=True)
 
     @_translate
     async def rmdir(self, parent_inode, name, ctx):
-        self.core.rmdir(parent_inode, name)
+        self.core.rmdir(parent_inode, name, defer=True)
 
     @_translate
     async def symlink(self, parent_inode, name, target, ctx):
-        row = self.core.symlink(parent_inode, name, target, _caller(ctx))
+        row = self.core.symlink(parent_inode, name, target, _caller(ctx), defer=True)
         self.core.remember(row.id)
         return entry(row)
 
     @_translate
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self.core.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.core.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, defer=True)
 
     @_translate
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        row = self.core.link(inode, new_parent_inode, new_name)
+        row = self.core.link(inode, new_parent_inode, new_name, defer=True)
         self.core.remember(row.id)
         return entry(row)
 
@@ -194,7 +192,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         caller = _caller(ctx)
-        row = await self.core.create(parent_inode, name, mode, caller)
+        row = await self.core.create(parent_inode, name, mode, caller, defer=True)
         self.core.remember(row.id)
         return pyfuse3.FileInfo(fh=self._new_handle(row.id, caller), keep_cache=True), entry(row)
 
@@ -262,6 +260,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh, datasync):
+        self.core.commit_now()
         await trio.to_thread.run_sync(self.core.meta.sync)
         if self.metadata_durable is not None:
             await self.metadata_durable()

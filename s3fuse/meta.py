@@ -1,8 +1,9 @@
 """The metadata database: the namespace, attributes, xattrs and block map, in SQLite.
 
-SQLite runs on the trio thread (as in S3QL): every mutation is one transaction,
-and the code between two checkpoints is the critical section, so there are no
-database locks. `schema()` documents every column.
+SQLite runs on the trio thread (as in S3QL): every mutation is one transaction (a
+deferred one waits to be committed with others, `Meta.transaction`), and the code
+between two checkpoints is the critical section, so there are no database locks.
+`schema()` documents every column.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import metaauth as ma
@@ -31,6 +32,8 @@ _ALWAYS_ASK: set[int] = set()
 VERIFIED_LIMIT = 200_000
 _IN_LIST = 500  # ids per `IN (...)` query, well below SQLite's bound on parameters
 SCHEMA_VERSION = 2  # 2: rows carry MACs, inodes a set digest (docs/FORMAT.md)
+# deferred transactions (transaction(defer=True)) committed together at most
+GROUP_MAX = 256
 
 SCHEMA = """
 -- One row per file, directory, symlink, FIFO, socket or device node.
@@ -163,6 +166,28 @@ def block_mac(key: bytes, r) -> bytes:
     return ma.block_mac(key, *r[:10])
 
 
+class _Noting:
+    """The connection, noting each change it makes (for `Meta`'s deferred transactions)."""
+
+    def __init__(self, db: sqlite3.Connection, notes: list) -> None:
+        self._db = db
+        self.notes = notes
+
+    def execute(self, sql: str, params=()) -> sqlite3.Cursor:
+        if not sql.startswith("SELECT"):
+            self.notes.append((sql, params))
+        return self._db.execute(sql, params)
+
+    def executemany(self, sql: str, seq) -> sqlite3.Cursor:
+        seq = list(seq)
+        for params in seq:
+            self.notes.append((sql, params))
+        return self._db.executemany(sql, seq)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
 class Forged(IntegrityError):
     """A metadata record does not authenticate: EIO for the operation that met it."""
 
@@ -203,6 +228,18 @@ class Meta:
         # in it, or at its end, so that a change costs one UPDATE of the owner, not two.
         self._pending_digest: dict[int, bytes] = {}
         self._next_ino: int | None = None  # see _new_inode_number
+        # inodes to delete in the next transaction that commits (delete_inode_soon)
+        self._doomed: set[int] = set()
+        # Deferred transactions: their changes wait in a write transaction left open, each
+        # made a savepoint within it, until a transaction that commits (or `commit`).
+        self._open = False  # that write transaction is open
+        self._deferred = 0  # transactions waiting in it
+        # the changes they made, in order: made again if their commit fails (_commit)
+        self._notes: list[tuple[str, tuple]] = []
+        self.commit_failing = False  # the last commit of deferred transactions failed
+        # told (on the loop) when a transaction is deferred and none was: it arranges a
+        # commit soon; None: no transaction is deferred
+        self.on_deferred: Callable[[], None] | None = None
         # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
         # names that do not exist, and this answers them without a query
         self._xattr_inodes: set[int] | None = None
@@ -222,6 +259,7 @@ class Meta:
         return m
 
     def close(self) -> None:
+        self.commit()
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
 
@@ -231,35 +269,115 @@ class Meta:
         self.db.execute("PRAGMA wal_autocheckpoint=0")
 
     def checkpoint(self) -> bool:
-        """Copy the WAL into the database and empty it; False if readers kept it from completing."""
+        """Copy the WAL into the database and empty it; False if readers kept it from completing,
+        or deferred transactions wait (committing them here would add frames to the WAL)."""
+        if self._open:
+            return False
         busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return not busy
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One mutation = one transaction. Nested use joins the outer one."""
+    def transaction(self, defer: bool = False) -> Iterator[sqlite3.Connection]:
+        """One mutation = one transaction. Nested use joins the outer one.
+
+        `defer`: commit it with the next transaction that commits, or at `commit`, which
+        `on_deferred` arranges for soon (docs/ARCHITECTURE.md, "Crash consistency"). Only for
+        changes no other work relies on being committed: no garbage, nothing deleted that a
+        committed row refers to. It is rolled back alone if it fails."""
         if self._in_tx:
             yield self.db
             return
-        self.db.execute("BEGIN")
+        defer = defer and self.on_deferred is not None and self._deferred < GROUP_MAX
+        self.db.execute("SAVEPOINT op" if self._open else "BEGIN")
         self._in_tx = True
+        noted = len(self._notes)
+        if defer:
+            self.db = _Noting(self.db, self._notes)
         try:
             yield self.db
+            if not defer and self._doomed:
+                for ino in sorted(self._doomed):
+                    self.delete_inode(ino)
             while self._pending_digest:
                 ino = next(iter(self._pending_digest))
                 self.update_inode(ino, digest=self._pending_digest[ino])
         except BaseException:
             self._in_tx = False
+            if defer:
+                self.db = self.db._db
+                del self._notes[noted:]
             self._rows.clear()
             self._verified.clear()
             self._pending_digest.clear()
-            self.db.execute("ROLLBACK")
+            if self._open:  # the deferred transactions before this one stay
+                self.db.execute("ROLLBACK TO op")
+                self.db.execute("RELEASE op")
+            else:
+                self.db.execute("ROLLBACK")
             raise
         self._in_tx = False
-        self.db.execute("COMMIT")
+        if defer:
+            self.db = self.db._db
+        if self._open:
+            self.db.execute("RELEASE op")
+        if defer:
+            self._deferred += 1
+            if not self._open:
+                self._open = True
+                self.on_deferred()
+            return
+        self._commit()
+
+    def _commit(self) -> None:
+        deferred = self._deferred
+        self._open = False
+        self._deferred = 0
+        try:
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            # SQLite rolls back a transaction whose commit failed for I/O or space; what this
+            # connection held in memory may be ahead of the database now
+            self._rows.clear()
+            self._verified.clear()
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if deferred:
+                self._redo(deferred, exc)
+            raise
+        self._notes.clear()
+        self._doomed.clear()
+        self.commit_failing = False
+
+    def _redo(self, deferred: int, exc: BaseException) -> None:
+        """Make the deferred transactions of a failed commit again, to be committed later:
+        their requests were answered, and written data may belong to the files they made.
+        (The transaction that failed to commit them fails alone, as it would have anyway.)"""
+        if not self.commit_failing:
+            log.error("committing %d metadata changes failed (%s): retried", deferred, exc)
+        self.commit_failing = True
+        self.db.execute("BEGIN")
+        try:
+            for sql, params in self._notes:
+                self.db.execute(sql, params)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._notes.clear()
+            log.critical("could not make %d metadata changes again: they are lost", deferred)
+            raise
+        self._open = True
+        self._deferred = deferred
+        if self.on_deferred is not None:
+            self.on_deferred()
+
+    def commit(self) -> None:
+        """Commit the deferred transactions and the deletions left for the next commit."""
+        if not self._in_tx and (self._open or self._doomed):
+            with self.transaction():
+                pass
 
     def sync(self) -> None:
-        """Make every committed transaction durable (fsync of the WAL). Blocking."""
+        """Make every committed transaction durable (fsync of the WAL). Blocking, so it may run in
+        a worker thread; deferred transactions are not committed ones (`commit` first, on the loop)."""
         wal = self.path + "-wal"
         try:
             fd = os.open(wal, os.O_RDONLY)
@@ -433,12 +551,21 @@ class Meta:
         """Remove an inode with everything it owns; its objects become garbage."""
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM blocks WHERE inode=?", (ino,))
-        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        if self._may_have_xattrs(ino):
+            self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
         self._rows.pop(ino, None)
         self._verified.discard(ino)
         self._pending_digest.pop(ino, None)
+
+    def delete_inode_soon(self, ino: int) -> None:
+        """`delete_inode` in the next transaction that commits (not a deferred one: its objects
+        become garbage, which must be committed before the collector sees it). An inode no entry,
+        kernel reference or handle uses is invisible, so it needs no commit of its own. A crash
+        before that commit leaves a row with no links, which the next mount deletes
+        (`orphan_inodes`)."""
+        self._doomed.add(ino)
 
     def orphan_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
@@ -474,10 +601,12 @@ class Meta:
         if mac is not None:
             self._adjust(parent, add=[mac])
 
-    def remove_entry(self, parent: int, name: bytes) -> None:
-        ino = self._entry_inode(parent, name) if self.key is not None else None
+    def remove_entry(self, parent: int, name: bytes, ino: int | None = None) -> None:
+        """`ino`: the entry's inode, when the caller looked the entry up (saves a query)."""
+        if ino is None and self.key is not None:
+            ino = self._entry_inode(parent, name)
         self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-        if ino is not None:
+        if ino is not None and self.key is not None:
             self._adjust(parent, sub=[self._entry_mac(parent, name, ino)])
 
     def move_entry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
@@ -672,9 +801,17 @@ class Meta:
                               (object_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
+    def _owns_nothing(self, ino: int) -> bool:
+        """Whether `ino` owns no rows, as its set digest says: one checked against its rows in
+        this mount (or made in it) and changed by this mount only since (no query)."""
+        if self.key is None or ino not in self._verified:
+            return False
+        row = self._row(ino)
+        return row is not None and self._digest(ino, row) == ma.ZERO
+
     def put_block(self, ref: BlockRef) -> BlockRef | None:
         """Point a block at a new object; the replaced object (if any) becomes garbage."""
-        old = self.block(ref.inode, ref.blockno)
+        old = None if self._owns_nothing(ref.inode) else self.block(ref.inode, ref.blockno)
         if old is not None:
             self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (old.object_id,))
         mac = None if self.key is None else block_mac(self.key, ref)

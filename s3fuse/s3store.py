@@ -486,6 +486,8 @@ class S3Mount:
     async def _ship_locked(self) -> None:
         self._started += 1
         mine = self._started
+        if self.meta is not None:
+            self.meta.commit()  # deferred transactions (Meta.transaction) are shipped too
         changes = self.meta.db.total_changes if self.meta is not None else 0
         self._check_writable("metadata journal record")
         try:

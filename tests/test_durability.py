@@ -133,6 +133,30 @@ def _check(m, expected):
         assert got == data, f"{name}: {len(got)} bytes, expected {len(data)} (content differs)"
 
 
+def test_namespace_changes_commit_within_moments_without_fsync(mounted):
+    """The FUSE requests' namespace changes are committed in groups (core.COMMIT_DELAY): a
+    kill -9 a moment later keeps them, fsync or not, and an unlink's inode deletion too."""
+    import time
+
+    m = mounted.mnt
+    os.mkdir(m / "dir")
+    (m / "dir" / "empty").touch()
+    os.symlink("empty", m / "dir" / "sym")
+    write_file(m / "gone", b"bye", fsync=True)
+    os.unlink(m / "gone")
+    time.sleep(1)
+    mounted.kill9()
+    mounted.start()
+    assert sorted(os.listdir(m / "dir")) == ["empty", "sym"]
+    assert os.readlink(m / "dir" / "sym") == "empty"
+    assert not (m / "gone").exists()
+    db = sqlite3.connect(mounted.store / "meta.db")
+    try:
+        assert db.execute("SELECT count(*) FROM inodes WHERE nlink=0").fetchone()[0] == 0
+    finally:
+        db.close()
+
+
 def test_clean_umount_flushes(mounted):
     expected = _write_unsynced(mounted.mnt, random.Random(22))
     mounted.unmount()

@@ -93,3 +93,114 @@ def test_a_checkpointed_wal_is_emptied_before_it_is_written_again(tmp_path):
     with m.transaction():  # the first write after the checkpoint restarts the WAL
         m.create_inode(stat.S_IFREG | 0o644, 0, 0, 1, time.time_ns())
     assert os.path.getsize(path + "-wal") < 16 * 4096
+
+
+def test_deferred_transactions_commit_together_and_fail_alone(tmp_path):
+    """A deferred transaction is seen at once on this connection, reaches the database file
+    only with the next transaction that commits (or `commit`), and a failing one rolls back
+    without the deferred ones before it."""
+    import os
+    import sqlite3
+
+    import pytest
+
+    from s3fuse.errors import S3fuseError
+
+    path = str(tmp_path / "m.db")
+    m = Meta.create(path, 0, 0, time.time_ns(), key=os.urandom(32))
+    told = []
+    m.on_deferred = lambda: told.append(1)
+    other = sqlite3.connect(path)
+
+    def committed_names() -> set[bytes]:
+        return {r[0] for r in other.execute("SELECT name FROM dentries")}
+
+    def make(name: bytes) -> int:
+        with m.transaction(defer=True):
+            row = m.create_inode(0o100644, 0, 0, 1, time.time_ns())
+            m.add_entry(1, name, row.id)
+        return row.id
+
+    a = make(b"a")
+    b = make(b"b")
+    assert told == [1]  # once per group
+    assert m.lookup(1, b"a") == a and m.lookup(1, b"b") == b
+    assert committed_names() == set()
+    assert not m.checkpoint()  # it would move frames of a transaction not yet committed
+
+    with pytest.raises(S3fuseError), m.transaction(defer=True):
+        m.add_entry(1, b"c", m.create_inode(0o100644, 0, 0, 1, time.time_ns()).id)
+        raise S3fuseError("refused", 5)
+    assert m.lookup(1, b"c") is None and m.lookup(1, b"a") == a
+
+    # an inode deleted "soon" goes with a transaction that commits, not with a deferred one
+    with m.transaction(defer=True):
+        m.remove_entry(1, b"b")
+        m.update_inode(b, nlink=0)
+    m.delete_inode_soon(b)
+    make(b"d")
+    assert m.inode(b) is not None
+    with m.transaction():  # an ordinary transaction commits the group
+        m.set_state("x", 1)
+    assert committed_names() == {b"a", b"d"}
+    assert m.inode(b) is None
+    assert other.execute("SELECT count(*) FROM inodes WHERE id=?", (b,)).fetchone()[0] == 0
+
+    make(b"e")
+    assert told == [1, 1]
+    m.commit()
+    assert committed_names() == {b"a", b"d", b"e"}
+    # every row still authenticates from a fresh connection
+    fresh = Meta(path, m.key)
+    assert fresh.lookup(1, b"e") is not None and fresh.lookup(1, b"a") == a
+
+
+def test_deferred_transactions_whose_commit_fails_are_made_again(tmp_path):
+    """A commit that fails (disk full: SQLite rolls the transaction back) loses no deferred
+    transaction: their requests were answered, so they are made again and committed later."""
+    import os
+    import sqlite3
+
+    import pytest
+
+    path = str(tmp_path / "m.db")
+    m = Meta.create(path, 0, 0, time.time_ns(), key=os.urandom(32))
+    told = []
+    m.on_deferred = lambda: told.append(1)
+
+    class FullDisk:
+        def __init__(self, db):
+            self._db = db
+            self.fail = 0
+
+        def execute(self, sql, params=()):
+            if sql == "COMMIT" and self.fail:
+                self.fail -= 1
+                self._db.execute("ROLLBACK")
+                raise sqlite3.OperationalError("database or disk is full")
+            return self._db.execute(sql, params)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+    m.db = disk = FullDisk(m.db)
+    made = {}
+    for name in (b"a", b"b", b"c"):
+        with m.transaction(defer=True):
+            row = m.create_inode(0o100644, 0, 0, 1, time.time_ns())
+            m.add_entry(1, name, row.id)
+            made[name] = row.id
+    with m.transaction(defer=True):
+        m.remove_entry(1, b"c")
+        m.update_inode(made[b"c"], nlink=0)
+    disk.fail = 1
+    with pytest.raises(sqlite3.OperationalError), m.transaction():  # e.g. the flusher's commit
+        m.set_state("x", 1)
+    assert m.commit_failing and len(told) == 2  # a retry was asked for
+    assert m.get_state("x") is None  # the transaction that failed to commit failed alone
+    assert m.lookup(1, b"a") == made[b"a"] and m.lookup(1, b"c") is None
+    m.commit()
+    assert not m.commit_failing
+    fresh = Meta(path, m.key)
+    assert fresh.lookup(1, b"a") == made[b"a"] and fresh.lookup(1, b"b") == made[b"b"]
+    assert fresh.lookup(1, b"c") is None and fresh.inode(made[b"c"]).nlink == 0

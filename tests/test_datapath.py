@@ -180,7 +180,8 @@ def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
         await data.flush(other, durable=True)
         data.released(other)
         data.forget_cached_keys()
-        await data.read(other, 0, 2 * BLOCK)
+        for off in (0, BLOCK):  # reads below readcache.STREAM_READ: their segments are kept
+            await data.read(other, off, BLOCK)
         assert data.status()["cache_bytes"] == 8 * SEGMENT
         data.opened(ino, writer=SYSTEM)
         payload = os.urandom(6 * BLOCK)
@@ -192,5 +193,27 @@ def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
             nursery.cancel_scope.cancel()
         assert data.status()["cache_bytes"] <= 8 * SEGMENT // 4
         assert await data.read(ino, 0, len(payload)) == payload
+
+    trio.run(main)
+
+
+def test_segments_a_large_read_took_whole_are_not_kept_in_the_cache(tmp_path):
+    """The kernel keeps what a large read returned in its page cache: the decrypted segments
+    such a read took whole leave the segment cache, so that streaming a file through it does
+    not fill the cache. Small reads still find theirs there."""
+    from s3fuse.data.readcache import STREAM_READ
+
+    async def main():
+        meta, data, ino = _store(tmp_path)
+        body = os.urandom(8 * BLOCK)
+        data.opened(ino, writer=SYSTEM)
+        await data.write(ino, 0, body)
+        await data.flush(ino, durable=True)
+        data.forget_cached_keys()
+        for off in range(0, len(body), STREAM_READ):
+            assert await data.read(ino, off, STREAM_READ) == body[off:off + STREAM_READ]
+        assert data.reads.cache.used == 0
+        assert await data.read(ino, 100, 10) == body[100:110]
+        assert data.reads.cache.used == SEGMENT
 
     trio.run(main)

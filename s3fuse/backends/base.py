@@ -34,8 +34,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
 
-    async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several ranges of one object; backends may do this in one round trip."""
+    async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | memoryview]:
+        """Several ranges of one object (bytes, or views of a buffer they share); backends may
+        do this in one round trip."""
         return [await self.get(key, off, n) for off, n in ranges]
 
     async def get_ranges_and(self, key: str, ranges: list[tuple[int, int]], transform):

@@ -35,6 +35,10 @@ PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a b
 # open(2) and sends its first read: the fetch's latency overlaps that round trip
 PREFETCH_ON_OPEN = 256 * 1024
 PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at once
+# Fetches of more than THREAD_THRESHOLD under way at once: each holds its ciphertext (up to a
+# block) until a crypto thread has decrypted it, and more than two per crypto thread (one
+# being read, one being decrypted) would only wait for one there, holding theirs meanwhile.
+LARGE_FETCHES = 4
 # A read this large is the kernel filling its page cache (its smallest read-ahead window):
 # the segments it reads whole are not kept (ReadCache.read_stored says why)
 STREAM_READ = 128 * 1024
@@ -91,6 +95,7 @@ class ReadCache:
         self.cache = SegmentCache(cache_limit)
         self.stats = stats
         self._fetching: dict[bytes, trio.Event] = {}  # objects being fetched for reads
+        self._large_fetches = trio.CapacityLimiter(LARGE_FETCHES)
         self._nursery: trio.Nursery | None = None  # set while `prefetcher` runs
         self._prefetches = 0  # background fetches under way
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache
@@ -351,7 +356,10 @@ class ReadCache:
                              grant: WriteGrant | None = None) -> list[bytes]:
         """Segments first..last of a stored block, fetched and authenticated."""
         try:
-            return await self._fetch_segments_of(ref, first, last, who, grant)
+            if (last - first + 1) * self.segment_size <= THREAD_THRESHOLD:
+                return await self._fetch_segments_of(ref, first, last, who, grant)
+            async with self._large_fetches:
+                return await self._fetch_segments_of(ref, first, last, who, grant)
         except BackendError as exc:  # the store failed (integrity errors are logged as such)
             if not _SPECULATIVE.get():
                 log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,

@@ -103,6 +103,32 @@ def test_the_local_store_keeps_exact_bytes_of_objects_written_directly_or_not(tm
     assert os.listdir(os.path.join(root, ".tmp")) == []
 
 
+def test_a_large_object_is_written_from_the_buffer_the_store_gave_for_it(tmp_path):
+    """`LocalBackend.buffer` gives a large object page-aligned memory of its own, which the
+    put writes with O_DIRECT as it is (no DirectWriter buffer taken); the object reads back
+    byte for byte, and a small object's buffer is a plain bytearray."""
+    from s3fuse.backends.local import DIRECT_MIN
+
+    root = str(tmp_path / "objects")
+    LocalBackend.create(root)
+    backend = LocalBackend(root)
+    assert isinstance(backend.buffer(DIRECT_MIN - 1), bytearray)
+    size = (4 << 20) + 1234
+    body = os.urandom(size)
+    buf = backend.buffer(size)
+    buf[:] = body
+    taken = []
+    backend._direct.write = lambda *args: taken.append(args) or False  # the copying path
+
+    async def main():
+        await backend.put("ab" * 16, buf)
+        assert await backend.get("ab" * 16) == body
+
+    trio.run(main)
+    # unless this filesystem refuses O_DIRECT (then the put wrote the usual way)
+    assert (not taken and backend.stats["direct_puts"] == 1) or not backend._direct.ok
+
+
 def test_deleted_objects_are_recycled_for_later_puts(tmp_path, monkeypatch):
     """A deleted object's file leaves the object namespace at once and is emptied (no
     ciphertext stays behind); a later put writes into that same inode instead of allocating

@@ -95,6 +95,11 @@ class Backend(abc.ABC):
         and without failing (a failed prefetch leaves the read to fetch it). Default: nothing."""
         return None
 
+    def buffer(self, size: int) -> bytearray | memoryview:
+        """Writable memory of `size` bytes for an object that will be put whole (the codec
+        encrypts straight into it). Default: a bytearray."""
+        return bytearray(size)
+
     def try_get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         """The ranges at once if they are already in memory, without blocking; else None, and
         the caller uses `get_ranges`. Default: None."""

@@ -10,6 +10,7 @@ no inode freeing, on any filesystem. RocksDB recycles its log files for the same
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from ..errors import BackendError
 from ..util import syncfs
 from ..workers import WorkerPool
 from .base import Backend, NoSuchObject
-from .direct import DirectWriter
+from .direct import DirectWriter, aligned_buffer
 
 # Objects this large are written with O_DIRECT (see direct.py). Small ones are not: a direct
 # write waits for the disk, and a batch of small files is better served by buffered writes
@@ -93,6 +94,11 @@ class LocalBackend(Backend):
         tmp = os.path.join(self._tmp, key)
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         size = sum(len(p) for p in parts)
+        if size >= DIRECT_MIN and isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap) \
+                and self._direct.write_aligned(tmp, data.obj, size):
+            self._stats["direct_puts"] += 1
+            os.rename(tmp, self._path(key))
+            return
         if size >= DIRECT_MIN and self._direct.write(tmp, parts, size):
             self._stats["direct_puts"] += 1
             os.rename(tmp, self._path(key))
@@ -143,6 +149,15 @@ class LocalBackend(Backend):
                 tail = memoryview(b"".join(chunk))[done:]
                 while tail:
                     tail = tail[os.write(fd, tail) :]
+
+    def buffer(self, size: int) -> bytearray | memoryview:
+        """An object of DIRECT_MIN bytes or more is encrypted into page-aligned memory of its
+        own, which its put writes with O_DIRECT as it is: no copy into a DirectWriter buffer,
+        and the memory goes back to the kernel once the put is done, rather than staying in
+        the heap among the write-back buffers (which it would fragment)."""
+        if size < DIRECT_MIN or not self._direct.ok:
+            return bytearray(size)
+        return aligned_buffer(size)
 
     async def put(self, key: str, data: bytes | list[bytes]) -> None:
         await self._run(self._put, key, data)

@@ -63,7 +63,7 @@ class DataStore:
         # while as many more wait their turn
         self.wb = WriteBack(block_size, dirty_limit, flush_delay, stream_blocks=2 * backend.store_concurrency)
         self.codec = ObjectCodec(keys, store_id, segment_size, WorkerPool(crypto_threads, "s3fuse-crypto"),
-                                 meta.path_of, meta.key_slot_of)
+                                 meta.path_of, meta.key_slot_of, backend.buffer)
         self.reads = ReadCache(meta, backend, self.codec, self.wb, block_size, segment_size, cache_limit,
                                self.stats)
         self.collect = Collector(meta, backend, self.codec)

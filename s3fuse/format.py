@@ -178,19 +178,20 @@ def encrypt_object_buffer(
     data_key: bytes,
     plaintext: bytes | bytearray | memoryview,
     random: RandomSource = os.urandom,
-) -> tuple[bytearray, int]:
+    alloc: Callable[[int], bytearray | memoryview] = bytearray,
+) -> tuple[bytearray | memoryview, int]:
     """The object in one buffer, each segment encrypted straight into its place, and the
     header's length. The same bytes as `encrypt_object`, without a buffer per segment or the
     join: for a 4 MiB block that is 64 allocations and a 4 MiB copy fewer, and a bytearray
     is what the S3 client sends with one `sendall` (bytes it would wrap in a file object
-    and send in 16 KiB reads)."""
+    and send in 16 KiB reads). `alloc` makes the buffer (a backend's `buffer`)."""
     if len(plaintext) != header.length:
         raise ValueError("plaintext length does not match the header")
     keys = derive_object_keys(data_key, header.object_id)
     head = encode_header(header, keys)
     size = header.segment_size
     count = header.segment_count
-    out = bytearray(object_size(len(head), size, header.length))
+    out = alloc(object_size(len(head), size, header.length))
     out[: len(head)] = head
     src, dst = memoryview(plaintext), memoryview(out)
     pos = len(head)

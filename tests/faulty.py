@@ -142,6 +142,9 @@ class FaultyBackend(Backend):
     def store_concurrency(self) -> int:  # type: ignore[override]
         return self.inner.store_concurrency
 
+    def buffer(self, size: int):
+        return self.inner.buffer(size)
+
     @property
     def fetches_whole_objects(self) -> bool:
         return self.inner.fetches_whole_objects

@@ -4,6 +4,7 @@ real crypto."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -27,13 +28,13 @@ def _file(meta: Meta, name: bytes) -> int:
     return row.id
 
 
-def _store(tmp_path, **limits) -> tuple[Meta, DataStore, int]:
+def _store(tmp_path, block: int = BLOCK, **limits) -> tuple[Meta, DataStore, int]:
     objects = tmp_path / "objects"
     LocalBackend.create(str(objects))
     meta = Meta.create(str(tmp_path / "meta.db"), 0, 0, time.time_ns())
     store_id = os.urandom(16)
     data = DataStore(meta, LocalBackend(str(objects)), KeyManager(store_id, Keyring.new()), store_id,
-                     BLOCK, SEGMENT, **limits)
+                     block, SEGMENT, **limits)
     return meta, data, _file(meta, b"f")
 
 
@@ -100,6 +101,32 @@ def test_the_local_store_keeps_exact_bytes_of_objects_written_directly_or_not(tm
     assert backend.stats["direct_puts"] == (large if backend._direct.ok else 0)
     assert large == 4
     assert os.listdir(os.path.join(root, ".tmp")) == []
+
+
+def test_a_large_object_is_written_from_the_buffer_the_store_gave_for_it(tmp_path):
+    """`LocalBackend.buffer` gives a large object page-aligned memory of its own, which the
+    put writes with O_DIRECT as it is (no DirectWriter buffer taken); the object reads back
+    byte for byte, and a small object's buffer is a plain bytearray."""
+    from s3fuse.backends.local import DIRECT_MIN
+
+    root = str(tmp_path / "objects")
+    LocalBackend.create(root)
+    backend = LocalBackend(root)
+    assert isinstance(backend.buffer(DIRECT_MIN - 1), bytearray)
+    size = (4 << 20) + 1234
+    body = os.urandom(size)
+    buf = backend.buffer(size)
+    buf[:] = body
+    taken = []
+    backend._direct.write = lambda *args: taken.append(args) or False  # the copying path
+
+    async def main():
+        await backend.put("ab" * 16, buf)
+        assert await backend.get("ab" * 16) == body
+
+    trio.run(main)
+    # unless this filesystem refuses O_DIRECT (then the put wrote the usual way)
+    assert (not taken and backend.stats["direct_puts"] == 1) or not backend._direct.ok
 
 
 def test_deleted_objects_are_recycled_for_later_puts(tmp_path, monkeypatch):
@@ -180,7 +207,8 @@ def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
         await data.flush(other, durable=True)
         data.released(other)
         data.forget_cached_keys()
-        await data.read(other, 0, 2 * BLOCK)
+        for off in (0, BLOCK):  # reads below readcache.STREAM_READ: their segments are kept
+            await data.read(other, off, BLOCK)
         assert data.status()["cache_bytes"] == 8 * SEGMENT
         data.opened(ino, writer=SYSTEM)
         payload = os.urandom(6 * BLOCK)
@@ -192,5 +220,114 @@ def test_a_writer_waiting_for_buffer_space_shrinks_the_segment_cache(tmp_path):
             nursery.cancel_scope.cancel()
         assert data.status()["cache_bytes"] <= 8 * SEGMENT // 4
         assert await data.read(ino, 0, len(payload)) == payload
+
+    trio.run(main)
+
+
+def test_segments_a_large_read_took_whole_are_not_kept_in_the_cache(tmp_path):
+    """The kernel keeps what a large read returned in its page cache: the decrypted segments
+    such a read took whole leave the segment cache, so that streaming a file through it does
+    not fill the cache. Small reads still find theirs there."""
+    from s3fuse.data.readcache import STREAM_READ
+
+    async def main():
+        meta, data, ino = _store(tmp_path)
+        body = os.urandom(8 * BLOCK)
+        data.opened(ino, writer=SYSTEM)
+        await data.write(ino, 0, body)
+        await data.flush(ino, durable=True)
+        data.forget_cached_keys()
+        for off in range(0, len(body), STREAM_READ):
+            assert await data.read(ino, off, STREAM_READ) == body[off:off + STREAM_READ]
+        assert data.reads.cache.used == 0
+        assert await data.read(ino, 100, 10) == body[100:110]
+        assert data.reads.cache.used == SEGMENT
+
+    trio.run(main)
+
+
+BIG = 512 * 1024  # blocks above codec.THREAD_THRESHOLD: each is stored on its own
+
+
+async def _until(check, what: str) -> None:
+    with trio.fail_after(10):
+        while not check():
+            await trio.sleep(0.01)
+
+
+def test_a_streaming_writers_blocks_leave_the_buffer_as_they_are_stored_in_block_order(tmp_path):
+    """A batch of a sequential writer's full blocks frees each block once it and every block
+    before it are stored, not when the whole batch is done: the writer waiting for room goes on
+    at once. A block stored ahead of one still being stored stays until that one is."""
+
+    async def main():
+        meta, data, ino = _store(tmp_path, block=BIG)
+        data.opened(ino, writer=SYSTEM)
+        body = os.urandom(3 * BIG)
+        await data.write(ino, 0, body)  # three full blocks
+        fs = data.wb.get(ino)
+        gate = trio.Event()
+        store = data.flushing.store_snapshot
+
+        async def held(ino_, blockno, *args):
+            if blockno == 1:
+                await gate.wait()
+            return await store(ino_, blockno, *args)
+
+        data.flushing.store_snapshot = held
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(data.store_full_blocks, ino)
+            await _until(lambda: 0 not in fs.blocks, "block 0 to leave the buffer")
+            assert data.wb.pending_ref(ino, 0)[0] and data.dirty_bytes == 2 * BIG
+            await _until(lambda: data.stats["objects_put"] == 2, "block 2 to be stored")
+            assert set(fs.blocks) == {1, 2}  # block 2 waits for block 1
+            gate.set()
+        assert not fs.blocks and data.dirty_bytes == 0
+        await data.flush(ino, durable=True)
+        data.forget_cached_keys()
+        assert await data.read(ino, 0, len(body)) == body
+
+    trio.run(main)
+
+
+def test_a_block_released_early_survives_the_failure_of_a_later_block_of_its_batch(tmp_path):
+    """Block 1 of a streaming batch fails to store: block 0, released already, stays stored
+    and pending (not garbage), blocks 1 and 2 stay in memory, and once stored the file reads
+    back whole."""
+    from s3fuse.errors import BackendError
+
+    async def main():
+        meta, data, ino = _store(tmp_path, block=BIG)
+        data.opened(ino, writer=SYSTEM)
+        body = os.urandom(3 * BIG)
+        await data.write(ino, 0, body)
+        fs = data.wb.get(ino)
+        store = data.flushing.store_snapshot
+        first_done = trio.Event()
+
+        async def failing(ino_, blockno, *args):
+            if blockno == 0:
+                ref = await store(ino_, blockno, *args)
+                first_done.set()
+                return ref
+            await first_done.wait()
+            await trio.sleep(0.05)  # block 0 is released by now
+            if blockno == 1:
+                raise BackendError("injected", errno.EIO)
+            return await store(ino_, blockno, *args)
+
+        data.flushing.store_snapshot = failing
+        try:
+            await data.store_full_blocks(ino)
+            raise AssertionError("the failure of block 1 was not reported")
+        except BackendError:
+            pass
+        assert set(fs.blocks) == {1, 2} and data.wb.pending_ref(ino, 0)[0]
+        data.flushing.store_snapshot = store
+        await data.collect_garbage()  # block 2's object is garbage; block 0's is not
+        await data.flush(ino, durable=True)
+        data.forget_cached_keys()
+        assert await data.read(ino, 0, len(body)) == body
+        assert data.stats["integrity_errors"] == 0
 
     trio.run(main)

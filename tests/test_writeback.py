@@ -73,6 +73,25 @@ def test_writes_fill_blocks_and_a_full_block_is_worth_storing_at_once():
     assert _write(wb, fs, 32, b"c") == [] and not fs.blocks[2].sealed
 
 
+def test_a_streaming_writer_waits_once_it_holds_its_share_of_full_blocks():
+    """Full blocks of a sequential writer only wait for the store: past `stream_blocks` of
+    them the writer waits, though the buffer has room, while overwrites of what it holds and
+    other files' writes go on."""
+    wb = WriteBack(BS, 64 * BS, 2.0, stream_blocks=3)
+    fs, other = _file(wb, 1), _file(wb, 2)
+    assert _write(wb, fs, 0, b"s" * (2 * BS)) == [0, 1]
+    assert not wb.must_wait(fs, 2 * BS, BS)
+    assert _write(wb, fs, 2 * BS, b"s" * BS) == [2]
+    assert wb.must_wait(fs, 3 * BS, 1)  # a fourth block would exceed its share
+    assert not wb.must_wait(fs, 0, BS)  # rewriting a block it holds adds nothing
+    assert not wb.must_wait(other, 0, BS)
+    fs.error = errno.EIO  # its store failed: a wait would end in a refusal, and the kernel drops refused pages
+    assert not wb.must_wait(fs, 3 * BS, 1)
+    fs.error = 0
+    _stored(wb, [fs], only_full=True)  # the store took them
+    assert not wb.must_wait(fs, 3 * BS, 1)
+
+
 def test_the_flusher_takes_closed_files_then_full_blocks_then_the_largest_under_pressure():
     wb = _wb(limit=6 * BS)
     idle = _file(wb, 1)

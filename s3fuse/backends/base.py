@@ -45,8 +45,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
 
-    async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Several ranges of one object; backends may do this in one round trip."""
+    async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | memoryview]:
+        """Several ranges of one object (bytes, or views of a buffer they share); backends may
+        do this in one round trip."""
         return [await self.get(key, off, n) for off, n in ranges]
 
     async def get_ranges_and(self, key: str, ranges: list[tuple[int, int]], transform):
@@ -104,6 +105,11 @@ class Backend(abc.ABC):
         """Start bringing an object a sequential reader will want soon closer, without waiting
         and without failing (a failed prefetch leaves the read to fetch it). Default: nothing."""
         return None
+
+    def buffer(self, size: int) -> bytearray | memoryview:
+        """Writable memory of `size` bytes for an object that will be put whole (the codec
+        encrypts straight into it). Default: a bytearray."""
+        return bytearray(size)
 
     def try_get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         """The ranges at once if they are already in memory, without blocking; else None, and

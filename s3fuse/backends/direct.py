@@ -51,30 +51,43 @@ class DirectWriter:
             for p in parts:
                 buf[pos:pos + len(p)] = p
                 pos += len(p)
-            padded = -(-size // BLOCK) * BLOCK  # whole blocks; the tail is cut off below
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, mode)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.ok = False
-                return False
-            try:
-                view = memoryview(buf)[:padded]
-                done = 0
-                while done < padded:
-                    done += os.write(fd, view[done:])
-                os.ftruncate(fd, size)
-            except OSError as exc:
-                os.close(fd)
-                os.unlink(path)
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.ok = False
-                return False
-            os.close(fd)
-            self.writes += 1
-            return True
+            return self.write_aligned(path, buf, size, mode)
         finally:
             with self._lock:
                 self._free.append(buf)
+
+    def write_aligned(self, path: str, buf: mmap.mmap, size: int, mode: int = 0o600) -> bool:
+        """Create `path` holding the first `size` bytes of `buf`, page-aligned memory of at
+        least `size` rounded up to whole blocks (`aligned_buffer`), written as it is."""
+        if not self.ok:
+            return False
+        padded = -(-size // BLOCK) * BLOCK  # whole blocks; the tail is cut off below
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, mode)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.ok = False
+            return False
+        try:
+            view = memoryview(buf)[:padded]
+            done = 0
+            while done < padded:
+                done += os.write(fd, view[done:])
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            if exc.errno != errno.EINVAL:
+                raise
+            self.ok = False
+            return False
+        os.close(fd)
+        self.writes += 1
+        return True
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """`size` bytes of page-aligned memory of their own (whole blocks of it, for
+    `DirectWriter.write_aligned`), returned to the kernel when the last view of it goes."""
+    return memoryview(mmap.mmap(-1, -(-size // BLOCK) * BLOCK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))[:size]

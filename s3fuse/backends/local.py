@@ -10,6 +10,7 @@ no inode freeing, on any filesystem. RocksDB recycles its log files for the same
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from ..errors import BackendError
 from ..util import syncfs
 from ..workers import WorkerPool
 from .base import BarrierFailed, Backend, NoSuchObject
-from .direct import DirectWriter
+from .direct import DirectWriter, aligned_buffer
 
 # Objects this large are written with O_DIRECT (see direct.py). Small ones are not: a direct
 # write waits for the disk, and a batch of small files is better served by buffered writes
@@ -93,6 +94,11 @@ class LocalBackend(Backend):
         tmp = os.path.join(self._tmp, key)
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         size = sum(len(p) for p in parts)
+        if size >= DIRECT_MIN and isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap) \
+                and self._direct.write_aligned(tmp, data.obj, size):
+            self._stats["direct_puts"] += 1
+            os.rename(tmp, self._path(key))
+            return
         if size >= DIRECT_MIN and self._direct.write(tmp, parts, size):
             self._stats["direct_puts"] += 1
             os.rename(tmp, self._path(key))
@@ -144,6 +150,15 @@ class LocalBackend(Backend):
                 while tail:
                     tail = tail[os.write(fd, tail) :]
 
+    def buffer(self, size: int) -> bytearray | memoryview:
+        """An object of DIRECT_MIN bytes or more is encrypted into page-aligned memory of its
+        own, which its put writes with O_DIRECT as it is: no copy into a DirectWriter buffer,
+        and the memory goes back to the kernel once the put is done, rather than staying in
+        the heap among the write-back buffers (which it would fragment)."""
+        if size < DIRECT_MIN or not self._direct.ok:
+            return bytearray(size)
+        return aligned_buffer(size)
+
     async def put(self, key: str, data: bytes | list[bytes]) -> None:
         await self._run(self._put, key, data)
 
@@ -164,15 +179,16 @@ class LocalBackend(Backend):
         elif sync:
             await self.sync()
 
-    def _get_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes]:
+    def _get_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes | memoryview]:
         fd = os.open(self._path(key), os.O_RDONLY)
         try:
             if len(ranges) == 2 and ranges[0][1] is not None and ranges[0][0] + ranges[0][1] == ranges[1][0] \
                     and ranges[1][1] is not None:
-                # a header and the segments right after it: one read (one system call less)
+                # a header and the segments right after it: one read (one system call less);
+                # the segments as a view of it, not a copy of up to a whole block
                 (off, n), (_, m) = ranges
                 both = os.pread(fd, n + m, off)
-                return [both[:n], both[n:]]
+                return [both[:n], memoryview(both)[n:]]
             out = []
             for off, n in ranges:
                 if n is None:
@@ -185,7 +201,7 @@ class LocalBackend(Backend):
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return (await self._run(self._get_ranges, key, [(offset, length)]))[0]
 
-    async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | memoryview]:
         out = await self._run(self._get_ranges, key, ranges)
         self._remember_fd(key)
         return out

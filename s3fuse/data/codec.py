@@ -90,8 +90,10 @@ class ObjectCodec:
     and keys of recently read objects (memory only)."""
 
     def __init__(self, keys: KeyManager, store_id: bytes, segment_size: int, crypto: WorkerPool,
-                 path_of: Callable[[int], str], key_now: Callable[[bytes], tuple[int, bytes] | None]) -> None:
+                 path_of: Callable[[int], str], key_now: Callable[[bytes], tuple[int, bytes] | None],
+                 alloc: Callable[[int], bytearray | memoryview] = bytearray) -> None:
         self.keys = keys
+        self.alloc = alloc  # memory for a large object's bytes (Backend.buffer)
         self.store_id = store_id
         self.segment_size = segment_size
         self.crypto = crypto
@@ -126,12 +128,13 @@ class ObjectCodec:
                                 wrapped.key_ref, self.segment_size, length)
 
     async def seal(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller,
-                   grant: WriteGrant | None = None) -> tuple[bytes, BlockRef]:
+                   grant: WriteGrant | None = None) -> tuple[bytearray | memoryview, BlockRef]:
         """An object for one block: -> its bytes and its block-map row. Encryption runs in a
         worker thread when the block is large."""
         header, data_key, wrapped = await self.new_object(ino, blockno, len(data), policy, who, grant)
         if len(data) > THREAD_THRESHOLD:
-            blob, header_len = await self.crypto.run(fmt.encrypt_object_buffer, header, data_key, data)
+            blob, header_len = await self.crypto.run(fmt.encrypt_object_buffer, header, data_key, data,
+                                                     os.urandom, self.alloc)
         else:
             blob, header_len = fmt.encrypt_object_buffer(header, data_key, data)
         return blob, block_ref(header, wrapped, header_len)

@@ -59,9 +59,11 @@ class DataStore:
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
                       "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
                       "blocks_read_ahead": 0}
-        self.wb = WriteBack(block_size, dirty_limit, flush_delay)
+        # enough full blocks of a streaming writer to keep the store's concurrent puts busy
+        # while as many more wait their turn
+        self.wb = WriteBack(block_size, dirty_limit, flush_delay, stream_blocks=2 * backend.store_concurrency)
         self.codec = ObjectCodec(keys, store_id, segment_size, WorkerPool(crypto_threads, "s3fuse-crypto"),
-                                 meta.path_of, meta.key_slot_of)
+                                 meta.path_of, meta.key_slot_of, backend.buffer)
         self.reads = ReadCache(meta, backend, self.codec, self.wb, block_size, segment_size, cache_limit,
                                self.stats)
         self.collect = Collector(meta, backend, self.codec)
@@ -295,6 +297,7 @@ class DataStore:
         # once), which is what a stop may have to keep in the recovery area's reserve.
         deadline = trio.current_time() if self.wb.starved else None
         while self.wb.must_wait(fs, off, len(buf)):
+            for_room = self.wb.over_limit(fs, off, len(buf))  # not only the file's own full blocks
             # A writer the store cannot keep up with: plaintext kept for readers gives way
             # (a quarter stays), so that the daemon's memory is what the write-back buffer
             # holds rather than both at their limits.
@@ -304,15 +307,16 @@ class DataStore:
             if deadline is None:
                 deadline = trio.current_time() + self.space_wait
             await self.flushing.wait_for_space(deadline)
-            if fs.error:  # its data could not be stored: say so now rather than wait forever
+            if fs.error and for_room:  # its data could not be stored: say so now rather than wait forever
                 raise S3fuseError("write-back of this file failed", self.take_error(ino))
-            if trio.current_time() >= deadline and \
-                    self.wb.dirty_bytes + self.wb.growth(fs, off, len(buf)) > self.wb.dirty_limit:
-                # the buffer is held by data the store refuses: this write is not accepted,
-                # and later writers hear so without waiting, until a store frees space
-                self.wb.starved = True
-                raise S3fuseError("the write-back buffer is full of data that cannot be stored yet",
-                                  errno.ENOSPC)
+            if trio.current_time() >= deadline:
+                if self.wb.dirty_bytes + self.wb.growth(fs, off, len(buf)) > self.wb.dirty_limit:
+                    # the buffer is held by data the store refuses: this write is not accepted,
+                    # and later writers hear so without waiting, until a store frees space
+                    self.wb.starved = True
+                    raise S3fuseError("the write-back buffer is full of data that cannot be stored yet",
+                                      errno.ENOSPC)
+                break  # only its own full blocks held it back, and there is room: it is accepted
         view = memoryview(buf)
         pos = off
         bs = self.block_size

@@ -14,6 +14,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 
@@ -38,6 +39,16 @@ IDLE_LOOK = 0.5  # s: the flusher looks for idle files at least this often
 Stored = tuple[tuple[int, int], int, BlockRef | None]  # (inode, block), version stored, its row
 
 
+@dataclass
+class _Early:
+    """A streaming batch's blocks released as they are stored (Flusher._release_stored)."""
+
+    jobs: list[tuple[FileState, int, Block]]  # the batch's jobs and outcomes: a released block leaves them
+    done: list[Stored]
+    order: dict[int, list[int]]  # per inode, the blocks not yet released, in block order
+    stored: dict[tuple[int, int], tuple[Stored, Block]] = field(default_factory=dict)  # stored, not yet released
+
+
 class Flusher:
     def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec, wb: WriteBack, collector: Collector,
                  stats: dict[str, int], describe: Callable[[int], str]) -> None:
@@ -53,6 +64,7 @@ class Flusher:
         self._store_limiter = trio.CapacityLimiter(backend.store_concurrency)
         self._kick = trio.Event()
         self._space = trio.Event()
+        self._waiting = 0  # writers waiting for buffer space: no reason to delay a store
         # objects a batch puts, by inode, even one whose put is cancelled: garbage if it fails
         self._attempted: dict[int, list[bytes]] = {}
         # set while mounted: told of inodes whose attributes changed without a kernel request
@@ -73,8 +85,12 @@ class Flusher:
         """Until a store frees buffer space (or fails), or `deadline` (trio clock)."""
         if self._space.is_set():
             self._space = trio.Event()
-        with trio.move_on_at(deadline):
-            await self._space.wait()
+        self._waiting += 1
+        try:
+            with trio.move_on_at(deadline):
+                await self._space.wait()
+        finally:
+            self._waiting -= 1
 
     # ------------------------------------------------------------------ background
     async def run(self) -> None:
@@ -83,7 +99,7 @@ class Flusher:
         while True:
             with trio.move_on_after(IDLE_LOOK):
                 await self._kick.wait()
-            if not self.wb.pressure() and not backlog:
+            if not self.wb.pressure() and not backlog and not self._waiting:
                 await trio.sleep(BATCH_DELAY if self.wb.sealed_waiting else CLOSE_BATCH_DELAY)
             self._kick = trio.Event()
             choice = self.wb.choose(time.monotonic())
@@ -152,24 +168,34 @@ class Flusher:
         self._attempted = {}  # every object this batch puts, even one whose put is cancelled
         self._synced = False  # the small objects' put ended with the sync barrier (_put_small)
         large = False
+        # A streaming writer's full blocks leave the buffer one by one as they are stored
+        # (`_release_stored`), not when the whole batch is: the writer waiting for room goes
+        # on at once, so a few blocks in memory keep the store busy.
+        early = _Early(jobs, done, {}) if only_full and not durable else None
         try:
             try:
                 async with trio.open_nursery() as nursery:
                     for fs in files:
                         try:
-                            for blockno, blk in self.wb.jobs(fs, only_full):
+                            file_jobs = self.wb.jobs(fs, only_full)
+                            if early is not None:
+                                early.order[fs.ino] = sorted(blockno for blockno, _ in file_jobs)
+                            for blockno, blk in file_jobs:
                                 jobs.append((fs, blockno, blk))
                                 if len(blk.data) <= THREAD_THRESHOLD and not self.codec.remote_key(fs.policy):
                                     done.append(await self._seal_small(fs, blockno, blk, small.setdefault(fs.ino, [])))
                                 else:
                                     large = True
-                                    nursery.start_soon(self._store_block_of, fs, blockno, blk, done, failed)
+                                    nursery.start_soon(self._store_block_of, fs, blockno, blk, done, failed, early)
+                            # a block released early must not stay alive through these names
+                            file_jobs = blk = None
                         except S3fuseError as exc:  # its key: this file's failure only
                             failed.setdefault(fs.ino, exc)
                     if small:
-                        # with no other object in this batch, the barrier can follow the
-                        # small ones in the same thread hand-off
-                        nursery.start_soon(self._put_small, small, failed, not large)
+                        # with no other object in this batch, the barrier that its commit
+                        # needs can follow the small ones in the same thread hand-off
+                        commits = not (only_full and not durable)
+                        nursery.start_soon(self._put_small, small, failed, commits and not large)
             except BaseExceptionGroup as group:
                 raise one_error(group, S3fuseError) from None  # one backend failure, not a group, for the callers
             refs = {key: ref for key, _, ref in done}
@@ -205,12 +231,36 @@ class Flusher:
         return (fs.ino, blockno), version, self._counted(ref, len(blob))
 
     async def _store_block_of(self, fs: FileState, blockno: int, blk: Block, done: list[Stored],
-                              failed: dict[int, S3fuseError]) -> None:
+                              failed: dict[int, S3fuseError], early: _Early | None) -> None:
         """`_store_block`, its failure recorded as this file's own."""
         try:
-            done.append(await self._store_block(fs, blockno, blk))
+            stored = await self._store_block(fs, blockno, blk)
         except S3fuseError as exc:
             failed.setdefault(fs.ino, exc)
+            return
+        done.append(stored)
+        if early is not None:
+            early.stored[stored[0]] = (stored, blk)
+            self._release_stored(fs, early)
+
+    def _release_stored(self, fs: FileState, early: _Early) -> None:
+        """Defer the commit of `fs`'s stored blocks and drop them from the buffer, in block
+        order and only as far as every earlier block of the batch is stored: a failure of one
+        leaves the blocks after it dirty, so what is committed later is still a prefix of what
+        the writer wrote. A released block is no longer the batch's: neither its outcome nor,
+        should the file fail later, garbage."""
+        order = early.order[fs.ino]
+        while order and (fs.ino, order[0]) in early.stored:
+            key = (fs.ino, order.pop(0))
+            stored, blk = early.stored.pop(key)
+            _, version, ref = stored
+            self._garbage(self.wb.defer([fs], {key: ref}, time.monotonic()), kick=False)
+            self.wb.release(fs, key[1], blk, version)
+            early.done.remove(stored)
+            early.jobs.remove((fs, key[1], blk))
+            if ref is not None:
+                self._attempted[fs.ino].remove(ref.object_id)
+            self._space.set()
 
     async def _store_block(self, fs: FileState, blockno: int, blk: Block) -> Stored:
         # The limiter bounds the buffers in flight (snapshot + ciphertext) to a few blocks.

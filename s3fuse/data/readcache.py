@@ -35,6 +35,13 @@ PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a b
 # open(2) and sends its first read: the fetch's latency overlaps that round trip
 PREFETCH_ON_OPEN = 256 * 1024
 PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at once
+# Fetches of more than THREAD_THRESHOLD under way at once: each holds its ciphertext (up to a
+# block) until a crypto thread has decrypted it, and more than two per crypto thread (one
+# being read, one being decrypted) would only wait for one there, holding theirs meanwhile.
+LARGE_FETCHES = 4
+# A read this large is the kernel filling its page cache (its smallest read-ahead window):
+# the segments it reads whole are not kept (ReadCache.read_stored says why)
+STREAM_READ = 128 * 1024
 
 
 class SegmentCache:
@@ -60,6 +67,11 @@ class SegmentCache:
         self.used += len(value)
         self.shrink_to(self.limit)
 
+    def discard(self, key: tuple[tuple[bytes, int, int], int]) -> None:
+        value = self._items.pop(key, None)
+        if value is not None:
+            self.used -= len(value)
+
     def shrink_to(self, size: int) -> None:
         """Evict the least recently used segments until at most `size` bytes are held."""
         while self.used > size and self._items:
@@ -83,6 +95,7 @@ class ReadCache:
         self.cache = SegmentCache(cache_limit)
         self.stats = stats
         self._fetching: dict[bytes, trio.Event] = {}  # objects being fetched for reads
+        self._large_fetches = trio.CapacityLimiter(LARGE_FETCHES)
         self._nursery: trio.Nursery | None = None  # set while `prefetcher` runs
         self._prefetches = 0  # background fetches under way
         # set while mounted: hands the rest of a fetched segment to the kernel's page cache
@@ -236,7 +249,7 @@ class ReadCache:
                 if ref is None:
                     chunk = b""
                 else:
-                    chunk = await self.read_stored(ref, boff, n, sequential, who, push)
+                    chunk = await self.read_stored(ref, boff, n, sequential, who, push, size >= STREAM_READ)
             if len(chunk) < n:
                 chunk += bytes(n - len(chunk))
             parts.append(chunk)
@@ -244,8 +257,9 @@ class ReadCache:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller,
-                          push: tuple[FileState, int, int, int] | None = None) -> bytes:
-        """Bytes [boff, boff+n) of a stored block, clipped to its valid length."""
+                          push: tuple[FileState, int, int, int] | None = None, use_once: bool = False) -> bytes:
+        """Bytes [boff, boff+n) of a stored block, clipped to its valid length. With
+        `use_once`, the segments read whole leave the cache (or do not enter it)."""
         stop = min(boff + n, ref.length)
         if boff >= stop:
             return b""
@@ -255,10 +269,25 @@ class ReadCache:
         # object: a block-map row pointed at another file's object must not find its plaintext
         ident = (ref.object_id, ref.inode, ref.blockno)
         segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
+        waited = False
         while any(s is None for s in segs) and ref.object_id in self._fetching:
             # another request is fetching this object (read-ahead): wait, then look again
             await self._fetching[ref.object_id].wait()
+            waited = True
             segs = [self.cache.get((ident, i)) for i in range(first, last + 1)]
+        if waited and _SPECULATIVE.get() and any(s is None for s in segs):
+            # a reader fetched this object first, and has read what is missing now: fetching it
+            # again would only fill the cache with segments nobody asks for
+            return b""
+        # A large read fills the kernel's page cache (files are opened with keep_cache), which
+        # then answers a reader who comes back: the segments it reads whole need no copy here,
+        # so that streaming a file keeps only what was fetched ahead of the reader.
+        used = range(0)
+        if use_once:
+            end = (stop - 1) // seg + 1 if stop == ref.length else stop // seg  # past the last whole one
+            used = range(-(-boff // seg), end)
+            for i in used:
+                self.cache.discard((ident, i))
         if any(s is None for s in segs):
             missing = [first + k for k, s in enumerate(segs) if s is None]
             lo, hi = missing[0], missing[-1]
@@ -294,7 +323,7 @@ class ReadCache:
                 del self._fetching[ref.object_id]
                 done.set()
             for k, s in enumerate(fetched):
-                if first <= lo + k <= last or push is None:
+                if (first <= lo + k <= last or push is None) and lo + k not in used:
                     self.cache.put((ident, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
             if push is not None:
@@ -327,7 +356,10 @@ class ReadCache:
                              grant: WriteGrant | None = None) -> list[bytes]:
         """Segments first..last of a stored block, fetched and authenticated."""
         try:
-            return await self._fetch_segments_of(ref, first, last, who, grant)
+            if (last - first + 1) * self.segment_size <= THREAD_THRESHOLD:
+                return await self._fetch_segments_of(ref, first, last, who, grant)
+            async with self._large_fetches:
+                return await self._fetch_segments_of(ref, first, last, who, grant)
         except BackendError as exc:  # the store failed (integrity errors are logged as such)
             if not _SPECULATIVE.get():
                 log.error("reading object %s (inode %d, block %d) failed: %s", ref.object_id.hex(), ref.inode,

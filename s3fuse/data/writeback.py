@@ -127,10 +127,14 @@ class BatchResult:
 
 
 class WriteBack:
-    def __init__(self, block_size: int, dirty_limit: int, flush_delay: float) -> None:
+    def __init__(self, block_size: int, dirty_limit: int, flush_delay: float, stream_blocks: int = 8) -> None:
         self.block_size = block_size
         self.dirty_limit = dirty_limit
         self.flush_delay = flush_delay
+        # A streaming writer's full blocks only wait for the store, which takes them as fast
+        # as it can whatever their number: beyond this many (being stored, or next), the writer
+        # waits, and the rest of the buffer stays for writes that do gain from it (random writes).
+        self.stream_blocks = stream_blocks
         self.files: dict[int, FileState] = {}
         self.dirty_bytes = 0
         # stored but not yet committed blocks of streaming writers: ino -> blockno -> ref
@@ -207,9 +211,21 @@ class WriteBack:
 
     # ------------------------------------------------------------------ writes
     def must_wait(self, fs: FileState, off: int, n: int) -> bool:
+        """Should a write of `n` bytes at `off` wait: it would take the buffers over their
+        limit, or add to a file that holds `stream_blocks` full blocks already?"""
+        return self.over_limit(fs, off, n) or (self.streaming_full(fs) and self.growth(fs, off, n) > 0)
+
+    def over_limit(self, fs: FileState, off: int, n: int) -> bool:
         """Would a write of `n` bytes at `off` take the buffers over their limit?"""
         return (self.dirty_bytes + n > self.dirty_limit and self.dirty_bytes > 0
                 and self.dirty_bytes + self.growth(fs, off, n) > self.dirty_limit)
+
+    def streaming_full(self, fs: FileState) -> bool:
+        """Does `fs` hold its share of full blocks? Not for a file whose store failed: a
+        wait would end in its error, and a write refused with it makes the kernel drop
+        those pages; it waits only for the buffer's limit, as before the failure."""
+        return (len(fs.blocks) >= self.stream_blocks and not fs.error and not fs.retry_delay
+                and sum(blk.sealed for blk in fs.blocks.values()) >= self.stream_blocks)
 
     def growth(self, fs: FileState, off: int, n: int) -> int:
         """How much a write would add to the buffers: nothing where it overwrites buffered
@@ -339,20 +355,22 @@ class WriteBack:
             fs.retry_delay = fs.retry_at = 0.0
             fs.failure = ""
         for fs, blockno, blk in jobs:
-            if fs.ino in result.failed:
-                continue
-            current = fs.blocks.get(blockno)
-            if current is blk and blk.version == result.versions.get((fs.ino, blockno)):
-                del fs.blocks[blockno]
-                self.dirty_bytes -= len(blk.data)
-            elif blk.superseded:  # replaced by a copy while it was stored
-                self.dirty_bytes -= len(blk.data)
+            if fs.ino not in result.failed:
+                self.release(fs, blockno, blk, result.versions.get((fs.ino, blockno)))
         for fs in stored:
             if not fs.blocks:
                 fs.dirty_since = 0.0
                 if fs.size == fs.db_size:
                     fs.flush_requested = False
         return stored
+
+    def release(self, fs: FileState, blockno: int, blk: Block, version: int | None) -> None:
+        """`blk` was stored as of `version`: it leaves the buffer, unless written since."""
+        if fs.blocks.get(blockno) is blk and blk.version == version:
+            del fs.blocks[blockno]
+            self.dirty_bytes -= len(blk.data)
+        elif blk.superseded:  # replaced by a copy while it was stored
+            self.dirty_bytes -= len(blk.data)
 
     def batch_failed(self, files: list[FileState], exc: S3fuseError) -> bool:
         """A shared failure (sync, commit): the data stays dirty, and each file remembers the

@@ -380,26 +380,27 @@ class Flusher:
         # pending would be committed later, pointing at a deleted object). The sync may have
         # let other tasks defer more blocks: those stay pending for next time.
         self.wb.covered(deferred)
+        garbage: list[bytes] = []  # objects no row refers to any more once this commits
         with self.meta.transaction():
             for oid in replaced:
-                self.meta.add_garbage(oid)
+                garbage.append(oid)
             for ino in set(by_ino) | set(sizes):
                 blocks = by_ino.get(ino, {})
                 if self.meta.inode(ino) is None:  # deleted while we were storing
                     for ref in blocks.values():
                         if ref is not None:
-                            self.meta.add_garbage(ref.object_id)
+                            garbage.append(ref.object_id)
                     continue
                 fs = self.wb.get(ino)
                 size = sizes[ino] if ino in sizes else pending_size.get(ino, fs.db_size if fs else 0)
                 for blockno, ref in blocks.items():
                     if blockno * bs >= size:
                         if ref is not None:
-                            self.meta.add_garbage(ref.object_id)
+                            garbage.append(ref.object_id)
                     elif ref is None:
                         old = self.meta.block(ino, blockno)
                         if old is not None:
-                            self.meta.add_garbage(old.object_id)
+                            garbage.append(old.object_id)
                             self.meta.delete_block(ino, blockno)
                     else:
                         self.meta.put_block(ref)
@@ -411,7 +412,10 @@ class Flusher:
                     # times as they are now: setattr may have changed them while we stored
                     fields.update(mtime_ns=fs.mtime_ns, ctime_ns=fs.ctime_ns)
                 self.meta.update_inode(ino, **fields)
-        self.collector.kick()
+            for oid in garbage:
+                self.meta.add_garbage(oid)
+        if garbage:
+            self.collector.kick()
         if changed and self.attrs_changed is not None:
             self.attrs_changed(changed)
         if durable:

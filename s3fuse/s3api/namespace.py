@@ -184,6 +184,7 @@ class Namespace:
             self._syncing = done = trio.Event()
             forget, self._to_forget = self._to_forget, []
             try:
+                self.core.commit_now()  # deferred transactions (a PUT's create and rename) too
                 await trio.to_thread.run_sync(self._sync_and_forget, forget)
                 self._synced_round = this_round
             except BaseException:

@@ -395,7 +395,8 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
     core, ns, who = ctx.core, ctx.ns, ctx.who
     tmp = ns.temp_name()
     try:
-        row = await core.create(parent.id, tmp, 0o644, who, policy=policy)
+        # deferred: the store batch's commit, or the sync round's, commits it
+        row = await core.create(parent.id, tmp, 0o644, who, policy=policy, defer=True)
     except S3fuseError as exc:
         raise key_error(exc) from None
     ino = row.id
@@ -413,11 +414,10 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
             ids = [b.object_id for b in core.meta.blocks_of(ino)]
             records[etags.XATTR] = etags.seal(ctx.api.access_keys.etag_key, ctx.api.store_id, ino, row.size,
                                               ids, etag)
-        if records:
-            with core.meta.transaction():
-                for xname, value in records.items():
-                    core.meta.set_xattr(ino, xname, value)
-        core.rename(parent.id, tmp, parent.id, name, 0)
+        with core.meta.transaction(defer=True):  # committed by the sync round that makes it durable
+            for xname, value in records.items():
+                core.meta.set_xattr(ino, xname, value)
+            core.rename(parent.id, tmp, parent.id, name, 0)
         return etag, ns.durable_ticket(changed=(parent.id, name))
 
     try:

@@ -75,6 +75,7 @@ class FileState:
     retry_at: float = 0.0
     failure: str = ""
     last_read_end: int = -1
+    furthest_read_end: int = -1  # of any read so far (requests may arrive out of order)
     # handles open for writing, plus changes under way (truncate): while any, nothing is
     # pushed to the kernel's page cache (pagecache.py)
     writers: int = 0

@@ -173,6 +173,8 @@ class DataStore:
         if fs is None:
             return
         self.wb.released(fs, writer)
+        if fs.open_count <= 0:
+            self.reads.closed(fs)
         if fs.flush_requested:
             self.flushing.wake()
         self._maybe_drop(fs)

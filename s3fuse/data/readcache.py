@@ -81,6 +81,11 @@ class SegmentCache:
             _, old = self._items.popitem(last=False)
             self.used -= len(old)
 
+    def discard_inode(self, ino: int) -> None:
+        """Drop every segment of inode `ino`."""
+        for key in [key for key in self._items if key[0][1] == ino]:
+            self.discard(key)
+
     def clear(self) -> None:
         self._items.clear()
         self.used = 0
@@ -155,7 +160,10 @@ class ReadCache:
         the segment cache meanwhile, so that its first read there finds it (or waits for a fetch
         already under way) instead of only then starting the fetch and the whole block's
         decryption."""
-        if fs is None or blockno in fs.blocks or blockno * self.block_size >= fs.size or not self.can_prefetch():
+        if fs is None or blockno in fs.blocks or blockno * self.block_size >= fs.size:
+            return
+        fs.streamed = True
+        if not self.can_prefetch():
             return
         ref = self.block_ref(fs.ino, blockno)
         if ref is not None and self._start_fetch(ref, ref.length, who, fs):
@@ -207,6 +215,10 @@ class ReadCache:
                 self.stats["blocks_read_ahead_late"] += 1
                 return
             await self.read_stored(ref, 0, length, False, who)
+            if reader is not None and reader.open_count <= 0:  # closed meanwhile (`closed`)
+                ident = (ref.object_id, ref.inode, ref.blockno)
+                for i in range(fmt.segment_count(ref.obj_length, self.segment_size)):
+                    self.cache.discard((ident, i))
         except (S3fuseError, OSError):
             pass  # the read fetches again, and reports
         finally:
@@ -445,6 +457,15 @@ class ReadCache:
         data = bytearray(b"".join(segs))
         del data[ref.length :]
         return data
+
+    def closed(self, fs: FileState) -> None:
+        """The last handle of `fs` was released. A file streamed through keeps nothing here:
+        the segments its reads took whole never entered (`read_stored`), and what is left was
+        fetched ahead of requests the kernel no longer sends (it had the pages, or the reader
+        stopped); a reader who comes back finds the kernel's page cache (keep_cache)."""
+        if fs.streamed:
+            fs.streamed = False
+            self.cache.discard_inode(fs.ino)
 
     def forget_plaintext(self) -> None:
         """Drop every cached segment (after a key is withdrawn)."""

@@ -70,9 +70,11 @@ class WorkerPool:
                 self._queued -= 1
             result = outcome.capture(fn, *args)
             del fn, args  # a job's buffers should not outlive it in this frame
-            if task is None:  # submitted: nobody waits
-                continue
-            try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:
-                pass  # the loop is gone: nobody is waiting any more
+            if task is not None:  # None: submitted, nobody waits
+                try:
+                    token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+                except trio.RunFinishedError:
+                    pass  # the loop is gone: nobody is waiting any more
+            # nor its result (a block's ciphertext or plaintext): an idle thread would keep the
+            # last one alive until its next job, a busy one its previous one
+            del result, task, token

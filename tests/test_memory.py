@@ -42,3 +42,19 @@ def test_an_idle_daemon_gives_back_the_heap_a_burst_of_writes_used(mounted):
         f"resident {resident // 1024} MiB after the trim, peak was {peak // 1024} MiB")
     with open(mounted.mnt / "big", "rb") as f:
         assert f.read(MiB) == chunk
+
+
+def test_a_file_streamed_through_leaves_nothing_in_the_segment_cache(mounted):
+    """A sequential reader's segments are not kept (the kernel's page cache has them): what
+    was fetched ahead of it goes when its last handle is released."""
+    data = os.urandom(6 * (4 << 20) + 1234)
+    with open(mounted.mnt / "big", "wb") as f:
+        f.write(data)
+    mounted.remount()
+    with open(mounted.mnt / "big", "rb", buffering=0) as f:
+        for _ in range(10):  # into the third block, with the blocks after it fetched ahead
+            assert f.read(MiB)
+    wait_until(lambda: status(mounted)["cache_bytes"] == 0, timeout=30,
+               what="the segment cache to let go of the streamed file")
+    with open(mounted.mnt / "big", "rb") as f:
+        assert f.read() == data

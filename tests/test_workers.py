@@ -98,3 +98,44 @@ def test_a_cancelled_caller_waits_for_its_job():
 def test_a_pool_needs_a_thread():
     with pytest.raises(ValueError):
         WorkerPool(0)
+
+
+def test_a_thread_keeps_no_job_result_alive():
+    """A job's result (a block's ciphertext or plaintext) is the caller's alone: once the
+    caller drops it, the idle thread that made it holds no reference to it."""
+    import gc
+    import weakref
+
+    class Buffer:
+        pass
+
+    pool = WorkerPool(1)
+
+    async def idle() -> None:
+        # The thread counts itself waiting at the top of its loop, after it let go of its job.
+        # (A checkpoint first: trio's run loop holds the outcome it last resumed us with.)
+        with trio.fail_after(10):
+            await trio.sleep(0)
+            while pool._waiting != 1:
+                await trio.sleep(0.001)
+
+    async def main() -> None:
+        made = await pool.run(Buffer)
+        ref = weakref.ref(made)
+        del made
+        await idle()
+        gc.collect()
+        assert ref() is None, "the idle worker thread still holds the last job's result"
+
+        def boom() -> None:
+            raise ValueError(Buffer())
+
+        try:
+            await pool.run(boom)
+        except ValueError as exc:
+            ref = weakref.ref(exc.args[0])
+        await idle()
+        gc.collect()
+        assert ref() is None, "the idle worker thread still holds the last job's exception"
+
+    trio.run(main)

@@ -58,7 +58,7 @@ class DataStore:
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
                       "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
-                      "blocks_read_ahead": 0}
+                      "blocks_read_ahead": 0, "blocks_read_ahead_late": 0}
         # enough full blocks of a streaming writer to keep the store's concurrent puts busy
         # while as many more wait their turn
         self.wb = WriteBack(block_size, dirty_limit, flush_delay, stream_blocks=2 * backend.store_concurrency)
@@ -173,6 +173,8 @@ class DataStore:
         if fs is None:
             return
         self.wb.released(fs, writer)
+        if fs.open_count <= 0:
+            self.reads.closed(fs)
         if fs.flush_requested:
             self.flushing.wake()
         self._maybe_drop(fs)

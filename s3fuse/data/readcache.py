@@ -39,6 +39,9 @@ PREFETCH_TASKS = 8  # such fetches (and core's read-ahead of names) under way at
 # block) until a crypto thread has decrypted it, and more than two per crypto thread (one
 # being read, one being decrypted) would only wait for one there, holding theirs meanwhile.
 LARGE_FETCHES = 4
+# how far behind the furthest request one may arrive (the kernel's read-ahead window,
+# defaults.READAHEAD_KB, sends several at once and they can arrive out of order)
+OUT_OF_ORDER = 8 << 20
 # A read this large is the kernel filling its page cache (its smallest read-ahead window):
 # the segments it reads whole are not kept (ReadCache.read_stored says why)
 STREAM_READ = 128 * 1024
@@ -77,6 +80,11 @@ class SegmentCache:
         while self.used > size and self._items:
             _, old = self._items.popitem(last=False)
             self.used -= len(old)
+
+    def discard_inode(self, ino: int) -> None:
+        """Drop every segment of inode `ino`."""
+        for key in [key for key in self._items if key[0][1] == ino]:
+            self.discard(key)
 
     def clear(self) -> None:
         self._items.clear()
@@ -152,10 +160,13 @@ class ReadCache:
         the segment cache meanwhile, so that its first read there finds it (or waits for a fetch
         already under way) instead of only then starting the fetch and the whole block's
         decryption."""
-        if fs is None or blockno in fs.blocks or blockno * self.block_size >= fs.size or not self.can_prefetch():
+        if fs is None or blockno in fs.blocks or blockno * self.block_size >= fs.size:
+            return
+        fs.streamed = True
+        if not self.can_prefetch():
             return
         ref = self.block_ref(fs.ino, blockno)
-        if ref is not None and self._start_fetch(ref, ref.length, who):
+        if ref is not None and self._start_fetch(ref, ref.length, who, fs):
             self.stats["blocks_read_ahead"] += 1
 
     def run_in_background(self, fn, *args) -> bool:
@@ -183,20 +194,31 @@ class ReadCache:
         self.stats["prefetches"] += 1
         return True
 
-    def _start_fetch(self, ref: BlockRef, length: int, who: Caller) -> bool:
+    def _start_fetch(self, ref: BlockRef, length: int, who: Caller, reader: FileState | None = None) -> bool:
         """Fetch `ref` into the segment cache in a background task, unless it is cached, being
-        fetched, or enough fetches are under way. -> whether a fetch was started."""
+        fetched, or enough fetches are under way; `reader`: the sequential reader it is fetched
+        ahead of. -> whether a fetch was started."""
         if (not self.can_prefetch() or ref.object_id in self._fetching
                 or self.cache.get(((ref.object_id, ref.inode, ref.blockno), 0)) is not None):
             return False
         self._prefetches += 1
-        self._nursery.start_soon(self._prefetch, ref, length, who)
+        self._nursery.start_soon(self._prefetch, ref, length, who, reader)
         return True
 
-    async def _prefetch(self, ref: BlockRef, length: int, who: Caller) -> None:
+    async def _prefetch(self, ref: BlockRef, length: int, who: Caller, reader: FileState | None) -> None:
         _SPECULATIVE.set(True)  # this task's own context
         try:
+            if reader is not None and reader.furthest_read_end > ref.blockno * self.block_size:
+                # The reader reached the block before this task ran: its own requests fetch the
+                # block to its end, and take what they read; a fetch now would only fill the
+                # cache with segments they have already taken.
+                self.stats["blocks_read_ahead_late"] += 1
+                return
             await self.read_stored(ref, 0, length, False, who)
+            if reader is not None and reader.open_count <= 0:  # closed meanwhile (`closed`)
+                ident = (ref.object_id, ref.inode, ref.blockno)
+                for i in range(fmt.segment_count(ref.obj_length, self.segment_size)):
+                    self.cache.discard((ident, i))
         except (S3fuseError, OSError):
             pass  # the read fetches again, and reports
         finally:
@@ -224,6 +246,10 @@ class ReadCache:
             # noted on arrival, not on completion: the kernel's read-ahead sends several
             # requests at once, in order, and each must see its predecessor as sequential
             fs.last_read_end = end
+            # how far the reader got, for the blocks fetched ahead of it (_prefetch): a request
+            # arrives at most a read-ahead window behind it, a new pass from further back
+            if end > fs.furthest_read_end or end < fs.furthest_read_end - OUT_OF_ORDER:
+                fs.furthest_read_end = end
         # a random reader's misses leave the rest of their segments in the kernel's page cache
         # (a sequential reader has the kernel's read-ahead)
         push = (fs, fs.push_gen, off, end) if self.pusher is not None and fs is not None and not sequential \
@@ -291,7 +317,11 @@ class ReadCache:
         if any(s is None for s in segs):
             missing = [first + k for k, s in enumerate(segs) if s is None]
             lo, hi = missing[0], missing[-1]
-            if sequential:
+            if sequential and not waited:
+                # (after a wait, the fetch that ended it was another request's of this block:
+                # the kernel's read-ahead sends several at once, and one that arrived out of
+                # order did not extend to the block's end; the later ones are under way too, so
+                # this one fetches only its own, not what they take)
                 count = fmt.segment_count(ref.obj_length, seg)
                 hi = min(count - 1, max(hi, lo + READAHEAD // seg - 1))
             elif push is not None:
@@ -427,6 +457,15 @@ class ReadCache:
         data = bytearray(b"".join(segs))
         del data[ref.length :]
         return data
+
+    def closed(self, fs: FileState) -> None:
+        """The last handle of `fs` was released. A file streamed through keeps nothing here:
+        the segments its reads took whole never entered (`read_stored`), and what is left was
+        fetched ahead of requests the kernel no longer sends (it had the pages, or the reader
+        stopped); a reader who comes back finds the kernel's page cache (keep_cache)."""
+        if fs.streamed:
+            fs.streamed = False
+            self.cache.discard_inode(fs.ino)
 
     def forget_plaintext(self) -> None:
         """Drop every cached segment (after a key is withdrawn)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from bisect import bisect_right
 from collections import OrderedDict
 
 import trio
@@ -42,6 +43,31 @@ LARGE_FETCHES = 4
 # A read this large is the kernel filling its page cache (its smallest read-ahead window):
 # the segments it reads whole are not kept (ReadCache.read_stored says why)
 STREAM_READ = 128 * 1024
+
+
+class PatchRuns:
+    """A patch's runs, decoded (cached like a segment, counted by its plaintext size)."""
+
+    __slots__ = ("starts", "datas", "size")
+
+    def __init__(self, runs: list[tuple[int, memoryview]], size: int) -> None:
+        self.starts = [off for off, _ in runs]
+        self.datas = [data for _, data in runs]
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def apply(self, target: bytearray, base: int) -> None:
+        """Write the runs into `target`, which holds the block's bytes from `base` on."""
+        n = len(target)
+        k = max(0, bisect_right(self.starts, base) - 1)
+        while k < len(self.starts) and self.starts[k] < base + n:
+            start, data = self.starts[k], self.datas[k]
+            lo, hi = max(start, base), min(start + len(data), base + n)
+            if lo < hi:
+                target[lo - base : hi - base] = data[lo - start : hi - start]
+            k += 1
 
 
 class SegmentCache:
@@ -106,6 +132,48 @@ class ReadCache:
         found, ref = self.wb.pending_ref(ino, blockno)
         return ref if found else self.meta.block(ino, blockno)
 
+    def patches_for(self, ref: BlockRef) -> list[BlockRef]:
+        """The committed patches that apply over `ref`'s object: none unless `ref` is its
+        block's committed row (a stored-but-uncommitted object already holds them)."""
+        if not self.meta.has_patches(ref.inode):
+            return []
+        patches = self.meta.patches_of(ref.inode, ref.blockno)
+        if not patches:
+            return []
+        row = self.meta.block(ref.inode, ref.blockno)
+        return patches if row is not None and row.object_id == ref.object_id else []
+
+    async def patch_runs(self, patch: BlockRef, base: BlockRef, who: Caller,
+                         grant: WriteGrant | None = None) -> PatchRuns:
+        """A patch's runs: fetched, authenticated (its header must name `base`'s object),
+        decoded, and cached as a segment is."""
+        key = ((patch.object_id, patch.inode, patch.blockno), 0)
+        runs = self.cache.get(key)
+        if runs is None:
+            count = fmt.segment_count(patch.obj_length, self.segment_size)
+            segs = await self.fetch_segments(patch, 0, count - 1, who, grant)
+            opened = self.codec.opened(patch)
+            if opened is None or opened.header.base != base.object_id:
+                raise self._integrity(patch, "patch does not apply to its block's object")
+            plain = segs[0] if len(segs) == 1 else b"".join(segs)
+            try:
+                runs = PatchRuns(fmt.decode_patch(plain, self.block_size), len(plain))
+            except fmt.FormatError as exc:
+                raise self._integrity(patch, str(exc)) from None
+            self.cache.put(key, runs)
+        return runs
+
+    async def _patched(self, ref: BlockRef, patches: list[BlockRef], boff: int, chunk: bytes,
+                       who: Caller) -> bytes:
+        """`chunk` (bytes from `boff` of `ref`'s block, clipped to its length) with the
+        block's patches applied in order."""
+        if not patches or not chunk:
+            return chunk
+        out = bytearray(chunk)
+        for patch in patches:
+            (await self.patch_runs(patch, ref, who)).apply(out, boff)
+        return bytes(out)
+
     # ------------------------------------------------------------------ prefetch
     def prefetch_on_open(self, fs: FileState, who: Caller, first: BlockRef | None) -> None:
         """`fs` was opened for reading by `who` (its key checks passed): if it is small and
@@ -134,7 +202,7 @@ class ReadCache:
         answered, is the file's only one, no page of it is locked waiting for us. The data are
         committed, unchanged (nothing written, no writer) and authenticated."""
         if (self.pusher is None or ref is None or fs.open_count != 1 or fs.writers or fs.dirty
-                or fs.ino in self.wb.pending or ref.length < fs.size):
+                or fs.ino in self.wb.pending or ref.length < fs.size or self.patches_for(ref)):
             return False
         ident = (ref.object_id, ref.inode, ref.blockno)
         segs = []
@@ -242,16 +310,26 @@ class ReadCache:
                     if ref is not None:
                         self.backend.prefetch(ref.object_id.hex())
                 self._decrypt_ahead(fs, blockno + 1, who)
-            if blk is not None:
+            if blk is not None and blk.runs is None:
                 chunk = bytes(blk.data[boff : boff + n])
             else:
                 ref = self.block_ref(ino, blockno)
                 if ref is None:
                     chunk = b""
                 else:
-                    chunk = await self.read_stored(ref, boff, n, sequential, who, push, size >= STREAM_READ)
+                    patches = self.patches_for(ref)
+                    # the stored object alone is not what the file holds: nothing of it goes
+                    # to the kernel's page cache
+                    chunk = await self.read_stored(ref, boff, n, sequential, who,
+                                                   None if patches or blk is not None else push,
+                                                   size >= STREAM_READ)
+                    chunk = await self._patched(ref, patches, boff, chunk, who)
             if len(chunk) < n:
                 chunk += bytes(n - len(chunk))
+            if blk is not None and blk.runs is not None:  # a sparse block: its runs over the stored bytes
+                out = bytearray(chunk)
+                blk.runs.apply(out, boff)
+                chunk = bytes(out)
             parts.append(chunk)
             pos += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -421,11 +499,15 @@ class ReadCache:
         return IntegrityError(msg)
 
     async def load_block(self, ref: BlockRef, who: Caller, grant: WriteGrant | None) -> bytearray:
-        """The whole valid plaintext of a stored block, for a read-modify-write."""
+        """The whole valid plaintext of a stored block (its patches applied), for a
+        read-modify-write."""
         count = fmt.segment_count(ref.obj_length, self.segment_size)
+        patches = self.patches_for(ref)
         segs = await self.fetch_segments(ref, 0, count - 1, who, grant)
         data = bytearray(b"".join(segs))
         del data[ref.length :]
+        for patch in patches:
+            (await self.patch_runs(patch, ref, who, grant)).apply(data, 0)
         return data
 
     def forget_plaintext(self) -> None:

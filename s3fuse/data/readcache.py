@@ -163,15 +163,15 @@ class ReadCache:
             self.cache.put(key, runs)
         return runs
 
-    async def _patched(self, ref: BlockRef, patches: list[BlockRef], boff: int, chunk: bytes,
-                       who: Caller) -> bytes:
-        """`chunk` (bytes from `boff` of `ref`'s block, clipped to its length) with the
-        block's patches applied in order."""
-        if not patches or not chunk:
+    @staticmethod
+    def _patched(overlays: list[PatchRuns], boff: int, chunk: bytes) -> bytes:
+        """`chunk` (bytes from `boff` of a block, clipped to its length) with the block's
+        patches applied in order."""
+        if not overlays or not chunk:
             return chunk
         out = bytearray(chunk)
-        for patch in patches:
-            (await self.patch_runs(patch, ref, who)).apply(out, boff)
+        for runs in overlays:
+            runs.apply(out, boff)
         return bytes(out)
 
     # ------------------------------------------------------------------ prefetch
@@ -317,13 +317,12 @@ class ReadCache:
                 if ref is None:
                     chunk = b""
                 else:
-                    patches = self.patches_for(ref)
-                    # the stored object alone is not what the file holds: nothing of it goes
-                    # to the kernel's page cache
+                    overlays = [await self.patch_runs(p, ref, who) for p in self.patches_for(ref)]
+                    # what goes to the kernel's page cache is the object with the patches over it
                     chunk = await self.read_stored(ref, boff, n, sequential, who,
-                                                   None if patches or blk is not None else push,
-                                                   size >= STREAM_READ)
-                    chunk = await self._patched(ref, patches, boff, chunk, who)
+                                                   None if blk is not None else push,
+                                                   size >= STREAM_READ, overlays)
+                    chunk = self._patched(overlays, boff, chunk)
             if len(chunk) < n:
                 chunk += bytes(n - len(chunk))
             if blk is not None and blk.runs is not None:  # a sparse block: its runs over the stored bytes
@@ -335,7 +334,8 @@ class ReadCache:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller,
-                          push: tuple[FileState, int, int, int] | None = None, use_once: bool = False) -> bytes:
+                          push: tuple[FileState, int, int, int] | None = None, use_once: bool = False,
+                          overlays: list[PatchRuns] = ()) -> bytes:
         """Bytes [boff, boff+n) of a stored block, clipped to its valid length. With
         `use_once`, the segments read whole leave the cache (or do not enter it)."""
         stop = min(boff + n, ref.length)
@@ -405,20 +405,22 @@ class ReadCache:
                     self.cache.put((ident, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
             if push is not None:
-                self._push_fetched(push, ref, lo, fetched)
+                self._push_fetched(push, ref, lo, fetched, overlays)
         data = segs[0] if len(segs) == 1 else b"".join(segs)
         start = boff - first * seg
         return data[start : start + (stop - boff)]
 
     def _push_fetched(self, push: tuple[FileState, int, int, int], ref: BlockRef, lo: int,
-                      fetched: list[bytes]) -> None:
-        """Queue the fetched plaintext, less the pages the current request will fill, for the
-        kernel's page cache, if the file allows it (pagecache.py says when)."""
+                      fetched: list[bytes], overlays: list[PatchRuns] = ()) -> None:
+        """Queue the fetched plaintext (the block's patches applied over it), less the pages
+        the current request will fill, for the kernel's page cache, if the file allows it
+        (pagecache.py says when)."""
         fs, gen, req_start, req_end = push
         if (self.pusher is None or fs.push_gen != gen or fs.writers > 0 or fs.dirty or fs.open_count <= 0
                 or fs.ino in self.wb.pending or self.wb.get(fs.ino) is not fs):
             return
-        data = memoryview(fetched[0] if len(fetched) == 1 else b"".join(fetched))
+        data = memoryview(self._patched(overlays, lo * self.segment_size,
+                                        fetched[0] if len(fetched) == 1 else b"".join(fetched)))
         block_start = ref.blockno * self.block_size
         start = block_start + lo * self.segment_size
         end = min(start + len(data), block_start + ref.length, fs.size)

@@ -3,7 +3,8 @@
 Every byte s3fuse writes to an object store comes from this module; the layout is
 specified in docs/FORMAT.md, whose test vector tests/test_format.py checks.
 
-An object holds one block of one file::
+An object holds one block of one file, or a patch of one (written byte ranges of a block,
+applied over its object on read; see `encode_patch`)::
 
     magic "S3FO" | u8 version | u16be body_len | body (msgpack map) | mac (32)
     segment 0 | segment 1 | ... | segment n-1
@@ -45,6 +46,12 @@ PREFIX = struct.Struct(">4sBH")
 OBJECT_ID_LEN = 16
 DATA_KEY_LEN = 32
 MAX_HEADER_BODY = 4096
+# Patches of block b of a file are block-map rows (and objects) numbered PATCH_BASE + b *
+# PATCH_SEQS + seq: above any data block, so each has a position of its own in MACs, key
+# slots and KMS contexts, and the block's row stays where it was.
+PATCH_BASE = 1 << 62
+PATCH_SEQS = 1 << 16
+_RUN = struct.Struct(">II")
 
 RandomSource = Callable[[int], bytes]
 
@@ -67,6 +74,7 @@ class ObjectHeader:
     key_ref: str  # key identity within the mode: "" / KMS key id / SSE-C fingerprint (hex)
     segment_size: int
     length: int  # plaintext bytes in this object
+    base: bytes = b""  # a patch's: the object id of the block object it applies to
 
     @property
     def segment_count(self) -> int:
@@ -111,6 +119,7 @@ def encode_header(header: ObjectHeader, keys: ObjectKeys) -> bytes:
             "kref": header.key_ref,
             "seg": header.segment_size,
             "len": header.length,
+            **({"base": header.base} if header.base else {}),
         }
     )
     prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, len(body))
@@ -154,9 +163,54 @@ def parse_header(buf: bytes, keys: ObjectKeys) -> ObjectHeader:
             key_ref=body["kref"],
             segment_size=body["seg"],
             length=body["len"],
+            base=body.get("base", b""),
         )
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
         raise FormatError(f"malformed header body: {exc}") from None
+
+
+def patch_number(block: int, seq: int) -> int:
+    """The block number of patch `seq` of block `block`."""
+    return PATCH_BASE + block * PATCH_SEQS + seq
+
+
+def is_patch(number: int) -> bool:
+    return number >= PATCH_BASE
+
+
+def patched_block(number: int) -> int:
+    """The data block a patch number belongs to."""
+    return (number - PATCH_BASE) // PATCH_SEQS
+
+
+def encode_patch(runs: list[tuple[int, bytes | bytearray | memoryview]]) -> bytes:
+    """A patch's plaintext: u32 count | count x (u32 offset | u32 length) | the runs' bytes.
+    `runs`: disjoint (offset within the block, bytes), in ascending offset order."""
+    parts = [struct.pack(">I", len(runs))]
+    parts.extend(_RUN.pack(off, len(data)) for off, data in runs)
+    parts.extend(data for _, data in runs)
+    return b"".join(parts)
+
+
+def decode_patch(plain: bytes | memoryview, block_size: int) -> list[tuple[int, memoryview]]:
+    """The runs of a patch's (authenticated) plaintext; FormatError if it is malformed."""
+    view = memoryview(plain)
+    if len(view) < 4:
+        raise FormatError("patch too short")
+    (count,) = struct.unpack_from(">I", view)
+    pos = 4 + count * _RUN.size
+    if pos > len(view):
+        raise FormatError("patch run table truncated")
+    runs, last_end = [], 0
+    for i in range(count):
+        off, n = _RUN.unpack_from(view, 4 + i * _RUN.size)
+        if off < last_end or n == 0 or off + n > block_size or pos + n > len(view):
+            raise FormatError("patch runs overlap, are out of order or out of range")
+        runs.append((off, view[pos : pos + n]))
+        pos, last_end = pos + n, off + n
+    if pos != len(view):
+        raise FormatError("patch has bytes past its runs")
+    return runs
 
 
 def _segment_aad(object_id: bytes, index: int, final: bool) -> bytes:

@@ -295,6 +295,10 @@ def check_block_map(ctx: Context, report: Report) -> None:
         report.add("bad-block-row", DAMAGE, f"inode {ref.inode} ({ctx.path(ref.inode)}) {why}",
                    inode=ref.inode, object_id=ref.object_id.hex())
         report.damaged_files.setdefault(ref.inode, []).append(why)
+    for ref in q.stray_patches():
+        report.add("stray-patch", DAMAGE, f"inode {ref.inode} ({ctx.path(ref.inode)}) has a patch of block "
+                   f"{fmt.patched_block(ref.blockno)}, which has no row", inode=ref.inode,
+                   object_id=ref.object_id.hex())
     for ino, blockno, size in q.blocks_past_size(bs):
         report.add("block-past-end", DAMAGE, f"inode {ino} ({ctx.path(ino)}) has block {blockno} past its "
                    f"size {size}", inode=ino)
@@ -404,6 +408,7 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     if stale:
         report.add("garbage", NOTE, f"{len(stale)} objects on the deletion list are already gone")
     refs = q.all_blocks()
+    bases = {(r.inode, r.blockno): r.object_id for r in refs if not fmt.is_patch(r.blockno)}
     quarantined = _quarantined(ctx)
     present = [r for r in refs if r.object_id in listed]
     for ref in refs:
@@ -419,7 +424,8 @@ async def check_objects(ctx: Context, report: Report, quick: bool,
     async def worker() -> None:
         # a few objects in flight at once: memory stays at a few blocks whatever the store's size
         for i, ref in work:
-            kind, why = await _authenticate(ctx, ref, whole=i in full, counters=counters)
+            base = bases.get((ref.inode, fmt.patched_block(ref.blockno))) if fmt.is_patch(ref.blockno) else None
+            kind, why = await _authenticate(ctx, ref, whole=i in full, counters=counters, base=base)
             if kind == "unverifiable":
                 counters["unverifiable"] += 1
                 report.add("unverifiable", NOTE, f"object {ref.object_id.hex()} (inode {ref.inode} "
@@ -456,7 +462,8 @@ def _object_damage(ctx: Context, report: Report, ref: BlockRef, kind: str, why: 
     report.damaged_files.setdefault(ref.inode, []).append(f"block {ref.blockno}: object {oid}: {kind}: {why}")
 
 
-async def _authenticate(ctx: Context, ref: BlockRef, whole: bool, counters: dict) -> tuple[str | None, str]:
+async def _authenticate(ctx: Context, ref: BlockRef, whole: bool, counters: dict,
+                        base: bytes | None = None) -> tuple[str | None, str]:
     """(None, "") if the object is good, else (finding kind, why)."""
     wrapped = WrappedKey(ref.mode, ref.key_ref, ref.key_version, ref.key_slot)
     try:
@@ -487,7 +494,8 @@ async def _authenticate(ctx: Context, ref: BlockRef, whole: bool, counters: dict
         return "corrupt-object", f"is {len(buf)} bytes, should be {expected_size} (truncated or appended to)"
 
     def verify() -> str | None:
-        return codec.verify_object(buf, data_key, ref, ctx.cfg.store_id, ctx.cfg.segment_size, whole)
+        return codec.verify_object(buf, data_key, ref, ctx.cfg.store_id, ctx.cfg.segment_size, whole, base,
+                                   ctx.cfg.block_size)
 
     why = await trio.to_thread.run_sync(verify)
     if why is not None:
@@ -566,6 +574,11 @@ async def repair(ctx: Context, report: Report) -> None:
                 meta.truncate_blocks(ino, size, bs)
             for f in report.of("block-past-end"):
                 f.repaired = True
+        # patches of a block with no row apply to nothing: they go (their objects become garbage)
+        for ref in q.stray_patches():
+            meta.remove_patches(ref.inode, fmt.patched_block(ref.blockno))
+        for f in report.of("stray-patch"):
+            f.repaired = True
         # counts last: the moves above change them
         for ino, mode, nlink, want in q.link_counts():
             if nlink != want and not (nlink == 0 and want == 0) and ino not in report.forged_inodes:

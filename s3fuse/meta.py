@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import metaauth as ma
+from .format import PATCH_BASE, PATCH_SEQS, is_patch, patch_number
 from .errors import IntegrityError
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ CREATE TABLE xattrs (
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
 -- The block map: which object holds block `blockno` (of BLOCK_SIZE bytes) of a file,
--- with the object's encryption descriptor. No row = a hole (reads as zeros).
+-- with the object's encryption descriptor. No row = a hole (reads as zeros). Rows numbered
+-- from 2^62 are patches of a block, applied over its object in number order
+-- (format.patch_number; docs/FORMAT.md, "Patches").
 CREATE TABLE blocks (
     inode INTEGER NOT NULL,
     blockno INTEGER NOT NULL,
@@ -202,6 +205,7 @@ class Meta:
         # inodes whose owned rows (blocks, entries, symlink) matched their set digest
         self._verified: set[int] = set()
         self._reported: set[tuple[int, str]] = set()  # (inode, record) logged once
+        self._patched: set[int] | None = None  # files that have (or had) patch rows; see has_patches
         # fsck turns this off: it reads every row as it is and checks them all itself
         self.check_reads = True
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -243,6 +247,9 @@ class Meta:
         # inodes that have any xattr: most getxattr calls (ACL and security probes) are for
         # names that do not exist, and this answers them without a query
         self._xattr_inodes: set[int] | None = None
+        # grows whenever a statement may have added objects to the garbage table, so that a
+        # caller can tell whether its transaction made any (and wake the collector)
+        self.garbage_made = 0
 
     @classmethod
     def create(cls, path: str, root_uid: int, root_gid: int, now_ns: int, key: bytes | None = None) -> "Meta":
@@ -550,6 +557,7 @@ class Meta:
     def delete_inode(self, ino: int) -> None:
         """Remove an inode with everything it owns; its objects become garbage."""
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=?", (ino,))
+        self.garbage_made += 1
         self.db.execute("DELETE FROM blocks WHERE inode=?", (ino,))
         if self._may_have_xattrs(ino):
             self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
@@ -790,10 +798,52 @@ class Meta:
         self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
         if old is not None:
             self._adjust(ino, sub=[block_mac(self.key, old)])
+        self._drop_patches(ino, blockno)
+
+    def has_patches(self, ino: int) -> bool:
+        """Whether a file may have patch rows (a cheap test before `patches_of`): the files
+        that had some when first asked, and those given one since."""
+        if self._patched is None:
+            self._patched = {r[0] for r in self.db.execute(
+                "SELECT DISTINCT inode FROM blocks WHERE blockno >= ?", (PATCH_BASE,))}
+        return ino in self._patched
+
+    def patches_of(self, ino: int, blockno: int) -> list[BlockRef]:
+        """The patch rows of a block, in the order they apply."""
+        lo, hi = patch_number(blockno, 0), patch_number(blockno, PATCH_SEQS - 1)
+        checked = self._check_blocks(ino)
+        if checked is not None:
+            return [checked[n] for n in sorted(checked) if lo <= n <= hi]
+        rows = self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE inode=? AND blockno BETWEEN ? AND ?"
+                               " ORDER BY blockno", (ino, lo, hi)).fetchall()
+        if self.key is not None and not self._trusted(ino):
+            for r in rows:
+                if not ma.same(r[10], block_mac(self.key, r)):
+                    self._forged(ino, f"block {r[1]} row")
+        return [BlockRef(*r[:10]) for r in rows]
+
+    def remove_patches(self, ino: int, blockno: int) -> None:
+        """fsck's repair of patches whose block has no row (part of the caller's transaction)."""
+        self._drop_patches(ino, blockno)
+
+    def _drop_patches(self, ino: int, blockno: int) -> None:
+        """A block got a new object (or none): its patches, which applied to the old one, go
+        (their objects become garbage)."""
+        lo, hi = patch_number(blockno, 0), patch_number(blockno, PATCH_SEQS - 1)
+        rows = self.db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno BETWEEN ? AND ?",
+                               (ino, lo, hi)).fetchall()
+        if not rows:
+            return
+        self.db.executemany("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", [(r[2],) for r in rows])
+        self.garbage_made += 1
+        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno BETWEEN ? AND ?", (ino, lo, hi))
+        if self.key is not None:
+            self._adjust(ino, sub=[block_mac(self.key, r) for r in rows])
 
     def stored_bytes_of(self, ino: int) -> int:
-        """Plaintext bytes a file's block map holds (its st_blocks)."""
-        return self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=?", (ino,)).fetchone()[0]
+        """Plaintext bytes a file's block map holds (its st_blocks); patches not counted."""
+        return self.db.execute("SELECT coalesce(sum(length), 0) FROM blocks WHERE inode=? AND blockno < ?",
+                               (ino, PATCH_BASE)).fetchone()[0]
 
     def key_slot_of(self, object_id: bytes) -> tuple[int, bytes] | None:
         """The master-key version and key slot an object's row has now."""
@@ -814,6 +864,7 @@ class Meta:
         old = None if self._owns_nothing(ref.inode) else self.block(ref.inode, ref.blockno)
         if old is not None:
             self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (old.object_id,))
+            self.garbage_made += 1
         mac = None if self.key is None else block_mac(self.key, ref)
         self.db.execute(
             f"INSERT OR REPLACE INTO blocks ({_BLOCK_COLS}, mac) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -822,20 +873,28 @@ class Meta:
         )
         if mac is not None:
             self._adjust(ref.inode, add=[mac], sub=[] if old is None else [block_mac(self.key, old)])
+        if is_patch(ref.blockno):
+            self.has_patches(ref.inode)
+            self._patched.add(ref.inode)
+        elif old is not None and old.object_id != ref.object_id:
+            self._drop_patches(ref.inode, ref.blockno)
         return old
 
     def truncate_blocks(self, ino: int, size: int, block_size: int) -> None:
-        """Drop blocks wholly past `size` and shorten the one that straddles it."""
+        """Drop blocks wholly past `size` (and their patches) and shorten the one that
+        straddles it (its patches stay: a read clips them to the row's length)."""
         first_gone = -(-size // block_size)
+        # data blocks from first_gone, and the patches of those blocks
+        gone = "inode=? AND ((blockno>=? AND blockno<?) OR blockno>=?)"
+        args = (ino, first_gone, PATCH_BASE, patch_number(first_gone, 0))
         add, sub = [], []
         if self.key is not None:
             self._check_blocks(ino)
             sub = [block_mac(self.key, r) for r in self.db.execute(
-                f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno>=?", (ino, first_gone))]
-        self.db.execute(
-            "INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=? AND blockno>=?",
-            (ino, first_gone))
-        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno>=?", (ino, first_gone))
+                f"SELECT {_BLOCK_COLS} FROM blocks WHERE {gone}", args)]
+        self.db.execute(f"INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE {gone}", args)
+        self.garbage_made += 1
+        self.db.execute(f"DELETE FROM blocks WHERE {gone}", args)
         if size % block_size:
             last = size // block_size
             old = self.block(ino, last) if self.key is not None else None
@@ -938,6 +997,7 @@ class Meta:
 
     def add_garbage(self, object_id: bytes) -> None:
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (object_id,))
+        self.garbage_made += 1
 
     def forget_garbage(self, object_ids: list[bytes]) -> None:
         self.db.executemany("DELETE FROM garbage WHERE object_id=?", [(o,) for o in object_ids])
@@ -1115,5 +1175,5 @@ class Meta:
     def recount_stored_bytes(self) -> None:
         """Set every inode's stored_bytes to what its block-map rows hold."""
         self.db.execute("UPDATE inodes SET stored_bytes = coalesce((SELECT sum(length) FROM blocks b"
-                        " WHERE b.inode = inodes.id), 0)")
+                        " WHERE b.inode = inodes.id AND b.blockno < ?), 0)", (PATCH_BASE,))
         self._rows.clear()

@@ -10,7 +10,11 @@ import os
 import sqlite3
 
 from .errors import S3fuseError
+from .format import PATCH_BASE, PATCH_SEQS
 from .meta import BLOCK_COLUMNS, BlockRef
+
+# block-map rows of data blocks (patches are numbered from PATCH_BASE)
+_DATA = f"blockno < {PATCH_BASE}"
 
 META_NAME = "meta.db"
 
@@ -140,8 +144,9 @@ class MetaQuery:
 
     def extent_of_blocks(self, ino: int, block_size: int) -> tuple[int, int]:
         """(the size its rows reach, the bytes they hold) of an inode's block-map rows."""
-        size = self._one("SELECT max(blockno * ? + length) FROM blocks WHERE inode = ?", (block_size, ino))
-        stored = self._one("SELECT sum(length) FROM blocks WHERE inode = ?", (ino,))
+        size = self._one(f"SELECT max(blockno * ? + length) FROM blocks WHERE inode = ? AND {_DATA}",
+                         (block_size, ino))
+        stored = self._one(f"SELECT sum(length) FROM blocks WHERE inode = ? AND {_DATA}", (ino,))
         return size or 0, stored or 0
 
     def blocks_of_non_files(self) -> list[tuple[int, int]]:
@@ -157,28 +162,36 @@ class MetaQuery:
             " OR obj_length > ? OR hdr_len < 39 OR hdr_len > ? OR length(object_id) != 16",
             (block_size, max_header))]
 
+    def stray_patches(self) -> list[BlockRef]:
+        """Patch rows whose block has no row (nothing they could apply to)."""
+        return [BlockRef(*r) for r in self._all(
+            f"SELECT {BLOCK_COLUMNS} FROM blocks p WHERE p.blockno >= ? AND NOT EXISTS (SELECT 1 FROM blocks b"
+            " WHERE b.inode = p.inode AND b.blockno = (p.blockno - ?) / ?)", (PATCH_BASE, PATCH_BASE, PATCH_SEQS))]
+
     def blocks_past_size(self, block_size: int) -> list[tuple[int, int, int]]:
         """(inode, blockno, size) of rows that start at or past their file's size."""
         return self._all(
             "SELECT b.inode, b.blockno, i.size FROM blocks b JOIN inodes i ON i.id = b.inode"
-            " WHERE b.blockno * ? >= i.size", (block_size,))
+            f" WHERE b.{_DATA} AND b.blockno * ? >= i.size", (block_size,))
 
     def blocks_over_size(self, block_size: int) -> list[tuple[int, int, int, int]]:
         """(inode, blockno, length, size) of rows that start inside their file and end past it."""
         return self._all(
             "SELECT b.inode, b.blockno, b.length, i.size FROM blocks b JOIN inodes i ON i.id = b.inode"
-            " WHERE b.blockno * ? < i.size AND b.blockno * ? + b.length > i.size", (block_size, block_size))
+            f" WHERE b.{_DATA} AND b.blockno * ? < i.size AND b.blockno * ? + b.length > i.size",
+            (block_size, block_size))
 
     def files_with_blocks_past_size(self, block_size: int) -> list[tuple[int, int]]:
         """(inode, size) of files with a row that ends past their size."""
         return self._all(
             "SELECT DISTINCT i.id, i.size FROM blocks b JOIN inodes i ON i.id = b.inode"
-            " WHERE b.blockno * ? + b.length > i.size", (block_size,))
+            f" WHERE b.{_DATA} AND b.blockno * ? + b.length > i.size", (block_size,))
 
     def stored_bytes(self) -> list[tuple[int, int, int]]:
         """(inode, stored bytes it records, bytes its rows hold) of every inode."""
         return self._all(
-            "SELECT i.id, i.stored_bytes, coalesce((SELECT sum(length) FROM blocks b WHERE b.inode = i.id), 0)"
+            "SELECT i.id, i.stored_bytes, coalesce((SELECT sum(length) FROM blocks b WHERE b.inode = i.id"
+            f" AND b.{_DATA}), 0)"
             " FROM inodes i")
 
     def referenced_garbage(self) -> list[bytes]:

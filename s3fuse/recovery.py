@@ -161,7 +161,8 @@ class RecoveryArea:
             log.warning("inode %d (%s): its KMS key could not seal the recovery record (%s); "
                         "sealed under the master key", inode, file_path, exc)
             data_key, wrapped = await self.keys.new_data_key(Policy(SSE_S3), record_id, inode, RECOVERY_BLOCK, SYSTEM)
-        nbytes = sum(len(b) for _, b in body["blocks"])
+        nbytes = (sum(len(b) for _, b in body["blocks"])
+                  + sum(len(d) for _, runs in body.get("patches", ()) for _, d in runs))
         blob = seal(record_id, inode, data_key, wrapped,
                     {"path": file_path, "reason": reason, "bytes": nbytes, "uid": writer.uid,
                      "gid": writer.gid}, body)
@@ -226,7 +227,9 @@ class RecoveryArea:
             why = fs.failure or reason
             body = {"size": fs.size, "mtime_ns": fs.mtime_ns, "ctime_ns": fs.ctime_ns,
                     "db_size": row.size, "db_ctime_ns": row.ctime_ns,
-                    "blocks": [[b, bytes(blk.data)] for b, blk in sorted(fs.blocks.items())]}
+                    "blocks": [[b, bytes(blk.data)] for b, blk in sorted(fs.blocks.items()) if blk.runs is None],
+                    "patches": [[b, [[off, bytes(d)] for off, d in blk.runs.items()]]
+                                for b, blk in sorted(fs.blocks.items()) if blk.runs is not None]}
             try:
                 path = await self.keep(inode=fs.ino, file_path=file_path, reason=why, policy=fs.policy,
                                        writer=fs.writer, grant=fs.grant, body=body)

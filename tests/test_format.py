@@ -27,6 +27,16 @@ def test_object_matches_documented_vector():
     assert vectors.object_bytes() == _documented_hex("Object (`tests/vectors.py`")
 
 
+def test_patch_matches_documented_vector():
+    blob = vectors.patch_bytes()
+    assert blob == _documented_hex("Patch (`tests/vectors.py`")
+    assert _decrypt_all(blob, vectors.PATCH_HEADER) == vectors.PATCH_PLAINTEXT
+    keys = fmt.derive_object_keys(vectors.DATA_KEY, vectors.PATCH_OBJECT_ID)
+    assert fmt.parse_header(blob, keys).base == vectors.OBJECT_ID
+    runs = fmt.decode_patch(vectors.PATCH_PLAINTEXT, 4 * 1024 * 1024)
+    assert [(off, bytes(d)) for off, d in runs] == [(3, b"abc"), (20, b"patch")]
+
+
 def test_key_slot_matches_documented_vector():
     assert vectors.key_slot_bytes() == _documented_hex("Key slot of that data key")
 

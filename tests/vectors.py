@@ -11,6 +11,13 @@ HEADER = fmt.ObjectHeader(OBJECT_ID, STORE_ID, inode=2, block=0, mode="AES256", 
                           segment_size=16, length=len(PLAINTEXT))
 
 
+# a patch of that block: patch 0 of block 0, applying to the object above
+PATCH_OBJECT_ID = bytes.fromhex("ffeeddccbbaa99887766554433221100")
+PATCH_PLAINTEXT = fmt.encode_patch([(3, b"abc"), (20, b"patch")])
+PATCH_HEADER = fmt.ObjectHeader(PATCH_OBJECT_ID, STORE_ID, inode=2, block=fmt.patch_number(0, 0), mode="AES256",
+                                key_ref="", segment_size=16, length=len(PATCH_PLAINTEXT), base=OBJECT_ID)
+
+
 def counter_nonces():
     state = {"n": 0}
 
@@ -23,6 +30,10 @@ def counter_nonces():
 
 def object_bytes() -> bytes:
     return fmt.encrypt_object(HEADER, DATA_KEY, PLAINTEXT, random=counter_nonces())
+
+
+def patch_bytes() -> bytes:
+    return fmt.encrypt_object(PATCH_HEADER, DATA_KEY, PATCH_PLAINTEXT, random=counter_nonces())
 
 
 def key_slot_bytes() -> bytes:
@@ -54,6 +65,8 @@ if __name__ == "__main__":
 
     print("object:")
     print("\n".join(textwrap.wrap(object_bytes().hex(), 64)))
+    print("patch:")
+    print("\n".join(textwrap.wrap(patch_bytes().hex(), 64)))
     print("key slot:")
     print("\n".join(textwrap.wrap(key_slot_bytes().hex(), 64)))
     for name, mac in metadata_macs().items():

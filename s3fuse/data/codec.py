@@ -34,8 +34,9 @@ class OpenObject:
 
 
 def header_matches(header: fmt.ObjectHeader, ref: BlockRef, store_id: bytes, segment_size: int) -> bool:
-    """Does an authenticated header describe exactly this block-map row's object?"""
-    return ((header.object_id, header.store_id, header.inode, header.block, header.mode, header.key_ref,
+    """Does an authenticated header describe exactly this block-map row's object? (A patch's
+    also names the block object it applies to, which the reader checks against the block's row.)"""
+    return (bool(header.base) == fmt.is_patch(ref.blockno)) and ((header.object_id, header.store_id, header.inode, header.block, header.mode, header.key_ref,
              header.segment_size, header.length)
             == (ref.object_id, store_id, ref.inode, ref.blockno, ref.mode, ref.key_ref,
                 segment_size, ref.obj_length))
@@ -53,19 +54,24 @@ def open_header(header_bytes: bytes, data_key: bytes, ref: BlockRef, store_id: b
 
 
 def verify_object(buf: bytes, data_key: bytes, ref: BlockRef, store_id: bytes, segment_size: int,
-                  whole: bool) -> str | None:
+                  whole: bool, base: bytes | None = None, block_size: int = 0) -> str | None:
     """fsck's check of a fetched object (`buf`: the whole object, or at least its header):
-    -> why it fails, or None."""
+    -> why it fails, or None. A patch's must name its block's object (`base`; None: the
+    block has no row, which fsck reports apart), and, checked whole, hold well-formed runs."""
     try:
         opened = open_header(buf, data_key, ref, store_id, segment_size)
     except fmt.FormatError as exc:
         return str(exc)
     if fmt.header_length(buf) != ref.hdr_len:
         return "header length does not match the block map"
+    if fmt.is_patch(ref.blockno) and base is not None and opened.header.base != base:
+        return "patch does not apply to its block's object"
     if whole:
         try:
-            fmt.decrypt_segments(opened.keys, opened.header, 0, memoryview(buf)[ref.hdr_len:],
-                                 opened.header.segment_count)
+            segs = fmt.decrypt_segments(opened.keys, opened.header, 0, memoryview(buf)[ref.hdr_len:],
+                                        opened.header.segment_count)
+            if fmt.is_patch(ref.blockno):
+                fmt.decode_patch(b"".join(segs), block_size)
         except fmt.FormatError as exc:
             return str(exc)
     return None
@@ -107,7 +113,8 @@ class ObjectCodec:
         return policy.mode == SSE_KMS and self.keys.kms_blocks(key=policy.key)
 
     async def new_object(self, ino: int, blockno: int, length: int, policy: Policy, who: Caller,
-                         grant: WriteGrant | None = None) -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
+                         grant: WriteGrant | None = None,
+                         base: bytes = b"") -> tuple[fmt.ObjectHeader, bytes, WrappedKey]:
         """A fresh object id, data key and header: the key its file's open made for it, if
         any, else a new one (a network KMS's call in a worker thread)."""
         remote = self.remote_key(policy)
@@ -120,18 +127,19 @@ class ObjectCodec:
             object_id = os.urandom(fmt.OBJECT_ID_LEN)
             path = self._path_of(ino) if policy.mode == SSE_KMS else None  # for the audit record
             data_key, wrapped = await self.keys.new_data_key(policy, object_id, ino, blockno, who, path, grant)
-        return self._header(object_id, ino, blockno, length, wrapped), data_key, wrapped
+        return self._header(object_id, ino, blockno, length, wrapped, base), data_key, wrapped
 
     def _header(self, object_id: bytes, ino: int, blockno: int, length: int,
-                wrapped: WrappedKey) -> fmt.ObjectHeader:
+                wrapped: WrappedKey, base: bytes = b"") -> fmt.ObjectHeader:
         return fmt.ObjectHeader(object_id, self.store_id, ino, blockno, wrapped.mode,
-                                wrapped.key_ref, self.segment_size, length)
+                                wrapped.key_ref, self.segment_size, length, base)
 
     async def seal(self, ino: int, blockno: int, data: bytes, policy: Policy, who: Caller,
-                   grant: WriteGrant | None = None) -> tuple[bytearray | memoryview, BlockRef]:
-        """An object for one block: -> its bytes and its block-map row. Encryption runs in a
-        worker thread when the block is large."""
-        header, data_key, wrapped = await self.new_object(ino, blockno, len(data), policy, who, grant)
+                   grant: WriteGrant | None = None, base: bytes = b"") -> tuple[bytearray | memoryview, BlockRef]:
+        """An object for one block (or, with `base`, a patch numbered `blockno` of that block
+        object): -> its bytes and its block-map row. Encryption runs in a worker thread when
+        the block is large."""
+        header, data_key, wrapped = await self.new_object(ino, blockno, len(data), policy, who, grant, base)
         if len(data) > THREAD_THRESHOLD:
             blob, header_len = await self.crypto.run(fmt.encrypt_object_buffer, header, data_key, data,
                                                      os.urandom, self.alloc)

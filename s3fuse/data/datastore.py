@@ -58,7 +58,8 @@ class DataStore:
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
                       "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
-                      "blocks_read_ahead": 0, "blocks_read_ahead_late": 0}
+                      "blocks_read_ahead": 0, "blocks_read_ahead_late": 0, "patches_put": 0,
+                      "patch_merges": 0}
         # enough full blocks of a streaming writer to keep the store's concurrent puts busy
         # while as many more wait their turn
         self.wb = WriteBack(block_size, dirty_limit, flush_delay, stream_blocks=2 * backend.store_concurrency)
@@ -69,6 +70,7 @@ class DataStore:
         self.collect = Collector(meta, backend, self.codec)
         self.flushing = Flusher(meta, backend, self.codec, self.wb, self.collect, self.stats, self.describe)
         self.flushing.dropped = self._maybe_drop
+        self.flushing.load = self.reads.load_block
         self._loading: dict[tuple[int, int], trio.Event] = {}
         self.space_wait = SPACE_WAIT
         self.damaged: set[int] = set()  # files marked LOST_AT_STOP: reads fail
@@ -275,6 +277,8 @@ class DataStore:
         ref = self.block_ref(fs.ino, blockno) if blockno * self.block_size < fs.size else None
         if ref is None or (boff == 0 and n >= ref.length):
             data = bytearray()
+        elif self._patchable(fs, blockno, ref):
+            return self.wb.new_sparse_block(fs, blockno, time.monotonic())
         else:
             event = self._loading[(fs.ino, blockno)] = trio.Event()
             try:
@@ -285,6 +289,13 @@ class DataStore:
             if blockno in fs.blocks:  # a concurrent writer won the race
                 return fs.blocks[blockno]
         return self.wb.new_block(fs, blockno, data, time.monotonic())
+
+    def _patchable(self, fs: FileState, blockno: int, ref: BlockRef) -> bool:
+        """Can a small write into this stored block be kept without loading it, to be stored
+        as a patch? Its committed object must be a whole block (so nothing past its end can
+        show through), and its key one that needs no network call per object."""
+        return (ref.length == self.block_size and not self.wb.pending_ref(fs.ino, blockno)[0]
+                and not self.codec.remote_key(fs.policy))
 
     async def write(self, ino: int, off: int, buf: bytes) -> int:
         self.stats["writes"] += 1
@@ -411,7 +422,7 @@ class DataStore:
         fs.open_count += 1  # held while stored
         try:
             self.wb.restore(fs, body["blocks"], body["size"], body["mtime_ns"], body["ctime_ns"], writer, grant,
-                            time.monotonic())
+                            time.monotonic(), body.get("patches", []))
             await self.flush(ino, durable=True)
         finally:
             fs.open_count -= 1
@@ -443,6 +454,8 @@ class DataStore:
             new_refs = []
             try:
                 for ref in self.meta.blocks_of(ino):
+                    if fmt.is_patch(ref.blockno):
+                        continue  # applied by load_block; the new object replaces them
                     data = await self.reads.load_block(ref, who, None)
                     new_refs.append(await self.flushing.store_snapshot(ino, ref.blockno, bytes(data), policy, who))
                 await self.backend.sync()

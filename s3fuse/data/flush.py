@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .. import format as fmt
 from ..backends import Backend, BarrierFailed
 from ..errors import S3fuseError
 from ..meta import BlockRef, Meta
@@ -35,6 +36,13 @@ BATCH_DELAY = 0.03  # a streaming writer's full blocks are stored this soon
 # wait.
 CLOSE_BATCH_DELAY = 0.25
 IDLE_LOOK = 0.5  # s: the flusher looks for idle files at least this often
+# A sparse block is stored as a patch of its object while the block has fewer patches than
+# this and their plaintexts add up to at most a PATCH_BYTES_DIVISOR-th of a block; otherwise
+# it is merged: loaded
+# with its patches, written over, and stored whole (which drops the patches). This bounds what
+# a read of the block fetches besides the object.
+MAX_PATCHES = 16
+PATCH_BYTES_DIVISOR = 2
 
 Stored = tuple[tuple[int, int], int, BlockRef | None]  # (inode, block), version stored, its row
 
@@ -71,6 +79,8 @@ class Flusher:
         # (st_blocks after a commit), so that the kernel drops what it caches of them
         self.attrs_changed: Callable[[list[int]], None] | None = None
         self.dropped: Callable[[FileState], None] = lambda fs: None  # see DataStore.settle
+        self.load = None  # ReadCache.load_block: a stored block's bytes, its patches applied
+        self._bases: dict[bytes, bytes] = {}  # a batch's patches: patch object id -> its block's object id
 
     # ------------------------------------------------------------------ signals
     def wake(self) -> None:
@@ -166,6 +176,7 @@ class Flusher:
         small: dict[int, list[tuple[str, bytearray]]] = {}  # objects put together in one batch
         failed: dict[int, S3fuseError] = {}
         self._attempted = {}  # every object this batch puts, even one whose put is cancelled
+        self._bases = {}
         self._synced = False  # the small objects' put ended with the sync barrier (_put_small)
         large = False
         # A streaming writer's full blocks leave the buffer one by one as they are stored
@@ -182,7 +193,8 @@ class Flusher:
                                 early.order[fs.ino] = sorted(blockno for blockno, _ in file_jobs)
                             for blockno, blk in file_jobs:
                                 jobs.append((fs, blockno, blk))
-                                if len(blk.data) <= THREAD_THRESHOLD and not self.codec.remote_key(fs.policy):
+                                if (blk.runs is None and len(blk.data) <= THREAD_THRESHOLD
+                                        and not self.codec.remote_key(fs.policy)):
                                     done.append(await self._seal_small(fs, blockno, blk, small.setdefault(fs.ino, [])))
                                 else:
                                     large = True
@@ -265,6 +277,8 @@ class Flusher:
     async def _store_block(self, fs: FileState, blockno: int, blk: Block) -> Stored:
         # The limiter bounds the buffers in flight (snapshot + ciphertext) to a few blocks.
         async with self._store_limiter:
+            if blk.runs is not None:
+                return await self._store_sparse(fs, blockno, blk)
             version = blk.version
             if blk.sealed:
                 # a finished block of a sequential writer is stored as it is; a later write
@@ -281,9 +295,43 @@ class Flusher:
             finally:
                 blk.inflight = False
 
-    async def store_snapshot(self, ino: int, blockno: int, data: bytes, policy, who, grant=None) -> BlockRef:
-        """Seal and put one block. -> its block-map row (not committed)."""
-        blob, ref = await self.codec.seal(ino, blockno, data, policy, who, grant)
+    async def _store_sparse(self, fs: FileState, blockno: int, blk: Block) -> Stored:
+        """A sparse block: its runs as a patch of the block's committed object, or, when
+        that object is no longer a whole block, is not committed yet, or has patches enough,
+        merged: the block loaded (patches applied), the runs written over it, stored whole."""
+        version = blk.version
+        runs = blk.runs.copy()  # writes may go on while this is stored
+        bs = self.wb.block_size
+        pending, ref = self.wb.pending_ref(fs.ino, blockno)
+        base = None if pending else self.meta.block(fs.ino, blockno)
+        patches = self.meta.patches_of(fs.ino, blockno) if base is not None else []
+        encoded = 4 + 8 * len(runs.starts) + runs.nbytes  # the patch's plaintext (format.encode_patch)
+        if (base is not None and base.length == bs and len(patches) < MAX_PATCHES
+                and encoded + sum(p.length for p in patches) <= bs // PATCH_BYTES_DIVISOR
+                and not self.codec.remote_key(fs.policy)):
+            seq = patches[-1].blockno - fmt.patch_number(blockno, 0) + 1 if patches else 0
+            patch = await self.store_snapshot(fs.ino, fmt.patch_number(blockno, seq), fmt.encode_patch(runs.items()),
+                                              fs.policy, fs.writer, fs.grant, base=base.object_id)
+            self._bases[patch.object_id] = base.object_id
+            self.stats["patches_put"] += 1
+            return (fs.ino, blockno), version, patch
+        old = ref if pending else base
+        data = bytearray() if old is None else await self.load(old, fs.writer, fs.grant)
+        end = runs.starts[-1] + len(runs.datas[-1]) if runs.nbytes else 0
+        if end > len(data):
+            data.extend(bytes(end - len(data)))
+        runs.apply(data)
+        self.stats["patch_merges"] += 1
+        if not data or _all_zero(data):
+            return (fs.ino, blockno), version, None
+        return (fs.ino, blockno), version, await self.store_snapshot(fs.ino, blockno, bytes(data), fs.policy,
+                                                                     fs.writer, fs.grant)
+
+    async def store_snapshot(self, ino: int, blockno: int, data: bytes, policy, who, grant=None,
+                             base: bytes = b"") -> BlockRef:
+        """Seal and put one block (with `base`, a patch numbered `blockno` of that object).
+        -> its block-map row (not committed)."""
+        blob, ref = await self.codec.seal(ino, blockno, data, policy, who, grant, base)
         self._attempted.setdefault(ino, []).append(ref.object_id)
         await self.backend.put(ref.object_id.hex(), blob)
         return self._counted(ref, len(blob))
@@ -375,33 +423,40 @@ class Flusher:
         changed: list[int] = []  # inodes whose st_blocks the kernel may hold a stale value of
         if by_ino and not synced:
             await self.backend.sync()
+        for (ino, blockno), ref in refs.items():
+            # a patch applies to the object it was made for: that must still be the block's
+            # (the flush lock keeps it so; if not, the batch fails and its data stays dirty)
+            if ref is not None and fmt.is_patch(ref.blockno):
+                row = self.meta.block(ino, blockno)
+                if row is None or row.object_id != self._bases.get(ref.object_id):
+                    raise S3fuseError(f"block {blockno} of inode {ino} changed under its patch", errno.EIO)
         # The deferred blocks this commit covers leave `pending`, whether committed or
         # superseded by a newer object in `refs` (then garbage, above: a superseded one left
         # pending would be committed later, pointing at a deleted object). The sync may have
         # let other tasks defer more blocks: those stay pending for next time.
         self.wb.covered(deferred)
-        garbage: list[bytes] = []  # objects no row refers to any more once this commits
+        garbage_before = self.meta.garbage_made
         with self.meta.transaction():
             for oid in replaced:
-                garbage.append(oid)
+                self.meta.add_garbage(oid)
             for ino in set(by_ino) | set(sizes):
                 blocks = by_ino.get(ino, {})
                 if self.meta.inode(ino) is None:  # deleted while we were storing
                     for ref in blocks.values():
                         if ref is not None:
-                            garbage.append(ref.object_id)
+                            self.meta.add_garbage(ref.object_id)
                     continue
                 fs = self.wb.get(ino)
                 size = sizes[ino] if ino in sizes else pending_size.get(ino, fs.db_size if fs else 0)
                 for blockno, ref in blocks.items():
                     if blockno * bs >= size:
                         if ref is not None:
-                            garbage.append(ref.object_id)
+                            self.meta.add_garbage(ref.object_id)
                     elif ref is None:
                         old = self.meta.block(ino, blockno)
                         if old is not None:
-                            garbage.append(old.object_id)
-                            self.meta.delete_block(ino, blockno)
+                            self.meta.add_garbage(old.object_id)
+                            self.meta.delete_block(ino, blockno)  # and its patches
                     else:
                         self.meta.put_block(ref)
                 stored = self.meta.stored_bytes_of(ino)
@@ -412,9 +467,7 @@ class Flusher:
                     # times as they are now: setattr may have changed them while we stored
                     fields.update(mtime_ns=fs.mtime_ns, ctime_ns=fs.ctime_ns)
                 self.meta.update_inode(ino, **fields)
-            for oid in garbage:
-                self.meta.add_garbage(oid)
-        if garbage:
+        if self.meta.garbage_made != garbage_before:
             self.collector.kick()
         if changed and self.attrs_changed is not None:
             self.attrs_changed(changed)

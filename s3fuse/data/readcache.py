@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from bisect import bisect_right
 from collections import OrderedDict
 
 import trio
@@ -45,6 +46,31 @@ OUT_OF_ORDER = 8 << 20
 # A read this large is the kernel filling its page cache (its smallest read-ahead window):
 # the segments it reads whole are not kept (ReadCache.read_stored says why)
 STREAM_READ = 128 * 1024
+
+
+class PatchRuns:
+    """A patch's runs, decoded (cached like a segment, counted by its plaintext size)."""
+
+    __slots__ = ("starts", "datas", "size")
+
+    def __init__(self, runs: list[tuple[int, memoryview]], size: int) -> None:
+        self.starts = [off for off, _ in runs]
+        self.datas = [data for _, data in runs]
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def apply(self, target: bytearray, base: int) -> None:
+        """Write the runs into `target`, which holds the block's bytes from `base` on."""
+        n = len(target)
+        k = max(0, bisect_right(self.starts, base) - 1)
+        while k < len(self.starts) and self.starts[k] < base + n:
+            start, data = self.starts[k], self.datas[k]
+            lo, hi = max(start, base), min(start + len(data), base + n)
+            if lo < hi:
+                target[lo - base : hi - base] = data[lo - start : hi - start]
+            k += 1
 
 
 class SegmentCache:
@@ -114,6 +140,48 @@ class ReadCache:
         found, ref = self.wb.pending_ref(ino, blockno)
         return ref if found else self.meta.block(ino, blockno)
 
+    def patches_for(self, ref: BlockRef) -> list[BlockRef]:
+        """The committed patches that apply over `ref`'s object: none unless `ref` is its
+        block's committed row (a stored-but-uncommitted object already holds them)."""
+        if not self.meta.has_patches(ref.inode):
+            return []
+        patches = self.meta.patches_of(ref.inode, ref.blockno)
+        if not patches:
+            return []
+        row = self.meta.block(ref.inode, ref.blockno)
+        return patches if row is not None and row.object_id == ref.object_id else []
+
+    async def patch_runs(self, patch: BlockRef, base: BlockRef, who: Caller,
+                         grant: WriteGrant | None = None) -> PatchRuns:
+        """A patch's runs: fetched, authenticated (its header must name `base`'s object),
+        decoded, and cached as a segment is."""
+        key = ((patch.object_id, patch.inode, patch.blockno), 0)
+        runs = self.cache.get(key)
+        if runs is None:
+            count = fmt.segment_count(patch.obj_length, self.segment_size)
+            segs = await self.fetch_segments(patch, 0, count - 1, who, grant)
+            opened = self.codec.opened(patch)
+            if opened is None or opened.header.base != base.object_id:
+                raise self._integrity(patch, "patch does not apply to its block's object")
+            plain = segs[0] if len(segs) == 1 else b"".join(segs)
+            try:
+                runs = PatchRuns(fmt.decode_patch(plain, self.block_size), len(plain))
+            except fmt.FormatError as exc:
+                raise self._integrity(patch, str(exc)) from None
+            self.cache.put(key, runs)
+        return runs
+
+    @staticmethod
+    def _patched(overlays: list[PatchRuns], boff: int, chunk: bytes) -> bytes:
+        """`chunk` (bytes from `boff` of a block, clipped to its length) with the block's
+        patches applied in order."""
+        if not overlays or not chunk:
+            return chunk
+        out = bytearray(chunk)
+        for runs in overlays:
+            runs.apply(out, boff)
+        return bytes(out)
+
     # ------------------------------------------------------------------ prefetch
     def prefetch_on_open(self, fs: FileState, who: Caller, first: BlockRef | None) -> None:
         """`fs` was opened for reading by `who` (its key checks passed): if it is small and
@@ -142,7 +210,7 @@ class ReadCache:
         answered, is the file's only one, no page of it is locked waiting for us. The data are
         committed, unchanged (nothing written, no writer) and authenticated."""
         if (self.pusher is None or ref is None or fs.open_count != 1 or fs.writers or fs.dirty
-                or fs.ino in self.wb.pending or ref.length < fs.size):
+                or fs.ino in self.wb.pending or ref.length < fs.size or self.patches_for(ref)):
             return False
         ident = (ref.object_id, ref.inode, ref.blockno)
         segs = []
@@ -268,22 +336,32 @@ class ReadCache:
                     if ref is not None:
                         self.backend.prefetch(ref.object_id.hex())
                 self._decrypt_ahead(fs, blockno + 1, who)
-            if blk is not None:
+            if blk is not None and blk.runs is None:
                 chunk = bytes(blk.data[boff : boff + n])
             else:
                 ref = self.block_ref(ino, blockno)
                 if ref is None:
                     chunk = b""
                 else:
-                    chunk = await self.read_stored(ref, boff, n, sequential, who, push, size >= STREAM_READ)
+                    overlays = [await self.patch_runs(p, ref, who) for p in self.patches_for(ref)]
+                    # what goes to the kernel's page cache is the object with the patches over it
+                    chunk = await self.read_stored(ref, boff, n, sequential, who,
+                                                   None if blk is not None else push,
+                                                   size >= STREAM_READ, overlays)
+                    chunk = self._patched(overlays, boff, chunk)
             if len(chunk) < n:
                 chunk += bytes(n - len(chunk))
+            if blk is not None and blk.runs is not None:  # a sparse block: its runs over the stored bytes
+                out = bytearray(chunk)
+                blk.runs.apply(out, boff)
+                chunk = bytes(out)
             parts.append(chunk)
             pos += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_stored(self, ref: BlockRef, boff: int, n: int, sequential: bool, who: Caller,
-                          push: tuple[FileState, int, int, int] | None = None, use_once: bool = False) -> bytes:
+                          push: tuple[FileState, int, int, int] | None = None, use_once: bool = False,
+                          overlays: list[PatchRuns] = ()) -> bytes:
         """Bytes [boff, boff+n) of a stored block, clipped to its valid length. With
         `use_once`, the segments read whole leave the cache (or do not enter it)."""
         stop = min(boff + n, ref.length)
@@ -357,20 +435,22 @@ class ReadCache:
                     self.cache.put((ident, lo + k), s)
             segs = [s if s is not None else fetched[first + k - lo] for k, s in enumerate(segs)]
             if push is not None:
-                self._push_fetched(push, ref, lo, fetched)
+                self._push_fetched(push, ref, lo, fetched, overlays)
         data = segs[0] if len(segs) == 1 else b"".join(segs)
         start = boff - first * seg
         return data[start : start + (stop - boff)]
 
     def _push_fetched(self, push: tuple[FileState, int, int, int], ref: BlockRef, lo: int,
-                      fetched: list[bytes]) -> None:
-        """Queue the fetched plaintext, less the pages the current request will fill, for the
-        kernel's page cache, if the file allows it (pagecache.py says when)."""
+                      fetched: list[bytes], overlays: list[PatchRuns] = ()) -> None:
+        """Queue the fetched plaintext (the block's patches applied over it), less the pages
+        the current request will fill, for the kernel's page cache, if the file allows it
+        (pagecache.py says when)."""
         fs, gen, req_start, req_end = push
         if (self.pusher is None or fs.push_gen != gen or fs.writers > 0 or fs.dirty or fs.open_count <= 0
                 or fs.ino in self.wb.pending or self.wb.get(fs.ino) is not fs):
             return
-        data = memoryview(fetched[0] if len(fetched) == 1 else b"".join(fetched))
+        data = memoryview(self._patched(overlays, lo * self.segment_size,
+                                        fetched[0] if len(fetched) == 1 else b"".join(fetched)))
         block_start = ref.blockno * self.block_size
         start = block_start + lo * self.segment_size
         end = min(start + len(data), block_start + ref.length, fs.size)
@@ -451,11 +531,15 @@ class ReadCache:
         return IntegrityError(msg)
 
     async def load_block(self, ref: BlockRef, who: Caller, grant: WriteGrant | None) -> bytearray:
-        """The whole valid plaintext of a stored block, for a read-modify-write."""
+        """The whole valid plaintext of a stored block (its patches applied), for a
+        read-modify-write."""
         count = fmt.segment_count(ref.obj_length, self.segment_size)
+        patches = self.patches_for(ref)
         segs = await self.fetch_segments(ref, 0, count - 1, who, grant)
         data = bytearray(b"".join(segs))
         del data[ref.length :]
+        for patch in patches:
+            (await self.patch_runs(patch, ref, who, grant)).apply(data, 0)
         return data
 
     def closed(self, fs: FileState) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from ..crypto import SYSTEM, Caller, WriteGrant
@@ -38,9 +39,99 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 
 
+# what a run costs the buffer beyond its bytes (its list entries and bytearray), so that tiny
+# writes at scattered offsets cannot hold many times `dirty_limit` in memory
+RUN_COST = 128
+
+
+class Runs:
+    """The bytes written into a block that is not in memory (a sparse block): disjoint
+    runs (offset within the block, bytes), ascending; touching runs are joined. `nbytes`
+    counts the bytes, `cost` what they take in the buffer."""
+
+    __slots__ = ("starts", "datas", "nbytes")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.datas: list[bytearray] = []
+        self.nbytes = 0
+
+    @property
+    def cost(self) -> int:
+        return self.nbytes + RUN_COST * len(self.starts)
+
+    def copy(self) -> Runs:
+        out = Runs()
+        out.starts = list(self.starts)
+        out.datas = [bytearray(d) for d in self.datas]
+        out.nbytes = self.nbytes
+        return out
+
+    def items(self) -> list[tuple[int, bytearray]]:
+        return list(zip(self.starts, self.datas))
+
+    def covers(self, off: int, end: int) -> bool:
+        i = bisect_right(self.starts, off) - 1
+        return i >= 0 and self.starts[i] + len(self.datas[i]) >= end
+
+    def write(self, off: int, chunk) -> int:
+        """Write `chunk` at `off`. -> how much the cost grew by."""
+        end = off + len(chunk)
+        starts, datas = self.starts, self.datas
+        i = bisect_right(starts, off) - 1
+        lo = i if i >= 0 and starts[i] + len(datas[i]) >= off else i + 1
+        hi = bisect_right(starts, end)  # runs starting at or before `end` touch the write
+        before = self.cost
+        if lo == hi:
+            starts.insert(lo, off)
+            datas.insert(lo, bytearray(chunk))
+            self.nbytes += len(chunk)
+            return self.cost - before
+        start = min(off, starts[lo])
+        stop = max(end, starts[hi - 1] + len(datas[hi - 1]))
+        if hi == lo + 1 and starts[lo] <= off:  # inside one run, or extending it
+            run = datas[lo]
+            if stop - start > len(run):
+                self.nbytes += stop - start - len(run)
+                run.extend(bytes(stop - start - len(run)))
+            run[off - start : end - start] = chunk
+            return self.cost - before
+        # the runs the write touches are joined into one (the write covers the gaps between them)
+        joined = bytearray(stop - start)
+        for k in range(lo, hi):
+            joined[starts[k] - start : starts[k] - start + len(datas[k])] = datas[k]
+            self.nbytes -= len(datas[k])
+        joined[off - start : end - start] = chunk
+        starts[lo:hi] = [start]
+        datas[lo:hi] = [joined]
+        self.nbytes += len(joined)
+        return self.cost - before
+
+    def truncate(self, size: int) -> int:
+        """Drop what lies at or past `size`. -> how much the cost fell by."""
+        before = self.cost
+        k = bisect_left(self.starts, size)
+        del self.starts[k:]
+        del self.datas[k:]
+        if self.datas and self.starts[-1] + len(self.datas[-1]) > size:
+            del self.datas[-1][size - self.starts[-1] :]
+        self.nbytes = sum(len(d) for d in self.datas)
+        return before - self.cost
+
+    def apply(self, target: bytearray, base: int = 0) -> None:
+        """Write the runs into `target`, which holds the block's bytes from `base` on."""
+        n = len(target)
+        for start, data in zip(self.starts, self.datas):
+            lo, hi = max(start, base), min(start + len(data), base + n)
+            if lo < hi:
+                target[lo - base : hi - base] = data[lo - start : hi - start]
+
+
 @dataclass(eq=False)
 class Block:
-    """A block of an open file that differs from (or is not yet in) the store."""
+    """A block of an open file that differs from (or is not yet in) the store: its bytes
+    from offset 0 (`data`), or, for a sparse block (a stored full block written in small
+    pieces, which is not loaded), only the runs written (`runs`), stored as a patch."""
 
     data: bytearray
     version: int = 0
@@ -49,6 +140,12 @@ class Block:
     sealed: bool = False
     inflight: bool = False  # being encrypted from this very buffer: copy before changing it
     superseded: bool = False  # a copy replaced it while in flight; its bytes still count as dirty
+    runs: Runs | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds in the buffer."""
+        return self.runs.cost if self.runs is not None else len(self.data)
 
 
 @dataclass(eq=False)
@@ -92,7 +189,7 @@ class FileState:
     @property
     def buffered(self) -> int:
         """Bytes of this file held in write-back buffers."""
-        return sum(len(b.data) for b in self.blocks.values())
+        return sum(b.nbytes for b in self.blocks.values())
 
     def set_writer(self, writer: Caller, grant: WriteGrant | None) -> None:
         """The last writer stores the file's data, under the key its open fixed."""
@@ -239,7 +336,10 @@ class WriteBack:
             blockno, boff = divmod(off, bs)
             upto = min(end - off, bs - boff) + boff
             blk = fs.blocks.get(blockno)
-            grow += upto - boff if blk is None or blk.inflight else max(0, upto - len(blk.data))
+            if blk is not None and blk.runs is not None:
+                grow += 0 if blk.runs.covers(boff, upto) else upto - boff + RUN_COST
+            else:
+                grow += upto - boff if blk is None or blk.inflight else max(0, upto - len(blk.data))
             off += upto - boff
         return grow
 
@@ -253,10 +353,31 @@ class WriteBack:
             fs.dirty_since = mono
         return blk
 
+    def new_sparse_block(self, fs: FileState, blockno: int, mono: float) -> Block:
+        """A stored full block enters the buffers without its bytes: only what is written
+        into it is kept (`Block.runs`), and stored as a patch of its object."""
+        blk = fs.blocks[blockno] = Block(bytearray(), runs=Runs())
+        if not fs.dirty_since:
+            fs.dirty_since = mono
+        return blk
+
     def write_block(self, fs: FileState, blockno: int, boff: int, chunk: memoryview) -> bool:
         """Write `chunk` at `boff` into a buffered block. -> whether that filled the block
         (a streaming writer's: worth storing now)."""
         blk = fs.blocks[blockno]
+        if blk.runs is not None:
+            self.dirty_bytes += blk.runs.write(boff, chunk)
+            blk.version += 1
+            if blk.runs.nbytes < self.block_size:
+                return False
+            # written whole (one run of the block's size): an ordinary block from now on
+            self.dirty_bytes -= RUN_COST
+            blk.data, blk.runs = blk.runs.datas[0], None
+            if boff + len(chunk) == self.block_size:
+                blk.sealed = True
+                self.sealed_waiting = True
+                return True
+            return False
         if blk.inflight:
             blk.superseded = True
             blk = fs.blocks[blockno] = Block(bytearray(blk.data), blk.version, blk.sealed)
@@ -285,9 +406,12 @@ class WriteBack:
         """A committed truncate (after the file's data was stored): cut the buffers."""
         bs = self.block_size
         for blockno in [b for b in fs.blocks if b * bs >= size]:
-            self.dirty_bytes -= len(fs.blocks.pop(blockno).data)
+            self.dirty_bytes -= fs.blocks.pop(blockno).nbytes
         partial = fs.blocks.get(size // bs)
-        if partial is not None and len(partial.data) > size % bs:
+        if partial is not None and partial.runs is not None:
+            self.dirty_bytes -= partial.runs.truncate(size % bs)
+            partial.version += 1
+        elif partial is not None and len(partial.data) > size % bs:
             self.dirty_bytes -= len(partial.data) - size % bs
             del partial.data[size % bs :]
             partial.version += 1
@@ -295,14 +419,23 @@ class WriteBack:
         fs.mtime_ns = fs.ctime_ns = now_ns
 
     def restore(self, fs: FileState, blocks: list, size: int, mtime_ns: int, ctime_ns: int,
-                writer: Caller, grant: WriteGrant | None, mono: float) -> None:
-        """Data a stop kept in the recovery area, back into the buffers, to be stored now."""
+                writer: Caller, grant: WriteGrant | None, mono: float, patches: list = ()) -> None:
+        """Data a stop kept in the recovery area, back into the buffers, to be stored now:
+        whole blocks, and the runs written into sparse ones."""
         for blockno, content in blocks:
             old = fs.blocks.get(blockno)
             if old is not None:
-                self.dirty_bytes -= len(old.data)
+                self.dirty_bytes -= old.nbytes
             fs.blocks[blockno] = Block(bytearray(content))
             self.dirty_bytes += len(content)
+        for blockno, runs in patches:
+            old = fs.blocks.get(blockno)
+            if old is not None:
+                self.dirty_bytes -= old.nbytes
+            blk = fs.blocks[blockno] = Block(bytearray(), runs=Runs())
+            for off, content in runs:
+                blk.runs.write(off, content)
+            self.dirty_bytes += blk.nbytes
         fs.size = size
         fs.mtime_ns, fs.ctime_ns = mtime_ns, ctime_ns
         fs.set_writer(writer, grant)
@@ -370,7 +503,7 @@ class WriteBack:
         """`blk` was stored as of `version`: it leaves the buffer, unless written since."""
         if fs.blocks.get(blockno) is blk and blk.version == version:
             del fs.blocks[blockno]
-            self.dirty_bytes -= len(blk.data)
+            self.dirty_bytes -= blk.nbytes
         elif blk.superseded:  # replaced by a copy while it was stored
             self.dirty_bytes -= len(blk.data)
 

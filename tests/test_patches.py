@@ -1,0 +1,300 @@
+"""Small writes into stored blocks, kept as patches (docs/ARCHITECTURE.md, "Small writes into
+stored blocks"): the data path driven directly against a model of the file, then the mounted
+filesystem on both backends, fsck, and kill -9."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import subprocess
+
+import pytest
+import trio
+
+from s3fuse import format as fmt
+from s3fuse.crypto import SYSTEM
+from s3fuse.data import flush
+from s3fuse.data.writeback import Runs
+from s3fuse.errors import S3fuseError
+from s3fuse.policy import DEFAULT
+
+from .conftest import run_cli, write_file
+from .test_datapath import BLOCK, _store
+
+BACKENDS = ("local", "s3")
+MiB = 1 << 20
+
+
+def test_runs_match_a_byte_model():
+    rnd = random.Random(5)
+    for _ in range(200):
+        size = rnd.choice([64, 300, 4096])
+        model, written = bytearray(size), [False] * size
+        runs = Runs()
+        for _ in range(rnd.randint(1, 40)):
+            off = rnd.randrange(size)
+            chunk = rnd.randbytes(rnd.randint(1, min(50, size - off)))
+            runs.write(off, chunk)
+            model[off : off + len(chunk)] = chunk
+            written[off : off + len(chunk)] = [True] * len(chunk)
+            if rnd.random() < 0.1:
+                cut = rnd.randrange(size)
+                runs.truncate(cut)
+                model[cut:] = bytes(size - cut)
+                written[cut:] = [False] * (size - cut)
+            pairs = runs.items()
+            assert all(a + len(d) < b for (a, d), (b, _) in zip(pairs, pairs[1:]))  # disjoint, not touching
+            assert runs.nbytes == sum(written)
+            got = bytearray(size)
+            runs.apply(got)
+            assert got == model
+            base = rnd.randrange(size)
+            part = bytearray(rnd.randrange(size - base + 1))
+            runs.apply(part, base)
+            assert part == got[base : base + len(part)]
+
+
+def test_a_patch_round_trips_and_malformed_ones_are_refused():
+    runs = [(0, b"ab"), (10, b"xyz"), (BLOCK - 1, b"!")]
+    plain = fmt.encode_patch(runs)
+    assert [(o, bytes(d)) for o, d in fmt.decode_patch(plain, BLOCK)] == runs
+    for bad in (plain[:-1], plain + b"x", fmt.encode_patch([(10, b"xyz"), (0, b"ab")]),
+                fmt.encode_patch([(0, b"abc"), (2, b"x")]), fmt.encode_patch([(BLOCK - 1, b"ab")]), b"\0\0"):
+        try:
+            fmt.decode_patch(bad, BLOCK)
+        except fmt.FormatError:
+            continue
+        raise AssertionError(f"accepted {bad!r}")
+
+
+async def _read_all(data, ino: int, size: int) -> bytes:
+    return await data.read(ino, 0, size + 10)
+
+
+def test_small_writes_into_stored_blocks_become_patches_and_read_back(tmp_path):
+    """Random small writes over several flushes: patches, then merges once a block has enough;
+    every read (buffered, after each flush, after a truncate into a patched block and an
+    extension, after re-encryption) equals the model, and no block is loaded for a write."""
+    meta, data, ino = _store(tmp_path, dirty_limit=64 * BLOCK)
+    rnd = random.Random(7)
+    size = 6 * BLOCK + 100
+    model = bytearray(rnd.randbytes(size))
+
+    async def main():
+        await data.write(ino, 0, bytes(model))
+        await data.flush(ino, durable=True)
+        for _round in range(2 * flush.MAX_PATCHES):
+            for _ in range(rnd.randint(1, 12)):
+                off = rnd.randrange(size)
+                chunk = rnd.randbytes(rnd.choice([1, 100, 4096]))[: size - off]
+                await data.write(ino, off, chunk)
+                model[off : off + len(chunk)] = chunk
+            assert await _read_all(data, ino, size) == model  # buffered runs over stored bytes
+            await data.flush(ino, durable=False)
+            assert await _read_all(data, ino, size) == model
+            data.reads.cache.clear()
+            data.codec.forget_all()
+            assert await _read_all(data, ino, size) == model  # fetched, authenticated afresh
+        assert data.stats["patches_put"] > 0
+        assert data.stats["patch_merges"] > 0
+        assert data.stats["read_fetches"] > 0
+        # patched blocks have rows of their own, numbered above every data block
+        rows = meta.db.execute("SELECT blockno FROM blocks WHERE inode=? AND blockno >= ?",
+                               (ino, fmt.PATCH_BASE)).fetchall()
+        assert rows and all(fmt.patched_block(r[0]) < 7 for r in rows)
+        assert all(len(meta.patches_of(ino, b)) < flush.MAX_PATCHES for b in range(7))
+        # a truncate into a patched block keeps what is before the cut; an extension reads zeros
+        patched = next(b for b in range(6) if meta.patches_of(ino, b))
+        cut = patched * BLOCK + BLOCK // 2
+        await data.truncate(ino, cut)
+        del model[cut:]
+        assert await _read_all(data, ino, cut) == model
+        await data.write(ino, cut + 1000, b"tail")
+        model.extend(bytes(1000) + b"tail")
+        await data.flush(ino, durable=False)
+        assert await _read_all(data, ino, len(model)) == model
+        assert not meta.patches_of(ino, patched)  # the extension rewrote the block whole
+        # re-encryption writes whole blocks: the patches go
+        await data.reencrypt(ino, DEFAULT, SYSTEM)
+        assert not meta.db.execute("SELECT 1 FROM blocks WHERE inode=? AND blockno >= ?",
+                                   (ino, fmt.PATCH_BASE)).fetchall()
+        data.reads.cache.clear()
+        assert await _read_all(data, ino, len(model)) == model
+        assert meta.stored_bytes_of(ino) == len(model)
+
+    trio.run(main)
+
+
+def test_a_patch_whose_block_changed_before_its_commit_is_not_committed(tmp_path):
+    """A patch applies to the object it was made for; the commit refuses it otherwise, and the
+    data stays dirty and is stored again (as a merge) at the next flush."""
+    meta, data, ino = _store(tmp_path)
+    rnd = random.Random(3)
+    model = bytearray(rnd.randbytes(BLOCK))
+
+    async def main():
+        await data.write(ino, 0, bytes(model))
+        await data.flush(ino, durable=False)
+        await data.write(ino, 100, b"x" * 10)
+        model[100:110] = b"x" * 10
+        real_commit = data.flushing.commit
+
+        async def moved(*args, **kw):
+            # as if the block had got another object after the patch was made for it
+            for oid in data.flushing._bases:
+                data.flushing._bases[oid] = os.urandom(16)
+            return await real_commit(*args, **kw)
+
+        data.flushing.commit = moved
+        try:
+            with pytest.raises(S3fuseError):
+                await data.flush(ino, durable=False)
+        finally:
+            del data.flushing.commit
+        assert not meta.patches_of(ino, 0)
+        assert data.has_unstored(ino)
+        data.wb.get(ino).retry_delay = 0.0
+        await data.flush(ino, durable=False)
+        data.reads.cache.clear()
+        assert await _read_all(data, ino, BLOCK) == model
+
+    trio.run(main)
+
+
+def _random_writes(path, size: int, model: bytearray, rnd: random.Random, count: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for _ in range(count):
+            off = rnd.randrange(size // 4096) * 4096 + rnd.choice([0, 0, 7])
+            chunk = rnd.randbytes(min(rnd.choice([4096, 4096, 300]), size - off))
+            os.pwrite(fd, chunk, off)
+            model[off : off + len(chunk)] = chunk
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_caches() -> None:
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+
+
+def _patch_rows(store_meta) -> int:
+    db = sqlite3.connect(store_meta)
+    try:
+        return db.execute("SELECT count(*) FROM blocks WHERE blockno >= ?", (fmt.PATCH_BASE,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_random_small_writes_on_the_mount_read_back_and_pass_fsck(mounted):
+    m = mounted.mnt
+    rnd = random.Random(11)
+    size = 3 * 4 * MiB + 5000
+    model = bytearray(rnd.randbytes(size))
+    write_file(m / "f", bytes(model), fsync=True)
+    for _ in range(3):
+        _random_writes(m / "f", size, model, rnd, 300)
+        _drop_caches()
+        assert (m / "f").read_bytes() == model
+    # random reads hand what they fetched around them to the kernel's page cache: the
+    # patches applied (a later read of those pages never reaches the daemon)
+    _drop_caches()
+    fd = os.open(m / "f", os.O_RDONLY)
+    try:
+        for _ in range(200):
+            off = rnd.randrange(size // 4096) * 4096
+            assert os.pread(fd, 4096, off) == model[off : off + 4096]
+        assert os.pread(fd, size, 0) == model
+    finally:
+        os.close(fd)
+    status = run_cli("status", "--json", m)
+    assert '"patches_put": 0' not in status.stdout, status.stdout
+    mounted.unmount()
+    assert _patch_rows(mounted.store / "meta.db") > 0
+    r = run_cli("fsck", mounted.store)
+    assert r.returncode == 0, r.stdout + r.stderr
+    mounted.start()
+    assert (m / "f").read_bytes() == model
+
+
+def test_patches_survive_kill9_after_fsync(mounted):
+    """What fsync covered is there after kill -9: the patches' objects were synced before
+    their rows committed; writes after the fsync may be lost, never half applied to a block."""
+    m = mounted.mnt
+    rnd = random.Random(13)
+    size = 2 * 4 * MiB
+    model = bytearray(rnd.randbytes(size))
+    write_file(m / "f", bytes(model), fsync=True)
+    _random_writes(m / "f", size, model, rnd, 200)
+    synced = bytes(model)
+    # unsynced writes, one per 4 KiB page, each of a single repeated byte
+    fd = os.open(m / "f", os.O_RDWR)
+    try:
+        pages = rnd.sample(range(size // 4096), 50)
+        for p in pages:
+            os.pwrite(fd, bytes([p % 251 + 1]) * 4096, p * 4096)
+    finally:
+        os.close(fd)
+    mounted.kill9()
+    mounted.start()
+    got = (m / "f").read_bytes()
+    assert len(got) == size
+    for p in range(size // 4096):
+        page = got[p * 4096 : (p + 1) * 4096]
+        if p in pages and page != synced[p * 4096 : (p + 1) * 4096]:
+            assert page == bytes([p % 251 + 1]) * 4096  # the write whole, or not at all
+        else:
+            assert page == synced[p * 4096 : (p + 1) * 4096]
+    mounted.unmount()
+    r = run_cli("fsck", mounted.store)
+    assert r.returncode == 0 and " 0 damage" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.local_only
+def test_fsck_checks_patches_and_repairs_those_of_a_missing_block(mount_factory):
+    """fsck authenticates patch objects like block objects (a flipped bit is damage), and
+    patch rows whose block has no row are `stray-patch`, dropped by --repair."""
+    from .conftest import object_path
+    from .test_fsck import EXIT_DAMAGED, check_damaged_then_repair, db, fsck, inode_of, kinds
+
+    m = mount_factory()
+    rnd = random.Random(17)
+    size = 2 * 4 * MiB
+    model = bytearray(rnd.randbytes(size))
+    write_file(m.mnt / "f", bytes(model), fsync=True)
+    _random_writes(m.mnt / "f", size, model, rnd, 40)
+    m.unmount()
+    code, report = fsck(m.store)
+    assert code == 0, report
+    ino = inode_of(m.store, "f")
+    con = db(m.store)
+    patches = con.execute("SELECT blockno, object_id FROM blocks WHERE inode=? AND blockno >= ? ORDER BY blockno",
+                          (ino, fmt.PATCH_BASE)).fetchall()
+    con.close()
+    assert patches
+    # a flipped bit in a patch object
+    path = object_path(m.store, patches[0][1].hex())
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 1
+    path.write_bytes(bytes(raw))
+    code, report = fsck(m.store)
+    assert code == EXIT_DAMAGED and "corrupt-object" in kinds(report), report
+    raw[-5] ^= 1
+    path.write_bytes(bytes(raw))
+    # the block a patch applies to loses its row
+    block = fmt.patched_block(patches[0][0])
+    con = db(m.store)
+    con.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, block))
+    con.close()
+    fixed = check_damaged_then_repair(m.store, {"stray-patch"})
+    assert "corrupt-object" not in kinds(fixed)
+    con = db(m.store)
+    left = con.execute("SELECT count(*) FROM blocks WHERE inode=? AND blockno BETWEEN ? AND ?",
+                       (ino, fmt.patch_number(block, 0), fmt.patch_number(block, fmt.PATCH_SEQS - 1))).fetchone()[0]
+    con.close()
+    assert left == 0
+    m.start()
+    expect = bytearray(model)
+    expect[block * 4 * MiB : (block + 1) * 4 * MiB] = bytes(4 * MiB)  # its row is gone: a hole
+    assert (m.mnt / "f").read_bytes() == expect

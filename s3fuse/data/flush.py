@@ -175,6 +175,7 @@ class Flusher:
         done: list[Stored] = []
         small: dict[int, list[tuple[str, bytearray]]] = {}  # objects put together in one batch
         failed: dict[int, S3fuseError] = {}
+        sizes: dict[int, int] = {}  # each file's size when its blocks were taken
         self._attempted = {}  # every object this batch puts, even one whose put is cancelled
         self._bases = {}
         self._synced = False  # the small objects' put ended with the sync barrier (_put_small)
@@ -189,6 +190,10 @@ class Flusher:
                     for fs in files:
                         try:
                             file_jobs = self.wb.jobs(fs, only_full)
+                            # the size these blocks make up: writes that land while they are
+                            # stored may grow the file, and committing that larger size with
+                            # these blocks would expose zeros after a crash
+                            sizes[fs.ino] = fs.size
                             if early is not None:
                                 early.order[fs.ino] = sorted(blockno for blockno, _ in file_jobs)
                             for blockno, blk in file_jobs:
@@ -216,7 +221,7 @@ class Flusher:
             if only_full and not durable:
                 self._garbage(self.wb.defer(ok, mine, time.monotonic()), kick=False)
             elif ok or not files:
-                await self.commit(ok, mine, {fs.ino: fs.size for fs in ok}, durable, synced=self._synced)
+                await self.commit(ok, mine, {fs.ino: sizes[fs.ino] for fs in ok}, durable, synced=self._synced)
         except S3fuseError as exc:
             self._batch_failed(files, [ref for _, _, ref in done], exc)
             raise

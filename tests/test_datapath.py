@@ -331,3 +331,39 @@ def test_a_block_released_early_survives_the_failure_of_a_later_block_of_its_bat
         assert data.stats["integrity_errors"] == 0
 
     trio.run(main)
+
+
+def test_a_flush_commits_the_size_its_blocks_make_up_not_the_size_at_commit(tmp_path):
+    """An append that lands while a batch's objects are being put grows the file; the batch
+    commits the size its stored blocks make up. Committing the grown size with the older
+    block would expose, after a crash before the next flush, zeros that were never written."""
+
+    async def main():
+        meta, data, ino = _store(tmp_path)
+        data.opened(ino, writer=SYSTEM)
+        first, appended = os.urandom(4096), os.urandom(8192)
+        await data.write(ino, 0, first)
+        gate, putting = trio.Event(), trio.Event()
+        put_many = data.backend.put_many
+
+        async def held(items, sync=False):
+            putting.set()
+            await gate.wait()
+            return await put_many(items, sync)
+
+        data.backend.put_many = held
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(data.flush_all, False)
+            await putting.wait()
+            await data.write(ino, len(first), appended)  # while block 0 is being put
+            gate.set()
+        stored = meta.block(ino, 0)
+        assert stored is not None and meta.inode(ino).size == len(first)
+        assert await data.backend.head(stored.object_id.hex()) is not None
+        data.backend.put_many = put_many
+        await data.flush(ino, durable=True)  # the next flush commits the append
+        assert meta.inode(ino).size == len(first) + len(appended)
+        data.forget_cached_keys()
+        assert await data.read(ino, 0, len(first) + len(appended)) == first + appended
+
+    trio.run(main)

@@ -992,8 +992,10 @@ class Meta:
         return self.db.execute("SELECT count(*) FROM blocks").fetchone()[0]
 
     # garbage
-    def garbage(self, limit: int) -> list[bytes]:
-        return [r[0] for r in self.db.execute("SELECT object_id FROM garbage LIMIT ?", (limit,))]
+    def garbage(self, limit: int, exclude: set[bytes] = frozenset()) -> list[bytes]:
+        """Up to `limit` objects of the garbage table, none of `exclude`."""
+        rows = self.db.execute("SELECT object_id FROM garbage LIMIT ?", (limit + len(exclude),))
+        return [oid for (oid,) in rows if oid not in exclude][:limit]
 
     def add_garbage(self, object_id: bytes) -> None:
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (object_id,))

@@ -162,6 +162,63 @@ def test_a_patch_whose_block_changed_before_its_commit_is_not_committed(tmp_path
     trio.run(main)
 
 
+@pytest.mark.parametrize("patched", [True, False])
+def test_a_read_keeps_the_objects_it_looked_up_until_it_has_fetched_them(tmp_path, patched):
+    """A read looks up a block's object and patches, then fetches them. If meanwhile the block
+    is stored anew (a merge, or a whole rewrite) and the collector runs, the objects it looked
+    up must still be there: the collector leaves them until the read is done."""
+    meta, data, ino = _store(tmp_path)
+    rnd = random.Random(19)
+    model = bytearray(rnd.randbytes(BLOCK))
+    held = {"key": None}
+    reached, go = trio.Event(), trio.Event()
+    real_get_ranges = data.backend.get_ranges
+
+    async def gated_get_ranges(key, ranges):
+        if key == held["key"]:
+            held["key"] = None
+            reached.set()
+            await go.wait()
+        return await real_get_ranges(key, ranges)
+
+    data.backend.get_ranges = gated_get_ranges
+
+    async def main():
+        await data.write(ino, 0, bytes(model))
+        await data.flush(ino, durable=True)
+        if patched:
+            await data.write(ino, 100, b"x" * 10)
+            model[100:110] = b"x" * 10
+            await data.flush(ino, durable=True)
+        base = meta.block(ino, 0)
+        patches = meta.patches_of(ino, 0)
+        assert len(patches) == (1 if patched else 0)
+        old = [base.object_id] + [p.object_id for p in patches]
+        data.reads.cache.clear()
+        data.codec.forget_all()  # the read fetches headers too: through `get_ranges`
+        held["key"] = old[-1].hex()  # the first object the read fetches
+        got = []
+
+        async def reader():
+            got.append(await data.read(ino, 0, BLOCK))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await reached.wait()  # the read has its rows and waits for its first fetch
+            await data.write(ino, 0, rnd.randbytes(BLOCK))  # the block stored anew, whole
+            await data.flush(ino, durable=True)
+            assert meta.block(ino, 0).object_id not in old and not meta.patches_of(ino, 0)
+            collected = await data.collect_garbage()
+            go.set()
+        assert got == [bytes(model)]  # the state the read looked up, not EIO
+        assert collected == 0  # the read held them
+        assert await data.collect_garbage() == len(old)
+        for oid in old:
+            assert await data.backend.head(oid.hex()) is None
+
+    trio.run(main)
+
+
 def _random_writes(path, size: int, model: bytearray, rnd: random.Random, count: int) -> None:
     fd = os.open(path, os.O_RDWR)
     try:

@@ -26,7 +26,7 @@ from ..policy import DEFAULT, LOST_AT_STOP, SSE_KMS, SSE_S3, XATTR_DAMAGE, Polic
 from ..util import now_ns
 from ..workers import WorkerPool
 from .codec import ObjectCodec
-from .collector import Collector
+from .collector import Collector, InUse
 from .flush import Flusher
 from .readcache import ReadCache
 from .writeback import Block, FileState, WriteBack
@@ -65,9 +65,10 @@ class DataStore:
         self.wb = WriteBack(block_size, dirty_limit, flush_delay, stream_blocks=2 * backend.store_concurrency)
         self.codec = ObjectCodec(keys, store_id, segment_size, WorkerPool(crypto_threads, "s3fuse-crypto"),
                                  meta.path_of, meta.key_slot_of, backend.buffer)
+        in_use = InUse()  # objects reads have looked up: the collector leaves them until fetched
         self.reads = ReadCache(meta, backend, self.codec, self.wb, block_size, segment_size, cache_limit,
-                               self.stats)
-        self.collect = Collector(meta, backend, self.codec)
+                               self.stats, in_use)
+        self.collect = Collector(meta, backend, self.codec, in_use)
         self.flushing = Flusher(meta, backend, self.codec, self.wb, self.collect, self.stats, self.describe)
         self.flushing.dropped = self._maybe_drop
         self.flushing.load = self.reads.load_block

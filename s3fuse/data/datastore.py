@@ -28,6 +28,7 @@ from ..workers import WorkerPool
 from .codec import ObjectCodec
 from .collector import Collector, InUse
 from .flush import Flusher
+from .merger import Merger
 from .readcache import ReadCache
 from .writeback import Block, FileState, WriteBack
 
@@ -59,7 +60,7 @@ class DataStore:
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
                       "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
                       "blocks_read_ahead": 0, "blocks_read_ahead_late": 0, "patches_put": 0,
-                      "patch_merges": 0}
+                      "patch_merges": 0, "background_merges": 0, "background_merged_patches": 0}
         # enough full blocks of a streaming writer to keep the store's concurrent puts busy
         # while as many more wait their turn
         self.wb = WriteBack(block_size, dirty_limit, flush_delay, stream_blocks=2 * backend.store_concurrency)
@@ -72,6 +73,8 @@ class DataStore:
         self.flushing = Flusher(meta, backend, self.codec, self.wb, self.collect, self.stats, self.describe)
         self.flushing.dropped = self._maybe_drop
         self.flushing.load = self.reads.load_block
+        self.merging = Merger(meta, backend, self.codec, self.wb, self.reads, self.flushing, self.collect,
+                              self.stats)
         self._loading: dict[tuple[int, int], trio.Event] = {}
         self.space_wait = SPACE_WAIT
         self.damaged: set[int] = set()  # files marked LOST_AT_STOP: reads fail
@@ -105,6 +108,9 @@ class DataStore:
 
     async def prefetcher(self) -> None:
         await self.reads.prefetcher()
+
+    async def merger(self) -> None:
+        await self.merging.run()
 
     def status(self) -> dict:
         """Figures for `s3fuse status`."""
@@ -301,6 +307,7 @@ class DataStore:
     async def write(self, ino: int, off: int, buf: bytes) -> int:
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(buf)
+        self.merging.last_write = time.monotonic()  # merges wait until writes pause
         fs = self.state(ino)
         # An earlier failed write-back is not a reason to refuse this data: with the kernel's
         # writeback cache these writes are the kernel's own write-back, and a refusal makes it

@@ -174,6 +174,11 @@ class ReadCache:
             self.cache.put(key, runs)
         return runs
 
+    def forget_patches(self, patches: list[BlockRef]) -> None:
+        """These patches were merged into their block: their decoded runs leave the cache."""
+        for patch in patches:
+            self.cache.discard(((patch.object_id, patch.inode, patch.blockno), 0))
+
     @staticmethod
     def _patched(overlays: list[PatchRuns], boff: int, chunk: bytes) -> bytes:
         """`chunk` (bytes from `boff` of a block, clipped to its length) with the block's

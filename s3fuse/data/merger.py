@@ -27,7 +27,7 @@ import trio
 
 from ..backends import Backend
 from ..crypto import SYSTEM
-from ..errors import S3fuseError
+from ..errors import BackendError, S3fuseError
 from ..meta import BlockRef, Meta
 from ..policy import DEFAULT, SSE_S3, Policy
 from .codec import ObjectCodec
@@ -85,10 +85,14 @@ class Merger:
             blocks = self.meta.patched_blocks(MERGE_BATCH, exclude=self._skipped | busy)
             if not blocks:
                 return merged
+            progress = 0
             for ino, blockno in blocks:
                 if not self.idle():
-                    return merged
-                merged += await self.merge(ino, blockno)
+                    break
+                progress += await self.merge(ino, blockno)
+            merged += progress
+            if not progress:  # what is left changed under us: look again at the next round
+                return merged
         return merged
 
     async def merge(self, ino: int, blockno: int) -> bool:
@@ -103,12 +107,16 @@ class Merger:
             policy = Policy.decode(row.sse) or DEFAULT
             base = self.meta.block(ino, blockno)
             patches = self.meta.patches_of(ino, blockno)
-            if policy.mode != SSE_S3 or base is None or not patches:
+            if not patches:
+                return False  # merged meanwhile
+            if policy.mode != SSE_S3 or base is None:
                 self._skipped.add(ino)  # not ours to merge (patches with no block are fsck's)
                 return False
             try:
                 data = await self.reads.load_block(base, SYSTEM, None)
-            except S3fuseError:  # damage (logged by the read path): fsck's, not ours
+            except BackendError:
+                raise  # the store's: retried after a while
+            except S3fuseError:  # damage or a key (logged by the read path): not ours to mend
                 self._skipped.add(ino)
                 return False
             ref = await self._store(ino, blockno, bytes(data), policy)

@@ -119,8 +119,10 @@ class Merger:
             except S3fuseError:  # damage or a key (logged by the read path): not ours to mend
                 self._skipped.add(ino)
                 return False
-            ref = await self._store(ino, blockno, bytes(data), policy)
-            del data
+            plain = bytes(data)
+            del data  # one copy of the block at a time
+            ref = await self._store(ino, blockno, plain, policy)
+            del plain
             with self.meta.transaction():
                 now = self.meta.block(ino, blockno)
                 if (now is None or now.object_id != base.object_id

@@ -542,7 +542,9 @@ class ReadCache:
 
     async def load_block(self, ref: BlockRef, who: Caller, grant: WriteGrant | None) -> bytearray:
         """The whole valid plaintext of a stored block (its patches applied), for a
-        read-modify-write. The caller looked `ref` up in this same step (no await since)."""
+        read-modify-write. The objects are held from here on (`InUse`): the caller looks
+        `ref` up in this same step, with no await since, or holds a lock that keeps the
+        block's rows (re-encryption holds the flush lock)."""
         count = fmt.segment_count(ref.obj_length, self.segment_size)
         patches = self.patches_for(ref)
         with self.in_use.holding([ref.object_id, *(p.object_id for p in patches)]):

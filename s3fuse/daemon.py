@@ -383,6 +383,7 @@ class Daemon:
                 nursery.start_soon(self.data.flusher)
                 nursery.start_soon(self.data.collector)
                 nursery.start_soon(self.data.prefetcher)
+                nursery.start_soon(self.data.merger)
                 nursery.start_soon(trim_heap_when_idle, lambda: self.ops.requests,
                                    lambda: self.data.dirty_bytes > 0, self.heap_stats)
                 nursery.start_soon(self.master.scheduler, self.admin.kms_tick)

@@ -808,6 +808,22 @@ class Meta:
                 "SELECT DISTINCT inode FROM blocks WHERE blockno >= ?", (PATCH_BASE,))}
         return ino in self._patched
 
+    def patched_blocks(self, limit: int, exclude: set[int] = frozenset()) -> list[tuple[int, int]]:
+        """Up to `limit` blocks (inode, block) that have patch rows, of files not in `exclude`;
+        a file found to have none is no longer counted by `has_patches`."""
+        self.has_patches(0)  # loads the set of files that may have patch rows
+        out: list[tuple[int, int]] = []
+        for ino in sorted(self._patched - exclude):
+            rows = self.db.execute("SELECT DISTINCT (blockno - ?) / ? FROM blocks WHERE inode=? AND blockno >= ?"
+                                   " ORDER BY 1 LIMIT ?", (PATCH_BASE, PATCH_SEQS, ino, PATCH_BASE,
+                                                           limit - len(out))).fetchall()
+            if not rows:
+                self._patched.discard(ino)
+            out.extend((ino, r[0]) for r in rows)
+            if len(out) >= limit:
+                break
+        return out
+
     def patches_of(self, ino: int, blockno: int) -> list[BlockRef]:
         """The patch rows of a block, in the order they apply."""
         lo, hi = patch_number(blockno, 0), patch_number(blockno, PATCH_SEQS - 1)
@@ -992,8 +1008,10 @@ class Meta:
         return self.db.execute("SELECT count(*) FROM blocks").fetchone()[0]
 
     # garbage
-    def garbage(self, limit: int) -> list[bytes]:
-        return [r[0] for r in self.db.execute("SELECT object_id FROM garbage LIMIT ?", (limit,))]
+    def garbage(self, limit: int, exclude: set[bytes] = frozenset()) -> list[bytes]:
+        """Up to `limit` objects of the garbage table, none of `exclude`."""
+        rows = self.db.execute("SELECT object_id FROM garbage LIMIT ?", (limit + len(exclude),))
+        return [oid for (oid,) in rows if oid not in exclude][:limit]
 
     def add_garbage(self, object_id: bytes) -> None:
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (object_id,))

@@ -2,7 +2,9 @@
 store: the only way faults enter. The test harness mounts through it
 (``python tests/faultd.py mount STORE MNT --foreground ...``); with S3FUSE_TESTING_FAULT_PLAN
 naming a plan file the daemon's backend is wrapped, without it this is ``python -m s3fuse``.
-The production command never reads that variable."""
+S3FUSE_TESTING_MERGE_IDLE sets how long writes must pause before the background merge of
+patched blocks runs (seconds; "inf": never), for tests that look at patches themselves.
+The production command never reads these variables."""
 
 from __future__ import annotations
 
@@ -16,9 +18,15 @@ else:
 
 from s3fuse import cli
 from s3fuse.daemon import Daemon
+from s3fuse.data import merger
+
+MERGE_IDLE_ENV = "S3FUSE_TESTING_MERGE_IDLE"
 
 
 def main(argv: list[str]) -> int:
+    idle = os.environ.get(MERGE_IDLE_ENV)
+    if idle:
+        merger.MERGE_IDLE = float(idle)
     plan = os.environ.get(FAULT_ENV)
     if plan:
         Daemon.wrap_backend = staticmethod(lambda backend: FaultyBackend(backend, plan))

@@ -4,22 +4,26 @@ filesystem on both backends, fsck, and kill -9."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
 import subprocess
+import time
 
 import pytest
 import trio
 
 from s3fuse import format as fmt
 from s3fuse.crypto import SYSTEM
-from s3fuse.data import flush
+from s3fuse.data import flush, merger
 from s3fuse.data.writeback import Runs
 from s3fuse.errors import S3fuseError
 from s3fuse.policy import DEFAULT
 
-from .conftest import run_cli, write_file
+from .conftest import run_cli, wait_until, write_file
+from .faultd import MERGE_IDLE_ENV
+from .faulty import FAULT_ENV
 from .test_datapath import BLOCK, _store
 
 BACKENDS = ("local", "s3")
@@ -162,6 +166,169 @@ def test_a_patch_whose_block_changed_before_its_commit_is_not_committed(tmp_path
     trio.run(main)
 
 
+@pytest.mark.parametrize("patched", [True, False])
+def test_a_read_keeps_the_objects_it_looked_up_until_it_has_fetched_them(tmp_path, patched):
+    """A read looks up a block's object and patches, then fetches them. If meanwhile the block
+    is stored anew (a merge, or a whole rewrite) and the collector runs, the objects it looked
+    up must still be there: the collector leaves them until the read is done."""
+    meta, data, ino = _store(tmp_path)
+    rnd = random.Random(19)
+    model = bytearray(rnd.randbytes(BLOCK))
+    held = {"key": None}
+    reached, go = trio.Event(), trio.Event()
+    real_get_ranges = data.backend.get_ranges
+
+    async def gated_get_ranges(key, ranges):
+        if key == held["key"]:
+            held["key"] = None
+            reached.set()
+            await go.wait()
+        return await real_get_ranges(key, ranges)
+
+    data.backend.get_ranges = gated_get_ranges
+
+    async def main():
+        await data.write(ino, 0, bytes(model))
+        await data.flush(ino, durable=True)
+        if patched:
+            await data.write(ino, 100, b"x" * 10)
+            model[100:110] = b"x" * 10
+            await data.flush(ino, durable=True)
+        base = meta.block(ino, 0)
+        patches = meta.patches_of(ino, 0)
+        assert len(patches) == (1 if patched else 0)
+        old = [base.object_id] + [p.object_id for p in patches]
+        data.reads.cache.clear()
+        data.codec.forget_all()  # the read fetches headers too: through `get_ranges`
+        held["key"] = old[-1].hex()  # the first object the read fetches
+        got = []
+
+        async def reader():
+            got.append(await data.read(ino, 0, BLOCK))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await reached.wait()  # the read has its rows and waits for its first fetch
+            await data.write(ino, 0, rnd.randbytes(BLOCK))  # the block stored anew, whole
+            await data.flush(ino, durable=True)
+            assert meta.block(ino, 0).object_id not in old and not meta.patches_of(ino, 0)
+            collected = await data.collect_garbage()
+            go.set()
+        assert got == [bytes(model)]  # the state the read looked up, not EIO
+        assert collected == 0  # the read held them
+        assert await data.collect_garbage() == len(old)
+        for oid in old:
+            assert await data.backend.head(oid.hex()) is None
+
+    trio.run(main)
+
+
+async def _patch_blocks(data, ino: int, model: bytearray, rnd: random.Random, rounds: int) -> None:
+    """Small writes into the stored blocks of `ino`, flushed after each round: patches."""
+    for _ in range(rounds):
+        for _ in range(rnd.randint(1, 6)):
+            off = rnd.randrange(len(model))
+            chunk = rnd.randbytes(rnd.choice([1, 100, 4096]))[: len(model) - off]
+            await data.write(ino, off, chunk)
+            model[off : off + len(chunk)] = chunk
+        await data.flush(ino, durable=False)
+
+
+def test_the_background_merge_stores_patched_blocks_whole(tmp_path):
+    """Once writes pause, every patched block is stored as one object again: no patch rows
+    are left, the content is the same, the old objects are garbage, and the counters say so."""
+    meta, data, ino = _store(tmp_path, dirty_limit=64 * BLOCK)
+    rnd = random.Random(23)
+    size = 5 * BLOCK + 100
+    model = bytearray(rnd.randbytes(size))
+
+    async def main():
+        await data.write(ino, 0, bytes(model))
+        await data.flush(ino, durable=True)
+        await _patch_blocks(data, ino, model, rnd, 6)
+        patched = sum(bool(meta.patches_of(ino, b)) for b in range(6))
+        patches = meta.db.execute("SELECT count(*) FROM blocks WHERE blockno >= ?", (fmt.PATCH_BASE,)).fetchone()[0]
+        assert patched >= 2
+        await data.collect_garbage()  # what the flushes replaced
+        assert await data.merging.merge_while_idle() == 0  # just written: not idle
+        data.merging.last_write = time.monotonic() - merger.MERGE_IDLE
+        assert await data.merging.merge_while_idle() == patched
+        assert meta.patched_blocks(100) == []
+        assert data.stats["background_merges"] == patched
+        assert data.stats["background_merged_patches"] == patches
+        assert await data.collect_garbage() == patched + patches
+        data.reads.cache.clear()
+        data.codec.forget_all()
+        assert await _read_all(data, ino, size) == model
+        assert meta.stored_bytes_of(ino) == size
+        # and small writes after it become patches of the merged objects again
+        await _patch_blocks(data, ino, model, rnd, 2)
+        data.reads.cache.clear()
+        assert await _read_all(data, ino, size) == model
+
+    trio.run(main)
+
+
+def test_a_write_during_a_background_merge_is_kept(tmp_path):
+    """A small write into the block being merged (its load held back) goes to the buffer as
+    runs; the merge commits, the write is stored as a patch of the merged object, and the
+    merge stops for the other blocks until writes pause again."""
+    meta, data, ino = _store(tmp_path, dirty_limit=64 * BLOCK)
+    rnd = random.Random(29)
+    size = 3 * BLOCK
+    model = bytearray(rnd.randbytes(size))
+    held = {"key": None}
+    reached, go = trio.Event(), trio.Event()
+    real_get_ranges = data.backend.get_ranges
+
+    async def gated_get_ranges(key, ranges):
+        if key == held["key"]:
+            held["key"] = None
+            reached.set()
+            await go.wait()
+        return await real_get_ranges(key, ranges)
+
+    data.backend.get_ranges = gated_get_ranges
+
+    async def main():
+        await data.write(ino, 0, bytes(model))
+        await data.flush(ino, durable=True)
+        for b in range(3):
+            await data.write(ino, b * BLOCK + 10, b"p" * 10)
+            model[b * BLOCK + 10 : b * BLOCK + 20] = b"p" * 10
+        await data.flush(ino, durable=False)
+        assert [len(meta.patches_of(ino, b)) for b in range(3)] == [1, 1, 1]
+        data.reads.cache.clear()
+        data.codec.forget_all()
+        held["key"] = meta.block(ino, 0).object_id.hex()  # the merge's load of block 0
+        data.merging.last_write = time.monotonic() - merger.MERGE_IDLE
+        merged = []
+
+        async def merge():
+            merged.append(await data.merging.merge_while_idle())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(merge)
+            await reached.wait()
+            await data.write(ino, 1000, b"w" * 50)  # into the block being merged
+            model[1000:1050] = b"w" * 50
+            go.set()
+        assert merged == [1]  # block 0; the write stopped it before the others
+        assert not meta.patches_of(ino, 0) and meta.patches_of(ino, 1)
+        assert await _read_all(data, ino, size) == model  # the runs over the merged block
+        await data.flush(ino, durable=False)
+        assert len(meta.patches_of(ino, 0)) == 1  # the write, a patch of the merged object
+        await data.collect_garbage()
+        data.reads.cache.clear()
+        assert await _read_all(data, ino, size) == model
+        data.merging.last_write = time.monotonic() - merger.MERGE_IDLE
+        assert await data.merging.merge_while_idle() == 3
+        data.reads.cache.clear()
+        assert await _read_all(data, ino, size) == model
+
+    trio.run(main)
+
+
 def _random_writes(path, size: int, model: bytearray, rnd: random.Random, count: int) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
@@ -187,7 +354,9 @@ def _patch_rows(store_meta) -> int:
         db.close()
 
 
-def test_random_small_writes_on_the_mount_read_back_and_pass_fsck(mounted):
+def test_random_small_writes_on_the_mount_read_back_and_pass_fsck(mount_factory, monkeypatch):
+    monkeypatch.setenv(MERGE_IDLE_ENV, "inf")  # the patches stay, for the reads and fsck below
+    mounted = mount_factory()
     m = mounted.mnt
     rnd = random.Random(11)
     size = 3 * 4 * MiB + 5000
@@ -252,12 +421,13 @@ def test_patches_survive_kill9_after_fsync(mounted):
 
 
 @pytest.mark.local_only
-def test_fsck_checks_patches_and_repairs_those_of_a_missing_block(mount_factory):
+def test_fsck_checks_patches_and_repairs_those_of_a_missing_block(mount_factory, monkeypatch):
     """fsck authenticates patch objects like block objects (a flipped bit is damage), and
     patch rows whose block has no row are `stray-patch`, dropped by --repair."""
     from .conftest import object_path
     from .test_fsck import EXIT_DAMAGED, check_damaged_then_repair, db, fsck, inode_of, kinds
 
+    monkeypatch.setenv(MERGE_IDLE_ENV, "inf")
     m = mount_factory()
     rnd = random.Random(17)
     size = 2 * 4 * MiB
@@ -298,3 +468,78 @@ def test_fsck_checks_patches_and_repairs_those_of_a_missing_block(mount_factory)
     expect = bytearray(model)
     expect[block * 4 * MiB : (block + 1) * 4 * MiB] = bytes(4 * MiB)  # its row is gone: a hole
     assert (m.mnt / "f").read_bytes() == expect
+
+
+def _status(m) -> dict:
+    r = run_cli("status", "--json", m)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _counter(status: dict, name: str) -> int:
+    """A data-path counter of `s3fuse status --json`, wherever the report nests it."""
+    if name in status:
+        return status[name]
+    for value in status.values():
+        if isinstance(value, dict):
+            found = _counter(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def test_patched_blocks_are_merged_in_the_background_once_writes_pause(mounted):
+    m = mounted.mnt
+    rnd = random.Random(31)
+    size = 3 * 4 * MiB + 5000
+    model = bytearray(rnd.randbytes(size))
+    write_file(m / "f", bytes(model), fsync=True)
+    _random_writes(m / "f", size, model, rnd, 300)
+    wait_until(lambda: _patch_rows(mounted.store / "meta.db") == 0, 60, "the patched blocks to be merged",
+               interval=0.2)
+    status = _status(m)
+    assert _counter(status, "background_merges") >= 1, status
+    assert _counter(status, "background_merged_patches") >= _counter(status, "background_merges"), status
+    _drop_caches()
+    assert (m / "f").read_bytes() == model
+    mounted.unmount()
+    r = run_cli("fsck", mounted.store)
+    assert r.returncode == 0 and " 0 damage" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("stage", ["put", "sync"])
+def test_kill9_during_a_background_merge_loses_nothing(mount_factory, tmp_path, monkeypatch, stage):
+    """The daemon is killed while a merge's object is being put, or synced before its commit:
+    the block reads as it was (its object and patches), fsck finds no damage, and the next
+    mount merges it."""
+    plan = tmp_path / "plan.json"
+    plan.write_text("")
+    monkeypatch.setenv(FAULT_ENV, str(plan))
+    mounted = mount_factory()
+    m = mounted.mnt
+    rnd = random.Random(37)
+    size = 2 * 4 * MiB
+    model = bytearray(rnd.randbytes(size))
+    write_file(m / "f", bytes(model), fsync=True)
+    _random_writes(m / "f", size, model, rnd, 100)  # fsynced: only the merge puts from here on
+    assert _patch_rows(mounted.store / "meta.db") > 0
+    # a merge's object is a whole block; patches are at most half a block
+    rule = {"op": "put", "min_size": 3 * MiB, "hang": True} if stage == "put" else {"op": "sync", "hang": True}
+    tmp = plan.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rules": [rule]}))
+    os.replace(tmp, plan)
+    hits = plan.with_name(plan.name + ".hits")
+    wait_until(lambda: hits.exists() and f"{stage} " in hits.read_text(), 60, f"a merge's {stage} to hang",
+               interval=0.1)
+    mounted.kill9()
+    plan.write_text("")
+    assert _patch_rows(mounted.store / "meta.db") > 0  # nothing of the merge committed
+    mounted.start()
+    assert (m / "f").read_bytes() == model
+    wait_until(lambda: _patch_rows(mounted.store / "meta.db") == 0, 60, "the patched blocks to be merged",
+               interval=0.2)
+    _drop_caches()
+    assert (m / "f").read_bytes() == model
+    mounted.unmount()
+    r = run_cli("fsck", mounted.store)
+    assert r.returncode == 0 and " 0 damage" in r.stdout, r.stdout + r.stderr

@@ -3,11 +3,17 @@
 Replaced and failed objects are recorded in the `garbage` table in the same transaction
 that stops referencing them; this deletes them from the store afterwards, and after an
 unclean stop sweeps the store for objects that were put but never committed.
+
+A read looks up a block's object and patches, then fetches them: meanwhile the block may be
+stored anew and its old objects become garbage. So reads hold what they looked up (`InUse`)
+until they have fetched it, and the collector leaves those objects for a later round.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -24,11 +30,42 @@ GC_BATCH = 256  # objects deleted per call
 GC_IDLE = 5.0  # s: the collector looks for garbage at least this often
 
 
+class InUse:
+    """Objects that reads have looked up and may still fetch, counted per object.
+
+    A read takes its objects here in the same step (no await between) as it looks them up in
+    the block map or the pending blocks. An object becomes garbage in the transaction that
+    stops referencing it, so once it is garbage no read can look it up any more: an object
+    that is garbage and not held here is one nobody can fetch."""
+
+    def __init__(self) -> None:
+        self._counts: dict[bytes, int] = {}
+
+    @contextmanager
+    def holding(self, object_ids: Iterable[bytes]) -> Iterator[None]:
+        held = list(object_ids)
+        for oid in held:
+            self._counts[oid] = self._counts.get(oid, 0) + 1
+        try:
+            yield
+        finally:
+            for oid in held:
+                left = self._counts[oid] - 1
+                if left:
+                    self._counts[oid] = left
+                else:
+                    del self._counts[oid]
+
+    def ids(self) -> set[bytes]:
+        return set(self._counts)
+
+
 class Collector:
-    def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec) -> None:
+    def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec, in_use: InUse) -> None:
         self.meta = meta
         self.backend = backend
         self.codec = codec
+        self.in_use = in_use
         self._kick = trio.Event()
 
     def kick(self) -> None:
@@ -43,10 +80,11 @@ class Collector:
             await self.collect()
 
     async def collect(self) -> int:
-        """Delete the objects in the garbage table. -> how many were deleted."""
+        """Delete the objects in the garbage table that no read holds (the others wait for a
+        later round). -> how many were deleted."""
         done = 0
         while True:
-            ids = self.meta.garbage(GC_BATCH)
+            ids = self.meta.garbage(GC_BATCH, exclude=self.in_use.ids())
             if not ids:
                 return done
             try:

@@ -26,8 +26,9 @@ from ..policy import DEFAULT, LOST_AT_STOP, SSE_KMS, SSE_S3, XATTR_DAMAGE, Polic
 from ..util import now_ns
 from ..workers import WorkerPool
 from .codec import ObjectCodec
-from .collector import Collector
+from .collector import Collector, InUse
 from .flush import Flusher
+from .merger import Merger
 from .readcache import ReadCache
 from .writeback import Block, FileState, WriteBack
 
@@ -59,18 +60,21 @@ class DataStore:
                       "objects_put": 0, "bytes_put": 0, "flushes": 0, "integrity_errors": 0,
                       "flush_errors": 0, "read_fetches": 0, "prefetches": 0, "prefetches_ahead": 0,
                       "blocks_read_ahead": 0, "blocks_read_ahead_late": 0, "patches_put": 0,
-                      "patch_merges": 0}
+                      "patch_merges": 0, "background_merges": 0, "background_merged_patches": 0}
         # enough full blocks of a streaming writer to keep the store's concurrent puts busy
         # while as many more wait their turn
         self.wb = WriteBack(block_size, dirty_limit, flush_delay, stream_blocks=2 * backend.store_concurrency)
         self.codec = ObjectCodec(keys, store_id, segment_size, WorkerPool(crypto_threads, "s3fuse-crypto"),
                                  meta.path_of, meta.key_slot_of, backend.buffer)
+        in_use = InUse()  # objects reads have looked up: the collector leaves them until fetched
         self.reads = ReadCache(meta, backend, self.codec, self.wb, block_size, segment_size, cache_limit,
-                               self.stats)
-        self.collect = Collector(meta, backend, self.codec)
+                               self.stats, in_use)
+        self.collect = Collector(meta, backend, self.codec, in_use)
         self.flushing = Flusher(meta, backend, self.codec, self.wb, self.collect, self.stats, self.describe)
         self.flushing.dropped = self._maybe_drop
         self.flushing.load = self.reads.load_block
+        self.merging = Merger(meta, backend, self.codec, self.wb, self.reads, self.flushing, self.collect,
+                              self.stats)
         self._loading: dict[tuple[int, int], trio.Event] = {}
         self.space_wait = SPACE_WAIT
         self.damaged: set[int] = set()  # files marked LOST_AT_STOP: reads fail
@@ -104,6 +108,9 @@ class DataStore:
 
     async def prefetcher(self) -> None:
         await self.reads.prefetcher()
+
+    async def merger(self) -> None:
+        await self.merging.run()
 
     def status(self) -> dict:
         """Figures for `s3fuse status`."""
@@ -300,6 +307,7 @@ class DataStore:
     async def write(self, ino: int, off: int, buf: bytes) -> int:
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(buf)
+        self.merging.last_write = time.monotonic()  # merges wait until writes pause
         fs = self.state(ino)
         # An earlier failed write-back is not a reason to refuse this data: with the kernel's
         # writeback cache these writes are the kernel's own write-back, and a refusal makes it

@@ -20,6 +20,7 @@ from ..errors import BackendError, IntegrityError, S3fuseError
 from ..meta import BlockRef, Meta
 from ..pagecache import PageCachePusher
 from .codec import THREAD_THRESHOLD, ObjectCodec, OpenObject
+from .collector import InUse
 from .writeback import FileState, WriteBack
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ class SegmentCache:
 
 class ReadCache:
     def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec, wb: WriteBack,
-                 block_size: int, segment_size: int, cache_limit: int, stats: dict[str, int]) -> None:
+                 block_size: int, segment_size: int, cache_limit: int, stats: dict[str, int],
+                 in_use: InUse) -> None:
         self.meta = meta
+        self.in_use = in_use  # what a read looked up stays in the store until it is fetched
         self.backend = backend
         self.codec = codec
         self.wb = wb
@@ -170,6 +173,11 @@ class ReadCache:
                 raise self._integrity(patch, str(exc)) from None
             self.cache.put(key, runs)
         return runs
+
+    def forget_patches(self, patches: list[BlockRef]) -> None:
+        """These patches were merged into their block: their decoded runs leave the cache."""
+        for patch in patches:
+            self.cache.discard(((patch.object_id, patch.inode, patch.blockno), 0))
 
     @staticmethod
     def _patched(overlays: list[PatchRuns], boff: int, chunk: bytes) -> bytes:
@@ -343,11 +351,13 @@ class ReadCache:
                 if ref is None:
                     chunk = b""
                 else:
-                    overlays = [await self.patch_runs(p, ref, who) for p in self.patches_for(ref)]
-                    # what goes to the kernel's page cache is the object with the patches over it
-                    chunk = await self.read_stored(ref, boff, n, sequential, who,
-                                                   None if blk is not None else push,
-                                                   size >= STREAM_READ, overlays)
+                    patches = self.patches_for(ref)
+                    with self.in_use.holding([ref.object_id, *(p.object_id for p in patches)]):
+                        overlays = [await self.patch_runs(p, ref, who) for p in patches]
+                        # what goes to the kernel's page cache is the object with the patches over it
+                        chunk = await self.read_stored(ref, boff, n, sequential, who,
+                                                       None if blk is not None else push,
+                                                       size >= STREAM_READ, overlays)
                     chunk = self._patched(overlays, boff, chunk)
             if len(chunk) < n:
                 chunk += bytes(n - len(chunk))
@@ -532,14 +542,17 @@ class ReadCache:
 
     async def load_block(self, ref: BlockRef, who: Caller, grant: WriteGrant | None) -> bytearray:
         """The whole valid plaintext of a stored block (its patches applied), for a
-        read-modify-write."""
+        read-modify-write. The objects are held from here on (`InUse`): the caller looks
+        `ref` up in this same step, with no await since, or holds a lock that keeps the
+        block's rows (re-encryption holds the flush lock)."""
         count = fmt.segment_count(ref.obj_length, self.segment_size)
         patches = self.patches_for(ref)
-        segs = await self.fetch_segments(ref, 0, count - 1, who, grant)
-        data = bytearray(b"".join(segs))
-        del data[ref.length :]
-        for patch in patches:
-            (await self.patch_runs(patch, ref, who, grant)).apply(data, 0)
+        with self.in_use.holding([ref.object_id, *(p.object_id for p in patches)]):
+            segs = await self.fetch_segments(ref, 0, count - 1, who, grant)
+            data = bytearray(b"".join(segs))
+            del data[ref.length :]
+            for patch in patches:
+                (await self.patch_runs(patch, ref, who, grant)).apply(data, 0)
         return data
 
     def closed(self, fs: FileState) -> None:

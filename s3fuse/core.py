@@ -684,6 +684,13 @@ class Filesystem:
         filesystem instead of asking again for every file."""
         return name.startswith(b"system.") or name == b"security.selinux"
 
+    def xattr_absent(self, ino: int, name: bytes) -> bool:
+        """Whether `getxattr(ino, name)` is known to fail with ENODATA without asking the
+        database: an ordinary name on an inode with no xattrs (the kernel's
+        security.capability probe before every write(2) is one)."""
+        return (not self.meta.may_have_xattrs(ino) and not name.startswith(pol.RESERVED_PREFIX)
+                and not self._unsupported_xattr(name))
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if self._unsupported_xattr(name):
             raise _err(errno.EOPNOTSUPP)

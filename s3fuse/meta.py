@@ -559,7 +559,7 @@ class Meta:
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=?", (ino,))
         self.garbage_made += 1
         self.db.execute("DELETE FROM blocks WHERE inode=?", (ino,))
-        if self._may_have_xattrs(ino):
+        if self.may_have_xattrs(ino):
             self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
@@ -732,12 +732,13 @@ class Meta:
             self._xattr_inodes = _ALWAYS_ASK
         return None if self._xattr_inodes is _ALWAYS_ASK else self._xattr_inodes
 
-    def _may_have_xattrs(self, ino: int) -> bool:
+    def may_have_xattrs(self, ino: int) -> bool:
+        """False when `ino` is known to have no xattr at all (no query)."""
         known = self._with_xattrs()
         return known is None or ino in known
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        if not self._may_have_xattrs(ino):
+        if not self.may_have_xattrs(ino):
             return None
         row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)).fetchone()
         return None if row is None else row[0]
@@ -757,7 +758,7 @@ class Meta:
                 if bytes(value).startswith(prefix)]
 
     def list_xattrs(self, ino: int) -> list[bytes]:
-        if not self._may_have_xattrs(ino):
+        if not self.may_have_xattrs(ino):
             return []
         return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
 

@@ -498,11 +498,16 @@ class Filesystem:
         if mtime_ns is not None:
             fields["mtime_ns"] = mtime_ns
         fields["ctime_ns"] = ctime_ns if ctime_ns is not None else now
-        if size is not None or any(getattr(row, name) != value for name, value in fields.items()):
+        # only what differs from the row is written: tar and cp -a, as root, chown every file
+        # to the owner it has, and a ctime alone needs no new MAC (metaauth.inode_mac); after a
+        # truncate `row` is older than the database's, so all is written
+        changed = fields if size is not None else {
+            name: value for name, value in fields.items() if getattr(row, name) != value}
+        if changed:
             # else nothing changes: the kernel writes back the times it holds when it evicts
             # an inode, such as the ctime it gave an unlinked file, which is the row's own
             with self.meta.transaction(defer=defer and size is None):
-                self.meta.update_inode(ino, **fields)
+                self.meta.update_inode(ino, **changed)
         self.data.set_times(ino, mtime_ns, fields["ctime_ns"])
         return self.attr(ino)
 

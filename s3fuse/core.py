@@ -498,11 +498,16 @@ class Filesystem:
         if mtime_ns is not None:
             fields["mtime_ns"] = mtime_ns
         fields["ctime_ns"] = ctime_ns if ctime_ns is not None else now
-        if size is not None or any(getattr(row, name) != value for name, value in fields.items()):
+        # only what differs from the row is written: tar and cp -a, as root, chown every file
+        # to the owner it has, and a ctime alone needs no new MAC (metaauth.inode_mac); after a
+        # truncate `row` is older than the database's, so all is written
+        changed = fields if size is not None else {
+            name: value for name, value in fields.items() if getattr(row, name) != value}
+        if changed:
             # else nothing changes: the kernel writes back the times it holds when it evicts
             # an inode, such as the ctime it gave an unlinked file, which is the row's own
             with self.meta.transaction(defer=defer and size is None):
-                self.meta.update_inode(ino, **fields)
+                self.meta.update_inode(ino, **changed)
         self.data.set_times(ino, mtime_ns, fields["ctime_ns"])
         return self.attr(ino)
 
@@ -683,6 +688,13 @@ class Filesystem:
         EOPNOTSUPP, rather than ENODATA, also lets tools such as ls -l remember it per
         filesystem instead of asking again for every file."""
         return name.startswith(b"system.") or name == b"security.selinux"
+
+    def xattr_absent(self, ino: int, name: bytes) -> bool:
+        """Whether `getxattr(ino, name)` is known to fail with ENODATA without asking the
+        database: an ordinary name on an inode with no xattrs (the kernel's
+        security.capability probe before every write(2) is one)."""
+        return (not self.meta.may_have_xattrs(ino) and not name.startswith(pol.RESERVED_PREFIX)
+                and not self._unsupported_xattr(name))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if self._unsupported_xattr(name):

@@ -284,7 +284,10 @@ class Operations(pyfuse3.Operations):
 
     # xattrs
     async def getxattr(self, inode, name, ctx):
-        # hot path, kept off the generic wrapper: ls -l probes two absent names per file
+        # hot path, kept off the generic wrapper: ls -l probes two absent names per file, and
+        # the kernel asks for security.capability before every write(2)
+        if self.core.xattr_absent(inode, name):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             if name == XATTR_KMS_VERSION:  # may ask a network KMS
                 return await self.core.kms_version_xattr(inode)

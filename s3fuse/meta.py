@@ -35,6 +35,8 @@ _IN_LIST = 500  # ids per `IN (...)` query, well below SQLite's bound on paramet
 SCHEMA_VERSION = 2  # 2: rows carry MACs, inodes a set digest (docs/FORMAT.md)
 # deferred transactions (transaction(defer=True)) committed together at most
 GROUP_MAX = 256
+FIRST_BLOCKS_HELD = 4096  # block-0 rows read ahead for the opens of a directory walk (first_blocks_after)
+_ABSENT = object()
 
 SCHEMA = """
 -- One row per file, directory, symlink, FIFO, socket or device node.
@@ -231,6 +233,11 @@ class Meta:
         # Set digests changed in the open transaction: written with the inode's next UPDATE
         # in it, or at its end, so that a change costs one UPDATE of the owner, not two.
         self._pending_digest: dict[int, bytes] = {}
+        # Block 0's row (or None) of files a directory walk is about to open, as first_blocks_after
+        # read it for an inode whose rows are trusted (_trusted): their opens take it from here
+        # rather than ask again. Any change of an inode's block rows drops its entry, a
+        # rollback all of them.
+        self._first_blocks: dict[int, BlockRef | None] = {}
         self._next_ino: int | None = None  # see _new_inode_number
         # inodes to delete in the next transaction that commits (delete_inode_soon)
         self._doomed: set[int] = set()
@@ -315,6 +322,7 @@ class Meta:
                 del self._notes[noted:]
             self._rows.clear()
             self._verified.clear()
+            self._first_blocks.clear()
             self._pending_digest.clear()
             if self._open:  # the deferred transactions before this one stay
                 self.db.execute("ROLLBACK TO op")
@@ -346,6 +354,7 @@ class Meta:
             # connection held in memory may be ahead of the database now
             self._rows.clear()
             self._verified.clear()
+            self._first_blocks.clear()
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             if deferred:
@@ -559,12 +568,13 @@ class Meta:
         self.db.execute("INSERT OR IGNORE INTO garbage (object_id) SELECT object_id FROM blocks WHERE inode=?", (ino,))
         self.garbage_made += 1
         self.db.execute("DELETE FROM blocks WHERE inode=?", (ino,))
-        if self._may_have_xattrs(ino):
+        if self.may_have_xattrs(ino):
             self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM symlinks WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
         self._rows.pop(ino, None)
         self._verified.discard(ino)
+        self._first_blocks.pop(ino, None)
         self._pending_digest.pop(ino, None)
 
     def delete_inode_soon(self, ino: int) -> None:
@@ -694,12 +704,18 @@ class Meta:
         # a read-ahead hint only (the open checks the file): a row that does not authenticate
         # is not fetched
         out = []
+        held = self._first_blocks
         for r in rows:
             ref = None
+            trusted = self._trusted(r[1])
             if r[4] is not None:
                 ref = BlockRef(*r[4:14])
-                if not self._trusted(r[1]) and not ma.same(r[14], block_mac(self.key, ref)):
+                if not trusted and not ma.same(r[14], block_mac(self.key, ref)):
                     ref = None
+            if trusted:
+                if len(held) >= FIRST_BLOCKS_HELD:
+                    held.clear()
+                held[r[1]] = ref
             out.append((r[0], r[1], r[2], r[3], ref))
         return out
 
@@ -732,12 +748,13 @@ class Meta:
             self._xattr_inodes = _ALWAYS_ASK
         return None if self._xattr_inodes is _ALWAYS_ASK else self._xattr_inodes
 
-    def _may_have_xattrs(self, ino: int) -> bool:
+    def may_have_xattrs(self, ino: int) -> bool:
+        """False when `ino` is known to have no xattr at all (no query)."""
         known = self._with_xattrs()
         return known is None or ino in known
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        if not self._may_have_xattrs(ino):
+        if not self.may_have_xattrs(ino):
             return None
         row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)).fetchone()
         return None if row is None else row[0]
@@ -757,7 +774,7 @@ class Meta:
                 if bytes(value).startswith(prefix)]
 
     def list_xattrs(self, ino: int) -> list[bytes]:
-        if not self._may_have_xattrs(ino):
+        if not self.may_have_xattrs(ino):
             return []
         return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
 
@@ -767,6 +784,10 @@ class Meta:
             row = self.db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno=?",
                                   (ino, blockno)).fetchone()
             return None if row is None else BlockRef(*row)
+        if blockno == 0 and self._first_blocks:
+            held = self._first_blocks.pop(ino, _ABSENT)  # for the one open it was read ahead for
+            if held is not _ABSENT:
+                return held
         checked = self._check_blocks(ino)
         if checked is not None:
             return checked.get(blockno)
@@ -795,6 +816,7 @@ class Meta:
     def delete_block(self, ino: int, blockno: int) -> None:
         """Forget a block's row (it became a hole); the caller makes its object garbage."""
         old = self.block(ino, blockno) if self.key is not None else None
+        self._first_blocks.pop(ino, None)
         self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
         if old is not None:
             self._adjust(ino, sub=[block_mac(self.key, old)])
@@ -846,6 +868,7 @@ class Meta:
         """A block got a new object (or none): its patches, which applied to the old one, go
         (their objects become garbage)."""
         lo, hi = patch_number(blockno, 0), patch_number(blockno, PATCH_SEQS - 1)
+        self._first_blocks.pop(ino, None)
         rows = self.db.execute(f"SELECT {_BLOCK_COLS} FROM blocks WHERE inode=? AND blockno BETWEEN ? AND ?",
                                (ino, lo, hi)).fetchall()
         if not rows:
@@ -878,6 +901,7 @@ class Meta:
     def put_block(self, ref: BlockRef) -> BlockRef | None:
         """Point a block at a new object; the replaced object (if any) becomes garbage."""
         old = None if self._owns_nothing(ref.inode) else self.block(ref.inode, ref.blockno)
+        self._first_blocks.pop(ref.inode, None)
         if old is not None:
             self.db.execute("INSERT OR IGNORE INTO garbage (object_id) VALUES (?)", (old.object_id,))
             self.garbage_made += 1
@@ -900,6 +924,7 @@ class Meta:
         """Drop blocks wholly past `size` (and their patches) and shorten the one that
         straddles it (its patches stay: a read clips them to the row's length)."""
         first_gone = -(-size // block_size)
+        self._first_blocks.pop(ino, None)
         # data blocks from first_gone, and the patches of those blocks
         gone = "inode=? AND ((blockno>=? AND blockno<?) OR blockno>=?)"
         args = (ino, first_gone, PATCH_BASE, patch_number(first_gone, 0))
@@ -958,6 +983,7 @@ class Meta:
     def replace_key_slot(self, object_id: bytes, old_slot: bytes, new_slot: bytes, version: int) -> bool:
         """Swap a block's wrapped data key if it is still `old_slot` (the block may have been
         rewritten meanwhile) -> whether it was swapped."""
+        self._first_blocks.clear()  # which inode's row changes is known only below
         if self.key is not None:
             row = self.db.execute(f"SELECT {_BLOCK_COLS}, mac FROM blocks WHERE object_id=? AND key_slot=?",
                                   (object_id, old_slot)).fetchone()
@@ -1061,6 +1087,7 @@ class Meta:
                         (*row, inode_mac(self.key, (*row, None)) if self.key is not None else None))
         self._rows.pop(ino, None)
         self._verified.discard(ino)
+        self._first_blocks.pop(ino, None)
 
     def remove_entry_by_id(self, entry_id: int) -> None:
         self._remove_entries("id = ?", (entry_id,))
@@ -1090,6 +1117,7 @@ class Meta:
         self.key = key
         self._rows.clear()
         self._verified.clear()
+        self._first_blocks.clear()
 
     def authenticate_all(self, key: bytes) -> int:
         """Sign every row of a store made before authenticated metadata (its rows as they
@@ -1129,6 +1157,7 @@ class Meta:
         self.key = key
         self._rows.clear()
         self._verified.clear()
+        self._first_blocks.clear()
         return len(updates)
 
     def reseal_entries(self, parent: int) -> int:

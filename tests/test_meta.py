@@ -75,6 +75,70 @@ def test_inode_rows_held_in_memory_answer_like_the_database(tmp_path, monkeypatc
     assert len(m._rows) <= 8
 
 
+def test_block_rows_read_ahead_answer_like_the_database(tmp_path):
+    """Meta.block serves block 0 from the rows a directory walk read ahead (first_blocks_after):
+    after puts, deletes, truncates, patches, key-slot swaps, inode deletions and a rolled-back
+    transaction in between, it still gives what a query gives."""
+    import os
+    import random
+    import stat
+
+    import pytest
+
+    from s3fuse.format import patch_number
+    from s3fuse.meta import BlockRef
+
+    m = Meta.create(str(tmp_path / "m.db"), 0, 0, time.time_ns(), key=os.urandom(32))
+    rng = random.Random(7)
+    inos = []
+
+    def ref(ino: int, blockno: int = 0) -> BlockRef:
+        return BlockRef(ino, blockno, os.urandom(16), 4096, 4096, 64, "AES256", "", 1, os.urandom(60))
+
+    def from_database(ino: int):
+        row = m.db.execute(f"SELECT {meta_mod._BLOCK_COLS} FROM blocks WHERE inode=? AND blockno=0",
+                           (ino,)).fetchone()
+        return None if row is None else BlockRef(*row)
+
+    for step in range(300):
+        m.first_blocks_after(1, 0, 1000)  # what a walk reads ahead, before the next change
+        assert set(m._first_blocks) == set(inos)  # all made here, so all trusted
+        action = rng.choice(["create", "put", "put", "delete", "truncate", "patch", "reslot", "drop", "rollback"])
+        with m.transaction():
+            if action == "create" or not inos:
+                ino = m.create_inode(stat.S_IFREG | 0o644, 0, 0, 1, step).id
+                m.add_entry(1, b"f%d" % ino, ino)
+                inos.append(ino)
+            elif action == "put":
+                m.put_block(ref(rng.choice(inos)))
+            elif action == "delete":
+                ino = rng.choice(inos)
+                if m.block(ino, 0) is not None:
+                    m.delete_block(ino, 0)
+            elif action == "truncate":
+                m.truncate_blocks(rng.choice(inos), rng.choice([0, 100]), 4096)
+            elif action == "patch":
+                ino = rng.choice(inos)
+                m.put_block(ref(ino, patch_number(0, 0)))
+            elif action == "reslot":
+                ino = rng.choice(inos)
+                old = from_database(ino)
+                if old is not None:
+                    m.replace_key_slot(old.object_id, old.key_slot, os.urandom(60), 2)
+            elif action == "drop":
+                ino = inos.pop(rng.randrange(len(inos)))
+                m.remove_entry(1, b"f%d" % ino, ino)
+                m.delete_inode(ino)
+        if action == "rollback":
+            ino = rng.choice(inos)
+            with pytest.raises(RuntimeError), m.transaction():
+                m.put_block(ref(ino))
+                m.first_blocks_after(1, 0, 1000)
+                raise RuntimeError("abandoned")
+        for ino in inos:
+            assert m.block(ino, 0) == from_database(ino), (step, action, ino)
+
+
 def test_a_checkpointed_wal_is_emptied_before_it_is_written_again(tmp_path):
     """Rewriting an old WAL in place reads its pages back from disk when they are no longer
     cached (frames straddle pages); so a restarted WAL starts from an empty file."""

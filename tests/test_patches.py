@@ -72,6 +72,14 @@ def test_a_patch_round_trips_and_malformed_ones_are_refused():
         raise AssertionError(f"accepted {bad!r}")
 
 
+def _file_with_model(tmp_path, seed: int, size: int):
+    """A store with room for many patches, a file in it, a seeded random source and `size`
+    random bytes to write: -> (meta, data, ino, rnd, model)."""
+    meta, data, ino = _store(tmp_path, dirty_limit=64 * BLOCK)
+    rnd = random.Random(seed)
+    return meta, data, ino, rnd, bytearray(rnd.randbytes(size))
+
+
 async def _read_all(data, ino: int, size: int) -> bytes:
     return await data.read(ino, 0, size + 10)
 
@@ -80,10 +88,8 @@ def test_small_writes_into_stored_blocks_become_patches_and_read_back(tmp_path):
     """Random small writes over several flushes: patches, then merges once a block has enough;
     every read (buffered, after each flush, after a truncate into a patched block and an
     extension, after re-encryption) equals the model, and no block is loaded for a write."""
-    meta, data, ino = _store(tmp_path, dirty_limit=64 * BLOCK)
-    rnd = random.Random(7)
-    size = 6 * BLOCK + 100
-    model = bytearray(rnd.randbytes(size))
+    meta, data, ino, rnd, model = _file_with_model(tmp_path, 7, 6 * BLOCK + 100)
+    size = len(model)
 
     async def main():
         await data.write(ino, 0, bytes(model))
@@ -166,14 +172,9 @@ def test_a_patch_whose_block_changed_before_its_commit_is_not_committed(tmp_path
     trio.run(main)
 
 
-@pytest.mark.parametrize("patched", [True, False])
-def test_a_read_keeps_the_objects_it_looked_up_until_it_has_fetched_them(tmp_path, patched):
-    """A read looks up a block's object and patches, then fetches them. If meanwhile the block
-    is stored anew (a merge, or a whole rewrite) and the collector runs, the objects it looked
-    up must still be there: the collector leaves them until the read is done."""
-    meta, data, ino = _store(tmp_path)
-    rnd = random.Random(19)
-    model = bytearray(rnd.randbytes(BLOCK))
+def _hold_fetch(data) -> tuple[dict, trio.Event, trio.Event]:
+    """Hold back the next fetch of the object named by `held["key"]` (set it later): `reached`
+    is set when that fetch starts, and it goes on once `go` is set."""
     held = {"key": None}
     reached, go = trio.Event(), trio.Event()
     real_get_ranges = data.backend.get_ranges
@@ -186,6 +187,18 @@ def test_a_read_keeps_the_objects_it_looked_up_until_it_has_fetched_them(tmp_pat
         return await real_get_ranges(key, ranges)
 
     data.backend.get_ranges = gated_get_ranges
+    return held, reached, go
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_a_read_keeps_the_objects_it_looked_up_until_it_has_fetched_them(tmp_path, patched):
+    """A read looks up a block's object and patches, then fetches them. If meanwhile the block
+    is stored anew (a merge, or a whole rewrite) and the collector runs, the objects it looked
+    up must still be there: the collector leaves them until the read is done."""
+    meta, data, ino = _store(tmp_path)
+    rnd = random.Random(19)
+    model = bytearray(rnd.randbytes(BLOCK))
+    held, reached, go = _hold_fetch(data)
 
     async def main():
         await data.write(ino, 0, bytes(model))
@@ -237,10 +250,8 @@ async def _patch_blocks(data, ino: int, model: bytearray, rnd: random.Random, ro
 def test_the_background_merge_stores_patched_blocks_whole(tmp_path):
     """Once writes pause, every patched block is stored as one object again: no patch rows
     are left, the content is the same, the old objects are garbage, and the counters say so."""
-    meta, data, ino = _store(tmp_path, dirty_limit=64 * BLOCK)
-    rnd = random.Random(23)
-    size = 5 * BLOCK + 100
-    model = bytearray(rnd.randbytes(size))
+    meta, data, ino, rnd, model = _file_with_model(tmp_path, 23, 5 * BLOCK + 100)
+    size = len(model)
 
     async def main():
         await data.write(ino, 0, bytes(model))
@@ -273,22 +284,9 @@ def test_a_write_during_a_background_merge_is_kept(tmp_path):
     """A small write into the block being merged (its load held back) goes to the buffer as
     runs; the merge commits, the write is stored as a patch of the merged object, and the
     merge stops for the other blocks until writes pause again."""
-    meta, data, ino = _store(tmp_path, dirty_limit=64 * BLOCK)
-    rnd = random.Random(29)
-    size = 3 * BLOCK
-    model = bytearray(rnd.randbytes(size))
-    held = {"key": None}
-    reached, go = trio.Event(), trio.Event()
-    real_get_ranges = data.backend.get_ranges
-
-    async def gated_get_ranges(key, ranges):
-        if key == held["key"]:
-            held["key"] = None
-            reached.set()
-            await go.wait()
-        return await real_get_ranges(key, ranges)
-
-    data.backend.get_ranges = gated_get_ranges
+    meta, data, ino, rnd, model = _file_with_model(tmp_path, 29, 3 * BLOCK)
+    size = len(model)
+    held, reached, go = _hold_fetch(data)
 
     async def main():
         await data.write(ino, 0, bytes(model))

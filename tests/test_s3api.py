@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
+import http.client
 import json
 import os
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 
@@ -17,6 +19,7 @@ import botocore.exceptions
 import pytest
 
 from .conftest import TRACEBACK, run_cli, wait_until
+from .faultd import STORE_GATHER_ENV
 from .s3api_helpers import cli_as, client, error_code, new_key, start_api_mount
 
 ClientError = botocore.exceptions.ClientError
@@ -470,3 +473,77 @@ def test_concurrent_puts_share_store_batches_and_wal_syncs(api, bucket):
     assert 0 < syncs <= batches, (syncs, batches)
     for k in keys[::17]:
         assert clients[0].get_object(Bucket=bucket, Key=k)["Body"].read() == bodies[k]
+
+
+def _api_status(m) -> dict:
+    r = run_cli("status", m.mnt, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _put_head_only(endpoint: str, akid: str, secret: str, path: str, body: bytes) -> http.client.HTTPConnection:
+    """A signed PUT whose head is sent now; the caller sends `body` when it chooses."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    req = AWSRequest("PUT", f"{endpoint}{path}", data=body,
+                     headers={"x-amz-content-sha256": hashlib.sha256(body).hexdigest()})
+    S3SigV4Auth(Credentials(akid, secret), "s3", "us-east-1").add_auth(req)
+    headers = dict(req.prepare().headers)
+    headers["Content-Length"] = str(len(body))
+    conn = http.client.HTTPConnection(endpoint.split("://")[1], timeout=60)
+    conn.putrequest("PUT", path)
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    return conn
+
+
+def test_a_store_batch_waits_for_small_bodies_still_arriving(mount_factory, monkeypatch):
+    """A store batch about to start waits for the small PUTs announced (head received, body on
+    its way), so that they share its sync barrier, transaction and WAL sync. Here the wait is
+    long, and the second PUT's body is sent only once the first PUT is waiting in its batch:
+    the two are stored by one batch."""
+    monkeypatch.setenv(STORE_GATHER_ENV, "60")
+    m, endpoint = start_api_mount(mount_factory)
+    akid, secret = new_key(m)
+    c = client(endpoint, akid, secret)
+    c.create_bucket(Bucket="gather")
+    before = _api_status(m)
+    late_body, early_body = os.urandom(4096), os.urandom(4096)
+    late = _put_head_only(endpoint, akid, secret, "/gather/late", late_body)
+    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 1, 30, "the late PUT announced")
+    early = threading.Thread(target=c.put_object, kwargs={"Bucket": "gather", "Key": "early", "Body": early_body})
+    early.start()
+    wait_until(lambda: _api_status(m)["s3api_files_to_store"] == 1, 30, "the early PUT waiting in its batch")
+    assert early.is_alive()
+    late.send(late_body)
+    assert late.getresponse().status == 200
+    late.close()
+    early.join(60)
+    assert not early.is_alive()
+    after = _api_status(m)
+    assert after["s3api_stored_files"] - before["s3api_stored_files"] == 2
+    assert after["s3api_store_batches"] - before["s3api_store_batches"] == 1
+    assert after["s3api_batches_gathered"] - before["s3api_batches_gathered"] == 1
+    assert after["s3api_bodies_arriving"] == 0 and after["s3api_files_to_store"] == 0
+    assert (m.mnt / "gather/early").read_bytes() == early_body
+    assert (m.mnt / "gather/late").read_bytes() == late_body
+
+
+def test_a_body_that_does_not_come_holds_a_batch_only_briefly(api, bucket):
+    """The wait for announced bodies is bounded: a PUT whose body never comes does not hold
+    another's, and its announcement ends with its connection."""
+    m, endpoint, c, (akid, secret) = api
+    before = _api_status(m)
+    stalled = _put_head_only(endpoint, akid, secret, f"/{bucket}/stalled", os.urandom(4096))
+    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 1, 30, "the stalled PUT announced")
+    c.put_object(Bucket=bucket, Key="prompt", Body=b"stored without the stalled one")
+    after = _api_status(m)
+    assert after["s3api_batches_gathered"] - before["s3api_batches_gathered"] == 1
+    assert after["s3api_bodies_arriving"] == 1
+    assert (m.mnt / bucket / "prompt").read_bytes() == b"stored without the stalled one"
+    stalled.close()
+    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 0, 30, "the announcement withdrawn")
+    assert not (m.mnt / bucket / "stalled").exists()

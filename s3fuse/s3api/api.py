@@ -17,7 +17,7 @@ from . import buckets, objects, sigv4, sse
 from .credentials import AccessKeys
 from .errors import S3Error, from_errno
 from .namespace import Namespace
-from .server import Request, Response
+from .server import ClientGone, Request, Response
 from .xmlgen import error_document
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class S3Api:
         token = sse.REQUEST_KEYS.set(held)
         try:
             resp = await self._handle_logged(req)
+        except BaseException:  # no answer to send: the keys go now
+            for key in held:
+                key.wipe()
+            raise
         finally:
             sse.REQUEST_KEYS.reset(token)
         if held:
@@ -92,6 +96,9 @@ class S3Api:
             err = from_errno(exc.errno, str(exc))
             log.info("s3api %s %s -> %d %s: %s", req.method, req.raw_path[:200], err.status, err.code, exc)
             return self.error_response(req, err)
+        except ClientGone as exc:  # nobody to answer: the connection's handler closes it
+            log.info("s3api %s %s abandoned: %s", req.method, req.raw_path[:200], exc)
+            raise
         except (ValueError, TypeError, UnicodeError) as exc:  # a malformed value a check missed
             log.info("s3api %s %s -> 400: %s", req.method, req.raw_path[:200], exc)
             return self.error_response(req, S3Error("InvalidArgument", f"invalid request: {exc}"))

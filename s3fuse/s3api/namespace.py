@@ -10,6 +10,7 @@ attributes it touched (entries, attributes and negative lookups are cached for 3
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -28,6 +29,17 @@ READ, WRITE, SEARCH = 4, 2, 1
 INVALIDATE_TIMEOUT = 10.0  # s: a kernel that does not take an invalidation must not hang a request
 MAX_KEY = 1024
 TEMP_PREFIX = b".s3fuse-put-"  # a PUT's file until it is complete; never listed
+GATHER_SECONDS = 0.005  # longest a store batch waits for small PUT bodies still arriving
+SMALL_BODY = 1 << 20  # bodies up to this size are waited for
+
+
+class StoreNotice:
+    """A PUT that will ask for a store once its body has arrived (`Namespace.store_coming`)."""
+
+    __slots__ = ("arrived",)
+
+    def __init__(self) -> None:
+        self.arrived = False
 
 
 class _Pending:
@@ -91,6 +103,9 @@ class Namespace:
         self._to_store: list[_Pending] = []  # group store: files waiting for the next batch
         self._storing: trio.Event | None = None
         self._batches = self._batched = 0  # store batches run, and the files they held
+        self._gathered = 0  # batches that waited for announced bodies
+        self._coming = 0  # small PUTs announced, whose bodies are still arriving
+        self._all_arrived: trio.Event | None = None  # a gathering batch waits on it
 
     def _sync_and_forget(self, forget: list[tuple[int, bytes]]) -> None:
         """In a worker thread: the WAL sync, then the kernel's invalidations."""
@@ -99,13 +114,42 @@ class Namespace:
             for parent, name in forget:
                 self._invalidate_entry(parent, name)
 
-    async def store(self, ino: int, then: Callable[[], Any] | None = None) -> Any:
+    @contextlib.contextmanager
+    def store_coming(self, size: int | None):
+        """Announce a PUT of `size` bytes whose body is on its way: -> a notice for `store`.
+
+        A store batch about to start waits up to GATHER_SECONDS for the small PUTs announced
+        (at most SMALL_BODY) to ask for their store, so that a batch is not one PUT while the
+        next seven wait behind it: each batch pays one sync barrier, one transaction and one
+        WAL sync whatever its size. A large body is not waited for."""
+        if size is None or size > SMALL_BODY:
+            yield None
+            return
+        notice = StoreNotice()
+        self._coming += 1
+        try:
+            yield notice
+        finally:
+            self._arrive(notice)
+
+    def _arrive(self, notice: StoreNotice | None) -> None:
+        if notice is None or notice.arrived:
+            return
+        notice.arrived = True
+        self._coming -= 1
+        if self._coming == 0 and self._all_arrived is not None:
+            self._all_arrived.set()
+
+    async def store(self, ino: int, then: Callable[[], Any] | None = None,
+                    notice: StoreNotice | None = None) -> Any:
         """Store a new object's data (objects put, synced, rows committed), then run `then`
         and return what it returns. PUTs that arrive together are stored as one batch: one
         sync barrier and one transaction for all. Each PUT's `then` (its rename) runs in the
         batch, before any PUT of it asks for durability, so that the batch then shares one
-        WAL sync (see `durable_ticket`) instead of queueing for one each."""
+        WAL sync (see `durable_ticket`) instead of queueing for one each. `notice`: this
+        PUT's, from `store_coming`."""
         entry = _Pending(ino, then)
+        self._arrive(notice)
         self._to_store.append(entry)
         try:
             while not entry.done:
@@ -123,11 +167,13 @@ class Namespace:
         return entry.result
 
     async def _store_batch(self) -> None:
-        batch, self._to_store = self._to_store, []
         self._storing = done = trio.Event()
-        self._batches += 1
-        self._batched += len(batch)
+        batch: list[_Pending] = []
         try:
+            await self._gather()
+            batch, self._to_store = self._to_store, []
+            self._batches += 1
+            self._batched += len(batch)
             failed = await self.core.data.flush_files([e.ino for e in batch])
         except S3fuseError as exc:  # shared by the batch
             for e in batch:
@@ -150,11 +196,25 @@ class Namespace:
             self._storing = None
             done.set()
 
+    async def _gather(self) -> None:
+        """Wait, briefly, for the announced PUTs still receiving their bodies."""
+        if not self._coming:
+            return
+        self._gathered += 1
+        self._all_arrived = trio.Event()
+        try:
+            with trio.move_on_after(GATHER_SECONDS):
+                await self._all_arrived.wait()
+        finally:
+            self._all_arrived = None
+
     @property
     def stats(self) -> dict[str, int]:
-        """Group commit at work, for `s3fuse status`: PUTs share a batch, and a batch a WAL sync."""
+        """Group commit at work, for `s3fuse status`: PUTs share a batch, and a batch a WAL sync;
+        and, as they stand, the small PUTs receiving their bodies and the files waiting to be stored."""
         return {"s3api_store_batches": self._batches, "s3api_stored_files": self._batched,
-                "s3api_wal_syncs": self._synced_round}
+                "s3api_wal_syncs": self._synced_round, "s3api_batches_gathered": self._gathered,
+                "s3api_bodies_arriving": self._coming, "s3api_files_to_store": len(self._to_store)}
 
     @staticmethod
     def _not_stored(exc: S3fuseError) -> S3fuseError:

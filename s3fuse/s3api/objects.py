@@ -389,9 +389,10 @@ class BodyReader:
 
 
 async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, meta: dict[bytes, bytes],
-                       finish=None, etag_for=None) -> tuple[Inode, str]:
+                       finish=None, etag_for=None, notice=None) -> tuple[Inode, str]:
     """Create the object's file under a hidden name, fill it from `source` (async pieces),
-    store and commit it, rename it over `name`, and make that durable. -> (row, etag)."""
+    store and commit it, rename it over `name`, and make that durable. -> (row, etag).
+    `notice`: the PUT's from `Namespace.store_coming`."""
     core, ns, who = ctx.core, ctx.ns, ctx.who
     tmp = ns.temp_name()
     try:
@@ -427,7 +428,7 @@ async def write_object(ctx, parent: Inode, name: bytes, policy: Policy, source, 
             off += len(piece)
         if finish is not None:
             finish()
-        etag, ticket = await ns.store(ino, then=rename_into_place)
+        etag, ticket = await ns.store(ino, then=rename_into_place, notice=notice)
     except BaseException:
         if not released:
             core.release(ino, writer=True)
@@ -451,6 +452,12 @@ async def put(ctx, bucket: str, key: str) -> Response:
     reader = BodyReader(ctx)
     if marker:
         return await _put_marker(ctx, b, parts, reader)
+    with ctx.ns.store_coming(reader.expected) as notice:
+        return await _put_file(ctx, b, key, parts, req_sse, meta, reader, notice)
+
+
+async def _put_file(ctx, b: Inode, key: str, parts: list[bytes], req_sse, meta: dict[bytes, bytes],
+                    reader: BodyReader, notice) -> Response:
     parent = await ctx.ns.make_parents(b, parts, ctx.who)
     existing = ctx.ns.child(parent.id, parts[-1])
     if existing is not None and stat.S_ISDIR(existing.mode):
@@ -474,7 +481,8 @@ async def put(ctx, bucket: str, key: str) -> Response:
         md5 = reader.md5.hexdigest()
         return md5 if policy.mode == pol.SSE_S3 else etags.opaque(ctx.api.access_keys.etag_key, md5)
 
-    row, etag = await write_object(ctx, parent, parts[-1], policy, reader.pieces(), meta, reader.finish, etag_for)
+    row, etag = await write_object(ctx, parent, parts[-1], policy, reader.pieces(), meta, reader.finish, etag_for,
+                                   notice)
     headers = [("etag", f'"{etag}"')] + ssemod.response_headers(
         policy.mode, policy.key if policy.mode == pol.SSE_KMS else "", req_sse.customer_md5)
     headers += reader.sums.response_headers()

@@ -65,7 +65,10 @@ class Request:
             return
         await self._conn.continue_if_asked()
         while True:
-            event = await self._conn.next_event(self._conn.limits.body_timeout, "body")
+            try:
+                event = await self._conn.next_event(self._conn.limits.body_timeout, "body")
+            except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+                raise ClientGone(f"the connection from {self.peer} broke during the body: {exc}") from None
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -138,6 +141,11 @@ def _reason(status: int) -> bytes:
 
 class _SlowClient(Exception):
     pass
+
+
+class ClientGone(ConnectionError):
+    """The client closed or broke its connection in the middle of a request: there is no one
+    to answer, and the request is abandoned."""
 
 
 Handler = Callable[[Request], Awaitable[Response]]

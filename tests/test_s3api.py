@@ -501,49 +501,58 @@ def _put_head_only(endpoint: str, akid: str, secret: str, path: str, body: bytes
 
 
 def test_a_store_batch_waits_for_small_bodies_still_arriving(mount_factory, monkeypatch):
-    """A store batch about to start waits for the small PUTs announced (head received, body on
-    its way), so that they share its sync barrier, transaction and WAL sync. Here the wait is
-    long, and the second PUT's body is sent only once the first PUT is waiting in its batch:
-    the two are stored by one batch."""
+    """A store batch about to start waits until it holds as many files as there are small PUTs
+    still receiving their bodies. Here the wait is long: one PUT waits in its batch while two
+    others are announced, a third body sent on cue joins it, and the last PUT is stored on its
+    own, with nothing left to wait for."""
     monkeypatch.setenv(STORE_GATHER_ENV, "60")
     m, endpoint = start_api_mount(mount_factory)
     akid, secret = new_key(m)
     c = client(endpoint, akid, secret)
     c.create_bucket(Bucket="gather")
     before = _api_status(m)
-    late_body, early_body = os.urandom(4096), os.urandom(4096)
-    late = _put_head_only(endpoint, akid, secret, "/gather/late", late_body)
-    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 1, 30, "the late PUT announced")
-    early = threading.Thread(target=c.put_object, kwargs={"Bucket": "gather", "Key": "early", "Body": early_body})
+    bodies = {name: os.urandom(4096) for name in ("early", "second", "last")}
+    held = {name: _put_head_only(endpoint, akid, secret, f"/gather/{name}", bodies[name])
+            for name in ("second", "last")}
+    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 2, 30, "two PUTs announced")
+    early = threading.Thread(target=c.put_object, kwargs={"Bucket": "gather", "Key": "early",
+                                                          "Body": bodies["early"]})
     early.start()
     wait_until(lambda: _api_status(m)["s3api_files_to_store"] == 1, 30, "the early PUT waiting in its batch")
     assert early.is_alive()
-    late.send(late_body)
-    assert late.getresponse().status == 200
-    late.close()
+    held["second"].send(bodies["second"])
+    assert held["second"].getresponse().status == 200
     early.join(60)
     assert not early.is_alive()
+    middle = _api_status(m)
+    assert middle["s3api_store_batches"] - before["s3api_store_batches"] == 1
+    assert middle["s3api_stored_files"] - before["s3api_stored_files"] == 2
+    assert middle["s3api_batches_gathered"] - before["s3api_batches_gathered"] == 1
+    held["last"].send(bodies["last"])
+    assert held["last"].getresponse().status == 200
     after = _api_status(m)
-    assert after["s3api_stored_files"] - before["s3api_stored_files"] == 2
-    assert after["s3api_store_batches"] - before["s3api_store_batches"] == 1
+    assert after["s3api_store_batches"] - before["s3api_store_batches"] == 2
     assert after["s3api_batches_gathered"] - before["s3api_batches_gathered"] == 1
     assert after["s3api_bodies_arriving"] == 0 and after["s3api_files_to_store"] == 0
-    assert (m.mnt / "gather/early").read_bytes() == early_body
-    assert (m.mnt / "gather/late").read_bytes() == late_body
+    for conn in held.values():
+        conn.close()
+    for name, body in bodies.items():
+        assert (m.mnt / "gather" / name).read_bytes() == body
 
 
 def test_a_body_that_does_not_come_holds_a_batch_only_briefly(api, bucket):
-    """The wait for announced bodies is bounded: a PUT whose body never comes does not hold
-    another's, and its announcement ends with its connection."""
+    """The wait for announced bodies is bounded: PUTs whose bodies never come do not hold
+    another's, and their announcements end with their connections."""
     m, endpoint, c, (akid, secret) = api
     before = _api_status(m)
-    stalled = _put_head_only(endpoint, akid, secret, f"/{bucket}/stalled", os.urandom(4096))
-    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 1, 30, "the stalled PUT announced")
-    c.put_object(Bucket=bucket, Key="prompt", Body=b"stored without the stalled one")
+    stalled = [_put_head_only(endpoint, akid, secret, f"/{bucket}/stalled{i}", os.urandom(4096)) for i in range(2)]
+    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 2, 30, "the stalled PUTs announced")
+    c.put_object(Bucket=bucket, Key="prompt", Body=b"stored without the stalled ones")
     after = _api_status(m)
     assert after["s3api_batches_gathered"] - before["s3api_batches_gathered"] == 1
-    assert after["s3api_bodies_arriving"] == 1
-    assert (m.mnt / bucket / "prompt").read_bytes() == b"stored without the stalled one"
-    stalled.close()
-    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 0, 30, "the announcement withdrawn")
-    assert not (m.mnt / bucket / "stalled").exists()
+    assert after["s3api_bodies_arriving"] == 2
+    assert (m.mnt / bucket / "prompt").read_bytes() == b"stored without the stalled ones"
+    for conn in stalled:
+        conn.close()
+    wait_until(lambda: _api_status(m)["s3api_bodies_arriving"] == 0, 30, "the announcements withdrawn")
+    assert not any(name.startswith("stalled") for name in os.listdir(m.mnt / bucket))

@@ -105,7 +105,7 @@ class Namespace:
         self._batches = self._batched = 0  # store batches run, and the files they held
         self._gathered = 0  # batches that waited for announced bodies
         self._coming = 0  # small PUTs announced, whose bodies are still arriving
-        self._all_arrived: trio.Event | None = None  # a gathering batch waits on it
+        self._enough: trio.Event | None = None  # a gathering batch waits on it
 
     def _sync_and_forget(self, forget: list[tuple[int, bytes]]) -> None:
         """In a worker thread: the WAL sync, then the kernel's invalidations."""
@@ -118,10 +118,12 @@ class Namespace:
     def store_coming(self, size: int | None):
         """Announce a PUT of `size` bytes whose body is on its way: -> a notice for `store`.
 
-        A store batch about to start waits up to GATHER_SECONDS for the small PUTs announced
-        (at most SMALL_BODY) to ask for their store, so that a batch is not one PUT while the
-        next seven wait behind it: each batch pays one sync barrier, one transaction and one
-        WAL sync whatever its size. A large body is not waited for."""
+        A store batch about to start waits, up to GATHER_SECONDS, until it holds at least as
+        many files as there are small PUTs (at most SMALL_BODY) still receiving their bodies:
+        each batch pays one sync barrier, one transaction and one WAL sync whatever its size,
+        and with no wait most batches held a single PUT. Waiting for about half of what is
+        under way, not all of it, keeps two batches in turn: one is stored while the other's
+        clients send their next requests. A large body is not waited for."""
         if size is None or size > SMALL_BODY:
             yield None
             return
@@ -137,8 +139,11 @@ class Namespace:
             return
         notice.arrived = True
         self._coming -= 1
-        if self._coming == 0 and self._all_arrived is not None:
-            self._all_arrived.set()
+        self._check_enough()
+
+    def _check_enough(self) -> None:
+        if self._enough is not None and self._coming <= len(self._to_store):
+            self._enough.set()
 
     async def store(self, ino: int, then: Callable[[], Any] | None = None,
                     notice: StoreNotice | None = None) -> Any:
@@ -151,6 +156,7 @@ class Namespace:
         entry = _Pending(ino, then)
         self._arrive(notice)
         self._to_store.append(entry)
+        self._check_enough()
         try:
             while not entry.done:
                 if self._storing is not None:
@@ -197,16 +203,16 @@ class Namespace:
             done.set()
 
     async def _gather(self) -> None:
-        """Wait, briefly, for the announced PUTs still receiving their bodies."""
-        if not self._coming:
+        """Wait, briefly, for announced PUTs still receiving their bodies (`store_coming`)."""
+        if self._coming <= len(self._to_store):
             return
         self._gathered += 1
-        self._all_arrived = trio.Event()
+        self._enough = trio.Event()
         try:
             with trio.move_on_after(GATHER_SECONDS):
-                await self._all_arrived.wait()
+                await self._enough.wait()
         finally:
-            self._all_arrived = None
+            self._enough = None
 
     @property
     def stats(self) -> dict[str, int]:

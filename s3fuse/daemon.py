@@ -148,25 +148,22 @@ def disable_core_dumps() -> None:
 
 
 def bound_allocator() -> None:
-    """Keep glibc from multiplying heap arenas across worker threads, and keep buffers of a
-    MiB and more from growing the heap.
+    """Keep glibc from multiplying heap arenas across worker threads, and keep block-sized
+    buffers in the heap.
 
-    With one arena per thread, each would keep its own high-water mark and RSS would grow
-    with the thread count; with two, the write path's buffers (loop thread) and ciphertext
-    (worker threads) fragmented two heaps. So: one arena.
-    A buffer of 1 MiB or more (a FUSE request, libfuse's receive buffer, a block) reuses free
-    heap space where a hole fits it, and otherwise gets a mapping of its own, unmapped when
-    freed, instead of extending the heap. Long-lived small allocations (SQLite's pages, dict
-    tables) that earlier work left spread over the heap keep it from shrinking and cut its free
-    space into holes too small for these buffers: with the heap extended for them instead, a
-    long write after many small files keeps the old heap resident and builds a second one
-    above it. Smaller buffers stay in the heap: a fresh mapping costs a page fault and a zeroed
-    page per 4 KiB. Up to 32 MiB of free heap is kept rather than returned (docs/BENCH.md).
+    Block buffers (a 4 MiB object read, a 1 MiB reply) are reused from the heap: a fresh
+    mapping costs a page fault and a zeroed page per 4 KiB, which halves copy speed here.
+    glibc's default maps each allocation above 128 KiB and unmaps it on free, adapting that
+    threshold only as it sees frees; it is fixed at 8 MiB, with up to 32 MiB of free heap kept
+    rather than returned. With one arena per thread, each would keep its own high-water mark
+    and RSS would grow with the thread count; with two, the write path's buffers (loop thread)
+    and ciphertext (worker threads) fragmented two heaps. So: one arena (docs/BENCH.md has the
+    measurements).
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
     try:
         _libc.mallopt(M_ARENA_MAX, 1)
-        _libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        _libc.mallopt(M_MMAP_THRESHOLD, 8 << 20)
         _libc.mallopt(M_TRIM_THRESHOLD, 32 << 20)
     except AttributeError:  # not glibc
         pass

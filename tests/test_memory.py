@@ -58,3 +58,22 @@ def test_a_file_streamed_through_leaves_nothing_in_the_segment_cache(mounted):
                what="the segment cache to let go of the streamed file")
     with open(mounted.mnt / "big", "rb") as f:
         assert f.read() == data
+
+
+def test_deleted_files_leave_no_plaintext_in_the_segment_cache(mounted):
+    """Once a removed file's objects are deleted from the store, the segments kept of them go
+    too; the segments of a file still there stay."""
+    files = {f"f{i}": os.urandom(4096) for i in range(40)}
+    for name, data in files.items():
+        (mounted.mnt / name).write_bytes(data)
+    mounted.remount()
+    for name, data in files.items():
+        assert (mounted.mnt / name).read_bytes() == data
+    held = status(mounted)["cache_bytes"]
+    assert held >= 40 * 4096, held
+    for i in range(1, 40):
+        (mounted.mnt / f"f{i}").unlink()
+    wait_until(lambda: status(mounted)["cache_bytes"] < held - 39 * 4096 + 1, timeout=30,
+               what="the segment cache to drop the removed files' segments")
+    assert status(mounted)["cache_bytes"] >= 4096  # f0's segment is still kept
+    assert (mounted.mnt / "f0").read_bytes() == files["f0"]

@@ -12,7 +12,7 @@ until they have fetched it, and the collector leaves those objects for a later r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -61,11 +61,13 @@ class InUse:
 
 
 class Collector:
-    def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec, in_use: InUse) -> None:
+    def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec, in_use: InUse,
+                 deleted: Callable[[list[bytes]], None] = lambda ids: None) -> None:
         self.meta = meta
         self.backend = backend
         self.codec = codec
         self.in_use = in_use
+        self.deleted = deleted  # told which objects are gone from the store
         self._kick = trio.Event()
 
     def kick(self) -> None:
@@ -96,6 +98,7 @@ class Collector:
                 log.warning("could not delete unreferenced objects (will retry): %s", exc)
                 return done
             self.codec.forget(ids)
+            self.deleted(ids)
             with self.meta.transaction():
                 self.meta.forget_garbage(ids)
             done += len(ids)

@@ -69,7 +69,7 @@ class DataStore:
         in_use = InUse()  # objects reads have looked up: the collector leaves them until fetched
         self.reads = ReadCache(meta, backend, self.codec, self.wb, block_size, segment_size, cache_limit,
                                self.stats, in_use)
-        self.collect = Collector(meta, backend, self.codec, in_use)
+        self.collect = Collector(meta, backend, self.codec, in_use, self.reads.deleted)
         self.flushing = Flusher(meta, backend, self.codec, self.wb, self.collect, self.stats, self.describe)
         self.flushing.dropped = self._maybe_drop
         self.flushing.load = self.reads.load_block

@@ -113,6 +113,11 @@ class SegmentCache:
         for key in [key for key in self._items if key[0][1] == ino]:
             self.discard(key)
 
+    def discard_objects(self, object_ids: set[bytes]) -> None:
+        """Drop every segment of these objects."""
+        for key in [key for key in self._items if key[0][0] in object_ids]:
+            self.discard(key)
+
     def clear(self) -> None:
         self._items.clear()
         self.used = 0
@@ -563,6 +568,11 @@ class ReadCache:
         if fs.streamed:
             fs.streamed = False
             self.cache.discard_inode(fs.ino)
+
+    def deleted(self, object_ids: list[bytes]) -> None:
+        """These objects were deleted from the store: no read can reach their segments any
+        more, so the plaintext kept of them is dead weight among the live data."""
+        self.cache.discard_objects(set(object_ids))
 
     def forget_plaintext(self) -> None:
         """Drop every cached segment (after a key is withdrawn)."""

@@ -62,7 +62,7 @@ class InUse:
 
 class Collector:
     def __init__(self, meta: Meta, backend: Backend, codec: ObjectCodec, in_use: InUse,
-                 deleted: Callable[[list[bytes]], None] = lambda ids: None) -> None:
+                 deleted: Callable[[list[bytes]], None]) -> None:
         self.meta = meta
         self.backend = backend
         self.codec = codec

@@ -10,6 +10,8 @@ import os
 import random
 import subprocess
 
+import pytest
+
 from .conftest import run_cli, write_file
 
 BACKENDS = ("local", "s3")
@@ -120,6 +122,33 @@ def test_a_sequential_reader_has_the_next_blocks_read_ahead(mounted):
         assert after["s3_prefetch_handoffs"] - before["s3_prefetch_handoffs"] >= 3, after
     # and the next block was fetched and authenticated ahead of the reader (the read cache decrypts ahead)
     assert after["blocks_read_ahead"] - before["blocks_read_ahead"] >= 3, after["blocks_read_ahead"]
+
+
+@pytest.mark.local_only
+@pytest.mark.parametrize("segment_kib", [512, 1024])
+def test_a_store_with_segments_larger_than_the_read_around_reads_its_files(mount_factory, workdir, segment_kib):
+    """`s3fuse init --segment-size-kib` allows segments up to the block size. A random reader's
+    miss is served with the aligned READ_AROUND (256 KiB) around it: with larger segments that
+    is the one segment missed (it divided by zero, and every first read of a file was EIO)."""
+    store = workdir("big-segments") / "store"
+    r = run_cli("init", store, "--block-size-kib", 1024, "--segment-size-kib", segment_kib)
+    assert r.returncode == 0, r.stderr
+    m = mount_factory(store=store)
+    data = random.Random(segment_kib).randbytes(3 * (1 << 20) + 777)
+    write_file(m.mnt / "f", data)
+    m.remount()
+    rng = random.Random(1)
+    with open(m.mnt / "f", "rb", buffering=0) as f:
+        for _ in range(40):  # random reads first: each a miss the read-around serves
+            off = rng.randrange(len(data))
+            assert os.pread(f.fileno(), 4096, off) == data[off:off + 4096], off
+    m.remount()
+    with open(m.mnt / "f", "rb", buffering=0) as f:  # and a sequential pass, from a cold cache
+        got = bytearray()
+        while chunk := f.read(1 << 20):
+            got += chunk
+    assert got == data
+    assert status(m)["integrity_errors"] == 0
 
 
 def test_files_fetched_ahead_are_read_without_a_read_request(mounted):

@@ -425,7 +425,7 @@ class ReadCache:
                 else:
                     # read around the miss, as the kernel does for a page fault: a random reader
                     # soon finds most of a file it keeps reading in the page cache
-                    around = READ_AROUND // seg
+                    around = max(1, READ_AROUND // seg)  # segments of READ_AROUND or more: the one missed
                     lo, hi = min(lo, lo // around * around), min(count - 1, max(hi, (lo // around + 1) * around - 1))
             needed = missing[0], missing[-1]
             if not _SPECULATIVE.get():

@@ -174,6 +174,9 @@ class FileState:
     last_read_end: int = -1
     furthest_read_end: int = -1  # of any read so far (requests may arrive out of order)
     streamed: bool = False  # read sequentially from one block into the next since last closed
+    # a sequential reader's blocks below this one have had their objects asked for ahead of it
+    read_ahead_to: int = 0
+    decrypting_ahead: int = -1  # the block last fetched and decrypted ahead of it
     # handles open for writing, plus changes under way (truncate): while any, nothing is
     # pushed to the kernel's page cache (pagecache.py)
     writers: int = 0

@@ -33,7 +33,6 @@ READAHEAD = 4 * 1024 * 1024  # a sequential reader fetches the rest of the block
 READ_AROUND = 256 * 1024  # a random reader's miss fetches the aligned range around it
 PREFETCH_BLOCKS = 8  # a sequential reader has the next 8 blocks' objects read ahead
 PREFETCH_TRIGGER = 1 << 20  # ... when a read starts within the first MiB of a block
-DECRYPT_AHEAD = 1  # ... and the next block fetched and decrypted into the segment cache
 # a file up to this size opened for reading is fetched at once, while the kernel returns from
 # open(2) and sends its first read: the fetch's latency overlaps that round trip
 PREFETCH_ON_OPEN = 256 * 1024
@@ -255,22 +254,17 @@ class ReadCache:
     def _read_ahead(self, fs: FileState, blockno: int, who: Caller) -> None:
         """A sequential reader entered block `blockno` (each of the kernel's read-ahead requests
         that starts in a block's first MiB counts): ask the store for the objects of the next
-        PREFETCH_BLOCKS blocks not asked for yet, and have the next block decrypted. A reader
-        that went back (a new pass) is followed from where it is now."""
+        PREFETCH_BLOCKS blocks not asked for yet in this pass, and have the next block
+        decrypted. A reader that went back starts a new pass."""
         end = blockno + 1 + PREFETCH_BLOCKS
-        if fs.read_ahead_to < end:
-            for ahead in range(max(blockno + 1, fs.read_ahead_to), end):
-                ref = self.block_ref(fs.ino, ahead)
-                if ref is not None:
-                    self.backend.prefetch(ref.object_id.hex())
-            fs.read_ahead_to = end
-        elif fs.read_ahead_to > end + PREFETCH_BLOCKS:  # went back: start again from here
-            fs.read_ahead_to = 0
-            self._read_ahead(fs, blockno, who)
-            return
-        for nxt in range(blockno + 1, blockno + 1 + DECRYPT_AHEAD):
-            if nxt > fs.decrypting_ahead or fs.decrypting_ahead > blockno + DECRYPT_AHEAD:
-                self._decrypt_ahead(fs, nxt, who)
+        start = blockno + 1 if fs.read_ahead_to > end else max(blockno + 1, fs.read_ahead_to)
+        for ahead in range(start, end):
+            ref = self.block_ref(fs.ino, ahead)
+            if ref is not None:
+                self.backend.prefetch(ref.object_id.hex())
+        fs.read_ahead_to = end
+        if fs.decrypting_ahead != blockno + 1:
+            self._decrypt_ahead(fs, blockno + 1, who)
 
     def run_in_background(self, fn, *args) -> bool:
         """Start `fn(*args)` in a task of the mount's background nursery (the prefetcher's);

@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import stat
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -153,8 +154,17 @@ class Filesystem:
 
     async def _commit_later(self) -> None:
         try:
-            # after a failed commit (Meta._redo), retried at this pace rather than at once
-            await trio.sleep(COMMIT_RETRY if self.meta.commit_failing else COMMIT_DELAY)
+            while True:
+                since = self.meta.waiting_since()
+                if since is None:  # another transaction committed everything
+                    self._commit_due = False
+                    return
+                # after a failed commit (Meta._redo), retried at this pace rather than at once
+                delay = COMMIT_RETRY if self.meta.commit_failing else COMMIT_DELAY
+                left = since + delay - time.monotonic()
+                if left <= 0:
+                    break
+                await trio.sleep(left)
         except BaseException:  # cancelled at unmount: what comes later asks again
             self._commit_due = False
             raise

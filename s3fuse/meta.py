@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -245,6 +246,9 @@ class Meta:
         # made a savepoint within it, until a transaction that commits (or `commit`).
         self._open = False  # that write transaction is open
         self._deferred = 0  # transactions waiting in it
+        # time.monotonic() when the oldest change still waiting for a commit (a deferred
+        # transaction, a deletion left for the next commit) was made; None: none waits
+        self._waiting_since: float | None = None
         # the changes they made, in order: made again if their commit fails (_commit)
         self._notes: list[tuple[str, tuple]] = []
         self.commit_failing = False  # the last commit of deferred transactions failed
@@ -339,6 +343,7 @@ class Meta:
             self._deferred += 1
             if not self._open:
                 self._open = True
+                self._note_waiting()
                 self.on_deferred()
             return
         self._commit()
@@ -362,7 +367,18 @@ class Meta:
             raise
         self._notes.clear()
         self._doomed.clear()
+        self._waiting_since = None
         self.commit_failing = False
+
+    def _note_waiting(self) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+
+    def waiting_since(self) -> float | None:
+        """When (time.monotonic()) the oldest change that waits for a commit was made, or None
+        if none waits: the owner's timer commits them that long after it, not after the first
+        change it was started for, which another commit may have covered already."""
+        return self._waiting_since
 
     def _redo(self, deferred: int, exc: BaseException) -> None:
         """Make the deferred transactions of a failed commit again, to be committed later:
@@ -382,6 +398,7 @@ class Meta:
             raise
         self._open = True
         self._deferred = deferred
+        self._waiting_since = time.monotonic()  # the retry is paced from the failure
         if self.on_deferred is not None:
             self.on_deferred()
 
@@ -584,6 +601,7 @@ class Meta:
         before that commit leaves a row with no links, which the next mount deletes
         (`orphan_inodes`)."""
         self._doomed.add(ino)
+        self._note_waiting()
 
     def orphan_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]

@@ -219,6 +219,44 @@ def test_deferred_transactions_commit_together_and_fail_alone(tmp_path):
     assert fresh.lookup(1, b"e") is not None and fresh.lookup(1, b"a") == a
 
 
+def test_waiting_since_dates_the_oldest_change_a_commit_has_not_covered(tmp_path):
+    """The commit timer's reference: set by the first deferred transaction or deletion left
+    for the next commit, kept by those after it, cleared by the commit that covers them (a
+    timer started for a group another commit covered then waits for the next group's own
+    delay instead of committing it at once)."""
+    import os
+
+    path = str(tmp_path / "m.db")
+    m = Meta.create(path, 0, 0, time.time_ns(), key=os.urandom(32))
+    m.on_deferred = lambda: None
+    assert m.waiting_since() is None
+
+    def make(name: bytes) -> int:
+        with m.transaction(defer=True):
+            row = m.create_inode(0o100644, 0, 0, 1, time.time_ns())
+            m.add_entry(1, name, row.id)
+        return row.id
+
+    before = time.monotonic()
+    a = make(b"a")
+    first = m.waiting_since()
+    assert first is not None and before <= first <= time.monotonic()
+    make(b"b")
+    assert m.waiting_since() == first  # a later change does not move it
+    with m.transaction():  # an ordinary transaction commits the group
+        m.set_state("x", 1)
+    assert m.waiting_since() is None
+
+    with m.transaction():
+        m.remove_entry(1, b"a")
+        m.update_inode(a, nlink=0)
+    assert m.waiting_since() is None
+    m.delete_inode_soon(a)  # a deletion left for the next commit waits too
+    assert m.waiting_since() is not None
+    m.commit()
+    assert m.waiting_since() is None and m.inode(a) is None
+
+
 def test_deferred_transactions_whose_commit_fails_are_made_again(tmp_path):
     """A commit that fails (disk full: SQLite rolls the transaction back) loses no deferred
     transaction: their requests were answered, so they are made again and committed later."""

@@ -312,7 +312,7 @@ class Daemon:
         self.s3api = S3Service(
             self.core, AccessKeys.load(self.cfg.sealed_path("s3keys"), root_key, self.cfg.store_id),
             self.cfg.store_id, self.mountpoint, self.options.s3_api,
-            invalidate_entry=_invalidate_entry,
+            invalidate_entry=_invalidate_entry, invalidate_attrs=_invalidate_attrs,
             metadata_durable=self.s3.sync_metadata if self.s3 is not None else None)
         self.heap_stats = {"heap_trims": 0}  # counted by trim_heap_when_idle
         self.pusher: PageCachePusher | None = None  # while mounted
@@ -625,6 +625,15 @@ def _invalidate_entry(parent: int, name: bytes) -> None:
     except OSError as exc:  # not cached: nothing to forget
         if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
             log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
+
+
+def _invalidate_attrs(ino: int) -> None:
+    """Have the kernel forget an inode's cached attributes (a worker thread calls it)."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError as exc:  # not cached: nothing to forget
+        if exc.errno != errno.ENOENT:
+            log.warning("invalidate_inode(%d): %s", ino, exc)
 
 
 def credential_path(name: str) -> str:

@@ -75,6 +75,22 @@ def test_sse_s3_round_trip_and_coherence(api, bucket):
     assert not (m.mnt / bucket / "dir/sub/late.txt").exists()
 
 
+def test_a_put_refreshes_the_directory_attributes_the_kernel_cached(api, bucket):
+    """The kernel caches a directory's attributes for 300 s. A PUT of a new key, which the
+    kernel never looked up (so forgetting that entry does not touch the directory), and one
+    that replaces a key, each change the directory's mtime: the mount sees the new one."""
+    m, _, c, _ = api
+    d = m.mnt / bucket
+    c.put_object(Bucket=bucket, Key="first", Body=b"1")
+    before = os.stat(d).st_mtime_ns  # now cached by the kernel
+    c.put_object(Bucket=bucket, Key="second", Body=b"2")
+    after_new = os.stat(d).st_mtime_ns
+    assert after_new > before
+    c.put_object(Bucket=bucket, Key="second", Body=b"22")
+    assert os.stat(d).st_mtime_ns > after_new
+    assert sorted(os.listdir(d)) == ["first", "second"]
+
+
 def test_mount_written_file_through_api(api, bucket):
     m, _, c, _ = api
     p = m.mnt / bucket / "from-mount.txt"

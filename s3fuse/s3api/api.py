@@ -33,12 +33,12 @@ UNSUPPORTED = {"acl", "policy", "lifecycle", "tagging", "versioning", "versions"
 class S3Api:
     def __init__(self, core, access_keys: AccessKeys, store_id: bytes, invalidate_entry=None,
                  region: str = sigv4.DEFAULT_REGION, debug_signatures: bool = False,
-                 metadata_durable=None) -> None:
+                 metadata_durable=None, invalidate_attrs=None) -> None:
         self.core = core
         self.keys = core.keys
         self.access_keys = access_keys
         self.store_id = store_id
-        self.ns = Namespace(core, invalidate_entry, metadata_durable)
+        self.ns = Namespace(core, invalidate_entry, metadata_durable, invalidate_attrs)
         self.region = region
         self.debug_signatures = debug_signatures
         self._multipart = None

@@ -90,11 +90,15 @@ def split_key(key: str) -> tuple[list[bytes], bool]:
 
 class Namespace:
     def __init__(self, core: Filesystem, invalidate_entry: Callable[[int, bytes], None] | None = None,
-                 metadata_durable: Callable[[], Awaitable[None]] | None = None) -> None:
+                 metadata_durable: Callable[[], Awaitable[None]] | None = None,
+                 invalidate_attrs: Callable[[int], None] | None = None) -> None:
         """`metadata_durable`: an S3 store's; returns once the committed metadata is in the
-        bucket, which an answered PUT promises as fsync does."""
+        bucket, which an answered PUT promises as fsync does. `invalidate_entry(parent, name)`
+        and `invalidate_attrs(ino)` make the kernel forget what it caches; they block, so
+        they are called in worker threads."""
         self.core = core
         self._invalidate_entry = invalidate_entry
+        self._invalidate_attrs = invalidate_attrs
         self._metadata_durable = metadata_durable
         self._sync_round = 0  # group commit: the WAL syncs started so far
         self._synced_round = 0  # ... and finished
@@ -108,11 +112,16 @@ class Namespace:
         self._enough: trio.Event | None = None  # a gathering batch waits on it
 
     def _sync_and_forget(self, forget: list[tuple[int, bytes]]) -> None:
-        """In a worker thread: the WAL sync, then the kernel's invalidations."""
+        """In a worker thread: the WAL sync, then the kernel's invalidations: the entries, and
+        the attributes of their directories (the kernel drops those with an entry only if
+        it held the entry), in the same thread hand-off."""
         self.core.meta.sync()
         if self._invalidate_entry is not None:
             for parent, name in forget:
                 self._invalidate_entry(parent, name)
+        if self._invalidate_attrs is not None:
+            for parent in dict.fromkeys(parent for parent, _ in forget):
+                self._invalidate_attrs(parent)
 
     @contextlib.contextmanager
     def store_coming(self, size: int | None):
@@ -228,10 +237,10 @@ class Namespace:
 
     def durable_ticket(self, changed: tuple[int, bytes] | None = None) -> int:
         """For a change just committed: the WAL sync round that will cover it, to pass to
-        `make_durable`. The kernel forgets the entry `changed` (parent, name) in that round."""
+        `make_durable`. The kernel forgets the entry `changed` (parent, name), and its
+        directory's attributes, in that round."""
         if changed is not None:
             self._to_forget.append(changed)
-            self.changed_attrs(changed[0])
         return self._sync_round + 1  # a round that starts after this call
 
     async def make_durable(self, ticket: int | None = None) -> None:

@@ -55,12 +55,14 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 class S3Service:
     def __init__(self, core, access_keys: AccessKeys, store_id: bytes, mountpoint: str,
-                 settings: Settings | None, invalidate_entry=None, metadata_durable=None) -> None:
+                 settings: Settings | None, invalidate_entry=None, metadata_durable=None,
+                 invalidate_attrs=None) -> None:
         self.core = core
         self.access_keys = access_keys
         self.mountpoint = mountpoint
         self.settings = settings
-        self.api = S3Api(core, access_keys, store_id, invalidate_entry, metadata_durable=metadata_durable)
+        self.api = S3Api(core, access_keys, store_id, invalidate_entry, metadata_durable=metadata_durable,
+                         invalidate_attrs=invalidate_attrs)
         self.address: tuple[str, int] | None = None
         self.http: HttpServer | None = None
 

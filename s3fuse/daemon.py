@@ -374,8 +374,7 @@ class Daemon:
             pyfuse3.init(self.ops, self.mountpoint, fuse_options)
         except RuntimeError as exc:
             raise S3fuseError(f"could not mount on {self.mountpoint}: {exc}", errno.EIO) from None
-        self.pusher = PageCachePusher(
-            pyfuse3.notify_store, lambda ino: pyfuse3.invalidate_inode(ino, attr_only=True))
+        self.pusher = PageCachePusher(pyfuse3.notify_store, _invalidate_attrs)
         self.data.mounted(self.pusher)
         unmounted = False
         try:

@@ -51,6 +51,9 @@ class _Walk:
     upto: int = 0  # cursor of the last entry looked at for fetching ahead
     done: bool = False  # the directory has no entries past `upto`
     ahead: collections.deque = field(default_factory=collections.deque)  # cursors being fetched
+    # entries looked at but not fetched yet (fetches were at their limit): fetched as room
+    # frees up, so that each entry is read from the database once
+    queued: collections.deque = field(default_factory=collections.deque)
 
 
 class NotStoredYet(Exception):
@@ -76,6 +79,7 @@ class Filesystem:
         self.lookups: dict[int, int] = {}
         self._policies: dict[int, Policy] = {}  # directory -> effective encryption setting
         self._walks: dict[int, _Walk] = {}  # directory -> a reader opening its files in order
+        self.stats = {"walk_queries": 0}  # database reads of a directory walk's next entries
         # inode -> (directory, cursor) of an entry readdir returned lately: saves opens a query
         self._places: dict[int, tuple[int, int]] = {}
         self._refusals: dict[tuple[int, int], str] = {}  # (uid, inode) -> why a setting was refused
@@ -581,14 +585,18 @@ class Filesystem:
         walk.last = cursor
         while walk.ahead and walk.ahead[0] <= cursor:
             walk.ahead.popleft()
-        if len(walk.ahead) <= NAME_READAHEAD // 2 and walk.opens > 0 and not walk.done:
-            rows = self.meta.first_blocks_after(parent, max(cursor, walk.upto), NAME_READAHEAD)
-            walk.done = len(rows) < NAME_READAHEAD
-            for cur, child, mode, size, ref in rows:
-                if not self.data.can_prefetch():
-                    walk.done = False  # the rest when fetches have finished
-                    break
-                walk.upto = cur
+        while walk.queued and walk.queued[0][0] <= cursor:
+            walk.queued.popleft()  # the reader got there first
+        if len(walk.ahead) <= NAME_READAHEAD // 2 and walk.opens > 0:
+            if not walk.queued and not walk.done:
+                rows = self.meta.first_blocks_after(parent, max(cursor, walk.upto), NAME_READAHEAD)
+                self.stats["walk_queries"] += 1
+                walk.done = len(rows) < NAME_READAHEAD
+                if rows:
+                    walk.upto = rows[-1][0]
+                walk.queued.extend(rows)
+            while walk.queued and self.data.can_prefetch():
+                cur, child, mode, size, ref = walk.queued.popleft()
                 if (stat.S_ISREG(mode) and ref is not None and ref.mode == pol.SSE_S3
                         and self.data.prefetch(child, size, ref, caller, ahead=True)):
                     walk.ahead.append(cur)

@@ -569,6 +569,7 @@ class Daemon:
             "pagecache_pushes_pending": self.pusher.pending if self.pusher is not None else 0,
             **heap_usage(),
             **self.heap_stats,
+            **self.core.stats,
             "fuse_waits_fast": fuseloop.wait_readable.fast,
             "fuse_waits_slow": fuseloop.wait_readable.slow,
             "fuse_lock_free": fuseloop.lock_counts.free,

@@ -61,6 +61,24 @@ def test_files_read_in_directory_order_are_fetched_ahead(mounted):
     assert len(tar.stdout) > sum(len(v) for v in files.values())
 
 
+def test_a_directory_walk_reads_each_entry_from_the_database_once(mounted):
+    """The walk reads the next entries 16 at a time; when fetches are at their limit it keeps
+    the ones it could not fetch yet for later, rather than reading them again at each open."""
+    d = mounted.mnt / "d"
+    os.mkdir(d)
+    rng = random.Random(5)
+    files = {f"f{i:03d}": rng.randbytes(4096) for i in range(320)}
+    for name, data in files.items():
+        write_file(d / name, data)
+    mounted.remount()
+    before = status(mounted)
+    assert read_in_order(d, sorted(files)) == files
+    after = status(mounted)
+    assert after["prefetches_ahead"] - before["prefetches_ahead"] >= 200
+    queries = after["walk_queries"] - before["walk_queries"]
+    assert 320 // 16 - 1 <= queries <= 320 // 16 + 1, f"{queries} queries for 20 pages of 16 entries"
+
+
 def test_a_file_changed_after_it_was_fetched_ahead_reads_new(mounted):
     files = make_files(mounted.mnt / "d", 40, seed=2)
     mounted.remount()

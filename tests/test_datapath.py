@@ -367,3 +367,58 @@ def test_a_flush_commits_the_size_its_blocks_make_up_not_the_size_at_commit(tmp_
         assert await data.read(ino, 0, len(first) + len(appended)) == first + appended
 
     trio.run(main)
+
+
+def test_a_local_store_keeps_the_objects_it_read_open_up_to_its_limit(tmp_path):
+    """A read hands the loop the descriptor its worker thread opened, so a later read of
+    the same object is served from the page cache on the loop (`try_get_ranges`); at most
+    `open_files` stay open, the ones let go of are closed, and a read that a deletion overtook
+    keeps nothing (the deleted object's file may be recycled for another)."""
+    root = str(tmp_path / "objects")
+    LocalBackend.create(root)
+    backend = LocalBackend(root, open_files=4)
+    keys = [f"{i:02x}" + "cd" * 15 for i in range(10)]
+    blobs = {k: os.urandom(5000) for k in keys}
+
+    def open_here() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except FileNotFoundError:  # the listing's own descriptor
+                continue
+            if target.startswith(root):
+                found.append(target)
+        return found
+
+    async def main():
+        for k, blob in blobs.items():
+            await backend.put(k, blob)
+        assert backend.try_get_ranges(keys[0], [(0, 10)]) is None  # never read: not open
+        for k in keys:
+            assert await backend.get_ranges(k, [(0, 100), (100, 4900)]) == [blobs[k][:100], blobs[k][100:]]
+            assert backend.try_get_ranges(k, [(7, 9)]) == [blobs[k][7:16]]
+        assert await backend.get_ranges_and(keys[0], [(1, 3)], lambda bufs: bytes(bufs[0]) * 2) == blobs[keys[0]][1:4] * 2
+        # the four read last are open (and the ones let go of wait for the next read's thread)
+        assert all(backend.try_get_ranges(k, [(0, 1)]) is not None for k in [keys[0], *keys[-3:]])
+        assert backend.try_get_ranges(keys[1], [(0, 1)]) is None
+        await backend.get_ranges(keys[-1], [(0, 1)])
+        assert len(open_here()) == 4
+
+        # a deletion while the read is in its thread: the read's descriptor is not kept
+        victim = keys[5]
+        reading = trio.Event()
+
+        async def read():
+            reading.set()
+            assert await backend.get_ranges(victim, [(0, 50)]) == [blobs[victim][:50]]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await reading.wait()
+            backend.forget_fd(victim)  # what `delete` does on the loop before its thread
+        assert backend.try_get_ranges(victim, [(0, 1)]) is None
+        await backend.close()
+        assert open_here() == []
+
+    trio.run(main)

@@ -39,6 +39,8 @@ class LocalBackend(Backend):
         # can be served on the event loop without a thread hand-off (see try_get_ranges)
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._max_fds = open_files
+        self._to_close: list[int] = []  # descriptors let go of, closed by the next read's thread
+        self._deletes = 0  # objects deleted so far: a read that spans one does not keep its descriptor
         self._tmp = os.path.join(root, ".tmp")
         self._free = os.path.join(root, ".free")
         self._workers = WorkerPool(max_threads, "s3fuse-local")
@@ -180,6 +182,15 @@ class LocalBackend(Backend):
             await self.sync()
 
     def _get_ranges(self, key: str, ranges: list[tuple[int, int | None]]) -> list[bytes | memoryview]:
+        return self._read_ranges(key, ranges, False, [])[0]
+
+    def _read_ranges(self, key: str, ranges: list[tuple[int, int | None]], keep: bool,
+                     to_close: list[int]) -> tuple[list[bytes | memoryview], int | None]:
+        """In a worker thread: the ranges, and the object's descriptor if `keep` (the loop then
+        keeps it for later non-blocking reads instead of opening the object again). First
+        closes `to_close`, descriptors the loop let go of, so that the loop makes neither call."""
+        for old in to_close:
+            os.close(old)
         fd = os.open(self._path(key), os.O_RDONLY)
         try:
             if len(ranges) == 2 and ranges[0][1] is not None and ranges[0][0] + ranges[0][1] == ranges[1][0] \
@@ -188,22 +199,63 @@ class LocalBackend(Backend):
                 # the segments as a view of it, not a copy of up to a whole block
                 (off, n), (_, m) = ranges
                 both = os.pread(fd, n + m, off)
-                return [both[:n], memoryview(both)[n:]]
-            out = []
-            for off, n in ranges:
-                if n is None:
-                    n = os.fstat(fd).st_size - off
-                out.append(os.pread(fd, n, off))
-            return out
-        finally:
+                out = [both[:n], memoryview(both)[n:]]
+            else:
+                out = []
+                for off, n in ranges:
+                    if n is None:
+                        n = os.fstat(fd).st_size - off
+                    out.append(os.pread(fd, n, off))
+        except BaseException:
             os.close(fd)
+            raise
+        if keep:
+            return out, fd
+        os.close(fd)
+        return out, None
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return (await self._run(self._get_ranges, key, [(offset, length)]))[0]
 
     async def get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | memoryview]:
-        out = await self._run(self._get_ranges, key, ranges)
-        self._remember_fd(key)
+        return await self._read_and_keep(key, ranges, None)
+
+    async def _read_and_keep(self, key: str, ranges: list[tuple[int, int]], transform):
+        """Read in a worker thread (and `transform` there), keeping the object open afterwards
+        for later non-blocking reads (`try_get_ranges`)."""
+        keep = key not in self._fds
+        deletes = self._deletes
+        to_close, self._to_close = self._to_close, []
+
+        started = []
+
+        def job(_key: str):
+            started.append(True)
+            out, fd = self._read_ranges(key, ranges, keep, to_close)
+            if transform is None:
+                return out, fd
+            try:
+                return transform(out), fd
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+
+        try:
+            out, fd = await self._run(job, key)
+        except BaseException:
+            if not started:  # cancelled before the hand-off: the descriptors wait for the next read
+                self._to_close.extend(to_close)
+            raise
+        if fd is not None:
+            if key in self._fds or self._deletes != deletes:
+                # opened twice meanwhile, or an object deleted meanwhile (its file may be
+                # recycled): this descriptor is not kept
+                self._to_close.append(fd)
+            else:
+                self._fds[key] = fd
+                while len(self._fds) > self._max_fds:
+                    self._to_close.append(self._fds.popitem(last=False)[1])
         return out
 
     def prefetch(self, key: str) -> None:
@@ -251,29 +303,14 @@ class LocalBackend(Backend):
             return None
         return out
 
-    def _remember_fd(self, key: str) -> None:
-        """Keep an object open for later non-blocking reads. Runs on the event loop (the fd
-        table is the loop's alone), right after a read, when the open finds a cached inode."""
-        if key in self._fds:
-            return
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY)
-        except OSError:
-            return
-        self._fds[key] = fd
-        while len(self._fds) > self._max_fds:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-
     def forget_fd(self, key: str) -> None:
+        self._deletes += 1
         fd = self._fds.pop(key, None)
         if fd is not None:
             os.close(fd)
 
     async def get_ranges_and(self, key: str, ranges: list[tuple[int, int]], transform):
-        out = await self._run(lambda k, r: transform(self._get_ranges(k, r)), key, ranges)
-        self._remember_fd(key)
-        return out
+        return await self._read_and_keep(key, ranges, transform)
 
     def _delete(self, key: str) -> None:
         path = self._path(key)
@@ -337,6 +374,8 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         while self._fds:
             os.close(self._fds.popitem()[1])
+        while self._to_close:
+            os.close(self._to_close.pop())
 
     def clear_tmp(self) -> None:
         """Remove half-written puts left by a crash (never visible as objects)."""

@@ -92,6 +92,29 @@ def test_a_streaming_writer_waits_once_it_holds_its_share_of_full_blocks():
     assert not wb.must_wait(fs, 3 * BS, 1)
 
 
+def test_the_count_of_sealed_blocks_follows_every_change_of_the_buffer():
+    """`sealed_count` looks only at the blocks once sealed, not at every buffered block (random
+    writes keep hundreds); whatever happens to those blocks, it counts what a full look would."""
+    import random
+
+    rng = random.Random(7)
+    wb = WriteBack(BS, 1 << 20, 2.0, stream_blocks=3)
+    fs = _file(wb, 1)
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.4:  # a sequential run that may fill blocks
+            _write(wb, fs, rng.randrange(0, 40) * BS, b"s" * rng.choice([BS, 2 * BS, BS - 1]))
+        elif op < 0.7:  # a small write anywhere
+            _write(wb, fs, rng.randrange(0, 40 * BS), b"r" * rng.randrange(1, 5))
+        elif op < 0.85:
+            _stored(wb, [fs], only_full=True)
+        else:
+            _stored(wb, [fs])
+        assert wb.sealed_count(fs) == sum(blk.sealed for blk in fs.blocks.values())
+        assert fs.maybe_sealed >= {b for b, blk in fs.blocks.items() if blk.sealed}
+        assert wb.streaming_full(fs) == (wb.sealed_count(fs) >= 3)
+
+
 def test_the_flusher_takes_closed_files_then_full_blocks_then_the_largest_under_pressure():
     wb = _wb(limit=6 * BS)
     idle = _file(wb, 1)

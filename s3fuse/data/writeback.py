@@ -162,6 +162,10 @@ class FileState:
     # the key the last writer's open fixed for storing its data (crypto.WriteGrant)
     grant: WriteGrant | None = None
     blocks: dict[int, Block] = field(default_factory=dict)
+    # numbers of blocks marked sealed, some perhaps gone or replaced since (pruned when
+    # counted): a write asks how many sealed blocks its file holds, and random writes keep
+    # hundreds of unsealed blocks that are not worth looking through each time
+    maybe_sealed: set[int] = field(default_factory=set)
     open_count: int = 0
     flush_requested: bool = False
     dirty_since: float = 0.0
@@ -327,7 +331,19 @@ class WriteBack:
         wait would end in its error, and a write refused with it makes the kernel drop
         those pages; it waits only for the buffer's limit, as before the failure."""
         return (len(fs.blocks) >= self.stream_blocks and not fs.error and not fs.retry_delay
-                and sum(blk.sealed for blk in fs.blocks.values()) >= self.stream_blocks)
+                and self.sealed_count(fs) >= self.stream_blocks)
+
+    @staticmethod
+    def sealed_count(fs: FileState) -> int:
+        """How many of `fs`'s buffered blocks are sealed (dropping stale `maybe_sealed` entries)."""
+        count = 0
+        for blockno in list(fs.maybe_sealed):
+            blk = fs.blocks.get(blockno)
+            if blk is not None and blk.sealed:
+                count += 1
+            else:
+                fs.maybe_sealed.discard(blockno)
+        return count
 
     def growth(self, fs: FileState, off: int, n: int) -> int:
         """How much a write would add to the buffers: nothing where it overwrites buffered
@@ -378,6 +394,7 @@ class WriteBack:
             blk.data, blk.runs = blk.runs.datas[0], None
             if boff + len(chunk) == self.block_size:
                 blk.sealed = True
+                fs.maybe_sealed.add(blockno)
                 self.sealed_waiting = True
                 return True
             return False
@@ -394,6 +411,7 @@ class WriteBack:
         self.dirty_bytes += len(data) - before
         if boff + len(chunk) == self.block_size and len(data) == self.block_size:
             blk.sealed = True
+            fs.maybe_sealed.add(blockno)
             self.sealed_waiting = True
             return True
         return False
@@ -458,7 +476,7 @@ class WriteBack:
             fs.flush_requested or (fs.dirty_since and mono - fs.dirty_since >= self.flush_delay))]
         only_full = False
         if not batch:
-            full = [fs for fs in healthy if any(b.sealed for b in fs.blocks.values())]
+            full = [fs for fs in healthy if self.sealed_count(fs)]
             if full:
                 batch, only_full = full, True
             elif self.pressure():
@@ -470,7 +488,7 @@ class WriteBack:
     def after_round(self) -> bool:
         """After a flusher round: -> whether healthy files are still dirty (go again)."""
         if self.sealed_waiting:
-            self.sealed_waiting = any(b.sealed for fs in self.files.values() for b in fs.blocks.values())
+            self.sealed_waiting = any(self.sealed_count(fs) for fs in self.files.values())
         return any(fs.dirty and not fs.retry_delay for fs in self.files.values())
 
     def jobs(self, fs: FileState, only_full: bool) -> list[tuple[int, Block]]:

@@ -44,6 +44,17 @@ def read_in_order(d, names) -> dict[str, bytes]:
     return out
 
 
+def write_then_read_fresh(mounted, d, files: dict[str, bytes]) -> tuple[dict, dict]:
+    """Write `files` into the directory `d`, remount (nothing cached), read them back in name
+    order (their readdir order here) and check them. -> the status before and after the reads."""
+    for name, data in files.items():
+        write_file(d / name, data)
+    mounted.remount()
+    before = status(mounted)
+    assert read_in_order(d, sorted(files)) == files
+    return before, status(mounted)
+
+
 def test_files_read_in_directory_order_are_fetched_ahead(mounted):
     files = make_files(mounted.mnt / "d", 60, seed=1)
     mounted.remount()  # nothing cached
@@ -67,13 +78,7 @@ def test_a_directory_walk_reads_each_entry_from_the_database_once(mounted):
     d = mounted.mnt / "d"
     os.mkdir(d)
     rng = random.Random(5)
-    files = {f"f{i:03d}": rng.randbytes(4096) for i in range(320)}
-    for name, data in files.items():
-        write_file(d / name, data)
-    mounted.remount()
-    before = status(mounted)
-    assert read_in_order(d, sorted(files)) == files
-    after = status(mounted)
+    before, after = write_then_read_fresh(mounted, d, {f"f{i:03d}": rng.randbytes(4096) for i in range(320)})
     assert after["prefetches_ahead"] - before["prefetches_ahead"] >= 200
     queries = after["walk_queries"] - before["walk_queries"]
     assert 320 // 16 - 1 <= queries <= 320 // 16 + 1, f"{queries} queries for 20 pages of 16 entries"
@@ -108,13 +113,7 @@ def test_kms_files_are_not_fetched_ahead(mounted):
     r = subprocess.run(["setfattr", "-n", "user.s3fuse.sse", "-v", "aws:kms", str(d)], capture_output=True, check=False)
     assert r.returncode == 0, r.stderr
     rng = random.Random(3)
-    files = {f"f{i:03d}": rng.randbytes(2000) for i in range(20)}
-    for name, data in files.items():
-        write_file(d / name, data)
-    mounted.remount()
-    before = status(mounted)
-    assert read_in_order(d, sorted(files)) == files
-    after = status(mounted)
+    before, after = write_then_read_fresh(mounted, d, {f"f{i:03d}": rng.randbytes(2000) for i in range(20)})
     assert after["prefetches_ahead"] == before["prefetches_ahead"]
     # each file was still fetched at its own open (or read), once
     assert after["prefetches"] - before["prefetches"] + after["read_fetches"] - before["read_fetches"] >= 20

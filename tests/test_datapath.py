@@ -418,6 +418,16 @@ def test_a_local_store_keeps_the_objects_it_read_open_up_to_its_limit(tmp_path):
             await reading.wait()
             backend.forget_fd(victim)  # what `delete` does on the loop before its thread
         assert backend.try_get_ranges(victim, [(0, 1)]) is None
+
+        # a read cancelled before its hand-off gives back the descriptors it was to close
+        await backend.get_ranges(keys[6], [(0, 1)])  # a fifth kept: the oldest is let go of
+        assert len(open_here()) == 5
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await backend.get_ranges(keys[7], [(0, 1)])
+        assert scope.cancelled_caught and len(open_here()) == 5
+        await backend.get_ranges(keys[8], [(0, 1)])  # its thread closes the one let go of
+        assert len(open_here()) == 4
         await backend.close()
         assert open_here() == []
 

@@ -110,9 +110,9 @@ def test_the_count_of_sealed_blocks_follows_every_change_of_the_buffer():
             _stored(wb, [fs], only_full=True)
         else:
             _stored(wb, [fs])
-        assert wb.sealed_count(fs) == sum(blk.sealed for blk in fs.blocks.values())
+        assert fs.sealed_count() == sum(blk.sealed for blk in fs.blocks.values())
         assert fs.maybe_sealed >= {b for b, blk in fs.blocks.items() if blk.sealed}
-        assert wb.streaming_full(fs) == (wb.sealed_count(fs) >= 3)
+        assert wb.streaming_full(fs) == (fs.sealed_count() >= 3)
 
 
 def test_the_flusher_takes_closed_files_then_full_blocks_then_the_largest_under_pressure():

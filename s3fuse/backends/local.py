@@ -226,10 +226,9 @@ class LocalBackend(Backend):
         keep = key not in self._fds
         deletes = self._deletes
         to_close, self._to_close = self._to_close, []
-
         started = []
 
-        def job(_key: str):
+        def job(key: str):
             started.append(True)
             out, fd = self._read_ranges(key, ranges, keep, to_close)
             if transform is None:

@@ -193,6 +193,17 @@ class FileState:
     def dirty(self) -> bool:
         return bool(self.blocks) or self.size != self.db_size
 
+    def sealed_count(self) -> int:
+        """How many of the buffered blocks are sealed (dropping stale `maybe_sealed` entries)."""
+        count = 0
+        for blockno in list(self.maybe_sealed):
+            blk = self.blocks.get(blockno)
+            if blk is not None and blk.sealed:
+                count += 1
+            else:
+                self.maybe_sealed.discard(blockno)
+        return count
+
     @property
     def buffered(self) -> int:
         """Bytes of this file held in write-back buffers."""
@@ -331,19 +342,8 @@ class WriteBack:
         wait would end in its error, and a write refused with it makes the kernel drop
         those pages; it waits only for the buffer's limit, as before the failure."""
         return (len(fs.blocks) >= self.stream_blocks and not fs.error and not fs.retry_delay
-                and self.sealed_count(fs) >= self.stream_blocks)
+                and fs.sealed_count() >= self.stream_blocks)
 
-    @staticmethod
-    def sealed_count(fs: FileState) -> int:
-        """How many of `fs`'s buffered blocks are sealed (dropping stale `maybe_sealed` entries)."""
-        count = 0
-        for blockno in list(fs.maybe_sealed):
-            blk = fs.blocks.get(blockno)
-            if blk is not None and blk.sealed:
-                count += 1
-            else:
-                fs.maybe_sealed.discard(blockno)
-        return count
 
     def growth(self, fs: FileState, off: int, n: int) -> int:
         """How much a write would add to the buffers: nothing where it overwrites buffered
@@ -476,7 +476,7 @@ class WriteBack:
             fs.flush_requested or (fs.dirty_since and mono - fs.dirty_since >= self.flush_delay))]
         only_full = False
         if not batch:
-            full = [fs for fs in healthy if self.sealed_count(fs)]
+            full = [fs for fs in healthy if fs.sealed_count()]
             if full:
                 batch, only_full = full, True
             elif self.pressure():
@@ -488,7 +488,7 @@ class WriteBack:
     def after_round(self) -> bool:
         """After a flusher round: -> whether healthy files are still dirty (go again)."""
         if self.sealed_waiting:
-            self.sealed_waiting = any(self.sealed_count(fs) for fs in self.files.values())
+            self.sealed_waiting = any(fs.sealed_count() for fs in self.files.values())
         return any(fs.dirty and not fs.retry_delay for fs in self.files.values())
 
     def jobs(self, fs: FileState, only_full: bool) -> list[tuple[int, Block]]:
